@@ -1,0 +1,11 @@
+"""harness: a fault-tolerant distributed training harness for PyTorch."""
+
+__version__ = "0.1.0"
+
+from harness.checkpoint.manager import CheckpointManager, RestoreResult  # noqa: E402
+from harness.errors import (CheckpointCorruptError, CheckpointError, CheckpointFormatError,  # noqa: E402
+                            ConfigError, HarnessError, NoCheckpointError, StorageError)
+from harness.state import Stateful  # noqa: E402
+
+__all__ = ["CheckpointManager", "RestoreResult", "Stateful", "HarnessError", "ConfigError", "CheckpointError",
+           "CheckpointFormatError", "CheckpointCorruptError", "NoCheckpointError", "StorageError"]

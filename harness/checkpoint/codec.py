@@ -1,0 +1,132 @@
+"""Nested state <-> (JSON tree, flat tensor table), without pickle.
+
+State dicts are trees of dicts, lists, tuples, scalars and tensors. Tensors are pulled out into a flat
+table keyed by their path (stored as raw bytes elsewhere) and replaced by ``{"__tensor__": key}``. Types
+JSON cannot express faithfully are tagged, so a round trip returns equal objects of equal types:
+tuples, dicts with non-string keys (optimizer state uses int keys), non-finite floats, numpy arrays,
+torch dtypes. Decoding accepts only these tags; anything else is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from harness.errors import CheckpointFormatError
+
+MAX_DEPTH = 64
+
+_FLOAT_TAGS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _plain_dict(d: dict) -> bool:
+    return all(isinstance(k, str) and not k.startswith("__") for k in d)
+
+
+class Encoder:
+    """Encodes one tree; collects its tensors into ``self.tensors`` under unique keys."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        self.tensors: dict[str, torch.Tensor] = {} if tensors is None else tensors
+
+    def encode(self, obj: Any, path: str, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise TypeError(f"state nested deeper than {MAX_DEPTH} levels at {path!r}")
+        if obj is None or isinstance(obj, (bool, str)):
+            return obj
+        if isinstance(obj, int):
+            return obj
+        if isinstance(obj, float):
+            if math.isfinite(obj):
+                return obj
+            return {"__float__": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
+        if isinstance(obj, torch.Tensor):
+            return {"__tensor__": self._add(path, obj)}
+        if isinstance(obj, np.ndarray):
+            return {"__ndarray__": self._add(path, torch.from_numpy(np.ascontiguousarray(obj)))}
+        if isinstance(obj, np.generic):
+            return self.encode(obj.item(), path, depth)
+        if isinstance(obj, torch.dtype):
+            return {"__dtype__": str(obj).removeprefix("torch.")}
+        if isinstance(obj, tuple):
+            return {"__tuple__": [self.encode(v, f"{path}/{i}", depth + 1) for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [self.encode(v, f"{path}/{i}", depth + 1) for i, v in enumerate(obj)]
+        if isinstance(obj, dict):
+            if _plain_dict(obj):
+                return {k: self.encode(v, f"{path}/{k}", depth + 1) for k, v in obj.items()}
+            return {"__dict__": [[self.encode(k, f"{path}/key{i}", depth + 1),
+                                  self.encode(v, f"{path}/{k}", depth + 1)]
+                                 for i, (k, v) in enumerate(obj.items())]}
+        raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {path!r}: use tensors, numbers, "
+                        "strings, lists, tuples and dicts, or give the object state_dict()/load_state_dict()")
+
+    def _add(self, path: str, tensor: torch.Tensor) -> str:
+        key, n = path, 1
+        while key in self.tensors:  # paths are unique unless a dict key contains "/"
+            n += 1
+            key = f"{path}#{n}"
+        self.tensors[key] = tensor
+        return key
+
+
+def decode(tree: Any, tensor: Callable[[str], torch.Tensor], depth: int = 0) -> Any:
+    """Inverse of :meth:`Encoder.encode`; ``tensor(key)`` supplies loaded tensors."""
+    if depth > MAX_DEPTH:
+        raise CheckpointFormatError(f"state tree nested deeper than {MAX_DEPTH} levels")
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    if isinstance(tree, list):
+        return [decode(v, tensor, depth + 1) for v in tree]
+    if not isinstance(tree, dict):
+        raise CheckpointFormatError(f"unexpected JSON value of type {type(tree).__name__} in state tree")
+    tags = [k for k in tree if k.startswith("__")]
+    if not tags:
+        return {k: decode(v, tensor, depth + 1) for k, v in tree.items()}
+    if len(tree) != 1:
+        raise CheckpointFormatError(f"malformed tagged value in state tree: keys {sorted(tree)[:5]}")
+    tag, value = next(iter(tree.items()))
+    return _decode_tagged(tag, value, tensor, depth)
+
+
+def _decode_tagged(tag: str, value: Any, tensor: Callable[[str], torch.Tensor], depth: int) -> Any:
+    if tag in ("__tensor__", "__ndarray__"):
+        if not isinstance(value, str):
+            raise CheckpointFormatError(f"{tag} reference must be a string")
+        t = tensor(value)
+        return t.numpy() if tag == "__ndarray__" else t
+    if tag == "__float__" and value in _FLOAT_TAGS:
+        return _FLOAT_TAGS[value]
+    if tag == "__dtype__" and isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return getattr(torch, value)
+    if tag == "__tuple__" and isinstance(value, list):
+        return tuple(decode(v, tensor, depth + 1) for v in value)
+    if tag == "__dict__" and isinstance(value, list):
+        out = {}
+        for pair in value:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise CheckpointFormatError("malformed __dict__ entry in state tree")
+            k = decode(pair[0], tensor, depth + 1)
+            if not isinstance(k, (str, int, float, bool, tuple, type(None))):
+                raise CheckpointFormatError("unhashable dict key in state tree")
+            out[k] = decode(pair[1], tensor, depth + 1)
+        return out
+    raise CheckpointFormatError(f"unknown or malformed tag {tag!r} in state tree")
+
+
+def tensor_refs(tree: Any, depth: int = 0) -> list[str]:
+    """All tensor keys referenced by an encoded tree (to check them against the manifest)."""
+    if depth > MAX_DEPTH:
+        raise CheckpointFormatError(f"state tree nested deeper than {MAX_DEPTH} levels")
+    if isinstance(tree, list):
+        return [k for v in tree for k in tensor_refs(v, depth + 1)]
+    if isinstance(tree, dict):
+        if len(tree) == 1:
+            (tag, value), = tree.items()
+            if tag in ("__tensor__", "__ndarray__") and isinstance(value, str):
+                return [value]
+        return [k for v in tree.values() for k in tensor_refs(v, depth + 1)]
+    return []

@@ -1,0 +1,316 @@
+"""CheckpointManager: collective save/restore of complete training state, usable from any loop."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import torch
+
+import harness
+from harness import dist, faults
+from harness.checkpoint import blobs, codec, retention
+from harness.checkpoint.discovery import list_checkpoints, open_checkpoint
+from harness.checkpoint.format import (CHECKSUM_ALGORITHM, COMMIT_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
+                                       ckpt_name, dumps, make_commit, parse_name)
+from harness.checkpoint.load import LoadReport, class_name, decode_state, load_model_state, state_keys
+from harness.errors import CheckpointError, NoCheckpointError
+from harness.state import Stateful, capture_rng, restore_rng, unwrap_model
+from harness.storage import Storage, redact_url
+
+log = logging.getLogger("harness")
+
+Named = Any  # one object, or a mapping name -> object
+
+
+def _named(objs: Named, default: str) -> dict[str, Any]:
+    if objs is None:
+        return {}
+    if isinstance(objs, Mapping):
+        return dict(objs)
+    return {default: objs}
+
+
+@dataclass
+class RestoreResult:
+    """What restore found and applied; the loop continues from ``step``."""
+
+    name: str
+    step: int
+    epoch: int
+    position: Any                     # this rank's data cursor as saved (None at another world size)
+    loss: float | None
+    metrics: dict
+    metadata: dict
+    extra: dict                       # saved extras that were not given as Stateful objects
+    rank_state: Any                   # this rank's rank_state as saved
+    world_size: int                   # world size at save time
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # newer checkpoints skipped, and why
+    load_report: dict[str, LoadReport] = field(default_factory=dict)
+
+
+class CheckpointManager:
+    """Saves and restores checkpoints under one folder or URL.
+
+    Collective under torch.distributed: every rank constructs it and calls save/restore/wait/close at the
+    same points. Rank 0 writes replicated state and commits; each rank writes its own RNG and data
+    cursor. With ``async_save`` the call returns after a host copy and persisting runs in the background.
+    """
+
+    def __init__(self, dir: str, *, keep_last: int = 3, keep_best: int = 0, best_metric: str = "loss",
+                 best_mode: str = "min", async_save: bool = False, storage_options: dict | None = None,
+                 max_file_bytes: int = 256 << 20, io_threads: int = 4, timeout_s: float = 600.0) -> None:
+        self.storage = Storage(dir, storage_options)
+        self.policy = retention.RetentionPolicy(keep_last, keep_best, best_metric, best_mode)
+        self.async_save = async_save
+        self.max_file_bytes = max_file_bytes
+        self.io_threads = io_threads
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self._group = dist.new_cpu_group(timeout_s)
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-ckpt") if async_save else None
+        self._pending: cf.Future | None = None
+        self._damaged: set[str] = set()
+        self.last_saved: str | None = None
+
+    # -- save -----------------------------------------------------------------------------------------
+
+    def save(self, step: int, *, models: Named = None, optimizers: Named = None, schedulers: Named = None,
+             scaler: Any = None, epoch: int = 0, position: Any = None, loss: float | None = None,
+             metrics: dict | None = None, extra: Mapping[str, Any] | None = None, rank_state: Any = None,
+             metadata: dict | None = None) -> None:
+        """Checkpoint the given state as of ``step``. Collective. ``position`` and ``rank_state`` are this
+        rank's own (data cursor, anything per rank); everything else is replicated and written once."""
+        self.wait()  # at most one save in flight; a failure of the previous one surfaces here
+        t0 = time.perf_counter()
+        models_d = _named(models, "model")
+        meta = {"step": int(step), "epoch": int(epoch), "loss": None if loss is None else float(loss),
+                "metrics": dict(metrics or {}), "metadata": dict(metadata or {}),
+                "model_classes": {n: class_name(m) for n, m in models_d.items()}}
+        enc = codec.Encoder()
+        rep_tree = None
+        if self.rank == 0:
+            rep_tree = enc.encode(self._replicated(models_d, optimizers, schedulers, scaler, extra), "state")
+        rank_tree = enc.encode({"rng": capture_rng(), "position": position, "rank_state": rank_state},
+                               f"ranks/{self.rank}")
+        tensors = enc.tensors
+        if self._pool is None:
+            self._persist(meta, rep_tree, rank_tree, tensors, t0)
+            return
+        # Snapshot: the only blocking part. Training may change parameters as soon as we return.
+        tensors = {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
+        blocked = time.perf_counter() - t0
+        log.info("checkpoint step %d: snapshot taken in %.3f s, persisting in background", step, blocked)
+        self._pending = self._pool.submit(self._persist, meta, rep_tree, rank_tree, tensors, t0)
+
+    @staticmethod
+    def _replicated(models: dict, optimizers: Named, schedulers: Named, scaler: Any,
+                    extra: Mapping[str, Any] | None) -> dict:
+        return {
+            "models": {n: unwrap_model(m).state_dict() for n, m in models.items()},
+            "optimizers": {n: o.state_dict() for n, o in _named(optimizers, "optimizer").items()},
+            "schedulers": {n: s.state_dict() for n, s in _named(schedulers, "scheduler").items()},
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "extra": {n: (o.state_dict() if isinstance(o, Stateful) else o) for n, o in (extra or {}).items()},
+        }
+
+    def _persist(self, meta: dict, rep_tree: Any, rank_tree: Any, tensors: dict, t0: float) -> str:
+        step = meta["step"]
+        name = dist.broadcast(self._free_name(step) if self.rank == 0 else None, self._group)
+        try:
+            self.storage.makedirs(name)
+            files, entries = blobs.write_tensors(self.storage, name, tensors, rank=self.rank, step=step,
+                                                 max_file_bytes=self.max_file_bytes, threads=self.io_threads)
+            self.storage.sync_dir(name)
+            frag = {"ok": True, "files": files, "entries": [e.to_json() for e in entries], "tree": rank_tree}
+        except Exception as exc:  # noqa: BLE001 - reported to rank 0, which then does not commit
+            log.error("checkpoint %s: rank %d failed to write: %s: %s", name, self.rank, type(exc).__name__, exc)
+            frag = {"ok": False, "error": f"rank {self.rank}: {type(exc).__name__}: {exc}"}
+        frags = dist.gather(frag, self._group)
+        outcome = self._commit(name, meta, rep_tree, frags) if self.rank == 0 else None
+        outcome = dist.broadcast(outcome, self._group)
+        if not outcome["ok"]:
+            raise CheckpointError(f"checkpoint at step {step} was not committed: {outcome['error']}")
+        self.last_saved = name
+        if self.rank == 0:
+            log.info("checkpoint %s committed: %.1f MB in %.2f s", name, outcome["bytes"] / 1e6,
+                     time.perf_counter() - t0)
+        return name
+
+    def _free_name(self, step: int) -> str:
+        """A folder name never used before: a checkpoint is never overwritten in place."""
+        taken = {n for n in self.storage.listdir() if parse_name(n)}
+        attempt = 0
+        while ckpt_name(step, attempt) in taken:
+            attempt += 1
+        return ckpt_name(step, attempt)
+
+    def _commit(self, name: str, meta: dict, rep_tree: Any, frags: list) -> dict:
+        errors = [f["error"] for f in frags if not f["ok"]]
+        if errors:
+            return {"ok": False, "error": "; ".join(errors)}
+        try:
+            manifest = self._manifest(name, meta, rep_tree, frags)
+            raw = dumps(manifest)
+            faults.point("save.before_manifest", step=meta["step"])
+            self.storage.write_bytes(f"{name}/{MANIFEST_FILE}", raw)
+            self.storage.sync_dir(name)
+            faults.point("save.after_manifest", step=meta["step"])
+            commit = make_commit(manifest, raw)
+            faults.point("save.before_commit", step=meta["step"])
+            self.storage.commit_bytes(f"{name}/{COMMIT_FILE}", commit)
+            faults.point("save.after_commit", step=meta["step"])
+        except Exception as exc:  # noqa: BLE001 - an uncommitted checkpoint does not exist; say why
+            log.error("checkpoint %s: commit failed: %s: %s", name, type(exc).__name__, exc)
+            return {"ok": False, "error": f"commit: {type(exc).__name__}: {exc}"}
+        retention.apply(self.storage, self.policy, protect={name} | self._damaged)
+        return {"ok": True, "bytes": sum(f["size"] for f in manifest["files"].values())}
+
+    def _manifest(self, name: str, meta: dict, rep_tree: Any, frags: list) -> dict:
+        now = time.time()
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
+            "harness_version": harness.__version__, "torch_version": torch.__version__,
+            "python_version": platform.python_version(), "checksum_algorithm": CHECKSUM_ALGORITHM,
+            "created": datetime.fromtimestamp(now, timezone.utc).isoformat(), "created_unix": now,
+            "world_size": len(frags), "sharding": "replicated", **meta,
+            "files": {n: info for f in frags for n, info in f["files"].items()},
+            "tensors": [e for f in frags for e in f["entries"]],
+            "state": rep_tree,
+            "ranks": [f["tree"] for f in frags],
+        }
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; re-raise its failure."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Finish the save in flight and release the background thread. Collective."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    # -- restore --------------------------------------------------------------------------------------
+
+    def restore(self, *, models: Named = None, optimizers: Named = None, schedulers: Named = None,
+                scaler: Any = None, extra: Mapping[str, Any] | None = None, step: int | None = None,
+                strict: bool = True, skip_mismatched: bool = False, rng: bool = True) -> RestoreResult | None:
+        """Load the newest valid checkpoint (or the one at ``step``) into the given objects. Collective.
+
+        Rank 0 walks back from the newest committed checkpoint, verifying every checksum, past any that
+        fail (logging why; damaged ones are never deleted), and broadcasts its choice so all ranks load the
+        same one. Returns None when there is no checkpoint at all (a first run)."""
+        self.wait()
+        t0 = time.perf_counter()
+        decision, tensors = None, {}
+        if self.rank == 0:
+            try:
+                decision, tensors = self._choose(step)
+            except Exception as exc:  # noqa: BLE001 - tell the other ranks instead of leaving them waiting
+                decision = {"name": None, "skipped": [], "error": f"{type(exc).__name__}: {exc}"}
+        decision = dist.broadcast(decision, self._group)
+        self._damaged |= {n for n, _ in decision["skipped"]}
+        if decision.get("error"):
+            raise (NoCheckpointError if decision.get("none") else CheckpointError)(decision["error"])
+        if decision["name"] is None:
+            log.info("no checkpoint in %s: starting fresh", redact_url(self.storage.url))
+            return None
+        name = decision["name"]
+        try:
+            manifest, state, mine = self._load(name, tensors)
+            ok = True
+        except Exception as exc:  # noqa: BLE001 - every rank must learn that one failed, or others hang later
+            log.error("rank %d could not load %s: %s", self.rank, name, exc)
+            ok, err = False, exc
+        if not dist.all_ok(ok, self._group):
+            raise CheckpointError(f"restore of {name} failed on at least one rank") from (None if ok else err)
+        result = self._apply(manifest, state, mine, models, optimizers, schedulers, scaler, extra, strict,
+                             skip_mismatched, rng)
+        result.skipped = decision["skipped"]
+        log.info("restored %s (step %d, epoch %d) in %.2f s", name, result.step, result.epoch,
+                 time.perf_counter() - t0)
+        return result
+
+    def _choose(self, step: int | None) -> tuple[dict, dict]:
+        """Rank 0: the newest checkpoint that verifies completely, and the tensors it read doing so."""
+        infos = [i for i in reversed(list_checkpoints(self.storage)) if step is None or i.step == step]
+        skipped: list[tuple[str, str]] = []
+        for info in infos:
+            try:
+                manifest = open_checkpoint(self.storage, info.name)
+                entries = list(manifest.tensors.values())  # verify all ranks' bytes, not only ours
+                tensors = blobs.read_tensors(self.storage, info.name, entries, threads=self.io_threads)
+                return {"name": info.name, "skipped": skipped}, {"manifest": manifest, "tensors": tensors}
+            except (CheckpointError, OSError, EOFError) as exc:
+                log.error("checkpoint %s is not usable, trying an older one: %s", info.name, exc)
+                skipped.append((info.name, str(exc)))
+        if step is not None:
+            return {"name": None, "skipped": skipped, "none": True,
+                    "error": f"no valid checkpoint at step {step} in {redact_url(self.storage.url)}"}, {}
+        if skipped:
+            return {"name": None, "skipped": skipped, "error": "no valid checkpoint: every committed checkpoint "
+                    "failed verification (" + "; ".join(f"{n}: {r}" for n, r in skipped) + ")"}, {}
+        return {"name": None, "skipped": []}, {}
+
+    def _load(self, name: str, prefetched: dict) -> tuple[Any, dict, Any]:
+        mine = [self.rank]
+        if prefetched:
+            manifest, tensors = prefetched["manifest"], prefetched["tensors"]
+        else:
+            manifest = open_checkpoint(self.storage, name)
+            tensors = blobs.read_tensors(self.storage, name, state_keys(manifest, mine), threads=self.io_threads)
+        state, per_rank = decode_state(manifest, tensors, [r for r in mine if r < manifest.world_size])
+        return manifest, state, per_rank[self.rank] if self.rank < len(per_rank) else None
+
+    def _apply(self, manifest: Any, state: dict, mine: Any, models: Named, optimizers: Named,
+               schedulers: Named, scaler: Any, extra: Mapping[str, Any] | None, strict: bool,
+               skip_mismatched: bool, rng: bool) -> RestoreResult:
+        report = {}
+        for n, m in _named(models, "model").items():
+            saved_cls = manifest.raw.get("model_classes", {}).get(n)
+            if saved_cls and saved_cls != class_name(m):
+                log.warning("model %r was saved from %s and is loaded into %s", n, saved_cls, class_name(m))
+            report[n] = load_model_state(m, _pick(state["models"], n, "model"), strict=strict,
+                                         skip_mismatched=skip_mismatched, name=n)
+        for n, o in _named(optimizers, "optimizer").items():
+            o.load_state_dict(_pick(state["optimizers"], n, "optimizer"))
+        for n, s in _named(schedulers, "scheduler").items():
+            s.load_state_dict(_pick(state["schedulers"], n, "scheduler"))
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        saved_extra = dict(state.get("extra") or {})
+        for n, o in (extra or {}).items():
+            if isinstance(o, Stateful):
+                o.load_state_dict(_pick(saved_extra, n, "extra object"))
+                saved_extra.pop(n)
+        if mine is None:
+            log.warning("checkpoint was written by %d ranks; rank %d has no saved RNG or data position",
+                        manifest.world_size, self.rank)
+        elif rng:
+            restore_rng(mine["rng"])  # last: nothing after this may draw random numbers
+        raw = manifest.raw
+        return RestoreResult(name=raw["name"], step=raw["step"], epoch=raw["epoch"],
+                             position=None if mine is None else mine["position"], loss=raw.get("loss"),
+                             metrics=raw.get("metrics") or {}, metadata=raw.get("metadata") or {},
+                             extra=saved_extra, rank_state=None if mine is None else mine["rank_state"],
+                             world_size=raw["world_size"], load_report=report)
+
+    def latest(self) -> str | None:
+        """Name of the newest committed checkpoint (not verified), or None."""
+        infos = list_checkpoints(self.storage)
+        return infos[-1].name if infos else None
+
+
+def _pick(saved: dict, name: str, what: str) -> Any:
+    if name not in saved:
+        raise CheckpointError(f"checkpoint has no {what} named {name!r} (it has: {', '.join(map(str, saved)) or 'none'})")
+    return saved[name]

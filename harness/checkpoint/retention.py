@@ -1,0 +1,83 @@
+"""Which committed checkpoints to keep: the newest N, the best K by a metric, always the newest."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from harness import faults
+from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints
+from harness.checkpoint.format import COMMIT_FILE
+from harness.storage import Storage
+
+log = logging.getLogger("harness")
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    keep_last: int = 3            # 0 keeps every checkpoint
+    keep_best: int = 0            # extra checkpoints kept for the best values of best_metric
+    best_metric: str = "loss"     # "loss" or a key of the saved metrics
+    best_mode: str = "min"        # "min" or "max"
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 0 or self.keep_best < 0:
+            raise ValueError("keep_last and keep_best must be >= 0")
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
+
+
+def metric_value(info: CheckpointInfo, metric: str) -> float | None:
+    commit = info.commit
+    value = commit.get("loss") if metric == "loss" else (commit.get("metrics") or {}).get(metric)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def best(infos: list[CheckpointInfo], policy: RetentionPolicy, k: int) -> list[CheckpointInfo]:
+    """The k best by the policy's metric; ties go to the newer checkpoint."""
+    scored = [(metric_value(i, policy.best_metric), i) for i in infos]
+    scored = [(v, i) for v, i in scored if v is not None]
+    sign = 1.0 if policy.best_mode == "min" else -1.0
+    scored.sort(key=lambda vi: (sign * vi[0], -vi[1].step, -vi[1].attempt))
+    return [i for _, i in scored[:k]]
+
+
+def select_deletions(infos: list[CheckpointInfo], policy: RetentionPolicy, protect: set[str]) -> list[CheckpointInfo]:
+    """Committed checkpoints (oldest first) that the policy lets go. Damaged ones are neither counted nor
+    deleted: they stay for a human to look at."""
+    healthy = [i for i in infos if i.committed and i.problem is None and i.name not in protect]
+    if policy.keep_last == 0 or not healthy:
+        return []
+    keep = {i.name for i in healthy[-policy.keep_last:]}
+    keep |= {i.name for i in best(healthy, policy, policy.keep_best)}
+    return [i for i in healthy[:-1] if i.name not in keep]  # [:-1]: never the newest
+
+
+def stale_attempts(storage: Storage, newest: CheckpointInfo) -> list[str]:
+    """Uncommitted folders older than the newest commit: dead attempts, never visible to readers."""
+    return [i.name for i in list_checkpoints(storage, committed_only=False)
+            if not i.committed and (i.step, i.attempt) < (newest.step, newest.attempt)]
+
+
+def apply(storage: Storage, policy: RetentionPolicy, protect: set[str]) -> list[str]:
+    """Delete what the policy lets go. A failed delete is logged, never raised: training goes on."""
+    infos = list_checkpoints(storage)
+    victims = [i.name for i in select_deletions(infos, policy, protect)]
+    if infos:
+        victims += [n for n in stale_attempts(storage, infos[-1]) if n not in protect]
+    deleted = []
+    for name in victims:
+        try:
+            faults.point("retention.delete", name=name)
+            if storage.exists(f"{name}/{COMMIT_FILE}"):
+                storage.remove(f"{name}/{COMMIT_FILE}")  # invisible first, so a half-deleted one never shows
+            storage.remove_tree(name)
+            deleted.append(name)
+        except Exception as exc:  # noqa: BLE001 - retention must never stop training
+            log.warning("retention: could not delete %s: %s: %s", name, type(exc).__name__, exc)
+    if deleted:
+        log.info("retention: deleted %s", ", ".join(deleted))
+    return deleted

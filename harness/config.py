@@ -1,0 +1,203 @@
+"""Typed run configuration from TOML (stdlib tomllib) with ``--set section.key=value`` overrides.
+
+Every section is a dataclass; unknown sections or keys, wrong types and bad values raise ConfigError with a
+one-line message before anything starts. ``[model]`` and ``[data]`` take ``name`` plus free options that the
+workload builder validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = ""          # metrics.jsonl goes here; default runs/<name>
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    seed: int = 0
+    batch_size: int = 32          # per rank
+    log_every: int = 10
+    device: str = "auto"          # auto | cpu | cuda
+    amp: bool = False             # autocast (bf16) + GradScaler on CUDA
+    grad_clip: float = 0.0        # 0: off
+    entry: str = ""               # "pkg.module:function" building a user Workload
+    step_sleep_s: float = 0.0     # slow each step down (demos and fault tests)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"           # adamw | adam | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9         # sgd only
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"          # none | cosine | step
+    warmup_steps: int = 0
+    step_size: int = 100          # step: decay every step_size steps
+    gamma: float = 0.5
+    min_lr_ratio: float = 0.1     # cosine: final lr = lr * min_lr_ratio
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/run/checkpoints"   # local path or fsspec URL (s3://bucket/prefix)
+    every_steps: int = 50
+    keep_last: int = 3
+    keep_best: int = 0
+    best_metric: str = "loss"
+    best_mode: str = "min"
+    async_save: bool = False            # TOML key: checkpoint.async
+    storage_options: dict = field(default_factory=dict)
+    grace_period_s: float = 25.0        # after SIGTERM/SIGUSR1: the save must commit within this
+    on_error: str = "stop"              # a failed save: stop | continue
+    max_file_mb: int = 256
+    io_threads: int = 4
+    timeout_s: float = 600.0            # checkpoint collectives
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"         # auto | gloo | nccl
+    timeout_s: float = 300.0      # process-group collectives: a dead peer ends the step with an error
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: dict = field(default_factory=lambda: {"name": "mlp"})
+    data: dict = field(default_factory=lambda: {"name": "synthetic_vectors"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    @property
+    def output_dir(self) -> str:
+        return self.run.output_dir or f"runs/{self.run.name}"
+
+
+_ALIASES = {("checkpoint", "async"): "async_save"}   # TOML names that are Python keywords
+_CHOICES = {
+    ("train", "device"): ("auto", "cpu", "cuda"),
+    ("optim", "name"): ("adamw", "adam", "sgd"),
+    ("scheduler", "name"): ("none", "cosine", "step"),
+    ("checkpoint", "best_mode"): ("min", "max"),
+    ("checkpoint", "on_error"): ("stop", "continue"),
+    ("dist", "backend"): ("auto", "gloo", "nccl"),
+}
+_POSITIVE = {("train", "max_steps"), ("train", "batch_size"), ("train", "log_every"), ("checkpoint", "every_steps"),
+             ("checkpoint", "max_file_mb"), ("checkpoint", "io_threads"), ("checkpoint", "timeout_s"),
+             ("checkpoint", "grace_period_s"), ("dist", "timeout_s"), ("optim", "lr"), ("scheduler", "step_size")}
+_NON_NEGATIVE = {("checkpoint", "keep_last"), ("checkpoint", "keep_best"), ("train", "grad_clip"),
+                 ("train", "step_sleep_s"), ("optim", "weight_decay"), ("scheduler", "warmup_steps"),
+                 ("train", "seed")}
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(options)})"
+
+
+def _check_type(where: str, value: Any, kind: Any) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{where} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        attr = _ALIASES.get((name, key), key)
+        if attr not in fields:
+            shown = [next((k for (s, k), a in _ALIASES.items() if s == name and a == f), f) for f in fields]
+            raise ConfigError(f"unknown config key '{name}.{key}'" + _suggest(key, shown))
+        kwargs[attr] = _check_value(name, key, _check_type(f"{name}.{key}", value, hints[attr]))
+    return cls(**kwargs)
+
+
+def _check_value(section: str, key: str, value: Any) -> Any:
+    choices = _CHOICES.get((section, key))
+    if choices and value not in choices:
+        raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}, got {value!r}")
+    if (section, key) in _POSITIVE and value <= 0:
+        raise ConfigError(f"{section}.{key} must be > 0, got {value!r}")
+    if (section, key) in _NON_NEGATIVE and value < 0:
+        raise ConfigError(f"{section}.{key} must be >= 0, got {value!r}")
+    return value
+
+
+def from_dict(raw: dict) -> Config:
+    """Build and validate a Config from a parsed TOML document."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section [{name}]" + _suggest(name, list(sections)))
+        if name in ("model", "data"):
+            default = getattr(Config(), name)["name"]
+            if not isinstance(value, dict) or not isinstance(value.get("name", default), str):
+                raise ConfigError(f"[{name}] must be a table with a string 'name'")
+            kwargs[name] = {"name": default, **value}
+        else:
+            kwargs[name] = _section(name, typing.get_type_hints(Config)[name], value)
+    return Config(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value``; the value is read as TOML (numbers, booleans, strings, arrays), else a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    dotted, value = text.split("=", 1)
+    path = [p.strip() for p in dotted.split(".")]
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return path, parsed
+
+
+def load(path: str | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or start from defaults when path is None) and apply --set overrides."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {k} is not a table")
+        node[keys[-1]] = value
+    return from_dict(raw)

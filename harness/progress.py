@@ -1,0 +1,73 @@
+"""What users watch: a rank-0 progress bar (plain lines when not a terminal) and a metrics JSONL file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+log = logging.getLogger("harness")
+
+
+class Progress:
+    """Step, loss, samples/s and time to the next checkpoint; redrawn in place on a terminal."""
+
+    def __init__(self, max_steps: int, enabled: bool, every_s: float = 2.0) -> None:
+        self.max_steps = max_steps
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.every_s = every_s
+        self._t_last = self._t_print = time.perf_counter()
+        self._step_last: int | None = None
+        self._rate = 0.0  # steps per second, smoothed
+
+    def update(self, step: int, loss: float, samples_per_step: int, every_steps: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self._step_last is not None and now > self._t_last:
+            rate = (step - self._step_last) / (now - self._t_last)
+            self._rate = rate if self._rate == 0 else 0.9 * self._rate + 0.1 * rate
+        self._t_last, self._step_last = now, step
+        if not self.tty and now - self._t_print < self.every_s and step != self.max_steps:
+            return
+        self._t_print = now
+        to_ckpt = every_steps - step % every_steps
+        eta = f"{to_ckpt / self._rate:.1f}s" if self._rate else "?"
+        line = (f"step {step}/{self.max_steps} | loss {loss:.4f} | {self._rate * samples_per_step:.0f} samples/s "
+                f"| next checkpoint in {to_ckpt} steps (~{eta})")
+        if self.tty:
+            width = 30
+            done = int(width * step / self.max_steps)
+            sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {line}\033[K")
+            sys.stderr.flush()
+        else:
+            log.info("%s", line)
+
+    def saved(self, step: int, seconds: float) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+        if self.enabled:
+            log.info("checkpoint at step %d: training blocked %.3f s", step, seconds)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+class MetricsLog:
+    """Appends one JSON object per line (with a timestamp) to a per-run file; None disables it."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.path:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")

@@ -1,0 +1,600 @@
+"""Deterministic built-in workloads: synthetic datasets, small models, losses.
+
+Everything here is a pure function of seeds so that every rank (and every
+restart of a rank) sees the same weights and the same samples without
+downloads or shared storage: datasets compute item ``i`` from ``(seed, i)``
+with a private ``torch.Generator``, and models are built under
+``torch.manual_seed(seed)``.  Users can plug in their own builder via
+:func:`load_entry_point`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import operator
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+__all__ = [
+    "Workload",
+    "SyntheticVectors",
+    "SyntheticImages",
+    "SyntheticTokens",
+    "MLP",
+    "SmallCNN",
+    "GPT",
+    "classification_loss",
+    "classification_metrics",
+    "token_loss",
+    "token_metrics",
+    "MODEL_DEFAULTS",
+    "DATA_DEFAULTS",
+    "WORKLOADS",
+    "list_workloads",
+    "build_workload",
+    "load_entry_point",
+]
+
+
+@dataclass
+class Workload:
+    """What the trainer needs: a model, a map-style dataset, and how to score it."""
+
+    model: nn.Module
+    dataset: Dataset
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    metric_fn: Callable[[Any, Any], dict[str, float]] | None = None
+
+
+# --------------------------------------------------------------------------
+# Seeding helpers
+# --------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+# Streams keep the dataset's fixed parameters (teacher, prototypes, bigram
+# table) statistically independent of the per-item draws.
+_STREAM_PARAMS = 0
+_STREAM_ITEMS = 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _mix_seed(*parts: int) -> int:
+    """Hash integers into one generator seed.
+
+    ``seed + index`` would make dataset(seed=1)[0] equal dataset(seed=0)[1];
+    hashing the tuple avoids such overlaps.  Kept below 2**63 so any torch
+    build accepts it.
+    """
+    h = 0
+    for part in parts:
+        h = _splitmix64(h ^ (part & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def _generator(*parts: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(_mix_seed(*parts))
+    return g
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------
+# Synthetic datasets
+# --------------------------------------------------------------------------
+
+
+class _SyntheticDataset(Dataset):
+    """Base: fixed length, index normalisation, per-item generator."""
+
+    _salt = 0  # distinguishes dataset kinds sharing a seed
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = _positive("num_samples", num_samples)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _item_generator(self, index: Any) -> torch.Generator:
+        i = operator.index(index)
+        if i < 0:
+            i += self.num_samples
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"index {index} out of range for dataset of length {self.num_samples}")
+        return _generator(self.seed, self._salt, _STREAM_ITEMS, i)
+
+    def _param_generator(self) -> torch.Generator:
+        return _generator(self.seed, self._salt, _STREAM_PARAMS)
+
+
+class SyntheticVectors(_SyntheticDataset):
+    """Gaussian vectors labelled by a fixed random linear teacher.
+
+    ``label = argmax(x @ W)`` is linearly separable, so any reasonable
+    classifier drives the loss down -- useful to see training actually work.
+    Items: ``(x float32[in_features], label int64[])``.
+    """
+
+    _salt = 1
+
+    def __init__(self, num_samples: int, in_features: int, num_classes: int, seed: int = 0) -> None:
+        super().__init__(num_samples, seed)
+        self.in_features = _positive("in_features", in_features)
+        self.num_classes = _positive("num_classes", num_classes)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.teacher = torch.randn(in_features, num_classes, generator=self._param_generator())
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(self.in_features, generator=self._item_generator(index))
+        label = torch.argmax(x @ self.teacher)
+        return x, label.to(torch.int64)
+
+
+class SyntheticImages(_SyntheticDataset):
+    """Noisy copies of one fixed random prototype image per class.
+
+    The class is drawn per item, then ``x = prototype[label] + noise``; the
+    prototypes are smooth-ish (upsampled from 1/4 resolution) so a small CNN
+    picks them up quickly.  Items: ``(x float32[C, H, W], label int64[])``.
+    """
+
+    _salt = 2
+
+    def __init__(
+        self,
+        num_samples: int,
+        channels: int,
+        height: int,
+        width: int,
+        num_classes: int,
+        seed: int = 0,
+        noise: float = 1.0,
+    ) -> None:
+        super().__init__(num_samples, seed)
+        self.channels = _positive("channels", channels)
+        self.height = _positive("height", height)
+        self.width = _positive("width", width)
+        self.num_classes = _positive("num_classes", num_classes)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.noise = float(noise)
+        small = torch.randn(
+            num_classes,
+            channels,
+            max(1, height // 4),
+            max(1, width // 4),
+            generator=self._param_generator(),
+        )
+        self.prototypes = F.interpolate(small, size=(height, width), mode="nearest")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self._item_generator(index)
+        label = torch.randint(self.num_classes, (), generator=g)
+        noise = torch.randn(self.channels, self.height, self.width, generator=g)
+        return self.prototypes[label] + self.noise * noise, label.to(torch.int64)
+
+
+class SyntheticTokens(_SyntheticDataset):
+    """Token sequences from a fixed sparse random bigram chain.
+
+    Each token has ``branching`` possible successors chosen at random (from
+    the seed), picked uniformly; the best achievable loss is
+    ``log(branching)`` versus ``log(vocab_size)`` for a fresh model, so
+    learning is visible.  A sequence of ``seq_len + 1`` tokens is drawn and
+    the item is ``(ids[:-1], ids[1:])``, both int64 of length ``seq_len``.
+    """
+
+    _salt = 3
+
+    def __init__(self, num_samples: int, seq_len: int, vocab_size: int, seed: int = 0, branching: int = 4) -> None:
+        super().__init__(num_samples, seed)
+        self.seq_len = _positive("seq_len", seq_len)
+        self.vocab_size = _positive("vocab_size", vocab_size)
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+        self.branching = min(_positive("branching", branching), vocab_size)
+        g = self._param_generator()
+        # A python list-of-lists: the per-item walk is a short Python loop and
+        # list indexing there is much cheaper than tensor indexing.
+        self.successors: list[list[int]] = torch.randint(vocab_size, (vocab_size, self.branching), generator=g).tolist()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self._item_generator(index)
+        first = int(torch.randint(self.vocab_size, (), generator=g))
+        choices = torch.randint(self.branching, (self.seq_len,), generator=g).tolist()
+        ids = [first]
+        for c in choices:
+            ids.append(self.successors[ids[-1]][c])
+        seq = torch.tensor(ids, dtype=torch.int64)
+        return seq[:-1], seq[1:]
+
+
+# --------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """``layers`` hidden Linear+ReLU blocks then a linear classifier.
+
+    Inputs with more than one feature dimension (e.g. images) are flattened.
+    """
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int, layers: int = 2) -> None:
+        super().__init__()
+        _positive("in_features", in_features)
+        _positive("hidden", hidden)
+        _positive("num_classes", num_classes)
+        _positive("layers", layers)
+        blocks: list[nn.Module] = []
+        width = in_features
+        for _ in range(layers):
+            blocks += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        blocks.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """Two conv/ReLU/pool stages, global average pool, linear head.
+
+    No BatchNorm on purpose: its running stats are extra state that DDP
+    would need to sync and that makes bit-exact resume tests harder.  Works
+    for any input of at least 4x4 pixels.
+    """
+
+    def __init__(self, channels: int, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        _positive("channels", channels)
+        _positive("num_classes", num_classes)
+        _positive("width", width)
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class _CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        # (B, T, D) -> (B, H, T, D/H)
+        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = _CausalSelfAttention(d_model, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model),
+            nn.GELU(),
+            nn.Linear(4 * d_model, d_model),
+            nn.Dropout(dropout),
+        )
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attn(self.ln1(x)))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """Small causal decoder: ``(B, T) int64 ids -> (B, T, vocab) logits``.
+
+    GPT-2 style init (N(0, 0.02), residual projections scaled by
+    ``1/sqrt(2 * n_layers)``) drawn from the global torch RNG, so the weights
+    are a function of the seed set before construction.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        tie_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("seq_len", seq_len),
+            ("d_model", d_model),
+            ("n_layers", n_layers),
+            ("n_heads", n_heads),
+        ):
+            _positive(name, value)
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.seq_len = seq_len
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(seq_len, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(d_model, n_heads, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp[2]):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+        if tie_weights:
+            # Tie after init so the shared tensor keeps the embedding's init.
+            self.head.weight = self.tok_emb.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        if t > self.seq_len:
+            raise ValueError(f"sequence length {t} exceeds the model's seq_len={self.seq_len}")
+        pos = torch.arange(t, device=ids.device)
+        x = self.drop(self.tok_emb(ids) + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+# --------------------------------------------------------------------------
+# Losses and metrics (module-level functions so Workloads stay picklable)
+# --------------------------------------------------------------------------
+
+
+def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``(B, C)`` logits against ``(B,)`` labels."""
+    return F.cross_entropy(logits, target)
+
+
+def classification_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    return {"accuracy": (logits.argmax(-1) == target).float().mean().item()}
+
+
+def token_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``(B, T, V)`` logits vs ``(B, T)`` ids."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def token_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    return {"accuracy": (logits.argmax(-1) == target).float().mean().item()}
+
+
+# --------------------------------------------------------------------------
+# Registry and builder
+# --------------------------------------------------------------------------
+
+# Option defaults per name.  Model options that describe the data's shape are
+# listed too; build_workload takes them from the dataset (see _LINKS).
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"in_features": 32, "hidden": 64, "num_classes": 4, "layers": 2},
+    "cnn": {"channels": 3, "num_classes": 10, "width": 16},
+    "gpt": {
+        "vocab_size": 256,
+        "seq_len": 64,
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "dropout": 0.0,
+        "tie_weights": True,
+    },
+}
+
+DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "synthetic_vectors": {"num_samples": 4096, "in_features": 32, "num_classes": 4, "seed": None},
+    "synthetic_images": {
+        "num_samples": 4096,
+        "channels": 3,
+        "height": 32,
+        "width": 32,
+        "num_classes": 10,
+        "noise": 1.0,
+        "seed": None,
+    },
+    "synthetic_tokens": {"num_samples": 4096, "seq_len": 64, "vocab_size": 256, "branching": 4, "seed": None},
+}
+
+# Which datasets each model can consume.
+WORKLOADS: dict[str, tuple[str, ...]] = {
+    "mlp": ("synthetic_vectors", "synthetic_images"),
+    "cnn": ("synthetic_images",),
+    "gpt": ("synthetic_tokens",),
+}
+
+# Model option -> data option that must agree.  Whichever side is given wins;
+# both given and different is an error.
+_LINKS: dict[tuple[str, str], dict[str, str]] = {
+    ("mlp", "synthetic_vectors"): {"in_features": "in_features", "num_classes": "num_classes"},
+    ("mlp", "synthetic_images"): {"num_classes": "num_classes"},
+    ("cnn", "synthetic_images"): {"channels": "channels", "num_classes": "num_classes"},
+    ("gpt", "synthetic_tokens"): {"vocab_size": "vocab_size", "seq_len": "seq_len"},
+}
+
+_DATASETS: dict[str, type[_SyntheticDataset]] = {
+    "synthetic_vectors": SyntheticVectors,
+    "synthetic_images": SyntheticImages,
+    "synthetic_tokens": SyntheticTokens,
+}
+
+
+def list_workloads() -> list[str]:
+    """One human-readable line per model and per dataset, for docs and ``--help``."""
+    lines = []
+    for name, defaults in MODEL_DEFAULTS.items():
+        opts = ", ".join(f"{k}={v}" for k, v in defaults.items())
+        lines.append(f"model {name} (data: {' | '.join(WORKLOADS[name])}): {opts}")
+    for name, defaults in DATA_DEFAULTS.items():
+        opts = ", ".join(f"{k}={v}" for k, v in defaults.items())
+        lines.append(f"data {name}: {opts}")
+    return lines
+
+
+def _split_cfg(kind: str, cfg: Any, defaults: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Validate ``{"name": ..., **options}`` and return (name, options)."""
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{kind} config must be a dict, got {type(cfg).__name__}")
+    if "name" not in cfg:
+        raise ValueError(f"{kind} config needs a 'name'; valid names: {', '.join(defaults)}")
+    name = cfg["name"]
+    if name not in defaults:
+        raise ValueError(f"unknown {kind} name {name!r}; valid names: {', '.join(defaults)}")
+    options = {k: v for k, v in cfg.items() if k != "name"}
+    unknown = sorted(set(options) - set(defaults[name]))
+    if unknown:
+        raise ValueError(
+            f"unknown {kind} option(s) {', '.join(map(repr, unknown))} for {name!r}; "
+            f"valid options: {', '.join(sorted(defaults[name]))}"
+        )
+    return name, options
+
+
+def _reconcile(model_name: str, data_name: str, model_opts: dict[str, Any], data_opts: dict[str, Any]) -> None:
+    """Make linked options agree, copying a model-only value into the data."""
+    for m_key, d_key in _LINKS[(model_name, data_name)].items():
+        if m_key in model_opts and d_key in data_opts and model_opts[m_key] != data_opts[d_key]:
+            raise ValueError(
+                f"model option {m_key}={model_opts[m_key]!r} conflicts with data option "
+                f"{d_key}={data_opts[d_key]!r}; set only one of them"
+            )
+        if m_key in model_opts:
+            data_opts[d_key] = model_opts[m_key]
+
+
+def _build_dataset(name: str, options: Mapping[str, Any], seed: int) -> _SyntheticDataset:
+    kwargs = {**DATA_DEFAULTS[name], **options}
+    if kwargs["seed"] is None:
+        kwargs["seed"] = seed
+    return _DATASETS[name](**kwargs)
+
+
+def _model_kwargs(model_name: str, data_name: str, model_opts: dict[str, Any], dataset: Any) -> dict[str, Any]:
+    """Model keyword arguments: defaults, user options, then data-derived shapes."""
+    kwargs = {**MODEL_DEFAULTS[model_name], **model_opts}
+    for m_key, d_key in _LINKS[(model_name, data_name)].items():
+        kwargs[m_key] = getattr(dataset, d_key)
+    if (model_name, data_name) == ("mlp", "synthetic_images"):
+        flat = dataset.channels * dataset.height * dataset.width
+        if "in_features" in model_opts and model_opts["in_features"] != flat:
+            raise ValueError(
+                f"model option in_features={model_opts['in_features']!r} does not match "
+                f"flattened image size {flat}; omit it to derive it from the data"
+            )
+        kwargs["in_features"] = flat
+    return kwargs
+
+
+_MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "gpt": GPT}
+_LOSSES: dict[str, tuple[Callable[[Any, Any], torch.Tensor], Callable[[Any, Any], dict[str, float]]]] = {
+    "mlp": (classification_loss, classification_metrics),
+    "cnn": (classification_loss, classification_metrics),
+    "gpt": (token_loss, token_metrics),
+}
+
+
+def build_workload(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], seed: int) -> Workload:
+    """Build a built-in workload from ``{"name": ..., **options}`` configs.
+
+    The model is constructed under ``torch.manual_seed(seed)`` inside a forked
+    RNG scope, so every rank gets identical weights and the caller's global
+    RNG stream is left untouched.  The dataset seed defaults to ``seed``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    model_name, model_opts = _split_cfg("model", model_cfg, MODEL_DEFAULTS)
+    data_name, data_opts = _split_cfg("data", data_cfg, DATA_DEFAULTS)
+    if data_name not in WORKLOADS[model_name]:
+        raise ValueError(
+            f"model {model_name!r} cannot train on data {data_name!r}; "
+            f"compatible data: {', '.join(WORKLOADS[model_name])}"
+        )
+    _reconcile(model_name, data_name, model_opts, data_opts)
+    dataset = _build_dataset(data_name, data_opts, seed)
+    kwargs = _model_kwargs(model_name, data_name, model_opts, dataset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _MODELS[model_name](**kwargs)
+    loss_fn, metric_fn = _LOSSES[model_name]
+    return Workload(model=model, dataset=dataset, loss_fn=loss_fn, metric_fn=metric_fn)
+
+
+_SPEC_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def load_entry_point(spec: str) -> Callable[..., Any]:
+    """Import ``"package.module:function"`` and return the callable.
+
+    Meant for user workload builders with the signature
+    ``fn(model_cfg: dict, data_cfg: dict, seed: int) -> Workload``.  The
+    attribute part may be dotted (``"pkg.mod:Factory.build"``).  Every failure
+    becomes a ValueError naming the spec, so the CLI can report it in one line.
+    """
+    if not isinstance(spec, str) or not _SPEC_RE.match(spec.strip()):
+        raise ValueError(f"entry point must look like 'package.module:function', got {spec!r}")
+    module_name, attr_path = spec.strip().split(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # user code may raise anything at import time
+        raise ValueError(f"cannot import module {module_name!r} for entry point {spec!r}: {exc}") from exc
+    for attr in attr_path.split("."):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError as exc:
+            raise ValueError(f"entry point {spec!r}: {module_name!r} has no attribute {attr_path!r}") from exc
+    if not callable(obj):
+        raise ValueError(f"entry point {spec!r} is not callable (got {type(obj).__name__})")
+    return obj

@@ -1,0 +1,316 @@
+"""launch/: shell syntax, the PyTorchJob manifest, the torchrun command torchrun.sh builds, and the
+signal / exit-code / requeue logic of torchrun.sh and slurm.sbatch, run against stub torchrun,
+srun, scontrol and nvidia-smi (fast; no real torchrun or Slurm)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
+SBATCH = ROOT / "launch" / "slurm.sbatch"
+K8S = ROOT / "launch" / "k8s-pytorchjob.yaml"
+
+# Stub torchrun: answers --help (with or without --signals-to-handle), records its argv and the
+# signals it gets, and -- like the real torchrun -- exits 1 when a signal stops it.
+STUB_TORCHRUN = r"""#!/usr/bin/env bash
+if [[ "${1:-}" == --help ]]; then
+    if [[ "${STUB_OLD_TORCH:-0}" == 1 ]]; then echo "usage: torchrun [--nnodes NNODES]"
+    else echo "usage: torchrun [--nnodes NNODES] [--signals-to-handle SIGNALS_TO_HANDLE]"; fi
+    exit 0
+fi
+printf '%s\n' "$*" > "$STUB_DIR/torchrun.args"
+s=""
+# Handle each signal at once (`wait` is interruptible) and linger a little, so that a duplicate
+# signal is seen and recorded as a second line rather than merged with the first.
+stop() { echo "$1" >> "$STUB_DIR/torchrun.signals"; kill $s 2>/dev/null; sleep 0.3; exit 1; }
+trap 'stop TERM' TERM; trap 'stop USR1' USR1; trap 'stop INT' INT
+touch "$STUB_DIR/torchrun.started"
+case "${STUB_MODE:-run}" in done) exit 0 ;; fail) exit 1 ;; esac
+while :; do sleep 5 & s=$!; wait $s; done
+"""
+
+# Stub srun: runs the task once with SLURM_STEP_ID set, in its own process group, and -- like
+# Slurm -- delivers a signal sent to srun to every process of that group.
+STUB_SRUN = r"""#!/usr/bin/env bash
+echo $$ > "$STUB_DIR/srun.pid"
+while [[ "${1:-}" == --* ]]; do shift; done
+set -m
+SLURM_STEP_ID=0 "$@" &
+c=$!
+set +m
+trap 'kill -s USR1 -- -$c' USR1
+trap 'kill -s TERM -- -$c' TERM
+while :; do
+    rc=0; wait $c || rc=$?
+    if (( rc > 128 )) && kill -0 $c 2>/dev/null; then continue; fi
+    break
+done
+exit $rc
+"""
+
+STUB_SCONTROL = r"""#!/usr/bin/env bash
+echo "$*" >> "$STUB_DIR/scontrol.log"
+if [[ "$1 $2" == "show hostnames" ]]; then printf 'node1\nnode2\n'; fi
+"""
+
+STUB_NVIDIA_SMI = r"""#!/usr/bin/env bash
+for ((i = 0; i < ${STUB_GPUS:-0}; i++)); do echo "GPU $i: NVIDIA H100 (UUID: GPU-$i)"; done
+(( ${STUB_GPUS:-0} > 0 ))
+"""
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in [("torchrun", STUB_TORCHRUN), ("srun", STUB_SRUN),
+                       ("scontrol", STUB_SCONTROL), ("nvidia-smi", STUB_NVIDIA_SMI)]:
+        p = bin_dir / name
+        p.write_text(text)
+        p.chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PET_", "SLURM_", "RDZV_", "STUB_", "HARNESS_"))
+           and k not in ("NNODES", "NPROC_PER_NODE", "NODE_RANK", "MAX_RESTARTS", "CONFIG",
+                         "FORWARD_SIGNALS", "TORCHRUN")}
+    env["PATH"] = f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"
+    env["STUB_DIR"] = str(tmp_path)
+    return tmp_path, env
+
+
+def dry_run(env, *args, **extra):
+    env = {**env, "HARNESS_LAUNCH_DRY_RUN": "1", **extra}
+    out = subprocess.run(["bash", str(TORCHRUN_SH), *args], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, out.stdout
+    return shlex.split(lines[0])
+
+
+def has(tokens, *seq):
+    n = len(seq)
+    return any(tokens[i:i + n] == list(seq) for i in range(len(tokens) - n + 1))
+
+
+def wait_for(path: Path, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def signals_seen(tmp):
+    f = tmp / "torchrun.signals"
+    return f.read_text().split() if f.exists() else []
+
+
+# --- static checks -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", [TORCHRUN_SH, SBATCH])
+def test_shell_syntax(script):
+    out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_torchrun_sh_is_executable():
+    assert os.access(TORCHRUN_SH, os.X_OK)
+
+
+def test_sbatch_directives():
+    directives = [l.split(None, 1)[1] for l in SBATCH.read_text().splitlines()
+                  if l.startswith("#SBATCH ")]
+    assert "--requeue" in directives
+    assert any(d.startswith("--signal=B:USR1@") for d in directives)
+    assert "--ntasks-per-node=1" in directives
+
+
+def test_k8s_manifest():
+    yaml = pytest.importorskip("yaml")
+    docs = [d for d in yaml.safe_load_all(K8S.read_text()) if d is not None]
+    assert len(docs) == 1
+    job = docs[0]
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    elastic = job["spec"]["elasticPolicy"]
+    assert elastic["rdzvBackend"] == "c10d"
+    assert 1 <= elastic["minReplicas"] <= elastic["maxReplicas"]
+    assert elastic["maxRestarts"] >= 1
+    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert worker["restartPolicy"] == "ExitCode"
+    assert elastic["minReplicas"] <= worker["replicas"] <= elastic["maxReplicas"]
+    pod = worker["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > 25 + 30   # grace period + torchrun shutdown
+    (c,) = pod["containers"]
+    assert c["name"] == "pytorch"
+    assert "launch/torchrun.sh" in c["command"] + c.get("args", [])
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["CONFIG"] == "configs/s3.toml"
+    assert c["envFrom"][0]["secretRef"]["name"]
+    assert any(p["name"] == "pytorchjob-port" for p in c["ports"])
+
+
+# --- the command torchrun.sh builds --------------------------------------------------------------
+
+def test_default_is_standalone(stubs):
+    _, env = stubs
+    cmd = dry_run(env)
+    assert cmd[0] == "torchrun"
+    assert "--standalone" in cmd
+    assert "--rdzv-backend" not in cmd and "--rdzv-endpoint" not in cmd
+    assert has(cmd, "--nnodes", "1") and has(cmd, "--nproc-per-node", "2")
+    assert has(cmd, "--max-restarts", "3")
+    assert has(cmd, "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1")
+    assert cmd[-5:] == ["-m", "harness", "train", "--config", "configs/quickstart.toml"]
+
+
+def test_two_nodes_use_c10d_rendezvous(stubs):
+    _, env = stubs
+    cmd = dry_run(env, "--set", "train.max_steps=100", NNODES="2", RDZV_ID="job42",
+                  MAX_RESTARTS="5", CONFIG="configs/s3.toml")
+    assert "--standalone" not in cmd
+    assert has(cmd, "--nnodes", "2")
+    assert has(cmd, "--rdzv-backend", "c10d")
+    assert has(cmd, "--rdzv-endpoint", "127.0.0.1:29500")
+    assert has(cmd, "--rdzv-id", "job42")
+    assert has(cmd, "--max-restarts", "5")
+    assert cmd[-7:] == ["-m", "harness", "train", "--config", "configs/s3.toml",
+                        "--set", "train.max_steps=100"]
+
+
+def test_explicit_endpoint_selects_rendezvous_even_on_one_node(stubs):
+    _, env = stubs
+    cmd = dry_run(env, RDZV_ENDPOINT="head:1234", NODE_RANK="0")
+    assert "--standalone" not in cmd
+    assert has(cmd, "--rdzv-endpoint", "head:1234") and has(cmd, "--rdzv-id", "harness")
+    assert has(cmd, "--node-rank", "0")
+
+
+def test_kubeflow_pet_variables_are_fallbacks(stubs):
+    _, env = stubs
+    cmd = dry_run(env, PET_NNODES="2:2", PET_RDZV_ENDPOINT="harness-worker-0:29400",
+                  PET_MAX_RESTARTS="7", PET_NPROC_PER_NODE="4")
+    assert has(cmd, "--nnodes", "2:2") and has(cmd, "--nproc-per-node", "4")
+    assert has(cmd, "--rdzv-endpoint", "harness-worker-0:29400")
+    assert has(cmd, "--max-restarts", "7")
+    # explicit variables win over PET_*
+    cmd = dry_run(env, PET_NNODES="2:2", NNODES="3", NPROC_PER_NODE="1", PET_NPROC_PER_NODE="4")
+    assert has(cmd, "--nnodes", "3") and has(cmd, "--nproc-per-node", "1")
+
+
+def test_nproc_defaults_to_gpu_count(stubs):
+    _, env = stubs
+    assert has(dry_run(env, STUB_GPUS="4"), "--nproc-per-node", "4")
+
+
+def test_signals_flag_only_when_torchrun_supports_it(stubs):
+    _, env = stubs
+    cmd = dry_run(env, STUB_OLD_TORCH="1")
+    assert "--signals-to-handle" not in cmd and "--standalone" in cmd
+
+
+def test_bad_nnodes_is_a_permanent_error(stubs):
+    _, env = stubs
+    out = subprocess.run(["bash", str(TORCHRUN_SH)], env={**env, "NNODES": "two"}, cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "NNODES" in out.stderr
+
+
+# --- torchrun.sh at run time: exit codes and signal forwarding -----------------------------------
+
+def start(cmd, env, **extra):
+    return subprocess.Popen(cmd, env={**env, **extra}, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize("mode,rc", [("done", 0), ("fail", 1)])
+def test_torchrun_sh_passes_through_exit_without_signal(stubs, mode, rc):
+    _, env = stubs
+    p = start(["bash", str(TORCHRUN_SH)], env, STUB_MODE=mode)
+    assert p.wait(timeout=30) == rc, p.stdout.read()
+
+
+@pytest.mark.parametrize("sig,rc", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
+def test_torchrun_sh_maps_signal_to_retryable_code(stubs, sig, rc):
+    tmp, env = stubs
+    p = start(["bash", str(TORCHRUN_SH)], env)
+    wait_for(tmp / "torchrun.started")
+    os.kill(p.pid, sig)
+    time.sleep(0.05)
+    os.kill(p.pid, sig)                      # a repeated signal must not be forwarded again
+    assert p.wait(timeout=30) == rc, p.stdout.read()   # the stub, like torchrun, exited 1
+    assert signals_seen(tmp) == [sig.name[3:]]
+
+
+def test_torchrun_sh_group_signal_reaches_torchrun_once(stubs):
+    tmp, env = stubs
+    p = start(["bash", str(TORCHRUN_SH)], env)
+    wait_for(tmp / "torchrun.started")
+    os.killpg(p.pid, signal.SIGINT)          # Ctrl-C: the whole foreground process group
+    assert p.wait(timeout=30) == 130, p.stdout.read()
+    assert signals_seen(tmp) == ["INT"]
+
+
+def test_torchrun_sh_old_torch_gets_sigterm_for_sigusr1(stubs):
+    tmp, env = stubs
+    p = start(["bash", str(TORCHRUN_SH)], env, STUB_OLD_TORCH="1")
+    wait_for(tmp / "torchrun.started")
+    os.kill(p.pid, signal.SIGUSR1)
+    assert p.wait(timeout=30) == 138, p.stdout.read()
+    assert signals_seen(tmp) == ["TERM"]
+
+
+# --- slurm.sbatch: requeue on retryable exits ----------------------------------------------------
+
+def sbatch_env(env):
+    return {**env, "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1-2]",
+            "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": str(ROOT)}
+
+
+def requeued(tmp):
+    log = tmp / "scontrol.log"
+    return log.exists() and "requeue 4242" in log.read_text().splitlines()
+
+
+def test_sbatch_usr1_checkpoints_and_requeues(stubs):
+    tmp, env = stubs
+    p = start(["bash", str(SBATCH), "--set", "train.max_steps=100"], sbatch_env(env))
+    wait_for(tmp / "torchrun.started")
+    os.kill(p.pid, signal.SIGUSR1)           # --signal=B:USR1: only the batch shell gets it
+    out = p.communicate(timeout=30)[0]
+    assert p.returncode == 138, out
+    assert requeued(tmp), out
+    assert signals_seen(tmp) == ["USR1"]     # exactly once: Slurm delivers, torchrun.sh doesn't
+    args = shlex.split((tmp / "torchrun.args").read_text())
+    assert has(args, "--nnodes", "2") and has(args, "--rdzv-backend", "c10d")
+    assert has(args, "--rdzv-endpoint", "node1:29500") and has(args, "--rdzv-id", "4242")
+    assert args[-2:] == ["--set", "train.max_steps=100"]
+
+
+@pytest.mark.parametrize("mode,rc", [("done", 0), ("fail", 1)])
+def test_sbatch_does_not_requeue_success_or_permanent_failure(stubs, mode, rc):
+    tmp, env = stubs
+    p = start(["bash", str(SBATCH)], sbatch_env(env), STUB_MODE=mode)
+    out = p.communicate(timeout=30)[0]
+    assert p.returncode == rc, out
+    assert not requeued(tmp), out
+
+
+def test_sbatch_does_not_requeue_after_scancel(stubs):
+    tmp, env = stubs
+    p = start(["bash", str(SBATCH)], sbatch_env(env))
+    wait_for(tmp / "torchrun.started")
+    wait_for(tmp / "srun.pid")
+    # scancel: Slurm sends SIGTERM to the batch shell and to the step.
+    os.kill(p.pid, signal.SIGTERM)
+    os.kill(int((tmp / "srun.pid").read_text()), signal.SIGTERM)
+    out = p.communicate(timeout=30)[0]
+    assert p.returncode == 143, out
+    assert not requeued(tmp), out
+    assert signals_seen(tmp) == ["TERM"]
