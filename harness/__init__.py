@@ -9,3 +9,5 @@ from harness.state import Stateful  # noqa: E402
 
 __all__ = ["CheckpointManager", "RestoreResult", "Stateful", "HarnessError", "ConfigError", "CheckpointError",
            "CheckpointFormatError", "CheckpointCorruptError", "NoCheckpointError", "StorageError"]
+from harness.inference import load_for_inference, warm_start  # noqa: E402,F401  (added: export/import/inspect)
+__all__ += ["load_for_inference", "warm_start"]

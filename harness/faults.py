@@ -16,7 +16,8 @@ Two ways to arm it, both used only by tests and fault campaigns:
   ``--max-restarts``) then runs through the same point unharmed.
 
 Points in use: ``save.data_file``, ``save.before_manifest``, ``save.after_manifest``,
-``save.before_commit``, ``save.after_commit``, ``retention.delete``, ``train.step``.
+``save.before_commit``, ``save.after_commit``, ``retention.delete``, ``train.step``, and ``s3.part``
+(each multipart part handed to the uploader; info ``file`` and ``part``, e.g. ``s3.part:sigkill:part=3``).
 """
 
 from __future__ import annotations

@@ -22,14 +22,25 @@ class Stateful(Protocol):
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare module under DDP/DataParallel and torch.compile wrappers, so keys carry no prefix."""
+    """The bare module under DDP/DataParallel and torch.compile wrappers, so keys carry no prefix.
+
+    Other wrappers in DDP's style (their only state is one child named ``module``) are unwrapped too."""
     while True:
         if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
             model = model._orig_mod
+        elif _only_wraps_module(model):
+            model = model.module
         else:
             return model
+
+
+def _only_wraps_module(model: torch.nn.Module) -> bool:
+    inner = getattr(model, "module", None)
+    return (isinstance(model, torch.nn.Module) and isinstance(inner, torch.nn.Module)
+            and not model._parameters and not model._buffers
+            and [n for n, _ in model.named_children()] == ["module"])
 
 
 def strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:

@@ -3,6 +3,10 @@
 Paths are strings relative to the storage root, joined with "/" (pathlib would break ``s3://``).
 Durability is this module's job: local writes are fsync'd (file and folder); on object stores a closed
 upload is durable, and :meth:`Storage.commit_bytes` is one PUT, which S3 makes atomic.
+
+On ``s3://`` every operation goes through :mod:`harness.s3` (bounded retries, concurrent multipart uploads
+confirmed before ``open_write`` returns, concurrent ranged reads, uncached listings, :meth:`check_access`).
+Storage options named ``harness_*`` tune it (see :mod:`harness.s3`) and are never passed to fsspec.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import IO, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from harness import s3
 from harness.errors import StorageError
 
 
@@ -41,11 +46,16 @@ class Storage:
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         self.url = url
         try:
-            self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            tuning, options = s3.split_options(storage_options)
+            if s3.is_s3_url(url):
+                options = s3.client_options(options, tuning)
+            self.fs, root = fsspec.core.url_to_fs(url, **options)
         except (ImportError, ValueError) as exc:
             raise StorageError(f"cannot open checkpoint storage {redact_url(url)}: {exc}") from exc
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        # S3 machinery (None elsewhere): it knows the option values only to scrub them from messages
+        self.s3 = s3.S3Io(self.fs, tuning, _secret_values(storage_options)) if s3.is_s3fs(self.fs) else None
 
     def __repr__(self) -> str:
         return f"Storage({redact_url(self.url)!r})"
@@ -58,7 +68,16 @@ class Storage:
 
     # -- writing --------------------------------------------------------------------------------------
 
+    def check_access(self, write: bool = True) -> None:
+        """Fail fast: on S3, list the root and (``write``) PUT and DELETE a probe object, raising a one-line
+        StorageError naming the bucket on a missing bucket, rejected credentials or missing permission.
+        Elsewhere a no-op (local folders are created on demand)."""
+        if self.s3 is not None:
+            self.s3.check_access(self.root, write)
+
     def makedirs(self, rel: str = "") -> None:
+        if self.s3 is not None:
+            return  # object stores have no folders
         self.fs.makedirs(self.path(rel), exist_ok=True)
         if self.is_local:
             self._fsync_dir(os.path.dirname(self.path(rel)) or ".")
@@ -71,6 +90,9 @@ class Storage:
             with open(path, "wb", buffering=0) as f:
                 yield f
                 os.fsync(f.fileno())
+        elif self.s3 is not None:
+            with self.s3.open_write(path) as f:  # exit: upload completed and confirmed; error: aborted
+                yield f
         else:
             with self.fs.open(path, "wb") as f:
                 yield f
@@ -79,12 +101,17 @@ class Storage:
         if self.is_local:
             with self.open_write(rel) as f:
                 f.write(data)
+        elif self.s3 is not None:
+            self.s3.put(self.path(rel), data)
         else:
             self.fs.pipe_file(self.path(rel), data)
 
     def commit_bytes(self, rel: str, data: bytes) -> None:
         """Write a small record atomically: readers see the old state or the whole new record."""
         path = self.path(rel)
+        if self.s3 is not None:
+            self.s3.put(path, data)  # one PUT: atomic on S3, retried (idempotent), confirmed when it returns
+            return
         if not self.is_local:
             self.fs.pipe_file(path, data)  # one PUT: atomic on S3; memory:// is atomic in-process
             return
@@ -117,9 +144,13 @@ class Storage:
             os.close(fd)
 
     def remove(self, rel: str) -> None:
+        if self.s3 is not None:
+            return self.s3.remove(self.path(rel))
         self.fs.rm_file(self.path(rel))
 
     def remove_tree(self, rel: str) -> None:
+        if self.s3 is not None:
+            return self.s3.remove_tree(self.path(rel))
         self.fs.rm(self.path(rel), recursive=True)
 
     # -- reading --------------------------------------------------------------------------------------
@@ -129,10 +160,14 @@ class Storage:
         self.fs.invalidate_cache(self.path(rel))
 
     def exists(self, rel: str) -> bool:
+        if self.s3 is not None:
+            return self.s3.exists(self.path(rel))
         return bool(self.fs.exists(self.path(rel)))
 
     def size(self, rel: str) -> int | None:
         """Size in bytes, or None if the file does not exist."""
+        if self.s3 is not None:
+            return self.s3.size(self.path(rel))
         try:
             return int(self.fs.size(self.path(rel)))
         except FileNotFoundError:
@@ -140,6 +175,8 @@ class Storage:
 
     def listdir(self, rel: str = "") -> list[str]:
         """Base names of the entries of a folder; empty if it does not exist."""
+        if self.s3 is not None:
+            return self.s3.listdir(self.path(rel))  # straight from S3: never a cached listing
         try:
             entries = self.fs.ls(self.path(rel), detail=False)
         except FileNotFoundError:
@@ -147,12 +184,16 @@ class Storage:
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
     def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
+        if self.s3 is not None:
+            return self.s3.cat(self.path(rel), start, end)
         return self.fs.cat_file(self.path(rel), start=start, end=end)
 
     def open_read(self, rel: str) -> IO[bytes]:
         """A readable, seekable binary file."""
         if self.is_local:
             return open(self.path(rel), "rb", buffering=0)
+        if self.s3 is not None:
+            return self.s3.open_read(self.path(rel))  # ranged, concurrent, pinned to the object's ETag
         return self.fs.open(self.path(rel), "rb")
 
     def read_into(self, rel: str, offset: int, buf: memoryview) -> None:
@@ -168,7 +209,22 @@ class Storage:
                         raise EOFError(f"{rel}: expected {n} bytes at offset {offset}, got {got}")
                     got += k
             return
+        if self.s3 is not None:
+            return self.s3.read_into(self.path(rel), offset, buf)
         data = self.fs.cat_file(self.path(rel), start=offset, end=offset + n)
         if len(data) != n:
             raise EOFError(f"{rel}: expected {n} bytes at offset {offset}, got {len(data)}")
         buf[:] = data
+
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def _secret_values(obj: object, secret: bool = False) -> list[str]:
+    """String values of options whose name says credential (key, secret, token...), at any depth."""
+    if isinstance(obj, dict):
+        return [s for k, v in obj.items()
+                for s in _secret_values(v, secret or any(w in str(k).lower() for w in _SECRET_WORDS))]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in _secret_values(v, secret)]
+    return [obj] if secret and isinstance(obj, str) else []

@@ -129,7 +129,7 @@ trap 'on_signal USR1' USR1
 if [[ "$FORWARD_SIGNALS" == 1 ]]; then
     # Own process group: signals sent to our group (Ctrl-C in a terminal, kill -- -PGID) reach
     # torchrun only through on_signal, i.e. once.
-    :
+    set -m
 fi
 if [[ "$signals_supported" == 1 ]]; then
     "${cmd[@]}" &

@@ -27,6 +27,7 @@ if [[ "${1:-}" == --help ]]; then
     exit 0
 fi
 printf '%s\n' "$*" > "$STUB_DIR/torchrun.args"
+echo $$ >> "$STUB_DIR/torchrun.pids"
 s=""
 # Handle each signal at once (`wait` is interruptible) and linger a little, so that a duplicate
 # signal is seen and recorded as a second line rather than merged with the first.
@@ -37,17 +38,17 @@ case "${STUB_MODE:-run}" in done) exit 0 ;; fail) exit 1 ;; esac
 while :; do sleep 5 & s=$!; wait $s; done
 """
 
-# Stub srun: runs the task once with SLURM_STEP_ID set, in its own process group, and -- like
-# Slurm -- delivers a signal sent to srun to every process of that group.
+# Stub srun: runs the task once with SLURM_STEP_ID set and -- like Slurm with proctrack/cgroup --
+# delivers a signal sent to srun to every process of the step (the task and all its descendants).
 STUB_SRUN = r"""#!/usr/bin/env bash
 echo $$ > "$STUB_DIR/srun.pid"
 while [[ "${1:-}" == --* ]]; do shift; done
-set -m
 SLURM_STEP_ID=0 "$@" &
 c=$!
-set +m
-trap 'kill -s USR1 -- -$c' USR1
-trap 'kill -s TERM -- -$c' TERM
+tree() { local p; echo "$1"; for p in $(ps -o pid= --ppid "$1"); do tree "$p"; done; }
+relay() { kill -s "$1" $(tree $c) 2>/dev/null || true; }
+trap 'relay USR1' USR1
+trap 'relay TERM' TERM
 while :; do
     rc=0; wait $c || rc=$?
     if (( rc > 128 )) && kill -0 $c 2>/dev/null; then continue; fi
@@ -82,7 +83,14 @@ def stubs(tmp_path):
                          "FORWARD_SIGNALS", "TORCHRUN")}
     env["PATH"] = f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"
     env["STUB_DIR"] = str(tmp_path)
-    return tmp_path, env
+    yield tmp_path, env
+    # A failing test may leave a stub torchrun behind (e.g. in its own process group).
+    pids = tmp_path / "torchrun.pids"
+    for pid in pids.read_text().split() if pids.exists() else []:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def dry_run(env, *args, **extra):
@@ -224,20 +232,33 @@ def test_bad_nnodes_is_a_permanent_error(stubs):
 
 # --- torchrun.sh at run time: exit codes and signal forwarding -----------------------------------
 
-def start(cmd, env, **extra):
-    return subprocess.Popen(cmd, env={**env, **extra}, cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@pytest.fixture
+def start():
+    procs = []
+
+    def _start(cmd, env, **extra):
+        p = subprocess.Popen(cmd, env={**env, **extra}, cwd=ROOT, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(p)
+        return p
+
+    yield _start
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        p.stdout.close()
 
 
 @pytest.mark.parametrize("mode,rc", [("done", 0), ("fail", 1)])
-def test_torchrun_sh_passes_through_exit_without_signal(stubs, mode, rc):
+def test_torchrun_sh_passes_through_exit_without_signal(stubs, mode, rc, start):
     _, env = stubs
     p = start(["bash", str(TORCHRUN_SH)], env, STUB_MODE=mode)
     assert p.wait(timeout=30) == rc, p.stdout.read()
 
 
 @pytest.mark.parametrize("sig,rc", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
-def test_torchrun_sh_maps_signal_to_retryable_code(stubs, sig, rc):
+def test_torchrun_sh_maps_signal_to_retryable_code(stubs, sig, rc, start):
     tmp, env = stubs
     p = start(["bash", str(TORCHRUN_SH)], env)
     wait_for(tmp / "torchrun.started")
@@ -248,7 +269,7 @@ def test_torchrun_sh_maps_signal_to_retryable_code(stubs, sig, rc):
     assert signals_seen(tmp) == [sig.name[3:]]
 
 
-def test_torchrun_sh_group_signal_reaches_torchrun_once(stubs):
+def test_torchrun_sh_group_signal_reaches_torchrun_once(stubs, start):
     tmp, env = stubs
     p = start(["bash", str(TORCHRUN_SH)], env)
     wait_for(tmp / "torchrun.started")
@@ -257,7 +278,7 @@ def test_torchrun_sh_group_signal_reaches_torchrun_once(stubs):
     assert signals_seen(tmp) == ["INT"]
 
 
-def test_torchrun_sh_old_torch_gets_sigterm_for_sigusr1(stubs):
+def test_torchrun_sh_old_torch_gets_sigterm_for_sigusr1(stubs, start):
     tmp, env = stubs
     p = start(["bash", str(TORCHRUN_SH)], env, STUB_OLD_TORCH="1")
     wait_for(tmp / "torchrun.started")
@@ -278,7 +299,7 @@ def requeued(tmp):
     return log.exists() and "requeue 4242" in log.read_text().splitlines()
 
 
-def test_sbatch_usr1_checkpoints_and_requeues(stubs):
+def test_sbatch_usr1_checkpoints_and_requeues(stubs, start):
     tmp, env = stubs
     p = start(["bash", str(SBATCH), "--set", "train.max_steps=100"], sbatch_env(env))
     wait_for(tmp / "torchrun.started")
@@ -294,7 +315,7 @@ def test_sbatch_usr1_checkpoints_and_requeues(stubs):
 
 
 @pytest.mark.parametrize("mode,rc", [("done", 0), ("fail", 1)])
-def test_sbatch_does_not_requeue_success_or_permanent_failure(stubs, mode, rc):
+def test_sbatch_does_not_requeue_success_or_permanent_failure(stubs, mode, rc, start):
     tmp, env = stubs
     p = start(["bash", str(SBATCH)], sbatch_env(env), STUB_MODE=mode)
     out = p.communicate(timeout=30)[0]
@@ -302,7 +323,7 @@ def test_sbatch_does_not_requeue_success_or_permanent_failure(stubs, mode, rc):
     assert not requeued(tmp), out
 
 
-def test_sbatch_does_not_requeue_after_scancel(stubs):
+def test_sbatch_does_not_requeue_after_scancel(stubs, start):
     tmp, env = stubs
     p = start(["bash", str(SBATCH)], sbatch_env(env))
     wait_for(tmp / "torchrun.started")

@@ -20,7 +20,7 @@ def byte_view(t: torch.Tensor) -> memoryview:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous().reshape(-1)
+    t = t.resolve_conj().resolve_neg().contiguous().reshape(-1)  # lazy conj/neg views hold other bytes
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 

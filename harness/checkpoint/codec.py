@@ -110,11 +110,19 @@ def _decode_tagged(tag: str, value: Any, tensor: Callable[[str], torch.Tensor], 
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise CheckpointFormatError("malformed __dict__ entry in state tree")
             k = decode(pair[0], tensor, depth + 1)
-            if not isinstance(k, (str, int, float, bool, tuple, type(None))):
+            if not isinstance(k, (str, int, float, bool, tuple, type(None))) or not _hashable(k):
                 raise CheckpointFormatError("unhashable dict key in state tree")
             out[k] = decode(pair[1], tensor, depth + 1)
         return out
     raise CheckpointFormatError(f"unknown or malformed tag {tag!r} in state tree")
+
+
+def _hashable(k: Any) -> bool:
+    try:
+        hash(k)  # a tuple key may hold a list
+    except TypeError:
+        return False
+    return True
 
 
 def tensor_refs(tree: Any, depth: int = 0) -> list[str]:

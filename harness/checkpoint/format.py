@@ -197,9 +197,16 @@ def parse_manifest(raw: bytes, commit: dict) -> Manifest:
     tensors = _parse_tensors(obj.get("tensors"), files)
     ranks = obj.get("ranks")
     _require(isinstance(ranks, list) and len(ranks) == ws, "manifest: 'ranks' must hold one entry per rank")
-    for tree in [obj.get("state"), *ranks]:
+    _require(isinstance(obj.get("state"), dict) and all(isinstance(r, dict) for r in ranks),
+             "manifest: 'state' and every entry of 'ranks' must be objects")
+    _require(_is_int(obj.get("epoch")) and isinstance(obj.get("name"), str), "manifest: bad epoch or name")
+    for tree in [obj["state"], *ranks]:
         missing = [k for k in codec.tensor_refs(tree) if k not in tensors]
         _require(not missing, f"manifest: state refers to unknown tensors {missing[:3]}")
+        codec.decode(tree, lambda key: torch.empty(0))  # every tag is known, nesting is bounded
+    for what in ("loss", "metrics", "metadata"):
+        _require(not codec.tensor_refs(obj.get(what)), f"manifest: {what} refers to tensors")
+        codec.decode(obj.get(what), lambda key: None)
     return Manifest(raw=obj, files=files, tensors=tensors)
 
 

@@ -19,7 +19,7 @@ from harness.checkpoint.discovery import list_checkpoints, open_checkpoint
 from harness.checkpoint.format import (CHECKSUM_ALGORITHM, COMMIT_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
                                        ckpt_name, dumps, make_commit, parse_name)
 from harness.checkpoint.load import LoadReport, class_name, decode_state, load_model_state, state_keys
-from harness.errors import CheckpointError, NoCheckpointError
+from harness.errors import CheckpointError, NoCheckpointError, StorageError
 from harness.state import Stateful, capture_rng, restore_rng, unwrap_model
 from harness.storage import Storage, redact_url
 
@@ -43,7 +43,7 @@ class RestoreResult:
     name: str
     step: int
     epoch: int
-    position: Any                     # this rank's data cursor as saved (None at another world size)
+    position: Any                     # this rank's data cursor as saved (None for a rank the saving job lacked)
     loss: float | None
     metrics: dict
     metadata: dict
@@ -72,10 +72,26 @@ class CheckpointManager:
         self.io_threads = io_threads
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self._group = dist.new_cpu_group(timeout_s)
+        self._check_storage()
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-ckpt") if async_save else None
         self._pending: cf.Future | None = None
         self._damaged: set[str] = set()
         self.last_saved: str | None = None
+
+    def _check_storage(self) -> None:
+        """Fail fast on object stores: a missing bucket, rejected credentials or a missing permission is a
+        one-line StorageError on every rank now, not at the first save. Rank 0 checks; all ranks raise."""
+        if self.storage.s3 is None:
+            return
+        problem = None
+        if self.rank == 0:
+            try:
+                self.storage.check_access(write=True)
+            except StorageError as exc:
+                problem = str(exc)
+        problem = dist.broadcast(problem, self._group)
+        if problem:
+            raise StorageError(problem)
 
     # -- save -----------------------------------------------------------------------------------------
 
@@ -88,8 +104,8 @@ class CheckpointManager:
         self.wait()  # at most one save in flight; a failure of the previous one surfaces here
         t0 = time.perf_counter()
         models_d = _named(models, "model")
-        meta = {"step": int(step), "epoch": int(epoch), "loss": None if loss is None else float(loss),
-                "metrics": dict(metrics or {}), "metadata": dict(metadata or {}),
+        meta = {"step": int(step), "epoch": int(epoch), "loss": _plain(None if loss is None else float(loss), "loss"),
+                "metrics": _plain(dict(metrics or {}), "metrics"), "metadata": _plain(dict(metadata or {}), "metadata"),
                 "model_classes": {n: class_name(m) for n, m in models_d.items()}}
         enc = codec.Encoder()
         rep_tree = None
@@ -167,7 +183,10 @@ class CheckpointManager:
         except Exception as exc:  # noqa: BLE001 - an uncommitted checkpoint does not exist; say why
             log.error("checkpoint %s: commit failed: %s: %s", name, type(exc).__name__, exc)
             return {"ok": False, "error": f"commit: {type(exc).__name__}: {exc}"}
-        retention.apply(self.storage, self.policy, protect={name} | self._damaged)
+        try:  # the checkpoint is committed: a retention failure must not fail the save (or hang the others)
+            retention.apply(self.storage, self.policy, protect={name}, damaged=self._damaged)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("retention after %s failed: %s: %s", name, type(exc).__name__, exc)
         return {"ok": True, "bytes": sum(f["size"] for f in manifest["files"].values())}
 
     def _manifest(self, name: str, meta: dict, rep_tree: Any, frags: list) -> dict:
@@ -242,24 +261,32 @@ class CheckpointManager:
 
     def _choose(self, step: int | None) -> tuple[dict, dict]:
         """Rank 0: the newest checkpoint that verifies completely, and the tensors it read doing so."""
-        infos = [i for i in reversed(list_checkpoints(self.storage)) if step is None or i.step == step]
+        infos = [i for i in reversed(list_checkpoints(self.storage, committed_only=False))
+                 if step is None or i.step == step]
         skipped: list[tuple[str, str]] = []
         for info in infos:
+            if not info.committed:  # an interrupted save, or a lost COMMIT: never used, kept for a look
+                log.warning("checkpoint %s has no commit record (an interrupted save, or its COMMIT was lost): "
+                            "ignored", info.name)
+                skipped.append((info.name, "no commit record"))
+                continue
             try:
                 manifest = open_checkpoint(self.storage, info.name)
                 entries = list(manifest.tensors.values())  # verify all ranks' bytes, not only ours
                 tensors = blobs.read_tensors(self.storage, info.name, entries, threads=self.io_threads)
                 return {"name": info.name, "skipped": skipped}, {"manifest": manifest, "tensors": tensors}
+            except StorageError:
+                raise  # the store is failing (retries exhausted, access lost): not a damaged checkpoint
             except (CheckpointError, OSError, EOFError) as exc:
                 log.error("checkpoint %s is not usable, trying an older one: %s", info.name, exc)
                 skipped.append((info.name, str(exc)))
         if step is not None:
             return {"name": None, "skipped": skipped, "none": True,
                     "error": f"no valid checkpoint at step {step} in {redact_url(self.storage.url)}"}, {}
-        if skipped:
+        if any(i.committed for i in infos):
             return {"name": None, "skipped": skipped, "error": "no valid checkpoint: every committed checkpoint "
                     "failed verification (" + "; ".join(f"{n}: {r}" for n, r in skipped) + ")"}, {}
-        return {"name": None, "skipped": []}, {}
+        return {"name": None, "skipped": skipped}, {}
 
     def _load(self, name: str, prefetched: dict) -> tuple[Any, dict, Any]:
         mine = [self.rank]
@@ -299,8 +326,8 @@ class CheckpointManager:
             restore_rng(mine["rng"])  # last: nothing after this may draw random numbers
         raw = manifest.raw
         return RestoreResult(name=raw["name"], step=raw["step"], epoch=raw["epoch"],
-                             position=None if mine is None else mine["position"], loss=raw.get("loss"),
-                             metrics=raw.get("metrics") or {}, metadata=raw.get("metadata") or {},
+                             position=None if mine is None else mine["position"], loss=_unplain(raw.get("loss")),
+                             metrics=_unplain(raw.get("metrics")) or {}, metadata=_unplain(raw.get("metadata")) or {},
                              extra=saved_extra, rank_state=None if mine is None else mine["rank_state"],
                              world_size=raw["world_size"], load_report=report)
 
@@ -308,6 +335,20 @@ class CheckpointManager:
         """Name of the newest committed checkpoint (not verified), or None."""
         infos = list_checkpoints(self.storage)
         return infos[-1].name if infos else None
+
+
+def _plain(value: Any, what: str) -> Any:
+    """Summary values as JSON, tagged where JSON falls short (a nan loss, tuples, int keys); no tensors."""
+    enc = codec.Encoder()
+    tree = enc.encode(value, what)
+    if enc.tensors:
+        raise TypeError(f"checkpoint {what} must hold numbers, strings, lists and dicts, not tensors "
+                        f"({', '.join(enc.tensors)}): use extra= for tensors")
+    return tree
+
+
+def _unplain(tree: Any) -> Any:
+    return codec.decode(tree, lambda key: None)  # parse_manifest made sure there are no tensor references
 
 
 def _pick(saved: dict, name: str, what: str) -> Any:

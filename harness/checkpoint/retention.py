@@ -45,14 +45,17 @@ def best(infos: list[CheckpointInfo], policy: RetentionPolicy, k: int) -> list[C
     return [i for _, i in scored[:k]]
 
 
-def select_deletions(infos: list[CheckpointInfo], policy: RetentionPolicy, protect: set[str]) -> list[CheckpointInfo]:
-    """Committed checkpoints (oldest first) that the policy lets go. Damaged ones are neither counted nor
-    deleted: they stay for a human to look at."""
-    healthy = [i for i in infos if i.committed and i.problem is None and i.name not in protect]
+def select_deletions(infos: list[CheckpointInfo], policy: RetentionPolicy, protect: set[str],
+                     damaged: set[str] = frozenset()) -> list[CheckpointInfo]:
+    """Committed checkpoints (oldest first) that the policy lets go. Damaged ones (an unreadable commit
+    record, or named in ``damaged``) are neither counted nor deleted: they stay for a human to look at.
+    ``protect`` names are counted (the checkpoint just committed is one of the newest N) but never deleted."""
+    healthy = [i for i in infos if i.committed and i.problem is None and i.name not in damaged]
     if policy.keep_last == 0 or not healthy:
         return []
     keep = {i.name for i in healthy[-policy.keep_last:]}
     keep |= {i.name for i in best(healthy, policy, policy.keep_best)}
+    keep |= set(protect)
     return [i for i in healthy[:-1] if i.name not in keep]  # [:-1]: never the newest
 
 
@@ -62,12 +65,13 @@ def stale_attempts(storage: Storage, newest: CheckpointInfo) -> list[str]:
             if not i.committed and (i.step, i.attempt) < (newest.step, newest.attempt)]
 
 
-def apply(storage: Storage, policy: RetentionPolicy, protect: set[str]) -> list[str]:
+def apply(storage: Storage, policy: RetentionPolicy, protect: set[str],
+          damaged: set[str] = frozenset()) -> list[str]:
     """Delete what the policy lets go. A failed delete is logged, never raised: training goes on."""
     infos = list_checkpoints(storage)
-    victims = [i.name for i in select_deletions(infos, policy, protect)]
+    victims = [i.name for i in select_deletions(infos, policy, protect, damaged)]
     if infos:
-        victims += [n for n in stale_attempts(storage, infos[-1]) if n not in protect]
+        victims += [n for n in stale_attempts(storage, infos[-1]) if n not in protect and n not in damaged]
     deleted = []
     for name in victims:
         try:

@@ -1,0 +1,897 @@
+#!/usr/bin/env python
+"""Checkpoint I/O benchmark: harness.CheckpointManager against torch.save, torch.distributed.checkpoint (DCP)
+and safetensors, next to the hardware limits (disk write+fsync, cold/warm read, device->host copies).
+
+One training state (fp32 params + AdamW moments, after a real AdamW step) lives on the chosen device; every
+method saves it durably into a fresh folder and loads it back cold (page cache evicted) and warm.
+
+    python benchmarks/checkpoint_io.py --size-gb 0.05 --device cpu --out benchmarks/results
+    python benchmarks/checkpoint_io.py --state gpt_small --device cuda --dir /nvme/bench --out benchmarks/results
+
+See benchmarks/README.md for what each row means, "durable" and "cold".
+Writes checkpoint_io_<device>_<timestamp>.{json,png} and checkpoint_io_<device>_latest.{json,png} under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+GB = 1e9  # sizes and bandwidths are decimal: GB = 1e9 bytes, GB/s = 1e9 bytes per second
+CHUNK = 64 << 20
+
+# Every row the benchmark reports, in table order: (name, group, op, description).
+# op: write | read_cold | read_warm | copy | save | load_cold | load_warm
+ROWS: list[tuple[str, str, str, str]] = [
+    ("disk_write_fsync", "limits", "write", "one file of the state's size: write + fsync, 1 thread"),
+    ("disk_write_fsync_par", "limits", "write", "same file, pwrite from io_threads threads + fsync"),
+    ("disk_read_cold", "limits", "read_cold", "read that file into a preallocated buffer, page cache evicted"),
+    ("disk_read_warm", "limits", "read_warm", "read it again, from the page cache"),
+    ("host_copy", "limits", "copy", "host memcpy of the state's size into a preallocated buffer"),
+    ("d2h_pinned", "limits", "copy", "device->host copy into pinned memory (cuda only)"),
+    ("d2h_pageable", "limits", "copy", "device->host copy into pageable memory (cuda only)"),
+    ("harness_save_sync", "harness", "save", "CheckpointManager.save, async_save=False (durable on return)"),
+    ("harness_save_async", "harness", "save", "CheckpointManager.save, async_save=True: blocking until save() "
+                                                "returns, seconds until wait() returns (durable)"),
+    ("harness_restore_cold", "harness", "load_cold", "CheckpointManager.restore into model+optimizer, cold "
+                                                      "(includes checksum verification and load_state_dict)"),
+    ("harness_restore_warm", "harness", "load_warm", "CheckpointManager.restore, warm"),
+    ("torch_save", "torch", "save", "torch.save to an open file + flush + fsync (file and folder)"),
+    ("torch_load_cold", "torch", "load_cold", "torch.load(weights_only=True, map_location=device), cold"),
+    ("torch_load_warm", "torch", "load_warm", "torch.load(weights_only=True, map_location=device), warm"),
+    ("dcp_save", "dcp", "save", "dcp.save (sync_files=True) + fsync of every file and folder"),
+    ("dcp_async_save", "dcp", "save", "dcp.async_save: blocking until it returns, seconds until the "
+                                      "future is done + fsync of every file and folder"),
+    ("dcp_load_cold", "dcp", "load_cold", "dcp.load in place into the live model/optimizer state dicts, cold"),
+    ("dcp_load_warm", "dcp", "load_warm", "dcp.load in place, warm"),
+    ("safetensors_save", "safetensors", "save", "save_file of model+optimizer flattened to one dict + fsync"),
+    ("safetensors_load_cold", "safetensors", "load_cold", "load_file(device=...), cold; on cpu load_file "
+                                                          "maps the file lazily, so every page is touched too"),
+    ("safetensors_load_warm", "safetensors", "load_warm", "load_file(device=...), warm"),
+]
+ROW_INFO = {name: (group, op, desc) for name, group, op, desc in ROWS}
+GROUPS = ["limits", "harness", "torch", "dcp", "safetensors"]
+TORCH_REF = {"save": "torch_save", "write": "torch_save", "load_cold": "torch_load_cold",
+             "read_cold": "torch_load_cold", "load_warm": "torch_load_warm", "read_warm": "torch_load_warm"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    print(f"[checkpoint_io {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    """Device-aware timing, eviction and bookkeeping for one run."""
+
+    def __init__(self, device: torch.device, cold_mode: str) -> None:
+        self.device = device
+        self.cold_mode = cold_mode
+        self.samples: dict[str, list[dict]] = {}
+        self.skips: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self.eviction: list[dict] = []
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def timed(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        self.sync()
+        t = time.perf_counter()
+        r = fn()
+        self.sync()
+        return time.perf_counter() - t, r
+
+    def add(self, name: str, **sample: Any) -> None:
+        assert name in ROW_INFO, name
+        self.samples.setdefault(name, []).append(sample)
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sample.items())
+        log(f"{name}: {shown}")
+
+    def skip(self, names: list[str], reason: str) -> None:
+        for n in names:
+            if n not in self.samples:
+                self.skips.setdefault(n, reason)
+        log(f"skipped {', '.join(names)}: {reason}")
+
+    def evict(self, path: Path) -> dict:
+        """Make the checkpoint at ``path`` cold: fsync + POSIX_FADV_DONTNEED on every file (works without root
+        for clean pages), and with --cold drop_caches|both also sync + write 3 to /proc/sys/vm/drop_caches.
+        Returns what was done and how many of its bytes were still resident afterwards (mincore)."""
+        files = list_files(path)
+        info: dict[str, Any] = {"files": len(files), "fadvise_ok": None, "drop_caches_ok": None}
+        if self.cold_mode in ("fadvise", "both"):
+            ok = True
+            for f in files:
+                try:
+                    fd = os.open(f, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)  # DONTNEED leaves dirty pages alone: make them clean first
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    finally:
+                        os.close(fd)
+                except (OSError, AttributeError):
+                    ok = False
+            info["fadvise_ok"] = ok
+        if self.cold_mode in ("drop_caches", "both"):
+            info["drop_caches_ok"] = drop_caches()
+        total = sum(os.path.getsize(f) for f in files)
+        resident = sum_resident(files)
+        info["bytes"] = total
+        info["resident_bytes"] = resident
+        info["resident_frac"] = None if resident is None or not total else resident / total
+        self.eviction.append(info)
+        return info
+
+
+def list_files(path: Path) -> list[str]:
+    path = Path(path)
+    if path.is_file():
+        return [str(path)]
+    return [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+
+
+def du(path: Path) -> int:
+    return sum(os.path.getsize(f) for f in list_files(path))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on folders
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path``, then every folder (bottom up), then its parent folder."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+    fsync_dir(Path(path).parent)
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+_libc = None
+
+
+def _mincore_fns():
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_long]
+        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        _libc = lib
+    return _libc
+
+
+def resident_bytes(path: str) -> int | None:
+    """Bytes of ``path`` in the page cache (mmap + mincore, which does not fault pages in); None if unknown."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return 0
+        lib = _mincore_fns()
+        page = os.sysconf("SC_PAGE_SIZE")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = lib.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                n = (size + page - 1) // page
+                vec = (ctypes.c_ubyte * n)()
+                if lib.mincore(addr, size, vec) != 0:
+                    return None
+                return min(size, sum(b & 1 for b in bytes(vec)) * page)
+            finally:
+                lib.munmap(addr, size)
+        finally:
+            os.close(fd)
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return None
+
+
+def sum_resident(files: list[str]) -> int | None:
+    total = 0
+    for f in files:
+        r = resident_bytes(f)
+        if r is None:
+            return None
+        total += r
+    return total
+
+
+def write_all(fd: int, mv: memoryview, offset: int = 0) -> None:
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:done + CHUNK], offset + done)
+
+
+def read_all(fd: int, mv: memoryview) -> None:
+    got = 0
+    while got < len(mv):
+        n = os.readv(fd, [mv[got:got + CHUNK]])
+        if n <= 0:
+            raise EOFError("short read")
+        got += n
+
+
+def touch_pages(tensors: Any) -> None:
+    """Read one byte of every page of each tensor, so lazily mapped (mmap) tensors are really loaded."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    for t in tensors:
+        if t.numel():
+            u = t.detach().reshape(-1).view(torch.uint8)
+            u[::page].sum()
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GB:.3f} GB"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the training state
+# ---------------------------------------------------------------------------------------------------------
+
+def build_state(kind: str, size_gb: float, layers: int, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer, dict]:
+    """A model and an AdamW optimizer on ``device`` after one real AdamW step (so exp_avg/exp_avg_sq exist)."""
+    torch.manual_seed(0)
+    if kind == "synthetic":
+        n_params = size_gb * GB / 3 / 4  # params are a third of the state (AdamW adds two moments), fp32
+        d = max(8, int(math.sqrt(n_params / layers)))
+        with torch.device(device):
+            model = nn.Sequential(*[nn.Linear(d, d) for _ in range(layers)])
+            x = torch.randn(2, d)
+
+        def loss_fn() -> torch.Tensor:
+            return model(x).pow(2).mean()
+        desc = {"kind": "synthetic", "layers": layers, "width": d}
+    else:
+        from harness import config as hconfig
+        from harness.workloads import build_workload
+        cfg = hconfig.load(str(REPO / "configs" / "gpt_small.toml"))
+        wl = build_workload(dict(cfg.model), dict(cfg.data), cfg.train.seed)
+        model = wl.model.to(device)
+        ids, target = wl.dataset[0]
+        ids, target = ids[:64].unsqueeze(0).to(device), target[:64].unsqueeze(0).to(device)
+
+        def loss_fn() -> torch.Tensor:
+            return wl.loss_fn(model(ids), target)
+        desc = {"kind": "gpt_small", "config": "configs/gpt_small.toml", "model": dict(cfg.model),
+                "data": dict(cfg.data)}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    loss_fn().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return model, opt, desc
+
+
+def state_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    ts = list(model.state_dict().values())
+    ts += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return ts
+
+
+def unique_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of state, counting shared storage (tied weights) once."""
+    seen: dict[tuple, int] = {}
+    for t in tensors:
+        key = (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+def torch_payload(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+
+def flat_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Model+optimizer as one flat dict of tensors for safetensors; a tensor sharing storage with one already
+    taken (tied weights) is left out (safetensors refuses shared tensors) and listed in the metadata."""
+    flat: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    sd = opt.state_dict()
+    items = [("model." + k, v) for k, v in model.state_dict().items()]
+    items += [(f"optimizer.state.{pid}.{k}", v) for pid, s in sd["state"].items() for k, v in s.items()
+              if isinstance(v, torch.Tensor)]
+    for k, v in items:
+        key = (v.device.type, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        flat[k] = v.contiguous()
+    meta = {"param_groups": json.dumps(sd["param_groups"]), "aliases": json.dumps(aliases)}
+    return flat, meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the measurements
+# ---------------------------------------------------------------------------------------------------------
+
+def run_limits(b: Bench, work: Path, nbytes: int, io_threads: int) -> None:
+    buf = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256)  # incompressible, no zero pages
+    mv = memoryview(buf.numpy())
+    d = work / "limits"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / "raw.bin"
+
+    def write1() -> None:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(fd, mv)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(d)
+
+    def write_par() -> None:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            step = -(-nbytes // io_threads)
+            ths = [threading.Thread(target=write_all, args=(fd, mv[i * step:(i + 1) * step], i * step))
+                   for i in range(io_threads)]
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(d)
+
+    def read() -> None:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            read_all(fd, mv)
+        finally:
+            os.close(fd)
+
+    s, _ = b.timed(write_par)
+    b.add("disk_write_fsync_par", bytes=nbytes, seconds=s, threads=io_threads)
+    p.unlink()
+    s, _ = b.timed(write1)
+    b.add("disk_write_fsync", bytes=nbytes, seconds=s)
+    ev = b.evict(p)
+    s, _ = b.timed(read)
+    b.add("disk_read_cold", bytes=nbytes, seconds=s, resident_before=ev["resident_frac"])
+    s, _ = b.timed(read)
+    b.add("disk_read_warm", bytes=nbytes, seconds=s)
+    p.unlink()
+
+    dst = torch.empty_like(buf)
+    dst.copy_(buf)  # fault the pages in: this row is the memcpy, not first-touch page faults
+    s, _ = b.timed(lambda: dst.copy_(buf))
+    b.add("host_copy", bytes=nbytes, seconds=s)
+    del dst, mv, buf
+
+    if b.device.type == "cuda":
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=b.device).normal_()
+        for name, pin in (("d2h_pinned", True), ("d2h_pageable", False)):
+            host = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
+            host.copy_(src)
+            s, _ = b.timed(lambda: host.copy_(src))
+            b.add(name, bytes=src.nbytes, seconds=s)
+            del host
+        del src
+        torch.cuda.empty_cache()
+    else:
+        b.skip(["d2h_pinned", "d2h_pageable"], "device is cpu: there is no device-to-host copy")
+
+
+def run_harness(b: Bench, work: Path, model: nn.Module, opt: torch.optim.Optimizer, nbytes: int,
+                max_file_bytes: int, io_threads: int) -> None:
+    from harness import CheckpointManager
+
+    d = work / "harness_sync"
+    mgr = CheckpointManager(str(d), keep_last=1, async_save=False, max_file_bytes=max_file_bytes,
+                            io_threads=io_threads)
+    try:
+        s, _ = b.timed(lambda: mgr.save(1, models=model, optimizers=opt))
+        b.add("harness_save_sync", bytes=nbytes, seconds=s, bytes_on_disk=du(d))
+        ev = b.evict(d)
+        s, res = b.timed(lambda: mgr.restore(models=model, optimizers=opt))
+        assert res is not None and res.step == 1, res
+        b.add("harness_restore_cold", bytes=nbytes, seconds=s, resident_before=ev["resident_frac"])
+        s, _ = b.timed(lambda: mgr.restore(models=model, optimizers=opt))
+        b.add("harness_restore_warm", bytes=nbytes, seconds=s)
+    finally:
+        mgr.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+    d = work / "harness_async"
+    mgr = CheckpointManager(str(d), keep_last=1, async_save=True, max_file_bytes=max_file_bytes,
+                            io_threads=io_threads)
+    try:
+        b.sync()
+        t0 = time.perf_counter()
+        mgr.save(1, models=model, optimizers=opt)
+        b.sync()
+        blocking = time.perf_counter() - t0
+        mgr.wait()
+        total = time.perf_counter() - t0
+        b.add("harness_save_async", bytes=nbytes, seconds=total, blocking_s=blocking, bytes_on_disk=du(d))
+    finally:
+        mgr.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run_torch(b: Bench, work: Path, model: nn.Module, opt: torch.optim.Optimizer, nbytes: int) -> None:
+    d = work / "torch"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / "ckpt.pt"
+
+    def save() -> None:
+        with open(p, "wb") as f:
+            torch.save(torch_payload(model, opt), f)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(d)
+
+    def load() -> Any:
+        return torch.load(p, map_location=b.device, weights_only=True)
+
+    try:
+        s, _ = b.timed(save)
+        b.add("torch_save", bytes=nbytes, seconds=s, bytes_on_disk=du(d))
+        ev = b.evict(p)
+        s, r = b.timed(load)
+        b.add("torch_load_cold", bytes=nbytes, seconds=s, resident_before=ev["resident_frac"])
+        del r
+        s, r = b.timed(load)
+        b.add("torch_load_warm", bytes=nbytes, seconds=s)
+        del r
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run_dcp(b: Bench, work: Path, model: nn.Module, opt: torch.optim.Optimizer, nbytes: int) -> None:
+    try:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+    except Exception as exc:  # noqa: BLE001
+        b.skip(["dcp_save", "dcp_async_save", "dcp_load_cold", "dcp_load_warm"],
+               f"torch.distributed.checkpoint unavailable: {exc!r}")
+        return
+    # One process and no process group: DCP runs with no_dist=True (no collectives, no gloo group needed).
+    nd = {} if dist.is_available() and dist.is_initialized() else {"no_dist": True}
+    import inspect
+    for fn in (dcp.save, dcp.load, getattr(dcp, "async_save", None)):
+        if fn is not None and "no_dist" not in inspect.signature(fn).parameters:
+            nd = {}  # old torch: DCP falls back to no-dist by itself when no process group exists
+
+    def payload() -> dict:
+        return {"model": model.state_dict(), "optim": opt.state_dict()}
+
+    d = work / "dcp"
+    try:
+        def save() -> None:
+            dcp.save(payload(), checkpoint_id=str(d), **nd)
+            fsync_tree(d)
+
+        s, _ = b.timed(save)
+        b.add("dcp_save", bytes=nbytes, seconds=s, bytes_on_disk=du(d))
+        ev = b.evict(d)
+        # DCP loads in place: into the live parameters and optimizer state tensors.
+        s, _ = b.timed(lambda: dcp.load(payload(), checkpoint_id=str(d), **nd))
+        b.add("dcp_load_cold", bytes=nbytes, seconds=s, resident_before=ev["resident_frac"])
+        s, _ = b.timed(lambda: dcp.load(payload(), checkpoint_id=str(d), **nd))
+        b.add("dcp_load_warm", bytes=nbytes, seconds=s)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+    if not hasattr(dcp, "async_save"):
+        b.skip(["dcp_async_save"], f"torch {torch.__version__} has no torch.distributed.checkpoint.async_save")
+        return
+    d = work / "dcp_async"
+    try:
+        b.sync()
+        t0 = time.perf_counter()
+        fut = dcp.async_save(payload(), checkpoint_id=str(d), **nd)
+        b.sync()
+        blocking = time.perf_counter() - t0
+        done = getattr(fut, "upload_completion", fut)  # newer torch may return an AsyncSaveResponse
+        done.result()
+        fsync_tree(d)
+        total = time.perf_counter() - t0
+        b.add("dcp_async_save", bytes=nbytes, seconds=total, blocking_s=blocking, bytes_on_disk=du(d))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run_safetensors(b: Bench, work: Path, model: nn.Module, opt: torch.optim.Optimizer, nbytes: int) -> None:
+    names = ["safetensors_save", "safetensors_load_cold", "safetensors_load_warm"]
+    try:
+        from safetensors.torch import load_file, save_file
+    except ImportError as exc:
+        b.skip(names, f"safetensors not installed ({exc}); pip install safetensors")
+        return
+    d = work / "safetensors"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / "ckpt.safetensors"
+
+    def save() -> None:
+        flat, meta = flat_tensors(model, opt)
+        save_file(flat, str(p), metadata=meta)
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(d)
+
+    dev = str(b.device) if b.device.type != "cuda" else f"cuda:{b.device.index or 0}"
+
+    def load() -> dict:
+        r = load_file(str(p), device=dev)
+        if b.device.type == "cpu":
+            touch_pages(r.values())  # CPU tensors are views of a private mmap: make the bytes really arrive
+        return r
+    try:
+        s, _ = b.timed(save)
+        b.add("safetensors_save", bytes=nbytes, seconds=s, bytes_on_disk=du(d))
+        ev = b.evict(p)
+        s, r = b.timed(load)
+        b.add("safetensors_load_cold", bytes=nbytes, seconds=s, resident_before=ev["resident_frac"])
+        del r
+        s, r = b.timed(load)
+        b.add("safetensors_load_warm", bytes=nbytes, seconds=s)
+        del r
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------
+
+def summarize(b: Bench, repeat: int) -> list[dict]:
+    rows: list[dict] = []
+    for name, group, op, desc in ROWS:
+        row: dict[str, Any] = {"method": name, "group": group, "op": op, "what": desc}
+        got = b.samples.get(name, [])
+        if got:
+            secs = [g["seconds"] for g in got]
+            row["bytes"] = int(got[0]["bytes"])
+            row["seconds"] = statistics.median(secs)
+            row["seconds_all"] = secs
+            row["GBps"] = row["bytes"] / GB / row["seconds"]
+            row["repeats"] = len(got)
+            for extra in ("blocking_s", "bytes_on_disk", "threads"):
+                vals = [g[extra] for g in got if g.get(extra) is not None]
+                if vals:
+                    row[extra] = statistics.median(vals) if extra == "blocking_s" else vals[0]
+            if "blocking_s" in row:
+                row["blocking_all"] = [g["blocking_s"] for g in got]
+            res = [g["resident_before"] for g in got if g.get("resident_before") is not None]
+            if op in ("load_cold", "read_cold"):
+                row["resident_frac_before"] = max(res) if res else None
+                row["cold"] = bool(res) and max(res) < 0.01
+                if not row["cold"]:
+                    row["note"] = ("page cache eviction not verified" if not res else
+                                   f"eviction incomplete: {max(res):.0%} of the files still cached")
+            if op in ("save", "write"):
+                row["durable"] = True
+            if len(got) < repeat:
+                row["note"] = (row.get("note", "") + f" only {len(got)} of {repeat} repeats succeeded").strip()
+        else:
+            row["skipped"] = b.errors.get(name) or b.skips.get(name) or "not run"
+        rows.append(row)
+    by = {r["method"]: r for r in rows}
+    for r in rows:
+        ref = by.get(TORCH_REF.get(r["op"], ""), {})
+        if r.get("seconds") and ref.get("seconds"):
+            r["x_torch"] = ref["seconds"] / r["seconds"]  # >1: faster than the torch.save/torch.load row
+            if r.get("blocking_s"):
+                r["blocking_x_torch"] = ref["seconds"] / r["blocking_s"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'method':<24}{'GB':>8}{'seconds':>10}{'GB/s':>9}{'x torch':>9}{'blocking s':>12}  note"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "seconds" not in r:
+            lines.append(f"{r['method']:<24}{'-':>8}{'-':>10}{'-':>9}{'-':>9}{'-':>12}  skipped: {r['skipped']}")
+            continue
+        xt = f"{r['x_torch']:.2f}" if "x_torch" in r else ""
+        bl = f"{r['blocking_s']:.3f}" if "blocking_s" in r else ""
+        note = r.get("note", "")
+        if r.get("bytes_on_disk") and abs(r["bytes_on_disk"] - r["bytes"]) > 0.02 * r["bytes"]:
+            note = (note + f" on disk {r['bytes_on_disk'] / GB:.3f} GB").strip()
+        lines.append(f"{r['method']:<24}{r['bytes'] / GB:>8.3f}{r['seconds']:>10.3f}{r['GBps']:>9.3f}{xt:>9}{bl:>12}"
+                     f"  {note}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], env: dict, path: Path) -> str | None:
+    """Bar chart: GB/s per method, save and load (cold, warm) side by side. Returns a skip reason or None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"matplotlib not installed ({exc}); pip install matplotlib"
+    by = {r["method"]: r for r in rows}
+    cats = [("disk limit", "disk_write_fsync", "disk_read_cold", "disk_read_warm"),
+            ("harness", "harness_save_sync", "harness_restore_cold", "harness_restore_warm"),
+            ("harness\nasync", "harness_save_async", None, None),
+            ("torch", "torch_save", "torch_load_cold", "torch_load_warm"),
+            ("DCP", "dcp_save", "dcp_load_cold", "dcp_load_warm"),
+            ("DCP\nasync", "dcp_async_save", None, None),
+            ("safetensors", "safetensors_save", "safetensors_load_cold", "safetensors_load_warm")]
+    series = [("save (durable)", 1, "#4472c4"), ("load cold", 2, "#ed7d31"), ("load warm", 3, "#a5a5a5")]
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    w = 0.26
+    ymax = max([r.get("GBps", 0) for r in rows if r["op"] not in ("copy",)] + [0.01])
+    for si, (label, col, color) in enumerate(series):
+        xs, ys = [], []
+        for ci, cat in enumerate(cats):
+            r = by.get(cat[col]) if cat[col] else None
+            if r and r.get("GBps"):
+                alone = cat[2] is None  # async: one bar (save), centred
+                xs.append(ci if alone else ci + (si - 1) * w)
+                ys.append(r["GBps"])
+        ax.bar(xs, ys, w, label=label, color=color)
+        for x, y in zip(xs, ys):
+            ax.text(x, y + ymax * 0.01, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
+    for ci, cat in enumerate(cats):
+        r = by.get(cat[1])
+        if r and r.get("GBps") and r.get("blocking_s") is not None:
+            ax.text(ci, r["GBps"] + ymax * 0.06, f"training blocked\n{r['blocking_s']:.3f} s\n"
+                    f"(total {r['seconds']:.2f} s)", ha="center", va="bottom", fontsize=8, color="#c00000")
+        elif r is not None and not r.get("GBps"):
+            ax.text(ci, ymax * 0.02, "skipped", ha="center", va="bottom", fontsize=8, rotation=90)
+    floors = [f"{n}: {by[n]['GBps']:.1f} GB/s" for n in ("host_copy", "d2h_pinned", "d2h_pageable")
+              if by.get(n, {}).get("GBps")]
+    if floors:
+        ax.text(0.01, 0.98, "copy limits (not drawn)\n" + "\n".join(floors), transform=ax.transAxes,
+                ha="left", va="top", fontsize=8, bbox={"boxstyle": "round", "fc": "white", "ec": "0.7"})
+    ax.set_xticks(range(len(cats)), [c[0] for c in cats])
+    ax.set_ylabel("GB/s (1e9 bytes/s of state)")
+    ax.set_ylim(0, ymax * 1.3)
+    ax.set_title(f"Checkpoint I/O: {env['state_bytes'] / GB:.2f} GB {env['state']} state on {env['device_name']} "
+                 f"({env['date'][:10]}, median of {env['repeat']})", fontsize=10)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def environment(args: argparse.Namespace, device: torch.device, work: Path) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    fs = None
+    with contextlib.suppress(OSError):
+        best = ""
+        real = os.path.realpath(work)
+        for line in open("/proc/mounts"):
+            dev, mnt, typ = line.split()[:3]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, fs = mnt, {"mount": mnt, "type": typ, "device": dev}
+    versions = {}
+    for mod in ("safetensors", "matplotlib", "numpy", "xxhash", "harness"):
+        with contextlib.suppress(Exception):
+            versions[mod] = __import__(mod).__version__
+    mem = None
+    with contextlib.suppress(OSError, ValueError):
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "versions": versions, "device": device.type, "device_name": name,
+        "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "host_memory_bytes": mem, "torch_threads": torch.get_num_threads(), "dir_filesystem": fs,
+        "size_gb_flag": args.size_gb, "state": args.state, "repeat": args.repeat,
+        "io_threads": args.io_threads, "max_file_mb": args.max_file_mb, "cold_mode": args.cold,
+        "argv": sys.argv[1:],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-gb", type=float, default=1.0,
+                   help="synthetic state size in GB (1e9 bytes): params are a third, AdamW moments the rest")
+    p.add_argument("--state", choices=["synthetic", "gpt_small"], default="synthetic",
+                   help="synthetic Linear layers sized by --size-gb, or gpt_small (its natural size; "
+                        "--size-gb ignored)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dir", default=None, help="where checkpoints are written (the disk under test); "
+                   "default: a temporary folder. A fresh sub-folder is made and removed at the end")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where JSON and PNG go")
+    p.add_argument("--repeat", type=int, default=1, help="repeat every measurement N times; report the median")
+    p.add_argument("--layers", type=int, default=4, help="synthetic: number of square Linear layers")
+    p.add_argument("--io-threads", type=int, default=4, help="harness io_threads (and the parallel disk write)")
+    p.add_argument("--max-file-mb", type=int, default=256, help="harness max_file_bytes, in MiB")
+    p.add_argument("--cold", choices=["fadvise", "drop_caches", "both"], default="fadvise",
+                   help="how to make a checkpoint cold before a cold load (default: fsync + "
+                        "posix_fadvise(DONTNEED) on each of its files, which needs no root)")
+    p.add_argument("--groups", default=",".join(GROUPS),
+                   help=f"comma-separated subset of: {', '.join(GROUPS)}")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (checkpoints are still deleted "
+                   "after each method)")
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    if args.size_gb <= 0:
+        p.error("--size-gb must be > 0")
+    if args.io_threads < 1:
+        p.error("--io-threads must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch.cuda.is_available() is False")
+    bad = set(args.groups.split(",")) - set(GROUPS)
+    if bad:
+        p.error(f"unknown --groups {sorted(bad)}; choose from {GROUPS}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix=f"checkpoint_io_{stamp}_", dir=args.dir))
+    groups = args.groups.split(",")
+    log(f"device={device} state={args.state} work={base} out={out}")
+
+    # Drop caches once up front, to record whether this machine permits it at all.
+    drop_ok = drop_caches()
+    log(f"drop_caches permitted: {drop_ok}")
+    if args.cold in ("drop_caches", "both") and not drop_ok:
+        log("drop_caches is not permitted here: falling back to posix_fadvise(DONTNEED)")
+        args.cold = "fadvise"
+
+    b = Bench(device, args.cold)
+    warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
+    t_build, (model, opt, desc) = time.perf_counter(), build_state(args.state, args.size_gb, args.layers, device)
+    t_build = time.perf_counter() - t_build
+    nbytes = unique_bytes(state_tensors(model, opt))
+    n_tensors = len(state_tensors(model, opt))
+    log(f"state: {fmt_bytes(nbytes)} in {n_tensors} tensors ({desc}), built in {t_build:.1f} s")
+    free = shutil.disk_usage(base).free
+    if free < 3 * nbytes:
+        log(f"warning: only {fmt_bytes(free)} free under {base} for a {fmt_bytes(nbytes)} state")
+
+    runners: list[tuple[str, list[str], Callable[[], None]]] = [
+        ("limits", [n for n, g, _, _ in ROWS if g == "limits"],
+         lambda: run_limits(b, base, nbytes, args.io_threads)),
+        ("harness", [n for n, g, _, _ in ROWS if g == "harness"],
+         lambda: run_harness(b, base, model, opt, nbytes, args.max_file_mb << 20, args.io_threads)),
+        ("torch", [n for n, g, _, _ in ROWS if g == "torch"], lambda: run_torch(b, base, model, opt, nbytes)),
+        ("dcp", [n for n, g, _, _ in ROWS if g == "dcp"], lambda: run_dcp(b, base, model, opt, nbytes)),
+        ("safetensors", [n for n, g, _, _ in ROWS if g == "safetensors"],
+         lambda: run_safetensors(b, base, model, opt, nbytes)),
+    ]
+    t_all = time.perf_counter()
+    try:
+        for rep in range(args.repeat):
+            for group, names, fn in runners:
+                if group not in groups:
+                    b.skip(names, "not selected (--groups)")
+                    continue
+                log(f"repeat {rep + 1}/{args.repeat}: {group}")
+                try:
+                    fn()
+                except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
+                    msg = f"failed: {type(exc).__name__}: {exc}"
+                    log(f"{group}: {msg}\n{traceback.format_exc()}")
+                    for n in names:
+                        if n not in b.samples:
+                            b.errors.setdefault(n, msg)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    elapsed = time.perf_counter() - t_all
+
+    rows = summarize(b, args.repeat)
+    env = environment(args, device, Path(args.dir or tempfile.gettempdir()))
+    env.update(state_bytes=nbytes, state_tensors=n_tensors, state_desc=desc, elapsed_s=elapsed)
+    res_fracs = [e["resident_frac"] for e in b.eviction if e["resident_frac"] is not None]
+    cold = {
+        "mode": args.cold,
+        "method": {"fadvise": "fsync + posix_fadvise(POSIX_FADV_DONTNEED) on every file of the checkpoint",
+                   "drop_caches": "sync + echo 3 > /proc/sys/vm/drop_caches",
+                   "both": "fsync + posix_fadvise(DONTNEED) on every file, then sync + drop_caches"}[args.cold],
+        "drop_caches_permitted": drop_ok,
+        "verified_with": "mmap + mincore: fraction of the checkpoint's bytes still in the page cache",
+        "max_resident_frac_after_evict": max(res_fracs) if res_fracs else None,
+        "evictions": len(b.eviction),
+    }
+    result = {"benchmark": "checkpoint_io", "env": env, "cold": cold, "rows": rows,
+              "definitions": {
+                  "GBps": "bytes of state (unique tensor storage of model + optimizer, 1e9 bytes = 1 GB) / seconds",
+                  "durable": "every save row includes fsync of each file written and of its folder",
+                  "cold": "load after the checkpoint's pages were evicted from the page cache (see cold)",
+                  "x_torch": "seconds of the matching torch row (torch_save / torch_load_cold / "
+                             "torch_load_warm) divided by this row's seconds: >1 is faster than torch",
+                  "blocking_s": "async rows: seconds until save()/async_save() returned (training blocked)"}}
+
+    print()
+    print(f"checkpoint I/O: {fmt_bytes(nbytes)} {args.state} state on {env['device_name']} ({device.type}), "
+          f"median of {args.repeat}, cold={args.cold} (drop_caches permitted: {drop_ok})")
+    print(table(rows))
+    for stem in (f"checkpoint_io_{device.type}_{stamp}", f"checkpoint_io_{device.type}_latest"):
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    png_skip = plot(rows, env, out / f"checkpoint_io_{device.type}_{stamp}.png")
+    if png_skip is None:
+        shutil.copyfile(out / f"checkpoint_io_{device.type}_{stamp}.png", out / f"checkpoint_io_{device.type}_latest.png")
+    else:
+        result["png_skipped"] = png_skip
+        with contextlib.suppress(FileNotFoundError):  # a stale chart from an earlier run would mislead
+            (out / f"checkpoint_io_{device.type}_latest.png").unlink()
+        for stem in (f"checkpoint_io_{device.type}_{stamp}", f"checkpoint_io_{device.type}_latest"):
+            (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        log(f"no chart: {png_skip}")
+    print(f"\nwrote {out / f'checkpoint_io_{device.type}_{stamp}.json'} (and _latest) in {elapsed:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,488 @@
+"""Bringing plain-PyTorch checkpoints into harness: ``harness ckpt import FILE DIR`` and the readers
+``harness.warm_start`` uses.
+
+Accepted files:
+
+- a ``torch.save`` *general checkpoint* with the keys of the PyTorch tutorial: ``model_state_dict``,
+  ``optimizer_state_dict``, ``scheduler_state_dict``, ``epoch``, ``loss`` (also ``step``, ``metrics``,
+  ``scaler_state_dict``, the plural ``*_state_dicts`` of a multi-model file and ``config``, as
+  ``harness ckpt export --format pt`` writes them; ``state_dict`` is read as the model's weights);
+- a bare ``state_dict`` (every value a tensor), read as the model's weights;
+- a ``.safetensors`` file (model weights), read by a small checked reader of our own.
+
+torch files are read with ``torch.load(FILE, weights_only=True)`` only: a file that needs to unpickle
+arbitrary Python objects is refused with :class:`~harness.errors.CheckpointFormatError` before any of
+its code runs. A ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix on every key is stripped.
+
+The checkpoint is written with :class:`harness.CheckpointManager` under the names ``harness train``
+uses: model ``model``, optimizer ``optimizer``, scheduler ``scheduler``. Given the run's config
+(``config=``, or the ``config`` a harness-exported file carries), the import builds that config's model,
+optimizer and scheduler, loads the file's state into them (the model strictly, so a mismatch is reported
+now rather than at resume), starts the optimizer fresh where the file has no optimizer state, puts the
+config's learning-rate schedule at the imported step where the file's scheduler is not a harness
+schedule, and records the config, so ``harness train --config ...`` resumes from the import exactly as
+from its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import pickle
+import random
+import re
+import struct
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+
+from harness.checkpoint.discovery import list_checkpoints
+from harness.checkpoint.load import load_model_state
+from harness.errors import CheckpointError, CheckpointFormatError, ConfigError, HarnessError
+from harness.state import capture_rng, restore_rng, strip_prefix
+from harness.storage import Storage, redact_url
+
+log = logging.getLogger("harness")
+
+MAX_SAFETENSORS_HEADER = 100 << 20
+_PREFIXES = ("module.", "_orig_mod.")
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "C64": torch.complex64}
+for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("float8_e4m3fn", "F8_E4M3"),
+                     ("float8_e5m2", "F8_E5M2")):
+    if isinstance(getattr(torch, _name, None), torch.dtype):
+        _ST_DTYPES[_code] = getattr(torch, _name)
+
+
+# -- reading files safely ---------------------------------------------------------------------------
+
+def load_file(src: str) -> Any:
+    """The contents of a torch.save file (weights only) or a safetensors file (a dict of tensors).
+
+    Raises CheckpointFormatError for a file that needs arbitrary unpickling (nothing from it runs), or
+    that is neither format; FileNotFoundError when it does not exist."""
+    shown = redact_url(src)
+    with fsspec.open(src, "rb") as f:
+        head = f.read(9)
+        f.seek(0)
+        if _looks_like_safetensors(head):
+            tensors, _ = read_safetensors(f, shown)
+            return tensors
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointFormatError(
+                f"{shown} is refused: loading it would need unpickling arbitrary Python objects "
+                f"({_unpickling_reason(exc)}); only tensors and plain containers are accepted "
+                "(torch.load weights_only=True) and nothing from the file was run") from None
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not its format
+            raise CheckpointFormatError(f"{shown} is not a readable torch.save or safetensors file: "
+                                        f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    text = str(exc)
+    m = re.search(r"(Unsupported global: GLOBAL [\w.]+|unsupported GLOBAL [\w.]+|Unsupported operand \d+"
+                  r"|[^\n]*GLOBAL [\w.]+[^\n]*)", text)
+    reason = m.group(1) if m else _first_line(exc)
+    return " ".join(reason.split())[:200]
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    if len(head) < 9:
+        return False
+    n = struct.unpack("<Q", head[:8])[0]
+    return 2 <= n <= MAX_SAFETENSORS_HEADER and head[8:9] == b"{"
+
+
+def read_safetensors(f: Any, shown: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file from a binary file object, checking the header against the file's size
+    (dtype, shape, offsets inside the data, no overlap). Returns (tensors, __metadata__)."""
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(0)
+
+    def bad(msg: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"{shown}: not a valid safetensors file: {msg}")
+
+    if size < 8:
+        raise bad("shorter than its 8-byte header length")
+    n = struct.unpack("<Q", f.read(8))[0]
+    if n > min(size - 8, MAX_SAFETENSORS_HEADER):
+        raise bad(f"header length {n} exceeds the file")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise bad("__metadata__ is not an object")
+    data_len = size - 8 - n
+    spans = []
+    for key, info in header.items():
+        if not isinstance(info, dict):
+            raise bad(f"entry {key!r} is not an object")
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if dtype is None:
+            raise bad(f"entry {key!r} has unsupported dtype {info.get('dtype')!r}")
+        if (not isinstance(shape, list) or len(shape) > 32
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 46 for d in shape)):
+            raise bad(f"entry {key!r} has a bad shape")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_len):
+            raise bad(f"entry {key!r} has offsets outside the data")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
+            raise bad(f"entry {key!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']}")
+        spans.append((offsets[0], offsets[1], key, dtype, shape))
+    spans.sort()
+    for (_, end, k1, _, _), (start, _, k2, _, _) in zip(spans, spans[1:]):
+        if start < end:
+            raise bad(f"entries {k1!r} and {k2!r} overlap")
+    tensors: dict[str, torch.Tensor] = {}
+    for begin, end, key, dtype, shape in spans:
+        f.seek(8 + n + begin)
+        buf = bytearray(f.read(end - begin))
+        if len(buf) != end - begin:
+            raise bad(f"entry {key!r} is truncated")
+        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        tensors[key] = t.reshape(shape)
+    order = {k: i for i, k in enumerate(header)}
+    return dict(sorted(tensors.items(), key=lambda kv: order[kv[0]])), {str(k): str(v) for k, v in meta.items()}
+
+
+# -- understanding what was loaded ------------------------------------------------------------------
+
+@dataclass
+class Imported:
+    """A plain checkpoint, understood: state dicts by the names harness uses, and the counters."""
+
+    models: dict[str, dict] = field(default_factory=dict)
+    optimizers: dict[str, dict] = field(default_factory=dict)
+    schedulers: dict[str, dict] = field(default_factory=dict)
+    scaler: dict | None = None
+    epoch: int | None = None
+    step: int | None = None
+    loss: float | None = None
+    metrics: dict = field(default_factory=dict)
+    config: dict | None = None
+    bare: bool = False
+    ignored: list[str] = field(default_factory=list)
+
+
+_SINGLE = {"model_state_dict": "models", "state_dict": "models", "optimizer_state_dict": "optimizers",
+           "scheduler_state_dict": "schedulers", "lr_scheduler_state_dict": "schedulers"}
+_DEFAULT_NAME = {"models": "model", "optimizers": "optimizer", "schedulers": "scheduler"}
+_PLURAL = {"model_state_dicts": "models", "optimizer_state_dicts": "optimizers",
+           "scheduler_state_dicts": "schedulers"}
+_INFO = {"epoch", "step", "global_step", "loss", "metrics", "config", "scaler_state_dict", "checkpoint",
+         "harness_version", "quantization"}
+
+
+def understand(obj: Any, shown: str = "file") -> Imported:
+    """Map a loaded general checkpoint or bare state dict onto harness's names."""
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{shown} holds a {type(obj).__name__}; expected a dict: a general checkpoint "
+                                    "(model_state_dict, optimizer_state_dict, ...) or a state_dict")
+    if "quantization" in obj:
+        raise CheckpointFormatError(f"{shown} holds int8-quantized weights (an inference export): they cannot be "
+                                    "trained from; import the float export instead")
+    imp = Imported()
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        imp.models["model"], imp.bare = _model_sd(obj, shown, "state_dict"), True
+        return imp
+    for key, value in obj.items():
+        if key in _SINGLE:
+            kind = _SINGLE[key]
+            if not isinstance(value, dict):
+                raise CheckpointFormatError(f"{shown}: {key} is a {type(value).__name__}, not a dict")
+            if _DEFAULT_NAME[kind] in getattr(imp, kind):
+                imp.ignored.append(key)  # model_state_dict wins over state_dict
+                continue
+            getattr(imp, kind)[_DEFAULT_NAME[kind]] = _model_sd(value, shown, key) if kind == "models" else value
+        elif key in _PLURAL:
+            kind = _PLURAL[key]
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise CheckpointFormatError(f"{shown}: {key} must map names to state dicts")
+            for name, sd in value.items():
+                getattr(imp, kind)[str(name)] = _model_sd(sd, shown, f"{key}[{name!r}]") if kind == "models" else sd
+        elif key not in _INFO:
+            imp.ignored.append(str(key))
+    if not imp.models:
+        raise CheckpointFormatError(
+            f"{shown} has no model weights: expected a bare state_dict (every value a tensor) or a general checkpoint "
+            f"with model_state_dict (keys found: {', '.join(map(str, list(obj)[:12]))})")
+    imp.epoch = _count(obj.get("epoch"), shown, "epoch")
+    imp.step = _count(obj.get("step", obj.get("global_step")), shown, "step")
+    imp.loss = _number(obj.get("loss"))
+    metrics = obj.get("metrics")
+    if isinstance(metrics, dict):
+        imp.metrics = {str(k): v for k, v in ((k, _number(v)) for k, v in metrics.items()) if v is not None}
+    if isinstance(obj.get("scaler_state_dict"), dict):
+        imp.scaler = obj["scaler_state_dict"]
+    if isinstance(obj.get("config"), dict):
+        imp.config = obj["config"]
+    return imp
+
+
+def _model_sd(sd: dict, shown: str, what: str) -> dict:
+    if not all(isinstance(k, str) for k in sd):
+        raise CheckpointFormatError(f"{shown}: {what} has non-string keys; not a model state_dict")
+    for prefix in _PREFIXES:
+        sd = strip_prefix(sd, prefix)
+    return dict(sd)
+
+
+def _count(v: Any, shown: str, what: str) -> int | None:
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != int(v):
+        raise CheckpointFormatError(f"{shown}: {what} must be a non-negative integer, got {v!r}")
+    return int(v)
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, torch.Tensor):
+        v = v.item() if v.numel() == 1 else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def optimizer_step(optimizers: dict[str, dict]) -> int | None:
+    """The optimizer's own step counter (Adam-style ``state[i]["step"]``), if it keeps one."""
+    steps = []
+    for sd in optimizers.values():
+        state = sd.get("state") if isinstance(sd, dict) else None
+        for st in (state or {}).values():
+            v = st.get("step") if isinstance(st, dict) else None
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = v.item()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0:
+                steps.append(int(v))
+    return max(steps) if steps else None
+
+
+# -- writing a harness checkpoint -------------------------------------------------------------------
+
+class ImportedState:
+    """A thin Stateful holder: the manager saves whatever state dict it holds."""
+
+    def __init__(self, state: dict) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = state
+
+
+def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int | None = None,
+                      config: Any = None, fresh_optimizer: bool = False,
+                      storage_options: dict | None = None) -> dict:
+    """Write the plain checkpoint ``src`` (local path or fsspec URL) as a harness checkpoint under ``url``.
+
+    ``step``: the global step to record (default: the file's ``step``, else the optimizer's own step
+    counter, else 0). ``epoch``: default the file's ``epoch``, else 0. ``config``: a
+    :class:`harness.config.Config` (or its dict form) of the run that will resume; see the module's
+    documentation. ``fresh_optimizer``: ignore the file's optimizer state.
+
+    Returns a summary: checkpoint, step, step_source, epoch, loss, models, optimizers, schedulers,
+    config (bool), notes (list of lines), ignored (file keys not used). Refuses (HarnessError) when
+    ``url`` already holds a checkpoint at this step or later: ``harness train`` would resume from that
+    one instead."""
+    from harness.checkpoint.manager import CheckpointManager
+
+    shown = redact_url(src)
+    imp = understand(load_file(src), shown)
+    notes: list[str] = []
+    cfg = _as_config(config)
+    if cfg is None and imp.config is not None:
+        try:
+            cfg = _as_config(imp.config)
+            notes.append("using the run config recorded in the file")
+        except ConfigError as exc:
+            notes.append(f"the file's run config is not usable here ({exc}); importing without it")
+    if fresh_optimizer and imp.optimizers:
+        notes.append("optimizer state in the file ignored (fresh optimizer)")
+        imp.optimizers = {}
+    if step is not None:
+        step_source = "given"
+    elif imp.step is not None:
+        step, step_source = imp.step, "file's step"
+    elif optimizer_step(imp.optimizers) is not None:
+        step, step_source = optimizer_step(imp.optimizers), "optimizer's step counter"
+    else:
+        step, step_source = 0, "default"
+    if step < 0:
+        raise HarnessError(f"step must be >= 0, got {step}")
+    epoch = epoch if epoch is not None else (imp.epoch or 0)
+
+    storage = Storage(url, storage_options)
+    later = [i for i in list_checkpoints(storage) if i.step >= step]
+    if later:
+        raise HarnessError(f"{redact_url(url)} already holds checkpoint {later[-1].name} (step {later[-1].step} >= "
+                           f"{step}): harness would resume from it, not from the import; use an empty folder or "
+                           "a larger --step")
+
+    metadata: dict[str, Any] = {"imported_from": os.path.basename(shown.rstrip("/")) or shown}
+    rng = capture_rng()
+    try:
+        if cfg is not None:
+            objects = _build_with_config(cfg, imp, step, notes)
+            metadata["config"] = _config_dict(cfg)
+            _seed_like_trainer(cfg.train.seed)
+        else:
+            objects = {"models": {n: ImportedState(sd) for n, sd in imp.models.items()},
+                       "optimizers": {n: ImportedState(sd) for n, sd in imp.optimizers.items()},
+                       "schedulers": {n: ImportedState(sd) for n, sd in imp.schedulers.items()}}
+            if not imp.optimizers or not imp.schedulers:
+                missing = [k for k, v in (("optimizer", imp.optimizers), ("scheduler", imp.schedulers)) if not v]
+                notes.append(f"no {' or '.join(missing)} state in the file: to resume with `harness train`, import "
+                             "with the run's --config so they are created")
+        mgr = CheckpointManager(url, keep_last=0, storage_options=storage_options)
+        try:
+            mgr.save(step, models=objects["models"], optimizers=objects["optimizers"],
+                     schedulers=objects["schedulers"],
+                     scaler=ImportedState(imp.scaler) if imp.scaler is not None else None,
+                     epoch=epoch, position={"epoch": epoch, "position": 0}, loss=imp.loss, metrics=imp.metrics,
+                     metadata=metadata)
+            mgr.wait()
+            name = mgr.last_saved
+        finally:
+            mgr.close()
+    finally:
+        restore_rng(rng)
+    if imp.ignored:
+        notes.append(f"keys not imported: {', '.join(imp.ignored)}")
+    log.info("imported %s into %s as %s (step %d)", shown, redact_url(url), name, step)
+    return {"checkpoint": name, "step": step, "step_source": step_source, "epoch": epoch, "loss": imp.loss,
+            "models": list(objects["models"]), "optimizers": list(objects["optimizers"]),
+            "schedulers": list(objects["schedulers"]), "config": cfg is not None, "bare": imp.bare,
+            "notes": notes, "ignored": imp.ignored}
+
+
+def _as_config(config: Any) -> Any:
+    if config is None:
+        return None
+    from harness import config as config_mod
+
+    if isinstance(config, config_mod.Config):
+        return config
+    if isinstance(config, dict):
+        raw = copy.deepcopy(config)
+        if isinstance(raw.get("checkpoint"), dict):
+            raw["checkpoint"].pop("storage_options", None)
+        return config_mod.from_dict(raw)
+    raise HarnessError(f"config must be a harness.config.Config or a dict, got {type(config).__name__}")
+
+
+def _config_dict(cfg: Any) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["checkpoint"].pop("storage_options", None)  # may hold credentials; the trainer drops it too
+    return d
+
+
+def _seed_like_trainer(seed: int) -> None:
+    """The RNG state a fresh ``harness train`` rank 0 starts from, so the resumed run is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _build_with_config(cfg: Any, imp: Imported, step: int, notes: list[str]) -> dict:
+    """The trainer's model, optimizer and scheduler for ``cfg``, holding the file's state."""
+    from harness import trainer
+    from harness.checkpoint.export import build_from_config
+
+    if len(imp.models) != 1:
+        raise HarnessError(f"the file holds {len(imp.models)} models ({', '.join(imp.models)}); a run config "
+                           "builds one: import without --config")
+    (saved_name, sd), = imp.models.items()
+    workload = build_from_config(_config_dict(cfg))
+    model = workload.model
+    try:
+        load_model_state(model, sd, strict=True, name="model")
+    except CheckpointError as exc:
+        raise CheckpointError(f"the file's model weights do not fit the config's model "
+                              f"({cfg.model.get('name')}): {exc}") from None
+    optimizer = trainer.build_optimizer(cfg, model.parameters())
+    scheduler = trainer.build_scheduler(cfg, optimizer)
+    osd = next(iter(imp.optimizers.values()), None) if len(imp.optimizers) == 1 else None
+    if len(imp.optimizers) > 1:
+        notes.append(f"the file holds {len(imp.optimizers)} optimizers; the config's optimizer starts fresh")
+    if osd is not None:
+        _check_optimizer_fits(cfg, model, osd)
+        try:
+            optimizer.load_state_dict(osd)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"the file's optimizer state does not fit the config's optimizer "
+                                  f"({cfg.optim.name}): {exc}; pass --fresh-optimizer to start it fresh") from None
+    elif len(imp.optimizers) <= 1:
+        notes.append(f"no optimizer state in the file: the config's optimizer ({cfg.optim.name}) starts fresh")
+    ssd = next(iter(imp.schedulers.values()), None) if len(imp.schedulers) == 1 else None
+    if ssd is not None and {"lr_lambdas", "base_lrs", "last_epoch"} <= set(ssd):
+        scheduler.load_state_dict(ssd)
+    else:
+        what = "the file's scheduler is not a harness schedule" if ssd is not None else "no scheduler state in the file"
+        _schedule_at(scheduler, step)
+        notes.append(f"{what}: using the config's schedule ({cfg.scheduler.name}) at step {step}, "
+                     f"lr {scheduler.get_last_lr()[0]:.6g}")
+    return {"models": {"model": model}, "optimizers": {"optimizer": optimizer},
+            "schedulers": {"scheduler": scheduler}}
+
+
+def _check_optimizer_fits(cfg: Any, model: torch.nn.Module, osd: dict) -> None:
+    """The file's per-parameter optimizer state has what the config's optimizer keeps (Adam's moments,
+    SGD's momentum buffer): one probe step on a copy tells which keys that is."""
+    from harness import trainer
+
+    state = osd.get("state") if isinstance(osd, dict) else None
+    if not isinstance(state, dict) or not isinstance(osd.get("param_groups"), list):
+        raise CheckpointError("the file's optimizer_state_dict has no 'state'/'param_groups': not an optimizer "
+                              "state; pass --fresh-optimizer to start it fresh")
+    if not state:
+        return
+    probe_model = copy.deepcopy(model)
+    probe = trainer.build_optimizer(cfg, probe_model.parameters())
+    for p in probe_model.parameters():
+        p.grad = torch.zeros_like(p)
+    probe.step()
+    need = set().union(*(set(s) for s in probe.state_dict()["state"].values())) if probe.state else set()
+    for pid, st in state.items():
+        missing = need - set(st) if isinstance(st, dict) else need
+        if missing:
+            raise CheckpointError(f"the file's optimizer state (parameter {pid}: {', '.join(sorted(map(str, st)))}) "
+                                  f"lacks {', '.join(sorted(missing))}, which the config's optimizer "
+                                  f"({cfg.optim.name}) keeps: set optim.name to the file's optimizer or pass "
+                                  "--fresh-optimizer")
+
+
+def _schedule_at(scheduler: Any, step: int) -> None:
+    """Put a freshly built LambdaLR at ``step`` (as if it had been stepped ``step`` times)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scheduler.last_epoch = step - 1
+        scheduler.step()

@@ -1,0 +1,143 @@
+"""Choosing one checkpoint to read: the newest valid one, the one at a step, or the best by a metric.
+
+Shared by export, inspect, diff, ``harness.load_for_inference`` and ``harness.warm_start``. Every choice
+walks the candidates in order of preference and takes the first one that loads (the ``load`` callback
+validates and verifies what it reads), recording the ones passed over and why, as restore does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, TypeVar
+
+from harness.checkpoint import blobs, codec
+from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints, open_checkpoint
+from harness.checkpoint.format import Manifest
+from harness.checkpoint.retention import RetentionPolicy, best as best_of, metric_value
+from harness.errors import CheckpointError, HarnessError, NoCheckpointError
+from harness.storage import Storage, redact_url
+
+log = logging.getLogger("harness")
+
+T = TypeVar("T")
+
+DEFAULT_METRIC = "loss"
+DEFAULT_MODE = "min"
+
+
+def run_config(manifest: Manifest) -> dict | None:
+    """The run's config as a dict (``harness train`` records it as ``metadata["config"]``), or None."""
+    meta = manifest.raw.get("metadata")
+    if not isinstance(meta, dict):
+        return None
+    try:
+        meta = codec.decode(meta, lambda key: None)
+    except CheckpointError:
+        return None
+    cfg = meta.get("config") if isinstance(meta, dict) else None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def best_policy(storage: Storage, infos: list[CheckpointInfo], metric: str | None,
+                mode: str | None) -> tuple[str, str]:
+    """The metric and mode used by ``--best``: the ones given, else the run config's
+    ``checkpoint.best_metric``/``best_mode`` (from the newest checkpoint that opens), else loss/min."""
+    if metric is not None and mode is not None:
+        return metric, mode
+    cfg_metric = cfg_mode = None
+    for info in reversed(infos):
+        try:
+            cfg = run_config(open_checkpoint(storage, info.name))
+        except (CheckpointError, OSError, EOFError):
+            continue
+        ck = cfg.get("checkpoint") if cfg else None
+        if isinstance(ck, dict):
+            cfg_metric, cfg_mode = ck.get("best_metric"), ck.get("best_mode")
+        break
+    if metric is None:
+        metric = cfg_metric if isinstance(cfg_metric, str) and cfg_metric else DEFAULT_METRIC
+        if mode is None and metric == cfg_metric and cfg_mode in ("min", "max"):
+            mode = cfg_mode
+    elif mode is None and metric == cfg_metric and cfg_mode in ("min", "max"):
+        mode = cfg_mode
+    return metric, mode or DEFAULT_MODE
+
+
+def candidates(storage: Storage, *, step: int | None = None, best: bool = False, metric: str | None = None,
+               mode: str | None = None) -> tuple[list[CheckpointInfo], str]:
+    """Committed checkpoints in order of preference, and a few words saying how they were ordered."""
+    if best and step is not None:
+        raise HarnessError("choose either a step or the best checkpoint, not both")
+    if mode is not None and mode not in ("min", "max"):
+        raise HarnessError(f"mode must be 'min' or 'max', got {mode!r}")
+    infos = list_checkpoints(storage)
+    where = redact_url(storage.url)
+    if not best:
+        chosen = [i for i in reversed(infos) if step is None or i.step == step]
+        return chosen, (f"step {step}" if step is not None else "newest")
+    metric, mode = best_policy(storage, infos, metric, mode)
+    usable = [i for i in infos if i.problem is None]
+    ranked = best_of(usable, RetentionPolicy(keep_last=0, keep_best=0, best_metric=metric, best_mode=mode),
+                     len(usable))
+    if infos and not ranked:
+        raise NoCheckpointError(f"no checkpoint in {where} records the metric {metric!r} "
+                                f"(use --metric with 'loss' or a key of the saved metrics)")
+    how = f"best by {metric} ({mode})"
+    return ranked, how
+
+
+def choose(storage: Storage, load: Callable[[str], T], *, step: int | None = None, best: bool = False,
+           metric: str | None = None, mode: str | None = None) -> tuple[str, T, list[tuple[str, str]], str]:
+    """The first candidate that ``load(name)`` accepts: (name, what load returned, skipped, how).
+
+    ``skipped`` lists (name, reason) for candidates that failed (damaged, truncated, bad checksum).
+    Raises NoCheckpointError when none is usable."""
+    infos, how = candidates(storage, step=step, best=best, metric=metric, mode=mode)
+    skipped: list[tuple[str, str]] = []
+    for info in infos:
+        try:
+            if info.problem is not None:
+                raise CheckpointError(info.problem)
+            return info.name, load(info.name), skipped, how
+        except (CheckpointError, OSError, EOFError) as exc:
+            log.info("checkpoint %s is not usable, trying the next one: %s", info.name, exc)
+            skipped.append((info.name, str(exc)))
+    where = redact_url(storage.url)
+    at = f" at step {step}" if step is not None else ""
+    if skipped:
+        raise NoCheckpointError(f"no valid checkpoint{at} in {where}: "
+                                + "; ".join(f"{n}: {r}" for n, r in skipped))
+    raise NoCheckpointError(f"no committed checkpoint{at} in {where}")
+
+
+def read_models(storage: Storage, name: str, threads: int = 4) -> tuple[Manifest, dict[str, dict]]:
+    """Validate ``name`` and read only its models' state dicts (every byte read is verified):
+    {model name: state_dict}. Cheaper than reading the whole state when only weights are wanted."""
+    manifest = open_checkpoint(storage, name)
+    state = manifest.raw.get("state")
+    tree = state.get("models") if isinstance(state, dict) else None
+    if tree is None:
+        return manifest, {}
+    refs = set(codec.tensor_refs(tree))
+    entries = [e for e in manifest.tensors.values() if e.key in refs]
+    if any(e.global_shape is not None for e in entries):
+        raise CheckpointError(f"{name} holds sharded model tensors; reading sharded checkpoints this way is not "
+                              "supported yet")
+    tensors = blobs.read_tensors(storage, name, entries, threads=threads, verify=True)
+    models = codec.decode(tree, tensors.__getitem__)
+    if not isinstance(models, dict):
+        raise CheckpointError(f"{name}: models state is a {type(models).__name__}, not a dict")
+    return manifest, models
+
+
+def pick_model(models: dict[str, Any], name: str | None, where: str) -> tuple[str, dict]:
+    """One model's state dict: the one named ``name``, or the only one."""
+    if not models:
+        raise CheckpointError(f"{where} holds no model weights")
+    if name is None:
+        if len(models) > 1:
+            raise HarnessError(f"{where} holds several models ({', '.join(map(str, models))}): say which one")
+        name = next(iter(models))
+    if name not in models:
+        raise HarnessError(f"{where} has no model named {name!r} (it has: {', '.join(map(str, models))})")
+    return name, models[name]

@@ -1,0 +1,119 @@
+"""Using trained weights outside the training loop: ``harness.load_for_inference`` and
+``harness.warm_start``.
+
+Both read weights from a harness checkpoint folder (any fsspec URL; only the models' tensors are read,
+every byte verified, walking back past damaged checkpoints) or from a single file: a ``torch.save``
+general checkpoint or bare state_dict (read with ``weights_only=True``: nothing is unpickled beyond
+tensors and plain containers) or a ``.safetensors`` file, such as ``harness ckpt export`` writes.
+Tensors are read on the CPU and copied into the model wherever it lives, so a checkpoint saved on a GPU
+loads on a CPU-only machine and the reverse.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import torch
+
+from harness.checkpoint.importer import load_file, understand
+from harness.checkpoint.load import LoadReport, load_model_state
+from harness.checkpoint.select import choose, pick_model, read_models
+from harness.errors import HarnessError
+from harness.state import strip_prefix, unwrap_model
+from harness.storage import Storage, redact_url
+
+log = logging.getLogger("harness")
+
+__all__ = ["load_for_inference", "warm_start", "WarmStartReport", "read_weights"]
+
+
+@dataclass
+class WarmStartReport(LoadReport):
+    """A LoadReport that also names what was loaded and from where."""
+
+    source: str = ""
+    model: str = ""
+    loaded_keys: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """One line per key: loaded, skipped (shape), missing (kept the model's own), unexpected (ignored)."""
+        out = [f"loaded      {k}" for k in self.loaded_keys]
+        out += [f"shape       {k}: saved {list(a)}, model {list(b)} (kept the model's own)"
+                for k, a, b in self.mismatched]
+        out += [f"missing     {k} (not in the source; kept the model's own)" for k in self.missing]
+        out += [f"unexpected  {k} (not in the model; ignored)" for k in self.unexpected]
+        return out
+
+
+def _is_folder(source: str, storage_options: dict | None) -> bool:
+    fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    return fs.isdir(path)
+
+
+def read_weights(source: str, *, name: str | None = None, step: int | None = None, best: bool = False,
+                 metric: str | None = None, mode: str | None = None,
+                 storage_options: dict | None = None) -> tuple[str, str, dict]:
+    """One model's state dict from a checkpoint folder or a file: (description of the source, model
+    name, state_dict). ``name`` picks a model when there are several."""
+    shown = redact_url(source)
+    if _is_folder(source, storage_options):
+        storage = Storage(source, storage_options)
+        ckpt, (_, models), skipped, how = choose(storage, lambda n: read_models(storage, n), step=step, best=best,
+                                                 metric=metric, mode=mode)
+        for n, reason in skipped:
+            log.warning("skipped damaged checkpoint %s: %s", n, reason)
+        where = f"{shown}/{ckpt}"
+        model_name, sd = pick_model(models, name, where)
+        return f"{where} ({how})", model_name, sd
+    if step is not None or best:
+        raise HarnessError(f"{shown} is a file, not a checkpoint folder: step/best do not apply")
+    imp = understand(load_file(source), shown)
+    model_name, sd = pick_model(imp.models, name, shown)
+    return shown, model_name, sd
+
+
+def load_for_inference(dir: str, model: torch.nn.Module, *, step: int | None = None, best: bool = False,
+                       device: str | torch.device | None = None, name: str | None = None,
+                       metric: str | None = None, mode: str | None = None, strict: bool = True,
+                       storage_options: dict | None = None) -> torch.nn.Module:
+    """Load the weights of the newest valid checkpoint in ``dir`` (or the one at ``step``, or the best by
+    ``metric``/``mode`` with ``best=True``: default the run config's best_metric/best_mode, else loss/min)
+    into ``model`` and return it in eval mode.
+
+    ``device``: move the model there first (e.g. "cpu" for a checkpoint saved on a GPU, "cuda"); by
+    default it stays where it is and the weights go to its device. ``name`` picks a model of a
+    multi-model checkpoint. ``dir`` may also be a single exported file (pt or safetensors). The load is
+    strict (every key and shape must match) unless ``strict=False``. DDP / torch.compile wrappers are
+    fine: weights go into the wrapped module."""
+    if device is not None:
+        model = model.to(device)
+    where, model_name, sd = read_weights(dir, name=name, step=step, best=best, metric=metric, mode=mode,
+                                         storage_options=storage_options)
+    load_model_state(model, sd, strict=strict, skip_mismatched=not strict, name=model_name)
+    log.info("loaded %s weights from %s", model_name, where)
+    return model.eval()
+
+
+def warm_start(model: torch.nn.Module, source: str, *, name: str | None = None, step: int | None = None,
+               storage_options: dict | None = None) -> WarmStartReport:
+    """Partial loading from pretrained weights: copy into ``model`` every tensor of ``source`` whose key
+    and shape match, keep the model's own values for the rest, and report key by key.
+
+    ``source``: a checkpoint folder (newest valid, or ``step``) or a file (pt general checkpoint, bare
+    state_dict, safetensors). ``name`` picks a model of a multi-model source. Returns a
+    :class:`WarmStartReport` (a LoadReport): ``loaded_keys``, ``missing`` (in the model only),
+    ``unexpected`` (in the source only), ``mismatched`` (key, saved shape, model shape); ``lines()``
+    gives one line per key. Nothing is changed in training mode or device."""
+    where, model_name, sd = read_weights(source, name=name, step=step, storage_options=storage_options)
+    base = load_model_state(model, sd, strict=False, skip_mismatched=True, name=model_name)
+    bad = {k for k, _, _ in base.mismatched}
+    own = set(unwrap_model(model).state_dict())
+    loaded = [k for k in strip_prefix(sd) if k in own and k not in bad]
+    report = WarmStartReport(missing=base.missing, unexpected=base.unexpected, mismatched=base.mismatched,
+                             loaded=base.loaded, source=where, model=model_name, loaded_keys=loaded)
+    log.info("warm start of %s from %s: %s", model_name, where, report)
+    return report
+

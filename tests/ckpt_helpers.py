@@ -1,0 +1,153 @@
+"""Helpers shared by the checkpoint-core tests (test_ckpt_*.py): models, training steps, bitwise
+comparison and byte-level damage."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import struct
+
+import numpy as np
+import torch
+from torch import nn
+
+from harness.checkpoint.format import COMMIT_FILE, MANIFEST_FILE, dumps, make_commit
+from harness.storage import Storage
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, width)
+        self.fc2 = nn.Linear(width, 2)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class OtherNet(Net):
+    """Same parameters as Net, another class: restore warns about the class."""
+
+
+class Wrapper(nn.Module):
+    """A DDP-style wrapper: its only state is the wrapped ``module``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def train_step(model: nn.Module, opt, sched=None, seed: int = 0) -> float:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 4, generator=g)
+    loss = model(x).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return float(loss.detach())
+
+
+def simple_run(seed: int = 0, steps: int = 2):
+    """A model, optimizer and scheduler after a few steps (optimizer state populated)."""
+    torch.manual_seed(seed)
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+    for i in range(steps):
+        train_step(model, opt, sched, seed=seed * 100 + i)
+    return model, opt, sched
+
+
+def fresh(seed: int = 1234):
+    """Objects of the same kind in a different state: a restore must overwrite all of it."""
+    torch.manual_seed(seed)
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+    return model, opt, sched
+
+
+def snapshot(obj):
+    """A deep copy of a state dict (tensors cloned), to compare with later."""
+    return copy.deepcopy(obj)
+
+
+def _float_bits(x: float) -> bytes:
+    return struct.pack("<d", x)
+
+
+def assert_bitwise(a, b, path: str = "") -> None:
+    """Equal values of equal types, tensors byte for byte (nan equal to the same nan, -0.0 != 0.0)."""
+    where = path or "<root>"
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{where}: {type(b).__name__} instead of a tensor"
+        assert a.dtype == b.dtype and a.shape == b.shape, \
+            f"{where}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+        assert a.device == b.device or b.device.type == "cpu", f"{where}: device {b.device}"
+        ab = a.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+        bb = b.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+        assert torch.equal(ab, bb), f"{where}: tensor bytes differ"
+        return
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape, f"{where}: ndarray differs"
+        assert a.tobytes() == b.tobytes(), f"{where}: ndarray bytes differ"
+        return
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys()) or set(a) == set(b), f"{where}: keys {list(a)} vs {list(b)}"
+        for k in a:
+            assert_bitwise(a[k], b[k], f"{path}/{k!r}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise(x, y, f"{path}/{i}")
+    elif isinstance(a, float):
+        assert _float_bits(a) == _float_bits(b) or (math.isnan(a) and math.isnan(b)), f"{where}: {a!r} vs {b!r}"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def draws(n: int = 4):
+    """The next draws of every RNG the checkpoint restores."""
+    return ([random.random() for _ in range(n)], np.random.rand(n).tolist(), torch.rand(n),
+            random.gauss(0, 1), torch.randint(0, 1 << 30, (n,)))
+
+
+# -- byte-level access to a checkpoint folder --------------------------------------------------------
+
+def ckpt_names(url: str) -> list[str]:
+    return [n for n in Storage(url).listdir() if n.startswith("step-")]
+
+
+def read_manifest(url: str, name: str) -> dict:
+    return json.loads(Storage(url).read_bytes(f"{name}/{MANIFEST_FILE}"))
+
+
+def write_manifest(url: str, name: str, manifest: dict, raw: bytes | None = None,
+                   commit_from: dict | None = None) -> None:
+    """Replace manifest and commit record by hand-made ones whose checksums match (a crafted checkpoint).
+    The commit record's summary comes from ``commit_from`` when given (else from ``manifest``)."""
+    st = Storage(url)
+    raw = dumps(manifest) if raw is None else raw
+    st.write_bytes(f"{name}/{MANIFEST_FILE}", raw)
+    st.write_bytes(f"{name}/{COMMIT_FILE}", make_commit(commit_from or manifest, raw))
+
+
+def data_files(url: str, name: str) -> list[str]:
+    return [n for n in Storage(url).listdir(name) if n.startswith("data-")]
+
+
+def flip_byte(url: str, rel: str, offset: int) -> None:
+    st = Storage(url)
+    data = bytearray(st.read_bytes(rel))
+    data[offset] ^= 0x40
+    st.write_bytes(rel, bytes(data))

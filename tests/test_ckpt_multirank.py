@@ -1,0 +1,137 @@
+"""Two real processes (gloo, file:// rendezvous): every rank saves, rank 0 writes the replicated state,
+each rank its own RNG and data position, restore hands each rank its own back, and a failure on one rank
+leaves no checkpoint and makes every rank raise (no hang)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import time
+import traceback
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+
+from ckpt_helpers import Net, assert_bitwise, draws, read_manifest, simple_run, snapshot
+from harness import CheckpointManager, faults
+from harness.checkpoint.discovery import list_checkpoints, verify_checkpoint
+from harness.errors import CheckpointError
+from harness.storage import Storage
+
+WORLD = 2
+TIMEOUT_S = 120
+
+
+def _seed_rank(rank: int) -> None:
+    random.seed(100 + rank)
+    np.random.seed(200 + rank)
+    torch.manual_seed(300 + rank)
+
+
+def _scenario(rank: int, url: str) -> dict:
+    out: dict = {}
+    model, opt, sched = simple_run(seed=0)  # identical on both ranks, as under DDP
+    expected = snapshot((model.state_dict(), opt.state_dict()))
+    position = {"rank": rank, "cursor": 10 * rank + 3, "order": (rank, "x")}
+    mgr = CheckpointManager(url, timeout_s=30)
+    _seed_rank(rank)
+    mgr.save(5, models=model, optimizers=opt, position=position, rank_state={"r": torch.tensor([rank])},
+             loss=0.5)
+    after_save = draws()
+
+    # Restore as a restarted job would: other objects, other RNG states.
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    m2 = Net()
+    o2 = torch.optim.AdamW(m2.parameters())
+    res = CheckpointManager(url, timeout_s=30).restore(models=m2, optimizers=o2)
+    assert_bitwise(after_save, draws(), f"rank {rank} rng")
+    assert_bitwise(expected, (m2.state_dict(), o2.state_dict()), f"rank {rank} state")
+    assert_bitwise(position, res.position, f"rank {rank} position")
+    assert_bitwise({"r": torch.tensor([rank])}, res.rank_state, f"rank {rank} rank_state")
+    assert res.world_size == WORLD and res.step == 5
+    out["rank_differs"] = after_save[0]  # python draws, compared across ranks by the parent
+
+    # A fault on rank 1 only, while it writes its data file.
+    def crash_rank1(name, info):
+        if name == "save.data_file" and info.get("rank") == 1 and info.get("step") == 6:
+            raise faults.FaultInjected("rank 1 died writing")
+
+    faults.install(crash_rank1)
+    try:
+        mgr.save(6, models=model, optimizers=opt, position=position)
+        out["fault"] = "no error"
+    except CheckpointError as exc:
+        out["fault"] = f"CheckpointError: {exc}"
+    except Exception as exc:  # noqa: BLE001
+        out["fault"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        faults.install(None)
+    tdist.barrier()
+    out["visible_after_fault"] = [i.name for i in list_checkpoints(Storage(url))]
+
+    # The job goes on: the next save (async this time) commits and restores.
+    amgr = CheckpointManager(url, timeout_s=30, async_save=True)
+    amgr.save(7, models=model, optimizers=opt, position={"rank": rank, "cursor": 99})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    amgr.close()
+    m3 = Net()
+    res7 = CheckpointManager(url, timeout_s=30).restore(models=m3)
+    assert res7.step == 7 and res7.position == {"rank": rank, "cursor": 99}
+    assert_bitwise(expected[0], m3.state_dict(), f"rank {rank} async state")
+    return out
+
+
+def _worker(rank: int, init_file: str, url: str, out_dir: str) -> None:
+    os.environ["RANK"] = str(rank)
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                             timeout=datetime.timedelta(seconds=60))
+    try:
+        try:
+            result = {"ok": True, **_scenario(rank, url)}
+        except BaseException:  # noqa: BLE001 - report to the parent, which asserts
+            result = {"ok": False, "error": traceback.format_exc()}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_two_ranks_save_restore_and_fail_together(tmp_path):
+    url = str(tmp_path / "ckpt")
+    ctx = mp.start_processes(_worker, args=(str(tmp_path / "rdzv"), url, str(tmp_path)), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"ranks did not finish within {TIMEOUT_S} s (hang)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD)]
+    for r, res in enumerate(results):
+        assert res["ok"], f"rank {r} failed:\n{res.get('error')}"
+        assert res["fault"].startswith("CheckpointError:") and "rank 1" in res["fault"], res["fault"]
+        assert res["visible_after_fault"] == ["step-000000005"]
+    assert results[0]["rank_differs"] != results[1]["rank_differs"]  # each rank got its own RNG back
+
+    man = read_manifest(url, "step-000000005")
+    assert man["world_size"] == WORLD and len(man["ranks"]) == WORLD
+    by_rank = {r: {e["key"] for e in man["tensors"] if e["rank"] == r} for r in range(WORLD)}
+    assert by_rank[0] and all(k.startswith(("state/", "ranks/0/")) for k in by_rank[0])
+    assert by_rank[1] and all(k.startswith("ranks/1/") for k in by_rank[1])  # rank 1 writes only its own
+    assert any(k.startswith("state/models/") for k in by_rank[0])
+    assert {f for f, info in man["files"].items() if info["rank"] == 1} == {"data-r00001-000.bin"}
+    verify_checkpoint(Storage(url), "step-000000005")
+    # Read at world size 1: the replicated state loads; rank 0's position comes back.
+    m = Net()
+    res = CheckpointManager(url).restore(models=m, step=5)
+    assert res.world_size == WORLD and res.position["rank"] == 0

@@ -1,0 +1,125 @@
+"""Retention: keep the newest N, plus the best K by a metric (min or max, ties to the newer), never the
+newest, never a damaged one; a failing delete is logged and saving goes on."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from ckpt_helpers import Net, ckpt_names, simple_run
+from harness import CheckpointManager, faults
+from harness.checkpoint.discovery import CheckpointInfo
+from harness.checkpoint.retention import RetentionPolicy, select_deletions
+
+
+def _steps(url):
+    return [int(n.split("-")[1]) for n in ckpt_names(url)]
+
+
+def _save_all(url, losses=None, metrics=None, **kw):
+    model, _, _ = simple_run(steps=1)
+    mgr = CheckpointManager(url, **kw)
+    n = len(losses or metrics)
+    for i in range(n):
+        mgr.save((i + 1) * 10, models=model, loss=None if losses is None else losses[i],
+                 metrics=None if metrics is None else {"acc": metrics[i]})
+    mgr.close()
+    return mgr
+
+
+@pytest.mark.parametrize("keep_last,kept", [(1, [50]), (2, [40, 50]), (3, [30, 40, 50]), (0, [10, 20, 30, 40, 50]),
+                                            (9, [10, 20, 30, 40, 50])])
+def test_keep_last(ckpt_url, keep_last, kept):
+    _save_all(ckpt_url, losses=[5, 4, 3, 2, 1], keep_last=keep_last)
+    assert _steps(ckpt_url) == kept
+
+
+def test_keep_best_min_loss_apart_from_rolling(ckpt_url):
+    _save_all(ckpt_url, losses=[3.0, 0.5, 2.0, 0.7, 4.0, 5.0], keep_last=2, keep_best=2)
+    assert _steps(ckpt_url) == [20, 40, 50, 60]
+
+
+def test_keep_best_max_metric(ckpt_url):
+    _save_all(ckpt_url, metrics=[0.9, 0.1, 0.95, 0.2, 0.3], keep_last=1, keep_best=1, best_metric="acc",
+              best_mode="max")
+    assert _steps(ckpt_url) == [30, 50]
+
+
+def test_keep_best_ties_go_to_the_newer(ckpt_url):
+    _save_all(ckpt_url, losses=[1.0, 1.0, 1.0, 9.0, 9.0], keep_last=1, keep_best=1)
+    assert _steps(ckpt_url) == [30, 50]
+
+
+def test_unscored_checkpoints_are_not_best(ckpt_url):
+    import math
+    _save_all(ckpt_url, losses=[math.nan, 2.0, None, 3.0], keep_last=1, keep_best=1)
+    assert _steps(ckpt_url) == [20, 40]
+
+
+def test_newest_is_never_deleted_even_when_worst(ckpt_url):
+    _save_all(ckpt_url, losses=[1.0, 2.0, 3.0, 99.0], keep_last=1, keep_best=2)
+    assert _steps(ckpt_url) == [10, 20, 40]
+
+
+def _info(step, loss, problem=None):
+    return CheckpointInfo(name=f"step-{step:09d}", step=step, attempt=0, committed=True,
+                          commit={"loss": loss}, problem=problem)
+
+
+def test_select_deletions_unit():
+    infos = [_info(10, 1.0), _info(20, 0.1, problem="bad commit"), _info(30, 3.0), _info(40, 4.0), _info(50, 5.0)]
+    policy = RetentionPolicy(keep_last=1, keep_best=1)
+    # damaged ones (unreadable commit, or known-damaged by name) are neither counted nor deleted
+    assert [i.step for i in select_deletions(infos, policy, protect=set())] == [30, 40]
+    assert [i.step for i in select_deletions(infos, policy, protect=set(), damaged={"step-000000010"})] == [40]
+    # the just-committed checkpoint counts among the newest N and is never deleted
+    assert [i.step for i in select_deletions(infos, RetentionPolicy(keep_last=2), protect={"step-000000050"})] \
+        == [10, 30]
+    assert [i.step for i in select_deletions(infos, RetentionPolicy(keep_last=1), protect={"step-000000030"})] \
+        == [10, 40]
+    with pytest.raises(ValueError):
+        RetentionPolicy(keep_last=-1)
+    with pytest.raises(ValueError):
+        RetentionPolicy(best_mode="median")
+
+
+def test_failing_delete_is_logged_and_saving_goes_on(ckpt_url, caplog):
+    model, _, _ = simple_run(steps=1)
+    mgr = CheckpointManager(ckpt_url, keep_last=1)
+    mgr.save(10, models=model)
+    calls = []
+
+    def refuse(name, info):
+        if name == "retention.delete":
+            calls.append(info["name"])
+            raise PermissionError("delete denied")
+
+    faults.install(refuse)
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        mgr.save(20, models=model)
+        mgr.save(30, models=model)
+    assert calls and calls[0] == "step-000000010"
+    assert "could not delete step-000000010" in caplog.text and "delete denied" in caplog.text
+    assert _steps(ckpt_url) == [10, 20, 30]
+    faults.install(None)
+    mgr.save(40, models=model)
+    assert _steps(ckpt_url) == [40]
+    assert CheckpointManager(ckpt_url).restore(models=Net()).step == 40
+
+
+def test_a_failing_listing_does_not_fail_a_committed_save(ckpt_url, caplog, monkeypatch):
+    """Retention runs after the commit: if it blows up as a whole, the save still succeeded."""
+    from harness.checkpoint import retention
+    model, _, _ = simple_run(steps=1)
+    mgr = CheckpointManager(ckpt_url, keep_last=1)
+
+    def broken(*a, **k):
+        raise OSError("listing failed")
+
+    monkeypatch.setattr(retention, "list_checkpoints", broken)
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        mgr.save(10, models=model)
+    assert "listing failed" in caplog.text
+    monkeypatch.undo()
+    assert CheckpointManager(ckpt_url).restore(models=Net()).step == 10
