@@ -34,6 +34,7 @@ class TrainConfig:
     grad_clip: float = 0.0        # 0: off
     entry: str = ""               # "pkg.module:function" building a user Workload
     step_sleep_s: float = 0.0     # slow each step down (demos and fault tests)
+    parallel: str = "ddp"         # ddp | zero (DDP + ZeroRedundancyOptimizer) | fsdp (FSDP2 fully_shard)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class CheckpointConfig:
     max_file_mb: int = 256
     io_threads: int = 4
     timeout_s: float = 600.0            # checkpoint collectives
+    split_writes: bool = False          # ranks share the writes of replicated (DDP) state, greedy by size
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Config:
 _ALIASES = {("checkpoint", "async"): "async_save"}   # TOML names that are Python keywords
 _CHOICES = {
     ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "parallel"): ("ddp", "zero", "fsdp"),
     ("optim", "name"): ("adamw", "adam", "sgd"),
     ("scheduler", "name"): ("none", "cosine", "step"),
     ("checkpoint", "best_mode"): ("min", "max"),

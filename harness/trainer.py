@@ -60,6 +60,23 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
 
+def watch_launcher(interval_s: float = 0.5) -> None:
+    """Under torchrun: exit when the agent dies. torchrun starts each worker in a session of its own, so
+    killing the agent (kill -9 of its process group, an OOM kill) would otherwise leave the workers
+    training and checkpointing on their own, side by side with the workers of the restarted job."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        log.error("torchrun agent (pid %d) is gone: exiting", parent)
+        os._exit(EXIT_ERROR)
+
+    threading.Thread(target=watch, name="harness-launcher-watch", daemon=True).start()
+
+
 def setup_logging(rank: int) -> None:
     fmt = f"[rank {rank}] %(asctime)s %(levelname)s %(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S", force=True)
@@ -88,12 +105,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, params: Any, zero: bool = False) -> torch.optim.Optimizer:
+    """The configured optimizer; with ``zero`` a ZeroRedundancyOptimizer wrapping that class (each rank keeps
+    the state of its partition of the parameters)."""
     o = cfg.optim
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+        cls, kwargs = torch.optim.SGD, {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay}
+    else:
+        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        kwargs = {"lr": o.lr, "weight_decay": o.weight_decay}
+    if zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
+    return cls(params, **kwargs)
+
+
+def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: fully_shard each block (the children of a ``blocks``/Sequential/ModuleList container, or the
+    root's direct children that hold parameters), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    def has_params(m: torch.nn.Module) -> bool:
+        return any(True for _ in m.parameters())
+
+    for child in model.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+            for block in child.children():
+                if has_params(block):
+                    fully_shard(block)
+        elif has_params(child):
+            fully_shard(child)
+    fully_shard(model)
+    return model
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -144,6 +187,7 @@ class Trainer:
         self.last_loss: float | None = None
         self.metrics: dict = {}
         self.saved_step = -1   # the step whose checkpoint is committed or in flight
+        self.preempted = False
 
     # -- setup ----------------------------------------------------------------------------------------
 
@@ -167,12 +211,17 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world_size()
         setup_logging(self.rank)
         self.flag.install()
+        watch_launcher()
         model = workload.model.to(self.device)
         self.loss_fn, self.metric_fn = workload.loss_fn, workload.metric_fn
-        self.model = (torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if dist.initialized() else model)
-        self.optimizer = build_optimizer(cfg, self.model.parameters())
+        parallel = cfg.train.parallel if dist.initialized() else "ddp"  # one process: nothing to shard
+        if parallel == "fsdp":
+            self.model = fsdp_wrap(model)
+        else:
+            self.model = (torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                if dist.initialized() else model)
+        self.optimizer = build_optimizer(cfg, self.model.parameters(), zero=parallel == "zero")
         self.scheduler = build_scheduler(cfg, self.optimizer)
         use_amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
@@ -180,7 +229,8 @@ class Trainer:
         self.mgr = CheckpointManager(c.dir, keep_last=c.keep_last, keep_best=c.keep_best, best_metric=c.best_metric,
                                      best_mode=c.best_mode, async_save=c.async_save,
                                      storage_options=c.storage_options, max_file_bytes=c.max_file_mb << 20,
-                                     io_threads=c.io_threads, timeout_s=c.timeout_s)
+                                     io_threads=c.io_threads, timeout_s=c.timeout_s,
+                                     split_replicated=c.split_writes)
         problem = None
         if self.rank == 0:
             try:
@@ -294,6 +344,7 @@ class Trainer:
 
     def preempt(self, signum: int) -> int:
         """Commit a checkpoint within the grace period, then exit 128+signal (retryable)."""
+        self.preempted = True  # also on ranks that learned of the signal from a peer (see close)
         name = signal.Signals(signum).name
         grace = self.cfg.checkpoint.grace_period_s
         log.warning("%s received: checkpointing step %d before exit (grace %.0f s)", name, self.step, grace)
@@ -345,16 +396,26 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        self.flag.uninstall()
-        if getattr(self, "progress", None) is not None:
-            self.progress.close()
-        if getattr(self, "mgr", None) is not None:
-            try:
-                self.mgr.close()
-            except CheckpointError as exc:
-                log.error("last checkpoint failed: %s", exc)
-        if dist.initialized():
-            torch_dist.destroy_process_group()
+        try:
+            if getattr(self, "progress", None) is not None:
+                self.progress.close()
+            if getattr(self, "mgr", None) is not None:
+                try:
+                    self.mgr.close()
+                except CheckpointError as exc:
+                    log.error("last checkpoint failed: %s", exc)
+            if dist.initialized():
+                torch_dist.destroy_process_group()
+        finally:
+            # Handlers go last, so a signal during the final wait and teardown is recorded, not fatal. After a
+            # preemption we are leaving with 128+signal: further ones are ignored (SIG_IGN also holds through
+            # interpreter teardown, which takes seconds with torch loaded), so a second SIGTERM (torchrun tearing
+            # down the ranks that exit later) cannot turn the documented exit code into death by signal (-15).
+            if self.preempted:
+                for sig in HANDLED_SIGNALS:
+                    signal.signal(sig, signal.SIG_IGN)
+            else:
+                self.flag.uninstall()
 
 
 def train(cfg: Config, builder: WorkloadBuilder | None = None) -> int:

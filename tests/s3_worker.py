@@ -14,22 +14,20 @@ import torch
 STORAGE_OPTIONS = {"harness_part_size_mb": 1 / 32, "harness_max_concurrency": 2}   # 32 KiB parts
 
 
-def make_state(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def make_state(seed: int) -> tuple[torch.nn.Module, dict]:
+    """A model and a large extra tensor (~1.3 MB in all: about 40 parts of 32 KiB). No optimizer step:
+    torch's first one costs seconds of imports in a fresh process."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(16, 256)
-    model(x).pow(2).mean().backward()
-    opt.step()
-    return model, opt
+    return model, {"big": torch.randn(250_000)}
 
 
 def main() -> None:
     url, step, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     from harness import CheckpointManager
-    model, opt = make_state(seed)
+    model, extra = make_state(seed)
     mgr = CheckpointManager(url, keep_last=0, storage_options=STORAGE_OPTIONS)
-    mgr.save(step, models=model, optimizers=opt, loss=float(seed))
+    mgr.save(step, models=model, extra=extra, loss=float(seed))
     mgr.close()
     print(f"saved step {step}", flush=True)
 

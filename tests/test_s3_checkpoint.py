@@ -64,9 +64,9 @@ def test_roundtrip_multipart_models_optimizer_rng(s3_url, s3_server):
     assert_bitwise(result.extra["ints"], extra["ints"])
 
 
-def test_retention_keep_last_and_no_leftovers(s3_url, s3_server):
+def test_async_saves_retention_keep_last_and_no_leftovers(s3_url, s3_server):
     model, opt, sched = simple_run()
-    mgr = CheckpointManager(s3_url, keep_last=2, storage_options=SMALL_PARTS)
+    mgr = CheckpointManager(s3_url, keep_last=2, storage_options=SMALL_PARTS, async_save=True)  # background
     for step in range(1, 6):
         train_step(model, opt, sched, seed=step)
         _save(mgr, step, model, opt, sched, extra=_big_extra(step), loss=1.0 / step)

@@ -93,18 +93,19 @@ def test_kill_mid_upload_leaves_nothing_visible(s3_server, s3_url, fault):
     else:                            # killed after a whole data object: an uncommitted folder
         assert "step-000000002" in [i.name for i in list_checkpoints(storage, committed_only=False)]
 
-    model, opt = make_state(1)
-    m2, o2 = make_state(99)
-    result = CheckpointManager(s3_url, storage_options=WORKER_OPTIONS).restore(models=m2, optimizers=o2)
+    model, extra = make_state(1)
+    m2, _ = make_state(99)
+    result = CheckpointManager(s3_url, storage_options=WORKER_OPTIONS).restore(models=m2)
     assert result.name == "step-000000001"
     assert_bitwise(m2.state_dict(), model.state_dict())
-    assert_bitwise(o2.state_dict(), opt.state_dict())
+    assert_bitwise(result.extra["big"], extra["big"])
 
-    again = worker(2, seed=2)        # the restarted job saves step 2 again, under a fresh name if needed
-    assert again.returncode == 0, again.stderr
-    result = CheckpointManager(s3_url, storage_options=WORKER_OPTIONS).restore(models=m2, optimizers=o2)
-    assert result.step == 2
-    assert_bitwise(m2.state_dict(), make_state(2)[0].state_dict())
+    if fault.startswith("s3.part"):
+        again = worker(2, seed=2)    # the restarted job saves step 2 again
+        assert again.returncode == 0, again.stderr
+        result = CheckpointManager(s3_url, storage_options=WORKER_OPTIONS).restore(models=m2)
+        assert result.step == 2
+        assert_bitwise(m2.state_dict(), make_state(2)[0].state_dict())
 
 
 # -- fail fast ------------------------------------------------------------------------------------------

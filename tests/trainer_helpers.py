@@ -9,6 +9,7 @@ running) when the test ends.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -89,7 +90,12 @@ def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "HARNESS_FAULT" and not k.startswith("TORCHELASTIC")}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
         env.pop(k, None)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), **extra)
+    # torch 2.13's c10d rendezvous shares one agent-hosted TCPStore across worker-group restarts, with no
+    # per-attempt key prefix (pytorch/pytorch#135712 again): a restarted worker can read its peer's gloo
+    # address from the previous attempt and fail or hang in init_process_group. Opting out of the
+    # sharing gives every attempt a fresh store (probe here: 3 of 4 runs failed or hung without it).
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO),
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **extra)
     return env
 
 
@@ -354,9 +360,10 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
 SUMMARY_KEYS = ("step", "epoch", "loss", "metrics", "world_size", "model_classes")
 
 
-def assert_same_final(run_dir: Path, reference: FinalState) -> FinalState:
+def assert_same_final(run_dir: Path, ref: "Reference | FinalState") -> FinalState:
     """The final checkpoint of the run in run_dir equals the reference's bit for bit: every tensor of model,
     optimizer, scheduler, every rank's RNG and data position, and step/epoch/loss/metrics."""
+    reference = ref.get() if isinstance(ref, Reference) else ref
     got = final_state(run_dir / "ck")
     assert got.raw["step"] == MAX_STEPS, f"final checkpoint {got.name} is not at step {MAX_STEPS}"
     for key in SUMMARY_KEYS:
@@ -386,21 +393,39 @@ def worker_exit_codes(log: str) -> dict[int, int]:
 
 # -- the uninterrupted reference ------------------------------------------------------------------------
 
-_REFERENCE: dict[str, Any] = {}
+class Reference:
+    """The final state of one uninterrupted 2-rank torchrun run, shared by every test of a session. The run
+    starts in the background when first asked for, so it overlaps the first test's own runs."""
 
+    _shared: "Reference | None" = None
 
-def reference(tmp_root: Path) -> FinalState:
-    """The final state of one uninterrupted 2-rank torchrun run, computed once per test session."""
-    if "state" not in _REFERENCE:
-        tmp = tmp_root / "reference"
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
-        runner = Runner(tmp)
-        try:
-            proc = runner.run("reference", torchrun_cmd(tmp))
-            assert proc.rc == 0, f"reference run failed with {proc.rc}:\n{proc.tail()}"
-        finally:
-            runner.close()
-        assert committed_steps(tmp / "ck")[-1] == MAX_STEPS
-        _REFERENCE["state"] = final_state(tmp / "ck")
-        _REFERENCE["dir"] = tmp
-    return _REFERENCE["state"]
+        self.runner = Runner(tmp)
+        self.proc = self.runner.start("reference", torchrun_cmd(tmp))
+        atexit.register(self.runner.close)  # a session that never waited for it must not leave it running
+        self._state: FinalState | None = None
+
+    @classmethod
+    def shared(cls, tmp_root: Path) -> "Reference":
+        if cls._shared is None or cls._shared.tmp.parent != tmp_root:
+            cls._shared = cls(tmp_root / "reference")
+        return cls._shared
+
+    def get(self) -> FinalState:
+        if self._state is None:
+            try:
+                rc = self.proc.wait()
+            finally:
+                self.runner.close()
+            assert rc == 0, f"reference run failed with {rc}:\n{self.proc.tail()}"
+            assert committed_steps(self.tmp / "ck")[-1] == MAX_STEPS
+            assert not events(self.tmp, "resume"), "the reference run resumed from something"
+            self._state = final_state(self.tmp / "ck")
+        return self._state
+
+
+def reference(tmp_root: Path) -> Reference:
+    """The session's reference run (started now if it is not running yet); ``.get()`` waits for it."""
+    return Reference.shared(tmp_root)

@@ -10,6 +10,7 @@ torch dtypes. Decoding accepts only these tags; anything else is refused.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -22,6 +23,63 @@ MAX_DEPTH = 64
 _FLOAT_TAGS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
+@dataclass
+class Shard:
+    """This rank's piece of a sharded tensor (a DTensor's local shard): stored as one tensor entry with
+    ``global_shape`` and ``global_offset``. ``owner`` is False for a replica that another rank writes."""
+
+    local: torch.Tensor
+    global_shape: tuple[int, ...]
+    global_offset: tuple[int, ...]
+    owner: bool = True
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.local.shape
+
+    def numel(self) -> int:
+        return self.local.numel()
+
+    def element_size(self) -> int:
+        return self.local.element_size()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return None
+    return DTensor
+
+
+_DTENSOR = _dtensor_type()
+
+
+def is_dtensor(obj: Any) -> bool:
+    return _DTENSOR is not None and isinstance(obj, _DTENSOR)
+
+
+def dtensor_shard(t: Any) -> Shard:
+    """The local shard of a DTensor with its place in the global tensor. Replicated mesh dimensions are
+    written by their coordinate-0 member only; partial (pending reduction) placements are refused."""
+    from torch.distributed.tensor import Replicate, Shard as ShardPlacement
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = t.device_mesh, t.placements
+    for p in placements:
+        if not isinstance(p, (Replicate, ShardPlacement)):
+            raise TypeError(f"cannot checkpoint a DTensor with placement {p} (reduce it first)")
+    _, offset = compute_local_shape_and_global_offset(t.shape, mesh, placements)
+    coord = mesh.get_coordinate() or [0] * mesh.ndim
+    owner = all(c == 0 for c, p in zip(coord, placements) if isinstance(p, Replicate))
+    local = t.to_local()
+    return Shard(local=local, global_shape=tuple(t.shape), global_offset=tuple(int(o) for o in offset), owner=owner)
+
+
 def _plain_dict(d: dict) -> bool:
     return all(isinstance(k, str) and not k.startswith("__") for k in d)
 
@@ -29,8 +87,8 @@ def _plain_dict(d: dict) -> bool:
 class Encoder:
     """Encodes one tree; collects its tensors into ``self.tensors`` under unique keys."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor] | None = None) -> None:
-        self.tensors: dict[str, torch.Tensor] = {} if tensors is None else tensors
+    def __init__(self, tensors: dict[str, torch.Tensor | Shard] | None = None) -> None:
+        self.tensors: dict[str, torch.Tensor | Shard] = {} if tensors is None else tensors
 
     def encode(self, obj: Any, path: str, depth: int = 0) -> Any:
         if depth > MAX_DEPTH:
@@ -43,6 +101,8 @@ class Encoder:
             if math.isfinite(obj):
                 return obj
             return {"__float__": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
+        if is_dtensor(obj):
+            return {"__tensor__": self._add(path, dtensor_shard(obj))}
         if isinstance(obj, torch.Tensor):
             return {"__tensor__": self._add(path, obj)}
         if isinstance(obj, np.ndarray):
@@ -64,7 +124,7 @@ class Encoder:
         raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {path!r}: use tensors, numbers, "
                         "strings, lists, tuples and dicts, or give the object state_dict()/load_state_dict()")
 
-    def _add(self, path: str, tensor: torch.Tensor) -> str:
+    def _add(self, path: str, tensor: torch.Tensor | Shard) -> str:
         key, n = path, 1
         while key in self.tensors:  # paths are unique unless a dict key contains "/"
             n += 1

@@ -61,6 +61,10 @@ def open_checkpoint(storage: Storage, name: str) -> Manifest:
         commit = read_commit(storage, name)
     except FileNotFoundError:
         raise CheckpointError(f"{name}: no commit record (the save never completed)") from None
+    parsed = parse_name(name)
+    if parsed is not None and parsed[0] != commit["step"]:
+        raise CheckpointFormatError(f"{name}: commit record says step {commit['step']}, the folder name says "
+                                    f"{parsed[0]}")
     rel = f"{name}/{MANIFEST_FILE}"
     size = storage.size(rel)
     if size is None:

@@ -53,9 +53,10 @@ The checkpoint used is the newest one that verifies completely (every checksum),
 damaged ones as restore does, the newest valid one at ``step``, or with ``best=True`` the best valid one
 by a metric (``metric``/``mode``; default: the run config's ``checkpoint.best_metric``/``best_mode``,
 else ``loss``/``min``). Nothing from the checkpoint is ever unpickled: it is read with
-:func:`harness.checkpoint.load.read_state`. Each output is written to a temporary file next to it,
-fsync'd and renamed, so it is either whole or absent (an existing file is replaced only by a complete
-new one).
+:func:`harness.checkpoint.load.read_state`, or for a sharded checkpoint (ZeRO, FSDP/DTensor) consolidated
+into full tensors by :func:`harness.checkpoint.sharded.consolidate`. Each output is written to a
+temporary file next to it, fsync'd and renamed, so it is either whole or absent (an existing file is
+replaced only by a complete new one).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ import torch
 
 import harness
 from harness.checkpoint import blobs
+from harness.checkpoint.discovery import open_checkpoint
 from harness.checkpoint.load import load_model_state, read_state
 from harness.checkpoint.select import choose, run_config
 from harness.errors import CheckpointError, HarnessError
@@ -130,10 +132,12 @@ def export_checkpoint(url: str, out: str, *, fmt: str = "pt", step: int | None =
     storage = Storage(url, storage_options)
 
     def load(name: str) -> tuple[Any, dict]:
+        manifest = open_checkpoint(storage, name)
+        if manifest.raw.get("sharding", "replicated") != "replicated" or any(
+                e.global_shape is not None for e in manifest.tensors.values()):
+            return manifest, _consolidated(storage, name, io_threads)
         # ranks=None: every referenced tensor is read and verified, like restore's choice
         manifest, state, _ = read_state(storage, name, ranks=None, threads=io_threads)
-        if any(e.global_shape is not None for e in manifest.tensors.values()):
-            raise HarnessError(f"{name} holds sharded tensors; exporting sharded checkpoints is not supported yet")
         return manifest, state
 
     name, (manifest, state), skipped, how = choose(storage, load, step=step, best=best, metric=metric, mode=mode)
@@ -161,7 +165,7 @@ def export_checkpoint(url: str, out: str, *, fmt: str = "pt", step: int | None =
         if cfg is not None:
             payload["config"] = _weights_only_safe(cfg)
         n_tensors = _count_tensors(payload)
-        _atomic_write(out, lambda f: torch.save(payload, f))
+        _atomic_write(out, lambda f: _quietly(torch.save, payload, f))
         outputs.append({"model": model, "out": out, "bytes": os.path.getsize(out), "check": None})
     elif fmt == "safetensors":
         tensors = _safetensors_tensors({n: models[n] for n in names}, name)
@@ -190,7 +194,7 @@ def export_checkpoint(url: str, out: str, *, fmt: str = "pt", step: int | None =
                 module = qmodule
             if fmt == "torchscript":
                 program, check = to_torchscript(module, args, what=f"model {n!r}")
-                _atomic_write(path, lambda f: torch.jit.save(program, f))
+                _atomic_write(path, lambda f: _quietly(torch.jit.save, program, f))
             else:
                 check = _atomic_produce(path, lambda tmp: to_onnx(module, args, tmp, what=f"model {n!r}"))
             outputs.append({"model": n, "out": path, "bytes": os.path.getsize(path), "check": check})
@@ -203,6 +207,16 @@ def export_checkpoint(url: str, out: str, *, fmt: str = "pt", step: int | None =
     log.info("exported %s of %s (%s) to %s (%s, %d tensors)", name, redact_url(url), how,
              ", ".join(o["out"] for o in outputs), fmt, n_tensors)
     return summary
+
+
+def _consolidated(storage: Storage, name: str, threads: int) -> dict:
+    """Full tensors of a sharded checkpoint (ZeRO, FSDP/DTensor), every byte verified."""
+    try:
+        from harness.checkpoint.sharded import consolidate
+    except ImportError:
+        raise HarnessError(f"{name} holds sharded state; this harness cannot consolidate it for export") from None
+    state, _ = consolidate(storage, name, threads=threads)
+    return state
 
 
 def named_path(out: str, name: str) -> str:
@@ -399,11 +413,11 @@ def to_onnx(module: torch.nn.Module, args: tuple, path: str, what: str = "model"
     has_dynamo_flag = "dynamo" in inspect.signature(torch.onnx.export).parameters
     errors = []
     exporter = None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")
         if has_dynamo_flag and _onnx_dynamo_available():
             try:
-                torch.onnx.export(module, args, path, dynamo=True, external_data=False, **kwargs)
+                torch.onnx.export(module, args, path, dynamo=True, external_data=False, verbose=False, **kwargs)
                 exporter = "dynamo"
             except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript-based exporter
                 errors.append(f"dynamo exporter: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -416,12 +430,33 @@ def to_onnx(module: torch.nn.Module, args: tuple, path: str, what: str = "model"
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"TorchScript-based exporter: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}")
-                hint = "" if _onnx_dynamo_available() else " (the dynamo exporter needs onnxscript: pip install onnxscript)"
+                hint = ("" if _onnx_dynamo_available()
+                        else " (the dynamo exporter needs onnxscript: pip install onnxscript)")
                 raise HarnessError(f"cannot export {what} to ONNX: " + "; ".join(errors) + hint) from None
     check = {"exporter": exporter, "max_abs_diff": None}
     if importlib.util.find_spec("onnxruntime") is not None:
         check["max_abs_diff"] = _onnxruntime_check(module, args, path, input_names, what)
     return check
+
+
+def _quietly(fn: Callable, *args: Any) -> Any:
+    """Call ``fn`` without torch's deprecation notices (torch.jit.save, quantized tensors' storages)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+        return fn(*args)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str, level: int = logging.ERROR) -> Any:
+    """The exporter's own chatter (e.g. "torchvision is not installed") is not for our users."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def _onnxruntime_check(module: torch.nn.Module, args: tuple, path: str, input_names: list[str], what: str) -> float:
@@ -460,7 +495,7 @@ def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
     if not any(isinstance(m, torch.nn.Linear) for m in module.modules()):
         raise HarnessError("--quantize int8: the model has no torch.nn.Linear layer to quantize")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")  # torch.ao deprecation notices: the feature works, and is checked
         q = quant(copy.deepcopy(module).cpu().eval(), {torch.nn.Linear}, dtype=torch.qint8)
     return q.eval()
 

@@ -88,6 +88,15 @@ class TensorEntry:
     # Sharded tensors: the full tensor's shape and this shard's offset in it (one entry per shard).
     global_shape: tuple[int, ...] | None = None
     global_offset: tuple[int, ...] | None = None
+    # Optional: xxh3-64 of each block of ``chunk_rows`` rows (dim 0), so a reader can read and verify only
+    # a row range of a large shard (restore at another world size).
+    chunk_rows: int | None = None
+    chunk_checksums: tuple[str, ...] | None = None
+
+    @property
+    def ident(self) -> str:
+        """Unique name of the entry: the key, plus the shard's offset for a shard of a sharded tensor."""
+        return entry_ident(self.key, self.global_offset)
 
     def to_json(self) -> dict:
         d = {"key": self.key, "dtype": self.dtype, "shape": list(self.shape), "file": self.file,
@@ -95,7 +104,14 @@ class TensorEntry:
         if self.global_shape is not None:
             d["global_shape"] = list(self.global_shape)
             d["global_offset"] = list(self.global_offset or ())
+        if self.chunk_rows is not None:
+            d["chunk_rows"] = self.chunk_rows
+            d["chunk_checksums"] = list(self.chunk_checksums or ())
         return d
+
+
+def entry_ident(key: str, global_offset: tuple[int, ...] | None) -> str:
+    return key if global_offset is None else f"{key}@{','.join(map(str, global_offset))}"
 
 
 @dataclass
@@ -104,7 +120,17 @@ class Manifest:
 
     raw: dict
     files: dict[str, int]
-    tensors: dict[str, TensorEntry]
+    tensors: dict[str, TensorEntry]   # by entry ident: the key, or "key@o0,o1" for each shard
+
+    def entries(self, key: str) -> list[TensorEntry]:
+        """The entries stored under ``key``: one for a whole tensor, one per shard for a sharded one."""
+        index = self.__dict__.get("_by_key")
+        if index is None:
+            index = {}
+            for e in self.tensors.values():
+                index.setdefault(e.key, []).append(e)
+            self.__dict__["_by_key"] = index
+        return index.get(key, [])
 
     def __getattr__(self, item: str) -> Any:  # step, epoch, world_size, ... straight from the JSON
         try:
@@ -200,8 +226,9 @@ def parse_manifest(raw: bytes, commit: dict) -> Manifest:
     _require(isinstance(obj.get("state"), dict) and all(isinstance(r, dict) for r in ranks),
              "manifest: 'state' and every entry of 'ranks' must be objects")
     _require(_is_int(obj.get("epoch")) and isinstance(obj.get("name"), str), "manifest: bad epoch or name")
+    keys = {e.key for e in tensors.values()}
     for tree in [obj["state"], *ranks]:
-        missing = [k for k in codec.tensor_refs(tree) if k not in tensors]
+        missing = [k for k in codec.tensor_refs(tree) if k not in keys]
         _require(not missing, f"manifest: state refers to unknown tensors {missing[:3]}")
         codec.decode(tree, lambda key: torch.empty(0))  # every tag is known, nesting is bounded
     for what in ("loss", "metrics", "metadata"):
@@ -225,12 +252,39 @@ def _parse_files(files: Any) -> dict[str, int]:
 def _parse_tensors(entries: Any, files: dict[str, int]) -> dict[str, TensorEntry]:
     _require(isinstance(entries, list), "manifest: 'tensors' must be a list")
     out: dict[str, TensorEntry] = {}
+    kinds: dict[str, tuple] = {}  # key -> (sharded?, global shape, dtype): all entries of a key must agree
     for e in entries:
         entry = _parse_entry(e, files)
-        ident = entry.key if entry.global_offset is None else f"{entry.key}@{entry.global_offset}"
-        _require(ident not in out, f"manifest: tensor {entry.key[:80]!r} listed twice")
+        ident = entry.ident
+        _require(ident not in out, f"manifest: tensor {ident[:80]!r} listed twice")
+        kind = (entry.global_shape is not None, entry.global_shape, entry.dtype)
+        _require(kinds.setdefault(entry.key, kind) == kind,
+                 f"manifest: tensor {entry.key[:80]!r} is listed both whole and sharded, or with different "
+                 "global shapes or dtypes")
         out[ident] = entry
+    _check_coverage(out)
     return out
+
+
+def _check_coverage(tensors: dict[str, TensorEntry]) -> None:
+    """The shards of each sharded tensor tile its global shape exactly: no gap, no overlap."""
+    shards: dict[str, list[TensorEntry]] = {}
+    for e in tensors.values():
+        if e.global_shape is not None:
+            shards.setdefault(e.key, []).append(e)
+    for key, es in shards.items():
+        total = math.prod(es[0].global_shape)
+        _require(sum(math.prod(e.shape) for e in es) == total,
+                 f"manifest: the shards of tensor {key[:80]!r} do not cover its global shape "
+                 f"{list(es[0].global_shape)} exactly")
+        boxes = [(e.global_offset, e.shape) for e in es if math.prod(e.shape)]
+        boxes.sort()
+        for i, (oa, sa) in enumerate(boxes):  # sorted by offset: only neighbours in dim 0 order can overlap
+            for ob, sb in boxes[i + 1:]:
+                if ob[0] >= oa[0] + sa[0]:
+                    break
+                _require(not all(b < a + n and a < b + m for a, n, b, m in zip(oa, sa, ob, sb)),
+                         f"manifest: shards of tensor {key[:80]!r} overlap")
 
 
 def _int_list(v: Any, what: str) -> tuple[int, ...]:
@@ -267,5 +321,13 @@ def _parse_entry(e: Any, files: dict[str, int]) -> TensorEntry:
         goff = _int_list(e.get("global_offset"), f"tensor {key[:80]!r} global_offset")
         _require(len(gshape) == len(shape) == len(goff) and all(o + s <= g for o, s, g in zip(goff, shape, gshape)),
                  f"{where}: shard does not fit inside its global shape")
+    crows = csums = None
+    if "chunk_rows" in e:
+        crows, csums = e["chunk_rows"], e.get("chunk_checksums")
+        _require(_is_int(crows) and crows >= 1 and len(shape) >= 1, f"{where}: bad chunk_rows")
+        _require(isinstance(csums, list) and len(csums) == -(-shape[0] // crows)
+                 and all(isinstance(c, str) and _HEX16_RE.match(c) for c in csums), f"{where}: bad chunk_checksums")
+        csums = tuple(csums)
     return TensorEntry(key=key, dtype=dtype, shape=shape, file=fname, offset=offset, length=length,
-                       checksum=e["checksum"], rank=rank, global_shape=gshape, global_offset=goff)
+                       checksum=e["checksum"], rank=rank, global_shape=gshape, global_offset=goff,
+                       chunk_rows=crows, chunk_checksums=csums)

@@ -79,8 +79,13 @@ def load_file(src: str) -> Any:
             tensors, _ = read_safetensors(f, shown)
             return tensors
         try:
-            return torch.load(f, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # refused below if it matters
+                return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            if not re.search(r"GLOBAL|global|[Cc]lass", str(exc)):  # no Python object asked for: not our format
+                raise CheckpointFormatError(f"{shown} is not a readable torch.save or safetensors file "
+                                            f"({_unpickling_reason(exc)}); nothing from it was run") from None
             raise CheckpointFormatError(
                 f"{shown} is refused: loading it would need unpickling arbitrary Python objects "
                 f"({_unpickling_reason(exc)}); only tensors and plain containers are accepted "
@@ -97,8 +102,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _unpickling_reason(exc: BaseException) -> str:
     text = str(exc)
-    m = re.search(r"(Unsupported global: GLOBAL [\w.]+|unsupported GLOBAL [\w.]+|Unsupported operand \d+"
-                  r"|[^\n]*GLOBAL [\w.]+[^\n]*)", text)
+    m = re.search(r"([^\n]*GLOBAL [\w.]+[^\n]*|Unsupported operand \d+|invalid load key[^\n]*)", text)
     reason = m.group(1) if m else _first_line(exc)
     return " ".join(reason.split())[:200]
 
@@ -298,6 +302,13 @@ class ImportedState:
     def load_state_dict(self, state: dict) -> None:
         self._state = state
 
+    @property
+    def param_groups(self) -> list:
+        """An optimizer's groups as saved (parameter indices, not tensors): for code that asks an optimizer
+        which parameters it holds."""
+        groups = self._state.get("param_groups") if isinstance(self._state, dict) else None
+        return groups if isinstance(groups, list) else []
+
 
 def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int | None = None,
                       config: Any = None, fresh_optimizer: bool = False,
@@ -358,6 +369,10 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
             objects = {"models": {n: ImportedState(sd) for n, sd in imp.models.items()},
                        "optimizers": {n: ImportedState(sd) for n, sd in imp.optimizers.items()},
                        "schedulers": {n: ImportedState(sd) for n, sd in imp.schedulers.items()}}
+            odd = [n for n, sd in imp.schedulers.items() if not {"lr_lambdas", "base_lrs", "last_epoch"} <= set(sd)]
+            if odd:
+                notes.append("the scheduler state is not a LambdaLR's (the scheduler `harness train` builds): to "
+                             "resume with `harness train`, import with the run's --config")
             if not imp.optimizers or not imp.schedulers:
                 missing = [k for k, v in (("optimizer", imp.optimizers), ("scheduler", imp.schedulers)) if not v]
                 notes.append(f"no {' or '.join(missing)} state in the file: to resume with `harness train`, import "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -14,12 +15,13 @@ import torch
 
 import harness
 from harness import dist, faults
-from harness.checkpoint import blobs, codec, retention
+from harness.checkpoint import blobs, codec, retention, sharded
 from harness.checkpoint.discovery import list_checkpoints, open_checkpoint
 from harness.checkpoint.format import (CHECKSUM_ALGORITHM, COMMIT_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
                                        ckpt_name, dumps, make_commit, parse_name)
 from harness.checkpoint.load import LoadReport, class_name, decode_state, load_model_state, state_keys
-from harness.errors import CheckpointError, NoCheckpointError, StorageError
+from harness.errors import (CheckpointCorruptError, CheckpointError, CheckpointFormatError, NoCheckpointError,
+                            StorageError)
 from harness.state import Stateful, capture_rng, restore_rng, unwrap_model
 from harness.storage import Storage, redact_url
 
@@ -64,8 +66,11 @@ class CheckpointManager:
 
     def __init__(self, dir: str, *, keep_last: int = 3, keep_best: int = 0, best_metric: str = "loss",
                  best_mode: str = "min", async_save: bool = False, storage_options: dict | None = None,
-                 max_file_bytes: int = 256 << 20, io_threads: int = 4, timeout_s: float = 600.0) -> None:
+                 max_file_bytes: int = 256 << 20, io_threads: int = 4, timeout_s: float = 600.0,
+                 split_replicated: bool = False, shard_chunk_bytes: int = blobs.CHUNK_BYTES) -> None:
         self.storage = Storage(dir, storage_options)
+        self.split_replicated = split_replicated  # ranks share the writes of replicated state (greedy by size)
+        self.shard_chunk_bytes = shard_chunk_bytes
         self.policy = retention.RetentionPolicy(keep_last, keep_best, best_metric, best_mode)
         self.async_save = async_save
         self.max_file_bytes = max_file_bytes
@@ -100,28 +105,58 @@ class CheckpointManager:
              metrics: dict | None = None, extra: Mapping[str, Any] | None = None, rank_state: Any = None,
              metadata: dict | None = None) -> None:
         """Checkpoint the given state as of ``step``. Collective. ``position`` and ``rank_state`` are this
-        rank's own (data cursor, anything per rank); everything else is replicated and written once."""
+        rank's own (data cursor, anything per rank); everything else is replicated and written once (by rank
+        0, or split across ranks with ``split_replicated``), except sharded state: a ZeroRedundancyOptimizer in
+        ``optimizers`` (each rank writes the state of the parameters it owns) and DTensor (FSDP2) models and
+        their optimizers (each rank writes its local shards)."""
         self.wait()  # at most one save in flight; a failure of the previous one surfaces here
         t0 = time.perf_counter()
         models_d = _named(models, "model")
         meta = {"step": int(step), "epoch": int(epoch), "loss": _plain(None if loss is None else float(loss), "loss"),
                 "metrics": _plain(dict(metrics or {}), "metrics"), "metadata": _plain(dict(metadata or {}), "metadata"),
                 "model_classes": {n: class_name(m) for n, m in models_d.items()}}
-        enc = codec.Encoder()
-        rep_tree = None
-        if self.rank == 0:
-            rep_tree = enc.encode(self._replicated(models_d, optimizers, schedulers, scaler, extra), "state")
-        rank_tree = enc.encode({"rng": capture_rng(), "position": position, "rank_state": rank_state},
+        opts_d = _named(optimizers, "optimizer")
+        special = sharded.needs_collective(models_d, opts_d)
+        enc, own = codec.Encoder(), codec.Encoder()  # replicated tensors; tensors only this rank holds
+        rep_tree, zero_trees = None, {}
+        if self.rank == 0 or special or (self.split_replicated and self.world_size > 1):
+            state, zero_parts, meta["sharding"] = sharded.capture(
+                models_d, opts_d, _named(schedulers, "scheduler"), scaler, extra)
+            tree = enc.encode(state, "state")
+            rep_tree = tree if self.rank == 0 else None
+            zero_trees = {n: own.encode(st, f"state/optimizers/{n}/state") for n, st in zero_parts.items()}
+        rank_tree = own.encode({"rng": capture_rng(), "position": position, "rank_state": rank_state},
                                f"ranks/{self.rank}")
-        tensors = enc.tensors
+        tensors = self._my_writes(enc.tensors, own.tensors)
         if self._pool is None:
-            self._persist(meta, rep_tree, rank_tree, tensors, t0)
+            self._persist(meta, rep_tree, rank_tree, tensors, t0, zero_trees)
             return
         # Snapshot: the only blocking part. Training may change parameters as soon as we return.
-        tensors = {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
+        tensors = {k: (codec.Shard(t.local.detach().to("cpu", copy=True), t.global_shape, t.global_offset, t.owner)
+                       if isinstance(t, codec.Shard) else t.detach().to("cpu", copy=True)) for k, t in tensors.items()}
         blocked = time.perf_counter() - t0
         log.info("checkpoint step %d: snapshot taken in %.3f s, persisting in background", step, blocked)
-        self._pending = self._pool.submit(self._persist, meta, rep_tree, rank_tree, tensors, t0)
+        self._pending = self._pool.submit(self._persist, meta, rep_tree, rank_tree, tensors, t0, zero_trees)
+
+    def _my_writes(self, replicated: dict, own: dict) -> dict:
+        """The tensors this rank writes: its own (per-rank state, its ZeRO state), its DTensor shards, and its
+        share of the replicated ones (all of them on rank 0 unless split_replicated)."""
+        out: dict = {}
+        whole = {}
+        for k, t in replicated.items():
+            if isinstance(t, codec.Shard):
+                empty_global = math.prod(t.global_shape) == 0
+                if t.owner and (t.numel() > 0 or (empty_global and self.rank == 0)):
+                    out[k] = t
+            else:
+                whole[k] = t
+        if self.split_replicated and self.world_size > 1:
+            writers = sharded.assign_writers({k: sharded.nbytes(t) for k, t in whole.items()}, self.world_size)
+            out.update({k: t for k, t in whole.items() if writers[k] == self.rank})
+        elif self.rank == 0:
+            out.update(whole)
+        out.update(own)
+        return out
 
     @staticmethod
     def _replicated(models: dict, optimizers: Named, schedulers: Named, scaler: Any,
@@ -134,15 +169,20 @@ class CheckpointManager:
             "extra": {n: (o.state_dict() if isinstance(o, Stateful) else o) for n, o in (extra or {}).items()},
         }
 
-    def _persist(self, meta: dict, rep_tree: Any, rank_tree: Any, tensors: dict, t0: float) -> str:
+    def _persist(self, meta: dict, rep_tree: Any, rank_tree: Any, tensors: dict, t0: float,
+                 zero_trees: dict | None = None) -> str:
         step = meta["step"]
-        name = dist.broadcast(self._free_name(step) if self.rank == 0 else None, self._group)
+        name = dist.broadcast(self._free_name_or_error(step) if self.rank == 0 else None, self._group)
+        if name.startswith("error:"):  # rank 0 could not even list the folder: nobody writes
+            raise CheckpointError(f"checkpoint at step {step} was not started: {name[6:]}")
         try:
             self.storage.makedirs(name)
             files, entries = blobs.write_tensors(self.storage, name, tensors, rank=self.rank, step=step,
-                                                 max_file_bytes=self.max_file_bytes, threads=self.io_threads)
+                                                 max_file_bytes=self.max_file_bytes, threads=self.io_threads,
+                                                 chunk_bytes=self.shard_chunk_bytes)
             self.storage.sync_dir(name)
-            frag = {"ok": True, "files": files, "entries": [e.to_json() for e in entries], "tree": rank_tree}
+            frag = {"ok": True, "files": files, "entries": [e.to_json() for e in entries], "tree": rank_tree,
+                    "zero": zero_trees or {}}
         except Exception as exc:  # noqa: BLE001 - reported to rank 0, which then does not commit
             log.error("checkpoint %s: rank %d failed to write: %s: %s", name, self.rank, type(exc).__name__, exc)
             frag = {"ok": False, "error": f"rank {self.rank}: {type(exc).__name__}: {exc}"}
@@ -156,6 +196,12 @@ class CheckpointManager:
             log.info("checkpoint %s committed: %.1f MB in %.2f s", name, outcome["bytes"] / 1e6,
                      time.perf_counter() - t0)
         return name
+
+    def _free_name_or_error(self, step: int) -> str:
+        try:
+            return self._free_name(step)
+        except Exception as exc:  # noqa: BLE001 - the other ranks wait on this broadcast
+            return f"error:{type(exc).__name__}: {exc}"
 
     def _free_name(self, step: int) -> str:
         """A folder name never used before: a checkpoint is never overwritten in place."""
@@ -191,6 +237,13 @@ class CheckpointManager:
 
     def _manifest(self, name: str, meta: dict, rep_tree: Any, frags: list) -> dict:
         now = time.time()
+        for n in frags[0].get("zero") or {}:  # ZeRO: each rank's optimizer state, by global parameter index
+            sharded.merge_zero(rep_tree, n, [f.get("zero", {}).get(n) for f in frags])
+        written = {e["key"] for f in frags for e in f["entries"]}
+        missing = [k for tree in [rep_tree, *(f["tree"] for f in frags)] for k in codec.tensor_refs(tree)
+                   if k not in written]
+        if missing:  # ranks disagreed about the replicated state (e.g. a rank-dependent key): refuse to commit
+            raise CheckpointError(f"no rank wrote tensors {missing[:3]} (the ranks' replicated state differs?)")
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
             "harness_version": harness.__version__, "torch_version": torch.__version__,
@@ -230,28 +283,47 @@ class CheckpointManager:
         same one. Returns None when there is no checkpoint at all (a first run)."""
         self.wait()
         t0 = time.perf_counter()
-        decision, tensors = None, {}
-        if self.rank == 0:
+        # Sharded targets (FSDP model, ZeRO optimizer) or a sharded checkpoint: every rank reads (and
+        # verifies) only what it needs, and the ranks walk back together past a damaged checkpoint.
+        collective = sharded.needs_collective(_named(models, "model"), _named(optimizers, "optimizer"))
+        exclude: list[str] = []
+        skipped: list = []
+        while True:
+            decision, tensors = None, {}
+            if self.rank == 0:
+                try:
+                    decision, tensors = self._choose(step, collective=collective, exclude=exclude)
+                except Exception as exc:  # noqa: BLE001 - tell the other ranks instead of leaving them waiting
+                    decision = {"name": None, "skipped": [], "error": f"{type(exc).__name__}: {exc}"}
+            decision = dist.broadcast(decision, self._group)
+            decision["skipped"] = skipped + list(decision["skipped"])
+            self._damaged |= {n for n, _ in decision["skipped"]}
+            if decision.get("error"):
+                raise (NoCheckpointError if decision.get("none") else CheckpointError)(decision["error"])
+            if decision["name"] is None:
+                log.info("no checkpoint in %s: starting fresh", redact_url(self.storage.url))
+                return None
+            name = decision["name"]
+            if decision.get("collective"):
+                verdict, manifest, state, mine = self._load_collective(name, models, optimizers, schedulers,
+                                                                       scaler, extra)
+                if verdict is not None and verdict[0] == "damaged":
+                    log.error("checkpoint %s is not usable, trying an older one: %s", name, verdict[1])
+                    exclude.append(name)
+                    skipped = decision["skipped"] + [(name, verdict[1])]
+                    continue
+                if verdict is not None:
+                    raise CheckpointError(f"restore of {name} failed: {verdict[1]}")
+                break
             try:
-                decision, tensors = self._choose(step)
-            except Exception as exc:  # noqa: BLE001 - tell the other ranks instead of leaving them waiting
-                decision = {"name": None, "skipped": [], "error": f"{type(exc).__name__}: {exc}"}
-        decision = dist.broadcast(decision, self._group)
-        self._damaged |= {n for n, _ in decision["skipped"]}
-        if decision.get("error"):
-            raise (NoCheckpointError if decision.get("none") else CheckpointError)(decision["error"])
-        if decision["name"] is None:
-            log.info("no checkpoint in %s: starting fresh", redact_url(self.storage.url))
-            return None
-        name = decision["name"]
-        try:
-            manifest, state, mine = self._load(name, tensors)
-            ok = True
-        except Exception as exc:  # noqa: BLE001 - every rank must learn that one failed, or others hang later
-            log.error("rank %d could not load %s: %s", self.rank, name, exc)
-            ok, err = False, exc
-        if not dist.all_ok(ok, self._group):
-            raise CheckpointError(f"restore of {name} failed on at least one rank") from (None if ok else err)
+                manifest, state, mine = self._load(name, tensors)
+                ok = True
+            except Exception as exc:  # noqa: BLE001 - every rank must learn that one failed, or others hang later
+                log.error("rank %d could not load %s: %s", self.rank, name, exc)
+                ok, err = False, exc
+            if not dist.all_ok(ok, self._group):
+                raise CheckpointError(f"restore of {name} failed on at least one rank") from (None if ok else err)
+            break
         result = self._apply(manifest, state, mine, models, optimizers, schedulers, scaler, extra, strict,
                              skip_mismatched, rng)
         result.skipped = decision["skipped"]
@@ -259,10 +331,12 @@ class CheckpointManager:
                  time.perf_counter() - t0)
         return result
 
-    def _choose(self, step: int | None) -> tuple[dict, dict]:
-        """Rank 0: the newest checkpoint that verifies completely, and the tensors it read doing so."""
+    def _choose(self, step: int | None, collective: bool = False, exclude: list[str] = ()) -> tuple[dict, dict]:
+        """Rank 0: the newest checkpoint that verifies completely, and the tensors it read doing so. A sharded
+        checkpoint (or sharded targets: ``collective``) is only opened here: the ranks then read and verify
+        it together (:meth:`_load_collective`), and come back with ``exclude`` if it was damaged."""
         infos = [i for i in reversed(list_checkpoints(self.storage, committed_only=False))
-                 if step is None or i.step == step]
+                 if (step is None or i.step == step) and i.name not in exclude]
         skipped: list[tuple[str, str]] = []
         for info in infos:
             if not info.committed:  # an interrupted save, or a lost COMMIT: never used, kept for a look
@@ -272,6 +346,8 @@ class CheckpointManager:
                 continue
             try:
                 manifest = open_checkpoint(self.storage, info.name)
+                if collective or manifest.raw.get("sharding", "replicated") != "replicated":
+                    return {"name": info.name, "skipped": skipped, "collective": True}, {}
                 entries = list(manifest.tensors.values())  # verify all ranks' bytes, not only ours
                 tensors = blobs.read_tensors(self.storage, info.name, entries, threads=self.io_threads)
                 return {"name": info.name, "skipped": skipped}, {"manifest": manifest, "tensors": tensors}
@@ -287,6 +363,38 @@ class CheckpointManager:
             return {"name": None, "skipped": skipped, "error": "no valid checkpoint: every committed checkpoint "
                     "failed verification (" + "; ".join(f"{n}: {r}" for n, r in skipped) + ")"}, {}
         return {"name": None, "skipped": skipped}, {}
+
+    def _load_collective(self, name: str, models: Named, optimizers: Named, schedulers: Named, scaler: Any,
+                         extra: Mapping[str, Any] | None) -> tuple[Any, Any, Any, Any]:
+        """Every rank reads what it needs of ``name`` (and its share of verification). Returns (verdict,
+        manifest, state, own per-rank state); verdict is None, ("damaged", why) or ("fatal", why), the same
+        on every rank."""
+        manifest = state = mine = None
+        try:
+            manifest = open_checkpoint(self.storage, name)
+            state, mine = sharded.load(self.storage, name, manifest, rank=self.rank, world=self.world_size,
+                                       models=_named(models, "model"), optimizers=_named(optimizers, "optimizer"),
+                                       schedulers=_named(schedulers, "scheduler"), scaler=scaler, extra=extra,
+                                       threads=self.io_threads)
+            problem = None
+        except StorageError as exc:
+            problem = ("fatal", f"rank {self.rank}: {exc}")
+        except (CheckpointCorruptError, CheckpointFormatError, OSError, EOFError) as exc:
+            problem = ("damaged", f"rank {self.rank}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - every rank must learn that one failed, or others hang later
+            problem = ("fatal", f"rank {self.rank}: {type(exc).__name__}: {exc}" if not isinstance(exc, CheckpointError)
+                       else f"rank {self.rank}: {exc}")
+        if problem:
+            log.error("rank %d could not load %s: %s", self.rank, name, problem[1])
+        problems = dist.gather(problem, self._group)
+        verdict = None
+        if problems is not None:
+            found = [p for p in problems if p]
+            verdict = next((p for p in found if p[0] == "fatal"), found[0] if found else None)
+        verdict = dist.broadcast(verdict, self._group)
+        if verdict is not None and problem and verdict[0] == "fatal" and problem[0] == "fatal":
+            verdict = problem  # this rank's own message (e.g. which tensor does not fit)
+        return verdict, manifest, state, mine
 
     def _load(self, name: str, prefetched: dict) -> tuple[Any, dict, Any]:
         mine = [self.rank]
@@ -306,10 +414,24 @@ class CheckpointManager:
             saved_cls = manifest.raw.get("model_classes", {}).get(n)
             if saved_cls and saved_cls != class_name(m):
                 log.warning("model %r was saved from %s and is loaded into %s", n, saved_cls, class_name(m))
+            if sharded.is_fsdp(m):
+                saved = _pick(state["models"], n, "model")
+                sharded.check_fsdp_keys(m, saved, strict, n)
+                sharded.load_fsdp_model(m, saved, strict=strict, name=n)
+                report[n] = LoadReport(loaded=len(saved))
+                continue
             report[n] = load_model_state(m, _pick(state["models"], n, "model"), strict=strict,
                                          skip_mismatched=skip_mismatched, name=n)
+        models_d = _named(models, "model")
         for n, o in _named(optimizers, "optimizer").items():
-            o.load_state_dict(_pick(state["optimizers"], n, "optimizer"))
+            saved = _pick(state["optimizers"], n, "optimizer")
+            owner = None if sharded.is_zero(o) else sharded._fsdp_model_of(o, models_d)
+            if sharded.is_zero(o):
+                sharded.load_zero(o, saved, n)
+            elif owner is not None:
+                sharded.load_fsdp_optimizer(owner, o, saved)
+            else:
+                o.load_state_dict(saved)
         for n, s in _named(schedulers, "scheduler").items():
             s.load_state_dict(_pick(state["schedulers"], n, "scheduler"))
         if scaler is not None and state.get("scaler") is not None:

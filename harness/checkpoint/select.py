@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 from harness.checkpoint import blobs, codec
 from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints, open_checkpoint
 from harness.checkpoint.format import Manifest
-from harness.checkpoint.retention import RetentionPolicy, best as best_of, metric_value
+from harness.checkpoint.retention import RetentionPolicy, best as best_of
 from harness.errors import CheckpointError, HarnessError, NoCheckpointError
 from harness.storage import Storage, redact_url
 
@@ -119,11 +119,8 @@ def read_models(storage: Storage, name: str, threads: int = 4) -> tuple[Manifest
     if tree is None:
         return manifest, {}
     refs = set(codec.tensor_refs(tree))
-    entries = [e for e in manifest.tensors.values() if e.key in refs]
-    if any(e.global_shape is not None for e in entries):
-        raise CheckpointError(f"{name} holds sharded model tensors; reading sharded checkpoints this way is not "
-                              "supported yet")
-    tensors = blobs.read_tensors(storage, name, entries, threads=threads, verify=True)
+    entries = [e for e in manifest.tensors.values() if e.key in refs]  # every shard of a sharded tensor
+    tensors = blobs.read_tensors(storage, name, entries, threads=threads, verify=True)  # shards assembled
     models = codec.decode(tree, tensors.__getitem__)
     if not isinstance(models, dict):
         raise CheckpointError(f"{name}: models state is a {type(models).__name__}, not a dict")

@@ -1,0 +1,418 @@
+"""Sharded state: ZeroRedundancyOptimizer shards, FSDP2/DTensor shards, split writes of replicated state,
+and restore of any of them at the same or another world size.
+
+Save side (used by :class:`~harness.checkpoint.manager.CheckpointManager`):
+
+* replicated tensors (DDP model weights, a plain optimizer, schedulers...) are written once: by rank 0, or
+  with ``split_replicated`` by the rank :func:`assign_writers` picks (greedy by size, deterministic);
+* a ZeroRedundancyOptimizer's state is written by the rank that owns each parameter, keyed by the
+  parameter's GLOBAL index, so the checkpoint holds a standard torch optimizer state dict (``state``:
+  global index -> per-parameter state, ``param_groups`` with global indices), assembled by rank 0 from the
+  ranks' tree fragments without moving a tensor;
+* a DTensor (FSDP2 ``fully_shard``) is written by each rank as its local shard: one tensor entry per shard
+  with ``global_shape``/``global_offset`` (see docs/format.md).
+
+Restore side: :func:`load` reads, per rank, only what that rank needs: the replicated tensors, the ZeRO
+entries of the parameters it owns in the NEW partition, and for DTensors the box of the global tensor its
+local shard covers (a row range of a dim-0 shard is one contiguous byte range, read and verified chunk by
+chunk). :func:`consolidate` assembles full tensors for export.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+
+from harness.checkpoint import blobs, codec
+from harness.checkpoint.discovery import open_checkpoint
+from harness.checkpoint.format import DTYPES, Manifest, TensorEntry
+from harness.errors import CheckpointError
+from harness.state import Stateful, unwrap_model
+from harness.storage import Storage
+
+log = logging.getLogger("harness")
+
+REPLICATED, ZERO, FSDP = "replicated", "zero", "fsdp"
+
+
+# -- what kind of object is it ------------------------------------------------------------------------
+
+def is_zero(opt: Any) -> bool:
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:
+        return False
+    return isinstance(opt, ZeroRedundancyOptimizer)
+
+
+def is_fsdp(model: Any) -> bool:
+    """A model whose parameters are DTensors (FSDP2 fully_shard, or a tensor-parallel plan)."""
+    return isinstance(model, torch.nn.Module) and any(codec.is_dtensor(p) for p in model.parameters())
+
+
+def _fsdp_model_of(opt: Any, models: dict[str, Any]) -> Any | None:
+    """The FSDP model whose parameters ``opt`` optimizes, or None for an optimizer of plain tensors."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if not params or not codec.is_dtensor(params[0]):
+        return None
+    first = params[0]
+    for m in models.values():
+        if any(p is first for p in m.parameters()):
+            return m
+    raise CheckpointError("an optimizer over DTensor parameters needs its FSDP model passed in models=")
+
+
+def needs_collective(models: Mapping[str, Any], optimizers: Mapping[str, Any]) -> bool:
+    """Whether restoring into these objects needs per-rank reads (sharded targets)."""
+    return any(is_fsdp(m) for m in models.values()) or any(is_zero(o) for o in optimizers.values())
+
+
+# -- save ---------------------------------------------------------------------------------------------
+
+def capture(models: dict, optimizers: dict, schedulers: dict, scaler: Any,
+            extra: Mapping[str, Any] | None) -> tuple[dict, dict[str, dict], str]:
+    """The state to save, split into (replicated-layout tree, {optimizer name: this rank's ZeRO state by
+    global index}, sharding kind). DTensors stay in the tree (the encoder turns them into shards).
+    Collective when an FSDP model or a ZeRO optimizer is present (all ranks call it)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    fsdp = any(is_fsdp(m) for m in models.values())
+    model_sd = {n: (get_model_state_dict(m) if is_fsdp(m) else unwrap_model(m).state_dict())
+                for n, m in models.items()}
+    opt_sd, zero_parts = {}, {}
+    for n, o in optimizers.items():
+        if is_zero(o):
+            opt_sd[n] = {"state": {}, "param_groups": zero_param_groups(o)}
+            zero_parts[n] = zero_local_state(o)
+            continue
+        owner = _fsdp_model_of(o, models)
+        opt_sd[n] = get_optimizer_state_dict(owner, o) if owner is not None else o.state_dict()
+    state = {
+        "models": model_sd,
+        "optimizers": opt_sd,
+        "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "extra": {n: (o.state_dict() if isinstance(o, Stateful) else o) for n, o in (extra or {}).items()},
+    }
+    kind = FSDP if fsdp else (ZERO if zero_parts else REPLICATED)
+    return state, zero_parts, kind
+
+
+def zero_param_groups(zero: Any) -> list[dict]:
+    """The global param groups as torch's Optimizer.state_dict packs them: hyperparameters, and ``params``
+    as global parameter indices."""
+    out, start = [], 0
+    for g in zero.param_groups:
+        packed = {k: v for k, v in g.items() if k != "params"}
+        packed["params"] = list(range(start, start + len(g["params"])))
+        start += len(g["params"])
+        out.append(packed)
+    return out
+
+
+def zero_local_state(zero: Any) -> dict[int, dict]:
+    """This rank's optimizer state (the params of its partition), keyed by GLOBAL parameter index."""
+    index = zero._param_to_index  # ZeRO's own global indexing: params in param_groups order
+    out = {}
+    for g in zero.optim.param_groups:
+        for p in g["params"]:
+            st = zero.optim.state.get(p)
+            if st:
+                out[index[p]] = dict(st)
+    return dict(sorted(out.items()))
+
+
+def zero_owned(zero: Any) -> set[int]:
+    index = zero._param_to_index
+    return {index[p] for g in zero.optim.param_groups for p in g["params"]}
+
+
+def assign_writers(sizes: Mapping[str, int], world: int) -> dict[str, int]:
+    """Which rank writes each replicated tensor: largest first, each to the least loaded rank so far (ties
+    to the lower rank). Deterministic: every rank computes the same table from the same keys and sizes."""
+    load = [0] * world
+    out = {}
+    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        out[key] = r
+        load[r] += sizes[key] + blobs.ALIGN
+    return out
+
+
+def nbytes(t: Any) -> int:
+    return t.numel() * t.element_size()
+
+
+def merge_zero(state_tree: dict, name: str, fragments: list[Any]) -> None:
+    """Rank 0: put the ranks' encoded ZeRO state fragments ({"__dict__": [[gidx, tree], ...]} or {}) into
+    the optimizer's ``state`` in the replicated tree, ordered by global index."""
+    pairs = []
+    for frag in fragments:
+        if frag:
+            pairs.extend(frag["__dict__"])
+    pairs.sort(key=lambda kv: kv[0])
+    seen = [k for k, _ in pairs]
+    if len(set(seen)) != len(seen):
+        raise CheckpointError(f"optimizer {name!r}: two ranks hold state of the same parameter")
+    state_tree["optimizers"][name]["state"] = {"__dict__": pairs} if pairs else {}
+
+
+# -- restore ------------------------------------------------------------------------------------------
+
+class Ref:
+    """A tensor not read yet: what decoding a tree yields before the loader fills it in."""
+
+    def __init__(self, key: str, ndarray: bool = False) -> None:
+        self.key, self.ndarray = key, ndarray
+
+    def numpy(self) -> "Ref":  # codec decodes __ndarray__ references with .numpy()
+        return Ref(self.key, True)
+
+
+def decode_refs(tree: Any) -> Any:
+    return codec.decode(tree, Ref)
+
+
+class Loader:
+    """Collects the boxes of global tensors one rank needs, reads them (grouped by file, verified) and fills
+    them into the decoded trees."""
+
+    def __init__(self, storage: Storage, name: str, manifest: Manifest, threads: int) -> None:
+        self.storage, self.name, self.manifest, self.threads = storage, name, manifest, threads
+        self.requests: list[tuple[str, tuple, tuple, list]] = []  # key, offset, shape, request list
+
+    def global_shape(self, key: str) -> tuple[int, ...]:
+        es = self.manifest.entries(key)
+        return tuple(es[0].global_shape if es[0].global_shape is not None else es[0].shape)
+
+    def want(self, key: str, offset: tuple | None = None, shape: tuple | None = None) -> int:
+        gshape = self.global_shape(key)
+        offset = offset if offset is not None else (0,) * len(gshape)
+        shape = shape if shape is not None else gshape
+        reqs = blobs.region_requests(self.manifest.entries(key), offset, shape)
+        self.requests.append((key, tuple(offset), tuple(shape), reqs))
+        return len(self.requests) - 1
+
+    def run(self) -> list[torch.Tensor]:
+        whole = {e.ident: e for _, _, _, reqs in self.requests for e, rows, _, _ in reqs if rows is None}
+        data = blobs.read_tensors(self.storage, self.name, list(whole.values()), threads=self.threads,
+                                  assemble=False)
+        self.read_whole = set(whole)
+        out = []
+        for key, offset, shape, reqs in self.requests:
+            es = self.manifest.entries(key)
+            dtype = DTYPES[es[0].dtype]
+            if len(reqs) == 1 and reqs[0][1] is None and tuple(reqs[0][0].shape) == tuple(shape):
+                out.append(data[reqs[0][0].ident])  # the box is exactly one stored entry: no copy
+                continue
+            t = torch.empty(shape, dtype=dtype)
+            for e, rows, dst, src in reqs:
+                piece = data[e.ident] if rows is None else blobs.read_rows(self.storage, self.name, e, *rows)
+                t[dst] = piece[src]
+            out.append(t)
+        return out
+
+    def verify_rest(self, rank: int, world: int) -> None:
+        """Check the entries that this rank's share of verification covers (written by a rank r with
+        r % world == rank) and that were not read whole already: every byte of the checkpoint is verified
+        by some rank."""
+        rest = [e for e in self.manifest.tensors.values()
+                if e.rank % world == rank and e.ident not in getattr(self, "read_whole", set())]
+        blobs.read_tensors(self.storage, self.name, rest, threads=self.threads, assemble=False)
+
+
+def _local_box(t: Any) -> tuple[tuple, tuple]:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(int(o) for o in offset), tuple(int(s) for s in shape)
+
+
+def _plan(saved: Any, template: Any, loader: Loader, fills: list, path: str) -> Any:
+    """Walk a decoded tree, registering a read for every Ref (the local box when the template has a
+    DTensor there); returns the tree with placeholders that ``fills`` completes."""
+    if isinstance(saved, Ref):
+        gshape = loader.global_shape(saved.key)
+        if codec.is_dtensor(template):
+            if tuple(template.shape) != gshape:
+                raise CheckpointError(f"tensor {path!r} ({saved.key}): checkpoint has shape {list(gshape)}, the "
+                                      f"model has {list(template.shape)}")
+            offset, shape = _local_box(template)
+            ticket = loader.want(saved.key, offset, shape)
+            holder = _Holder()
+            fills.append((ticket, holder, template, saved))
+            return holder
+        ticket = loader.want(saved.key)
+        holder = _Holder()
+        fills.append((ticket, holder, None, saved))
+        return holder
+    if isinstance(saved, dict):
+        sub = template if isinstance(template, dict) else {}
+        return {k: _plan(v, sub.get(k), loader, fills, f"{path}.{k}" if path else str(k)) for k, v in saved.items()}
+    if isinstance(saved, (list, tuple)):
+        sub = template if isinstance(template, (list, tuple)) and len(template) == len(saved) else [None] * len(saved)
+        items = [_plan(v, t, loader, fills, f"{path}.{i}") for i, (v, t) in enumerate(zip(saved, sub))]
+        return tuple(items) if isinstance(saved, tuple) else items
+    return saved
+
+
+def _finish(tree: Any) -> Any:
+    if isinstance(tree, _Holder):
+        return tree.value
+    if isinstance(tree, dict):
+        return {k: _finish(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_finish(v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_finish(v) for v in tree)
+    return tree
+
+
+class _Holder:
+    value: Any = None
+
+
+def load(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: int, models: dict,
+         optimizers: dict, schedulers: dict, scaler: Any, extra: Mapping[str, Any] | None,
+         threads: int = 4) -> tuple[dict, Any]:
+    """This rank's view of checkpoint ``name``: (state tree with the given targets materialized, this rank's
+    own per-rank state or None). Reads only what this rank needs, plus its share of verification."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    saved = decode_refs(manifest.raw["state"])
+    ranks = manifest.raw["ranks"]
+    mine = decode_refs(ranks[rank]) if rank < len(ranks) else None
+    loader, fills = Loader(storage, name, manifest, threads), []
+    out: dict = {"models": {}, "optimizers": {}, "schedulers": {}, "scaler": None, "extra": {}}
+    saved_models, saved_opts = saved.get("models") or {}, saved.get("optimizers") or {}
+    for n, m in models.items():
+        if n in saved_models:
+            template = get_model_state_dict(m) if is_fsdp(m) else None
+            out["models"][n] = _plan(saved_models[n], template, loader, fills, "")
+    for n, o in optimizers.items():
+        if n not in saved_opts:
+            continue
+        sd = saved_opts[n]
+        template = None
+        if is_zero(o) and isinstance(sd, dict) and isinstance(sd.get("state"), dict):
+            owned = zero_owned(o)
+            sd = {**sd, "state": {k: v for k, v in sd["state"].items() if k in owned}}
+        else:
+            owner = _fsdp_model_of(o, models)
+            if owner is not None:
+                template = get_optimizer_state_dict(owner, o)
+        out["optimizers"][n] = _plan(sd, template, loader, fills, f"optimizer {n}")
+    for n in schedulers:
+        if n in (saved.get("schedulers") or {}):
+            out["schedulers"][n] = _plan(saved["schedulers"][n], None, loader, fills, "")
+    if scaler is not None:
+        out["scaler"] = _plan(saved.get("scaler"), None, loader, fills, "")
+    out["extra"] = _plan(saved.get("extra") or {}, None, loader, fills, "")
+    mine = _plan(mine, None, loader, fills, "") if mine is not None else None
+    tensors = loader.run()
+    loader.verify_rest(rank, world)
+    for ticket, holder, template, ref in fills:
+        t = tensors[ticket]
+        if template is not None:
+            from torch.distributed.tensor import DTensor
+            t = DTensor.from_local(t.to(template.device), template.device_mesh, template.placements,
+                                   run_check=False, shape=template.shape, stride=template.stride())
+        elif ref.ndarray:
+            t = t.numpy()
+        holder.value = t
+    return _finish(out), _finish(mine)
+
+
+def load_zero(zero: Any, saved: dict, name: str = "optimizer") -> None:
+    """Load a standard (global-index) optimizer state dict into a ZeroRedundancyOptimizer: the local
+    optimizer gets the state of the parameters this rank owns, every group gets the saved hyperparameters."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or len(groups) != len(zero.param_groups):
+        raise CheckpointError(f"optimizer {name!r}: checkpoint has {len(groups or [])} parameter groups, the "
+                              f"optimizer has {len(zero.param_groups)}")
+    for i, (g, sg) in enumerate(zip(zero.param_groups, groups)):
+        if len(sg.get("params", ())) != len(g["params"]):
+            raise CheckpointError(f"optimizer {name!r}: group {i} has {len(sg.get('params', ()))} parameters in "
+                                  f"the checkpoint, {len(g['params'])} in the optimizer")
+    index = zero._param_to_index
+    state, local_groups, li = {}, [], 0
+    for gi, g in enumerate(zero.optim.param_groups):
+        ids = []
+        for p in g["params"]:
+            gidx = index[p]
+            if gidx in saved["state"]:
+                st = saved["state"][gidx]
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+                        raise CheckpointError(f"optimizer {name!r}: state {k!r} of parameter {gidx} has shape "
+                                              f"{list(v.shape)} in the checkpoint, the parameter is {list(p.shape)}")
+                state[li] = st
+            ids.append(li)
+            li += 1
+        local_groups.append({**{k: v for k, v in groups[gi].items() if k != "params"}, "params": ids})
+    zero.optim.load_state_dict({"state": state, "param_groups": local_groups})
+    for g, sg in zip(zero.param_groups, groups):
+        for k, v in sg.items():
+            if k != "params":
+                g[k] = v
+
+
+def load_fsdp_model(model: Any, saved: dict, *, strict: bool = True, name: str = "model") -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    return set_model_state_dict(model, saved, options=StateDictOptions(strict=strict))
+
+
+def load_fsdp_optimizer(model: Any, opt: Any, saved: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, saved)
+
+
+def check_fsdp_keys(model: Any, saved: dict, strict: bool, name: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    own = get_model_state_dict(model)
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{name}: checkpoint does not match the model (missing: {', '.join(missing) or '-'}; "
+                              f"unexpected: {', '.join(unexpected) or '-'}); pass strict=False for partial loading")
+
+
+# -- consolidation (export) ---------------------------------------------------------------------------
+
+def consolidate(storage: Storage, name: str, *, threads: int = 4) -> tuple[dict, list]:
+    """Full tensors from any checkpoint, sharded or not: (replicated state tree, [per-rank state]).
+
+    ZeRO optimizer state is already a standard torch optimizer state dict with global parameter indices.
+    FSDP (DTensor) state is assembled into full tensors; an optimizer saved by FSDP (keyed by parameter
+    name, as torch.distributed.checkpoint.state_dict gives it) is converted to the standard form: ``state``
+    keyed by parameter index in ``param_groups`` order, ``params`` as indices. Every byte read is verified."""
+    from harness.checkpoint.load import decode_state
+
+    manifest = open_checkpoint(storage, name)
+    tensors = blobs.read_tensors(storage, name, list(manifest.tensors.values()), threads=threads)
+    state, per_rank = decode_state(manifest, tensors, None)
+    if manifest.raw.get("sharding") == FSDP:
+        state["optimizers"] = {n: _fqn_to_index(sd) for n, sd in (state.get("optimizers") or {}).items()}
+    return state, per_rank
+
+
+def _fqn_to_index(sd: Any) -> Any:
+    if not (isinstance(sd, dict) and isinstance(sd.get("param_groups"), list)):
+        return sd
+    order = [p for g in sd["param_groups"] for p in g.get("params", ())]
+    if not all(isinstance(p, str) for p in order):
+        return sd
+    pos = {p: i for i, p in enumerate(order)}
+    groups, start = [], 0
+    for g in sd["param_groups"]:
+        n = len(g.get("params", ()))
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(start, start + n))})
+        start += n
+    state = {pos[k]: v for k, v in (sd.get("state") or {}).items() if k in pos}
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
