@@ -121,20 +121,16 @@ def build_optimizer(cfg: Config, params: Any, zero: bool = False) -> torch.optim
 
 
 def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2: fully_shard each block (the children of a ``blocks``/Sequential/ModuleList container, or the
-    root's direct children that hold parameters), then the root."""
+    """FSDP2: fully_shard each block (each child holding parameters of the root's ModuleList/Sequential
+    containers: GPT's ``blocks``, the MLP's layers), then the root, which keeps the rest (embeddings, a
+    head tied to them)."""
     from torch.distributed.fsdp import fully_shard
-
-    def has_params(m: torch.nn.Module) -> bool:
-        return any(True for _ in m.parameters())
 
     for child in model.children():
         if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
             for block in child.children():
-                if has_params(block):
+                if any(True for _ in block.parameters()):
                     fully_shard(block)
-        elif has_params(child):
-            fully_shard(child)
     fully_shard(model)
     return model
 

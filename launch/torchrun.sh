@@ -32,6 +32,10 @@ NNODES="${NNODES:-${PET_NNODES:-1}}"
 MAX_RESTARTS="${MAX_RESTARTS:-${PET_MAX_RESTARTS:-3}}"
 RDZV_ID="${RDZV_ID:-${PET_RDZV_ID:-harness}}"
 TORCHRUN="${TORCHRUN:-torchrun}"
+# torchrun >= 2.x shares one TCP store across worker restarts without separating each attempt's keys, so a
+# restarted worker can pick up its peer's address from the previous attempt and hang while connecting
+# (seen with --max-restarts on torch 2.13, cf. pytorch/pytorch#135712). A store per attempt avoids it.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 
 # An explicitly given endpoint means "rendezvous", even with NNODES=1 (e.g. elastic 1 node).
 rdzv_explicit=0

@@ -241,8 +241,11 @@ def fsdp_restore(rank: int, world: int, url: str, ref: str, saved_world: int, sh
     if shard:
         assert_bitwise(expect["model"], _full(get_model_state_dict(model)), "model")
         assert_bitwise(expect["opt"], _full(get_optimizer_state_dict(model, opt)["state"]), "optimizer")
-    else:
+    else:  # a plain model and optimizer: full tensors, the optimizer state re-keyed by parameter index
         assert_bitwise(expect["model"], dict(model.state_dict()), "model")
+        got = opt.state_dict()["state"]
+        for i, n in enumerate(expect["opt"]):
+            assert_bitwise(expect["opt"][n], got[i], f"optimizer state {n}")
     bytes_read = sum(e.length if not isinstance(e, tuple) else (e[2] - e[1]) * (e[0].length // e[0].shape[0])
                      for e in seen)
     out = {"bytes_read": bytes_read, "row_reads": sum(isinstance(e, tuple) for e in seen)}

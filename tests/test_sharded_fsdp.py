@@ -70,6 +70,12 @@ def test_fsdp_restore_at_4_reads_row_ranges(saved2, tmp_path):
     assert any(res["row_reads"] for res in results)
 
 
-def test_fsdp_restore_at_1_unsharded_model(saved2, tmp_path):
+def test_fsdp_restore_at_1_unsharded_model(saved2, monkeypatch):
+    """One plain process (no process group, a plain model): the shards are assembled into full tensors."""
+    import sharded_scenarios
+    from harness.checkpoint import blobs
+
     _, url, ref, _ = saved2
-    run_ranks(tmp_path, "fsdp_restore", 1, url=url, ref=ref, saved_world=2, shard=False)
+    monkeypatch.setattr(blobs, "read_entries", blobs.read_entries)  # the scenario wraps them: undo afterwards
+    monkeypatch.setattr(blobs, "read_rows", blobs.read_rows)
+    sharded_scenarios.fsdp_restore(0, 1, url=url, ref=ref, saved_world=2, shard=False)

@@ -57,7 +57,7 @@ def test_sigterm_to_torchrun_agent_checkpoints_and_resumes_bitwise(runner, tmp_p
     assert log.count("exiting with 143 so the scheduler requeues") == 2, log[-3000:]
     step = _preempted_checkpoint(tmp_path, at, "SIGTERM")
 
-    second = runner.run("rerun", torchrun_cmd(tmp_path, SLOW))
+    second = runner.run("rerun", torchrun_cmd(tmp_path))
     assert second.rc == 0, second.tail()
     assert resumed_from(second.log()) == [step, step]
     assert_same_final(tmp_path, ref)

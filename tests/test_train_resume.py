@@ -37,11 +37,11 @@ def test_sigkill_at_random_moment_resumes_bitwise(mode, runner, tmp_path, ref):
     exactly the reference's state. sync: kill -9 of the torchrun agent's process group only (the workers,
     in sessions of their own, must notice and exit by themselves); async (checkpoint.async=true): the
     whole process tree at once, as a node failure does."""
-    seed = random.randrange(1 << 30)
-    print(f"random kill seed: {seed}")
+    seed = int(os.environ.get("HARNESS_TEST_KILL_SEED") or random.randrange(1 << 30))
+    print(f"random kill seed: {seed} (replay: HARNESS_TEST_KILL_SEED={seed})")
     rng = random.Random(seed)
-    sets = [SLOW, f"checkpoint.async={'true' if mode == 'async' else 'false'}"]
-    first = runner.start("killed", torchrun_cmd(tmp_path, *sets))
+    sets = [f"checkpoint.async={'true' if mode == 'async' else 'false'}"]
+    first = runner.start("killed", torchrun_cmd(tmp_path, SLOW, *sets))
     wait_until("the first committed checkpoint", lambda: committed_steps(tmp_path / "ck"), [first], timeout=90)
     delay = rng.uniform(0.0, 1.0)
     print(f"killing {delay:.3f} s after the first commit")
@@ -102,12 +102,12 @@ def test_two_agents_killed_and_restarted_resume_bitwise(runner, tmp_path, ref):
     """Two torchrun agents (--nnodes 2, one worker each, c10d rendezvous on loopback) are SIGKILLed together
     after the first checkpoint, restarted, and finish with exactly the 2-rank reference state."""
 
-    def launch(tag: str) -> list:
+    def launch(tag: str, *sets: str) -> list:
         port, rdzv = free_port(), f"harness-{uuid.uuid4().hex[:8]}"
-        return [runner.start(f"{tag}-node{n}", torchrun_cmd(tmp_path, SLOW, nproc=1, nnodes=2, port=port,
+        return [runner.start(f"{tag}-node{n}", torchrun_cmd(tmp_path, *sets, nproc=1, nnodes=2, port=port,
                                                              rdzv_id=rdzv, node_rank=n)) for n in (0, 1)]
 
-    nodes = launch("first")
+    nodes = launch("first", SLOW)
     wait_until("the first committed checkpoint", lambda: committed_steps(tmp_path / "ck"), nodes, timeout=90)
     pids = [p for n in nodes for p in kill_tree(n, signal.SIGKILL)]
     for n in nodes:

@@ -13,6 +13,7 @@ import atexit
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -378,13 +379,11 @@ def assert_same_final(run_dir: Path, ref: "Reference | FinalState") -> FinalStat
 
 def resumed_from(log: str) -> list[int]:
     """Steps this run resumed from, as the trainer logged them ('resumed from step-... at step N')."""
-    import re
     return [int(m) for m in re.findall(r"resumed from step-\d+(?:-a\d+)? at step (\d+)", log)]
 
 
 def worker_exit_codes(log: str) -> dict[int, int]:
     """rank -> exit code from torchrun's failure summary ('rank : 1 (local_rank: 1)' / 'exitcode : 143')."""
-    import re
     out = {}
     for m in re.finditer(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", log):
         out[int(m.group(1))] = int(m.group(2))

@@ -277,14 +277,25 @@ def _check_coverage(tensors: dict[str, TensorEntry]) -> None:
         _require(sum(math.prod(e.shape) for e in es) == total,
                  f"manifest: the shards of tensor {key[:80]!r} do not cover its global shape "
                  f"{list(es[0].global_shape)} exactly")
-        boxes = [(e.global_offset, e.shape) for e in es if math.prod(e.shape)]
-        boxes.sort()
-        for i, (oa, sa) in enumerate(boxes):  # sorted by offset: only neighbours in dim 0 order can overlap
-            for ob, sb in boxes[i + 1:]:
-                if ob[0] >= oa[0] + sa[0]:
-                    break
-                _require(not all(b < a + n and a < b + m for a, n, b, m in zip(oa, sa, ob, sb)),
+        boxes = sorted((e.global_offset, e.shape) for e in es if math.prod(e.shape))
+        ndim = len(es[0].global_shape)
+        # The common case, shards along one dimension d (the same extent in every other): contiguous runs.
+        for d in range(ndim):
+            if all(o[:d] + o[d + 1:] == boxes[0][0][:d] + boxes[0][0][d + 1:] and
+                   s[:d] + s[d + 1:] == boxes[0][1][:d] + boxes[0][1][d + 1:] for o, s in boxes):
+                ends = [o[d] + s[d] for o, s in boxes]
+                _require(all(boxes[i + 1][0][d] >= ends[i] for i in range(len(boxes) - 1)),
                          f"manifest: shards of tensor {key[:80]!r} overlap")
+                break
+        else:
+            _require(len(boxes) <= 4096, f"manifest: tensor {key[:80]!r} has {len(boxes)} shards in a layout "
+                                         "this reader does not check beyond 4096 shards")
+            for i, (oa, sa) in enumerate(boxes):  # sorted by offset: only neighbours in dim 0 order can overlap
+                for ob, sb in boxes[i + 1:]:
+                    if ob[0] >= oa[0] + sa[0]:
+                        break
+                    _require(not all(b < a + n and a < b + m for a, n, b, m in zip(oa, sa, ob, sb)),
+                             f"manifest: shards of tensor {key[:80]!r} overlap")
 
 
 def _int_list(v: Any, what: str) -> tuple[int, ...]:

@@ -431,7 +431,7 @@ class CheckpointManager:
             elif owner is not None:
                 sharded.load_fsdp_optimizer(owner, o, saved)
             else:
-                o.load_state_dict(saved)
+                o.load_state_dict(sharded.fqn_to_index(saved))  # an FSDP checkpoint into a plain optimizer
         for n, s in _named(schedulers, "scheduler").items():
             s.load_state_dict(_pick(state["schedulers"], n, "scheduler"))
         if scaler is not None and state.get("scaler") is not None:

@@ -304,6 +304,7 @@ def load(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: i
             owner = _fsdp_model_of(o, models)
             if owner is not None:
                 template = get_optimizer_state_dict(owner, o)
+                sd = _index_to_fqn(sd, template)
         out["optimizers"][n] = _plan(sd, template, loader, fills, f"optimizer {n}")
     for n in schedulers:
         if n in (saved.get("schedulers") or {}):
@@ -400,6 +401,28 @@ def consolidate(storage: Storage, name: str, *, threads: int = 4) -> tuple[dict,
     if manifest.raw.get("sharding") == FSDP:
         state["optimizers"] = {n: _fqn_to_index(sd) for n, sd in (state.get("optimizers") or {}).items()}
     return state, per_rank
+
+
+def _index_to_fqn(sd: Any, template: dict) -> Any:
+    """A standard (index-keyed) optimizer state dict re-keyed by the parameter names of an FSDP optimizer's
+    state dict (``template``), matching parameters in param_groups order: a DDP/ZeRO checkpoint restored
+    into an FSDP model."""
+    if not (isinstance(sd, dict) and isinstance(sd.get("param_groups"), list)):
+        return sd
+    order = [p for g in sd["param_groups"] for p in g.get("params", ())]
+    names = [p for g in template.get("param_groups", ()) for p in g.get("params", ())]
+    if not order or not all(isinstance(p, int) for p in order) or len(order) != len(names):
+        return sd
+    to_name = dict(zip(order, names))
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [to_name[p] for p in g["params"]]}
+              for g in sd["param_groups"]]
+    return {"state": {to_name[k]: v for k, v in (sd.get("state") or {}).items() if k in to_name},
+            "param_groups": groups}
+
+
+def fqn_to_index(sd: Any) -> Any:
+    """An FSDP optimizer state dict (keyed by parameter name) in the standard form (keyed by index)."""
+    return _fqn_to_index(sd)
 
 
 def _fqn_to_index(sd: Any) -> Any:
