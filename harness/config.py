@@ -21,6 +21,7 @@ from harness.errors import ConfigError
 class RunConfig:
     name: str = "run"
     output_dir: str = ""          # metrics.jsonl goes here; default runs/<name>
+    id: str = ""                  # run id for the checkpoint folder's lease; default: the launcher's job id
 
 
 @dataclass
@@ -70,6 +71,7 @@ class CheckpointConfig:
     io_threads: int = 4
     timeout_s: float = 600.0            # checkpoint collectives
     split_writes: bool = False          # ranks share the writes of replicated (DDP) state, greedy by size
+    lease_timeout_s: float = 60.0       # another run's RUN_LEASE with a heartbeat younger than this: refuse
 
 
 @dataclass
@@ -106,7 +108,8 @@ _CHOICES = {
 }
 _POSITIVE = {("train", "max_steps"), ("train", "batch_size"), ("train", "log_every"), ("checkpoint", "every_steps"),
              ("checkpoint", "max_file_mb"), ("checkpoint", "io_threads"), ("checkpoint", "timeout_s"),
-             ("checkpoint", "grace_period_s"), ("dist", "timeout_s"), ("optim", "lr"), ("scheduler", "step_size")}
+             ("checkpoint", "grace_period_s"), ("checkpoint", "lease_timeout_s"), ("dist", "timeout_s"),
+             ("optim", "lr"), ("scheduler", "step_size")}
 _NON_NEGATIVE = {("checkpoint", "keep_last"), ("checkpoint", "keep_best"), ("train", "grad_clip"),
                  ("train", "step_sleep_s"), ("optim", "weight_decay"), ("scheduler", "warmup_steps"),
                  ("train", "seed")}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from harness import dist, faults
+from harness import dist, faults, lease
 from harness.checkpoint import CheckpointManager
 from harness.config import Config
 from harness.data import BatchLoader, ResumableSampler
@@ -236,6 +236,8 @@ class Trainer:
         problem = dist.broadcast(problem, self.mgr._group)
         if problem:
             raise StorageError(problem)
+        # One job per checkpoint folder: refuse (exit 3) if another live run holds it (harness/lease.py).
+        self.lease = lease.acquire(self.mgr.storage, cfg.run.id, c.lease_timeout_s, self.mgr._group)
         self.sampler = ResumableSampler(len(workload.dataset), self.world, self.rank, shuffle=True,
                                         seed=cfg.train.seed)
         self.loader = BatchLoader(workload.dataset, self.sampler, cfg.train.batch_size)
@@ -400,6 +402,8 @@ class Trainer:
                     self.mgr.close()
                 except CheckpointError as exc:
                     log.error("last checkpoint failed: %s", exc)
+            if getattr(self, "lease", None) is not None:  # after the last save: the folder is ours till then
+                self.lease.release()
             if dist.initialized():
                 torch_dist.destroy_process_group()
         finally:

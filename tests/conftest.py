@@ -31,3 +31,13 @@ def _no_fault_hook():
 
 # S3 fixtures (s3_server, s3_bucket, s3_url, fault_proxy): moto's server over HTTP, imported lazily.
 from conftest_s3 import fault_proxy, s3_bucket, s3_server, s3_url  # noqa: E402,F401
+
+
+def pytest_addoption(parser):
+    """Fault campaign size (tests/campaign, opt in with ``-m campaign``)."""
+    group = parser.getgroup("campaign")
+    group.addoption("--campaign-trials", type=int, default=200, help="in-process trials of the fault campaign")
+    group.addoption("--campaign-process-trials", type=int, default=10, help="torchrun trials of the fault campaign")
+    group.addoption("--campaign-seed", type=int, default=None, help="campaign seed (random and printed if unset)")
+    group.addoption("--campaign-json", default=None, help="write the campaign summary as JSON here")
+    group.addoption("--fuzz-examples", type=int, default=2000, help="hypothesis examples per fuzz test (campaign)")

@@ -4,8 +4,6 @@ gap or lie about their chunks; the split-writes assignment is deterministic and 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 

@@ -6,7 +6,6 @@ differ is refused with the tensor's name."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ckpt_helpers import read_manifest
 from harness.checkpoint.discovery import verify_checkpoint

@@ -1,10 +1,11 @@
-"""`harness train` under torchrun (2 gloo ranks on CPU) with train.parallel = zero and fsdp: a run stopped at
-step 6 and resumed to step 12 ends bitwise identical to an uninterrupted run to step 12, and its checkpoints
+"""`harness train` under torchrun (2 gloo ranks on CPU) with train.parallel = zero and fsdp: a job resumed
+from the step-6 checkpoint ends bitwise identical to an uninterrupted run to step 12, and its checkpoints
 are recorded as sharded ("zero" / "fsdp")."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -22,27 +23,26 @@ def runner(tmp_path):
 
 
 def test_zero_and_fsdp_resume_bitwise(runner, tmp_path):
-    dirs = {}
-    procs = []
-    for mode in ("zero", "fsdp"):
-        for kind in ("ref", "split"):
-            d = tmp_path / f"{mode}-{kind}"
-            d.mkdir()
-            dirs[mode, kind] = d
-            steps = 12 if kind == "ref" else 6
-            procs.append(runner.start(f"{mode}-{kind}-1", torchrun_cmd(
-                d, *SETS, f"train.parallel=\"{mode}\"", f"train.max_steps={steps}")))
+    """Each mode: an uninterrupted run to step 12 (checkpoints at 6 and 12); a second job that starts from a
+    copy of its step-6 checkpoint alone and trains to 12 must end with the same final checkpoint."""
+    modes = ("zero", "fsdp")
+    procs = [runner.start(f"{m}-ref", torchrun_cmd(tmp_path / f"{m}-ref", *SETS, f"train.parallel=\"{m}\"",
+                                                   "train.max_steps=12")) for m in modes]
     for p in procs:
         assert p.wait() == 0, p.tail()
-    procs = [runner.start(f"{mode}-split-2", torchrun_cmd(dirs[mode, "split"], *SETS, f"train.parallel=\"{mode}\"",
-                                                          "train.max_steps=12")) for mode in ("zero", "fsdp")]
+    for m in modes:
+        (tmp_path / f"{m}-resumed" / "ck").mkdir(parents=True)
+        shutil.copytree(tmp_path / f"{m}-ref" / "ck" / "step-000000006",
+                        tmp_path / f"{m}-resumed" / "ck" / "step-000000006")
+    procs = [runner.start(f"{m}-resumed", torchrun_cmd(tmp_path / f"{m}-resumed", *SETS, f"train.parallel=\"{m}\"",
+                                                       "train.max_steps=12")) for m in modes]
     for p in procs:
         assert p.wait() == 0, p.tail()
-    for mode, p in zip(("zero", "fsdp"), procs):
+    for mode, p in zip(modes, procs):
         assert resumed_from(p.log()) == [6, 6], p.tail()  # each rank logs its resume
-        ref, got = final_state(dirs[mode, "ref"] / "ck"), final_state(dirs[mode, "split"] / "ck")
+        ref, got = final_state(tmp_path / f"{mode}-ref" / "ck"), final_state(tmp_path / f"{mode}-resumed" / "ck")
         assert got.raw["step"] == 12 and got.raw["sharding"] == mode
-        commit = json.loads((dirs[mode, "split"] / "ck" / got.name / "COMMIT").read_text())
+        commit = json.loads((tmp_path / f"{mode}-resumed" / "ck" / got.name / "COMMIT").read_text())
         assert commit["sharding"] == mode and commit["world_size"] == 2
         assert_same(got.state, ref.state, f"{mode}.state")
         assert_same(got.ranks, ref.ranks, f"{mode}.ranks")

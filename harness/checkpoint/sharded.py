@@ -21,14 +21,13 @@ chunk). :func:`consolidate` assembles full tensors for export.
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from harness.checkpoint import blobs, codec
 from harness.checkpoint.discovery import open_checkpoint
-from harness.checkpoint.format import DTYPES, Manifest, TensorEntry
+from harness.checkpoint.format import DTYPES, Manifest
 from harness.errors import CheckpointError
 from harness.state import Stateful, unwrap_model
 from harness.storage import Storage

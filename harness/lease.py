@@ -1,0 +1,177 @@
+"""One job per checkpoint folder: the RUN_LEASE record.
+
+Two jobs pointed at the same ``checkpoint.dir`` by mistake would both save, both apply retention and both
+resume from each other's checkpoints. At startup rank 0 writes ``DIR/RUN_LEASE`` (JSON: run id, host, pid,
+start and heartbeat time) atomically through :meth:`Storage.commit_bytes`, refreshes the heartbeat from a
+daemon thread, and removes the record when the process leaves through the trainer's normal exit path
+(finished, preempted, failed with an exception). A starting job refuses with :class:`LeaseError` (exit code 3)
+when the folder holds the lease of a *different* run whose heartbeat is fresh, unless that lease was written
+on this host by a process that no longer exists (a ``kill -9``: then it is stale and taken over, and logged).
+
+The same job restarting (torchrun ``--max-restarts``, SLURM requeue, a Kubernetes pod restart) keeps its run
+id (``run.id``, else TORCHELASTIC_RUN_ID / SLURM_JOB_ID / PET_RDZV_ID) and takes its own lease back.
+``torchrun --standalone`` draws a fresh run id per invocation: there the dead-pid rule is what lets "kill -9,
+run the same command again" work at once, and the heartbeat timeout covers a job that died on another host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from harness import dist
+from harness.errors import StorageError
+from harness.storage import Storage, redact_url
+
+log = logging.getLogger("harness")
+
+LEASE_FILE = "RUN_LEASE"
+MAX_LEASE_BYTES = 64 << 10
+RUN_ID_ENV = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PET_RDZV_ID")
+
+
+class LeaseError(StorageError):
+    """Another live run holds the checkpoint folder (exit code 3, like every checkpoint-folder problem)."""
+
+
+def run_id(configured: str = "") -> str:
+    """The id that survives this job's own restarts: run.id, else the launcher's job id, else a fresh one."""
+    if configured:
+        return configured
+    for var in RUN_ID_ENV:
+        if os.environ.get(var):
+            return f"{var.lower()}:{os.environ[var]}"
+    return f"pid:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def pid_alive(pid: Any) -> bool:
+    """Whether process ``pid`` exists on this host (a zombie counts as dead)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def read_lease(storage: Storage) -> dict | None:
+    """The lease record, None when there is none; an unreadable one comes back as {"unreadable": why}."""
+    try:
+        size = storage.size(LEASE_FILE)
+        if size is None:
+            return None
+        if size > MAX_LEASE_BYTES:
+            return {"unreadable": f"{size} bytes"}
+        obj = json.loads(storage.read_bytes(LEASE_FILE).decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        return {"unreadable": str(exc)[:100]}
+    return obj if isinstance(obj, dict) else {"unreadable": "not a JSON object"}
+
+
+def describe(lease: dict) -> str:
+    return (f"run {str(lease.get('run_id'))[:80]!r} on host {str(lease.get('host'))[:80]}, "
+            f"pid {lease.get('pid')}")
+
+
+class Lease:
+    """A held lease: heartbeat thread running until :meth:`release`."""
+
+    def __init__(self, storage: Storage, run: str, timeout_s: float, interval_s: float | None = None) -> None:
+        self.storage = storage
+        self.record = {"run_id": run, "host": socket.gethostname(), "pid": os.getpid(),
+                       "token": uuid.uuid4().hex, "started": time.time(), "heartbeat": time.time()}
+        self.timeout_s = timeout_s
+        self.interval_s = interval_s if interval_s is not None else max(0.5, min(5.0, timeout_s / 4))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self) -> None:
+        self.record["heartbeat"] = time.time()
+        self.storage.commit_bytes(LEASE_FILE, json.dumps(self.record).encode())
+
+    def acquire(self) -> None:
+        """Take the folder or raise LeaseError naming the run that holds it."""
+        where = redact_url(self.storage.url)
+        held = read_lease(self.storage)
+        if held is not None and "unreadable" in held:
+            log.warning("lease %s/%s is unreadable (%s): taking it over", where, LEASE_FILE, held["unreadable"])
+        elif held is not None and held.get("run_id") != self.record["run_id"]:
+            age = time.time() - held["heartbeat"] if isinstance(held.get("heartbeat"), (int, float)) else None
+            here = held.get("host") == self.record["host"]
+            if here and not pid_alive(held.get("pid")):
+                log.warning("taking over the stale lease of %s in %s: that process is gone", describe(held), where)
+            elif age is None or age >= self.timeout_s:
+                log.warning("taking over the stale lease of %s in %s: no heartbeat for %s", describe(held), where,
+                            "ever" if age is None else f"{age:.0f} s")
+            else:
+                raise LeaseError(
+                    f"checkpoint.dir {where} is in use by another job: {describe(held)}, heartbeat {age:.0f} s ago. "
+                    f"Two jobs must not share a checkpoint folder; give this one its own checkpoint.dir (if that "
+                    f"job is really gone, its lease expires {self.timeout_s - age:.0f} s from now, or delete "
+                    f"{where}/{LEASE_FILE})")
+        self._write()
+        mine = read_lease(self.storage)  # two jobs starting at the same moment: the last writer wins
+        if mine is None or mine.get("token") != self.record["token"]:
+            raise LeaseError(f"checkpoint.dir {where} was just claimed by another job: "
+                             f"{describe(mine or {})}. Two jobs must not share a checkpoint folder")
+        self._thread = threading.Thread(target=self._beat, name="harness-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                held = read_lease(self.storage)
+                if held is not None and held.get("token") not in (None, self.record["token"]):
+                    log.error("the lease of %s was taken over by %s: this job no longer holds it",
+                              redact_url(self.storage.url), describe(held))
+                    return
+                self._write()
+            except Exception as exc:  # noqa: BLE001 - a missed heartbeat must not stop training
+                log.warning("lease heartbeat failed: %s: %s", type(exc).__name__, exc)
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lease if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            held = read_lease(self.storage)
+            if held is not None and held.get("token") == self.record["token"]:
+                self.storage.remove(LEASE_FILE)
+        except Exception as exc:  # noqa: BLE001 - leaving: a lease left behind goes stale by itself
+            log.warning("could not remove the lease: %s: %s", type(exc).__name__, exc)
+
+
+def acquire(storage: Storage, configured_id: str, timeout_s: float, group: Any) -> Lease | None:
+    """Collective: rank 0 takes the lease; every rank raises LeaseError if it could not. Returns the held
+    lease on rank 0, None elsewhere."""
+    lease, problem = None, None
+    if dist.rank() == 0:
+        lease = Lease(storage, run_id(configured_id), timeout_s)
+        try:
+            lease.acquire()
+        except LeaseError as exc:
+            lease, problem = None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - the storage failed: say so on every rank
+            lease, problem = None, f"could not write {LEASE_FILE}: {type(exc).__name__}: {exc}"
+    problem = dist.broadcast(problem, group)
+    if problem:
+        raise LeaseError(problem)
+    return lease

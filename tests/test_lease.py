@@ -1,0 +1,154 @@
+"""One job per checkpoint folder (harness/lease.py): a second job pointed at a folder a live job uses refuses
+to start (exit 3, one line naming the other run's host and pid); a lease left by a job that is gone (kill -9
+on this host, or no heartbeat for checkpoint.lease_timeout_s) is taken over; the same job restarting takes
+its own lease back; a clean exit removes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from harness import config, lease
+from harness.errors import ConfigError, StorageError
+from harness.storage import Storage
+from trainer_helpers import Runner, committed_steps, standalone_cmd, wait_until
+
+
+@pytest.fixture
+def mem():
+    st = Storage(f"memory://lease-{uuid.uuid4().hex}/run")
+    st.makedirs("")
+    yield st
+    MemoryFileSystem.store.clear()
+    MemoryFileSystem.pseudo_dirs[:] = [""]
+
+
+def _plant(st: Storage, **fields) -> dict:
+    rec = {"run_id": "other", "host": "elsewhere", "pid": 12345, "token": "t", "started": time.time(),
+           "heartbeat": time.time(), **fields}
+    st.commit_bytes(lease.LEASE_FILE, json.dumps(rec).encode())
+    return rec
+
+
+def test_fresh_lease_of_another_run_refuses(mem):
+    _plant(mem, host="node-7", pid=4242)
+    with pytest.raises(lease.LeaseError) as err:
+        lease.Lease(mem, "mine", 60).acquire()
+    msg = str(err.value)
+    assert "node-7" in msg and "4242" in msg and "'other'" in msg and "\n" not in msg
+    assert isinstance(err.value, StorageError)
+    assert lease.read_lease(mem)["run_id"] == "other"  # the refused job leaves the other's lease alone
+
+
+def test_stale_heartbeat_is_taken_over_and_released(mem):
+    _plant(mem, heartbeat=time.time() - 120)
+    held = lease.Lease(mem, "mine", 60, interval_s=0.05)
+    held.acquire()
+    time.sleep(0.2)
+    rec = lease.read_lease(mem)
+    assert rec["run_id"] == "mine" and rec["pid"] == os.getpid() and rec["heartbeat"] > rec["started"]
+    held.release()
+    assert lease.read_lease(mem) is None
+
+
+def test_dead_pid_on_this_host_is_taken_over(mem):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _plant(mem, host=socket.gethostname(), pid=dead.pid)
+    lease.Lease(mem, "mine", 60).acquire()
+    assert lease.read_lease(mem)["run_id"] == "mine"
+
+
+def test_live_pid_on_this_host_refuses_and_same_run_id_takes_back(mem):
+    _plant(mem, host=socket.gethostname(), pid=os.getpid(), run_id="job-1")
+    with pytest.raises(lease.LeaseError):
+        lease.Lease(mem, "job-2", 60).acquire()
+    lease.Lease(mem, "job-1", 60).acquire()  # the same job restarted (torchrun restart, SLURM requeue)
+
+
+def test_unreadable_lease_is_taken_over_and_release_keeps_a_foreign_one(mem):
+    mem.commit_bytes(lease.LEASE_FILE, b"\x00not json")
+    held = lease.Lease(mem, "mine", 60)
+    held.acquire()
+    _plant(mem, run_id="intruder")
+    held.release()  # not ours any more: left alone
+    assert lease.read_lease(mem)["run_id"] == "intruder"
+
+
+def test_run_id_sources(monkeypatch):
+    for var in lease.RUN_ID_ENV:
+        monkeypatch.delenv(var, raising=False)
+    assert lease.run_id("explicit") == "explicit"
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert lease.run_id() == "slurm_job_id:77"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert lease.run_id() == "torchelastic_run_id:abc"
+
+
+def test_lease_timeout_config_is_validated():
+    assert config.load(None, ["checkpoint.lease_timeout_s=5"]).checkpoint.lease_timeout_s == 5.0
+    with pytest.raises(ConfigError):
+        config.load(None, ["checkpoint.lease_timeout_s=0"])
+    assert config.load(None, ["run.id=job-9"]).run.id == "job-9"
+
+
+# -- real processes ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def runner(tmp_path):
+    r = Runner(tmp_path)
+    yield r
+    r.close()
+
+
+def _lease_holder(tmp_path) -> dict | None:
+    path = tmp_path / "ck" / lease.LEASE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def test_second_job_on_same_folder_refuses_then_starts_after_first_leaves(runner, tmp_path):
+    first = runner.start("first", standalone_cmd(tmp_path, "train.step_sleep_s=0.5"))
+    holder = wait_until("the first job's lease", lambda: _lease_holder(tmp_path), [first], timeout=90)
+    assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+
+    second = runner.run("second", standalone_cmd(tmp_path / "other-out", "train.step_sleep_s=0.5")[:-2]
+                        + ["--set", f"checkpoint.dir={tmp_path / 'ck'}"])
+    assert second.rc == 3, second.tail()
+    refusal = [line for line in second.log().splitlines() if line.startswith("harness: ")]
+    assert len(refusal) == 1, second.log()
+    assert "in use by another job" in refusal[0] and f"pid {first.pid}" in refusal[0] \
+        and socket.gethostname() in refusal[0], refusal
+    assert first.poll() is None, "the first job must be unaffected"
+    assert _lease_holder(tmp_path)["pid"] == first.pid
+
+    first.popen.send_signal(signal.SIGTERM)  # the first job leaves (preemption: checkpoint, exit 143)
+    assert first.wait(60) == 143, first.tail()
+    assert _lease_holder(tmp_path) is None, "a clean exit removes the lease"
+    third = runner.run("third", standalone_cmd(tmp_path))
+    assert third.rc == 0, third.tail()
+    assert _lease_holder(tmp_path) is None
+
+
+def test_lease_of_sigkilled_job_is_taken_over(runner, tmp_path):
+    first = runner.start("first", standalone_cmd(tmp_path, "train.step_sleep_s=0.05"))
+    wait_until("a committed checkpoint", lambda: committed_steps(tmp_path / "ck"), [first], timeout=90)
+    assert _lease_holder(tmp_path)["pid"] == first.pid
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(30)
+    assert _lease_holder(tmp_path)["pid"] == first.pid  # kill -9 leaves it behind
+    second = runner.run("second", standalone_cmd(tmp_path))
+    assert second.rc == 0, second.tail()
+    assert "taking over the stale lease" in second.log() and "that process is gone" in second.log()
+    assert _lease_holder(tmp_path) is None
