@@ -89,6 +89,7 @@ class Encoder:
 
     def __init__(self, tensors: dict[str, torch.Tensor | Shard] | None = None) -> None:
         self.tensors: dict[str, torch.Tensor | Shard] = {} if tensors is None else tensors
+        self._views: dict[tuple, str] = {}  # the same view seen twice (tied weights) is stored once
 
     def encode(self, obj: Any, path: str, depth: int = 0) -> Any:
         if depth > MAX_DEPTH:
@@ -125,12 +126,25 @@ class Encoder:
                         "strings, lists, tuples and dicts, or give the object state_dict()/load_state_dict()")
 
     def _add(self, path: str, tensor: torch.Tensor | Shard) -> str:
+        view = _view_id(tensor)
+        if view is not None and view in self._views:
+            return self._views[view]
         key, n = path, 1
         while key in self.tensors:  # paths are unique unless a dict key contains "/"
             n += 1
             key = f"{path}#{n}"
         self.tensors[key] = tensor
+        if view is not None:
+            self._views[view] = key
         return key
+
+
+def _view_id(t: Any) -> tuple | None:
+    """Identity of a plain tensor's bytes: two names for one parameter (a head tied to the embedding)
+    share storage, offset, shape and strides. None for shards, empty tensors and tensor subclasses."""
+    if type(t) is not torch.Tensor or t.numel() == 0:
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def decode(tree: Any, tensor: Callable[[str], torch.Tensor], depth: int = 0) -> Any:

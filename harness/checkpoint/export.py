@@ -77,7 +77,7 @@ import numpy as np
 import torch
 
 import harness
-from harness.checkpoint import blobs
+from harness.checkpoint import blobs, codec
 from harness.checkpoint.discovery import open_checkpoint
 from harness.checkpoint.load import load_model_state, read_state
 from harness.checkpoint.select import choose, run_config
@@ -170,7 +170,7 @@ def export_checkpoint(url: str, out: str, *, fmt: str = "pt", step: int | None =
     elif fmt == "safetensors":
         tensors = _safetensors_tensors({n: models[n] for n in names}, name)
         meta = {"format": "pt", "step": str(raw["step"]), "epoch": str(raw["epoch"]),
-                "loss": "" if raw.get("loss") is None else repr(float(raw["loss"])),
+                "loss": "" if _value(raw, "loss") is None else repr(float(_value(raw, "loss"))),
                 "checkpoint": name, "harness_version": harness.__version__}
         if model is not None:
             meta["model"] = model
@@ -200,7 +200,7 @@ def export_checkpoint(url: str, out: str, *, fmt: str = "pt", step: int | None =
             outputs.append({"model": n, "out": path, "bytes": os.path.getsize(path), "check": check})
     if quantized is not None:
         quantized["file_bytes"] = sum(o["bytes"] for o in outputs)
-    summary = {"checkpoint": name, "step": raw["step"], "epoch": raw["epoch"], "loss": raw.get("loss"),
+    summary = {"checkpoint": name, "step": raw["step"], "epoch": raw["epoch"], "loss": _value(raw, "loss"),
                "format": fmt, "out": outputs[0]["out"] if len(outputs) == 1 else out,
                "bytes": sum(o["bytes"] for o in outputs), "models": list(models), "tensors": n_tensors,
                "skipped": skipped, "chosen": how, "outputs": outputs, "quantized": quantized}
@@ -526,8 +526,8 @@ def state_bytes(sd: Any) -> int:
 # -- pt ---------------------------------------------------------------------------------------------
 
 def _pt_payload(raw: dict, state: dict, only: str | None = None) -> dict:
-    payload: dict[str, Any] = {"epoch": raw["epoch"], "step": raw["step"], "loss": raw.get("loss"),
-                               "metrics": dict(raw.get("metrics") or {})}
+    payload: dict[str, Any] = {"epoch": raw["epoch"], "step": raw["step"], "loss": _value(raw, "loss"),
+                               "metrics": dict(_value(raw, "metrics") or {})}
     n_models = len(state.get("models") or {})
     for kind, one, several in _KINDS:
         objs = dict(state.get(kind) or {})
@@ -545,8 +545,8 @@ def _pt_payload(raw: dict, state: dict, only: str | None = None) -> dict:
 
 
 def _pt_quantized_payload(raw: dict, qstates: dict) -> dict:
-    payload: dict[str, Any] = {"epoch": raw["epoch"], "step": raw["step"], "loss": raw.get("loss"),
-                               "metrics": dict(raw.get("metrics") or {})}
+    payload: dict[str, Any] = {"epoch": raw["epoch"], "step": raw["step"], "loss": _value(raw, "loss"),
+                               "metrics": dict(_value(raw, "metrics") or {})}
     if len(qstates) == 1:
         payload["model_state_dict"] = next(iter(qstates.values()))
     else:
@@ -710,3 +710,8 @@ def _atomic_write(out: str, write: Callable[[IO[bytes]], Any]) -> None:
             os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def _value(raw: dict, key: str) -> Any:
+    """A summary value of the manifest (loss, metrics) with codec tags (nan, inf, tuples) decoded."""
+    return codec.decode(raw.get(key), lambda _: None)

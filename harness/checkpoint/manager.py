@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import math
 import platform
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -80,6 +81,7 @@ class CheckpointManager:
         self._check_storage()
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-ckpt") if async_save else None
         self._pending: cf.Future | None = None
+        self._buffers: dict[str, torch.Tensor] = {}  # reused host snapshot buffers (async saves)
         self._damaged: set[str] = set()
         self.last_saved: str | None = None
 
@@ -114,7 +116,7 @@ class CheckpointManager:
         models_d = _named(models, "model")
         meta = {"step": int(step), "epoch": int(epoch), "loss": _plain(None if loss is None else float(loss), "loss"),
                 "metrics": _plain(dict(metrics or {}), "metrics"), "metadata": _plain(dict(metadata or {}), "metadata"),
-                "model_classes": {n: class_name(m) for n, m in models_d.items()}}
+                "model_classes": {n: class_name(m) for n, m in models_d.items() if isinstance(m, torch.nn.Module)}}
         opts_d = _named(optimizers, "optimizer")
         special = sharded.needs_collective(models_d, opts_d)
         enc, own = codec.Encoder(), codec.Encoder()  # replicated tensors; tensors only this rank holds
@@ -132,11 +134,27 @@ class CheckpointManager:
             self._persist(meta, rep_tree, rank_tree, tensors, t0, zero_trees)
             return
         # Snapshot: the only blocking part. Training may change parameters as soon as we return.
-        tensors = {k: (codec.Shard(t.local.detach().to("cpu", copy=True), t.global_shape, t.global_offset, t.owner)
-                       if isinstance(t, codec.Shard) else t.detach().to("cpu", copy=True)) for k, t in tensors.items()}
+        tensors = {k: (codec.Shard(self._snapshot(k, t.local), t.global_shape, t.global_offset, t.owner)
+                       if isinstance(t, codec.Shard) else self._snapshot(k, t)) for k, t in tensors.items()}
+        if any(t.device.type == "cuda" for t in self._buffers.values()):
+            torch.cuda.current_stream().synchronize()  # the copies below were issued non-blocking
         blocked = time.perf_counter() - t0
         log.info("checkpoint step %d: snapshot taken in %.3f s, persisting in background", step, blocked)
         self._pending = self._pool.submit(self._persist, meta, rep_tree, rank_tree, tensors, t0, zero_trees)
+
+    def _snapshot(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """Copy ``t`` into a host buffer kept from the previous save (pinned when ``t`` is on a GPU).
+
+        Allocating, page-faulting (and pinning, ~0.6 s/GiB) fresh memory every save costs several times the
+        copy itself; buffers are reused as long as shape and dtype match. Safe: save() waits for the
+        previous persist before overwriting them."""
+        t = t.detach()
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+            self._buffers[key] = buf
+        buf.copy_(t, non_blocking=t.device.type == "cuda")
+        return buf
 
     def _my_writes(self, replicated: dict, own: dict) -> dict:
         """The tensors this rank writes: its own (per-rank state, its ZeRO state), its DTensor shards, and its
@@ -426,20 +444,24 @@ class CheckpointManager:
         for n, o in _named(optimizers, "optimizer").items():
             saved = _pick(state["optimizers"], n, "optimizer")
             owner = None if sharded.is_zero(o) else sharded._fsdp_model_of(o, models_d)
-            if sharded.is_zero(o):
-                sharded.load_zero(o, saved, n)
-            elif owner is not None:
-                sharded.load_fsdp_optimizer(owner, o, saved)
-            else:
-                o.load_state_dict(sharded.fqn_to_index(saved))  # an FSDP checkpoint into a plain optimizer
+            with _loading("optimizer", n):
+                if sharded.is_zero(o):
+                    sharded.load_zero(o, saved, n)
+                elif owner is not None:
+                    sharded.load_fsdp_optimizer(owner, o, saved)
+                else:
+                    o.load_state_dict(sharded.fqn_to_index(saved))  # an FSDP checkpoint into a plain optimizer
         for n, s in _named(schedulers, "scheduler").items():
-            s.load_state_dict(_pick(state["schedulers"], n, "scheduler"))
+            with _loading("scheduler", n):
+                s.load_state_dict(_pick(state["schedulers"], n, "scheduler"))
         if scaler is not None and state.get("scaler") is not None:
-            scaler.load_state_dict(state["scaler"])
+            with _loading("scaler", "scaler"):
+                scaler.load_state_dict(state["scaler"])
         saved_extra = dict(state.get("extra") or {})
         for n, o in (extra or {}).items():
             if isinstance(o, Stateful):
-                o.load_state_dict(_pick(saved_extra, n, "extra object"))
+                with _loading("extra object", n):
+                    o.load_state_dict(_pick(saved_extra, n, "extra object"))
                 saved_extra.pop(n)
         if mine is None:
             log.warning("checkpoint was written by %d ranks; rank %d has no saved RNG or data position",
@@ -471,6 +493,18 @@ def _plain(value: Any, what: str) -> Any:
 
 def _unplain(tree: Any) -> Any:
     return codec.decode(tree, lambda key: None)  # parse_manifest made sure there are no tensor references
+
+
+@contextlib.contextmanager
+def _loading(what: str, name: str) -> Iterator[None]:
+    """A state dict that does not fit its object (another optimizer class, scheduler type...) is a clear
+    CheckpointError naming the object, not a KeyError from deep inside torch."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise CheckpointError(f"{what} {name!r} cannot take the saved state: {type(exc).__name__}: {exc}") from exc
 
 
 def _pick(saved: dict, name: str, what: str) -> Any:

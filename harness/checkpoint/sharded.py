@@ -21,6 +21,7 @@ chunk). :func:`consolidate` assembles full tensors for export.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Mapping
 
 import torch
@@ -40,11 +41,9 @@ REPLICATED, ZERO, FSDP = "replicated", "zero", "fsdp"
 # -- what kind of object is it ------------------------------------------------------------------------
 
 def is_zero(opt: Any) -> bool:
-    try:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-    except ImportError:
-        return False
-    return isinstance(opt, ZeroRedundancyOptimizer)
+    # Only look if the user imported it: importing torch.distributed.optim costs time and warnings.
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    return module is not None and isinstance(opt, module.ZeroRedundancyOptimizer)
 
 
 def is_fsdp(model: Any) -> bool:
@@ -54,7 +53,7 @@ def is_fsdp(model: Any) -> bool:
 
 def _fsdp_model_of(opt: Any, models: dict[str, Any]) -> Any | None:
     """The FSDP model whose parameters ``opt`` optimizes, or None for an optimizer of plain tensors."""
-    params = [p for g in opt.param_groups for p in g["params"]]
+    params = [p for g in getattr(opt, "param_groups", []) for p in g["params"]]
     if not params or not codec.is_dtensor(params[0]):
         return None
     first = params[0]
