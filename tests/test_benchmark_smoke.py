@@ -101,3 +101,61 @@ def test_checkpoint_io_benchmark_tiny_cpu(tmp_path):
     assert {p.suffix for p in out.iterdir()} <= {".json", ".png"}
     assert not any(p.is_file() for p in work.rglob("*"))
     assert "harness_save_sync" in proc.stdout  # the table was printed
+
+
+TRAIN_SCRIPT = REPO / "benchmarks" / "train_overhead.py"
+
+
+def test_train_overhead_benchmark_tiny_cpu(tmp_path):
+    """benchmarks/train_overhead.py at a tiny gpt_small on CPU: three modes through the real trainer, one restart.
+    Checks the report's rows and consistency, never timings."""
+    out = tmp_path / "out"
+    work = tmp_path / "work"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    steps, every = 5, 2
+    proc = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), "--device", "cpu", "--d-model", "32", "--n-layers", "1",
+         "--n-heads", "2", "--seq-len", "16", "--vocab-size", "128", "--batch-size", "2", "--steps", str(steps),
+         "--every", str(every), "--warmup", "1", "--recovery-modes", "async", "--out", str(out), "--dir", str(work)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # a hang guard, not a timing check
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+    latest = out / "train_overhead_cpu_latest.json"
+    assert latest.is_file()
+    stamped = [p for p in out.glob("train_overhead_cpu_*.json") if p != latest]
+    assert len(stamped) == 1
+    result = json.loads(latest.read_text())
+    assert result == json.loads(stamped[0].read_text())
+    assert result["benchmark"] == "train_overhead"
+    assert result["env"]["device"] == "cpu" and result["env"]["torch"] == torch.__version__
+    assert result["env"]["model"]["d_model"] == 32 and result["env"]["batch_size"] == 2
+
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert list(rows) == ["none", "sync", "async"]
+    for mode, r in rows.items():
+        assert r["steps"] == steps and len(r["step_times_s"]) == steps and len(r["compute_times_s"]) == steps
+        assert all(t > 0 for t in r["step_times_s"]), r
+        assert r["median_step_s"] > 0 and r["mean_step_s"] > 0 and r["loop_wall_s"] > 0
+        assert r["checkpoint_bytes"] > 0 and r["state_bytes"] > 0  # the final checkpoint exists in every mode
+        assert isinstance(r["overhead_pct"], float)
+        assert r["async"] is (mode == "async")
+    assert rows["none"]["overhead_pct"] == 0.0
+    assert rows["none"]["checkpoints"] == 0 and rows["none"]["blocked_s_mean"] is None
+    for mode in ("sync", "async"):
+        r = rows[mode]
+        assert r["checkpoint_steps"] == [2, 4] and r["checkpoints"] == 2  # the final save (step 5) is not counted
+        assert len(r["blocked_s_all"]) == 2 and all(b >= 0 for b in r["blocked_s_all"])
+        assert r["final_save_s"] is not None
+    rec = rows["async"]["recovery"]
+    assert rec["resumed_step"] == steps and rec["first_step"] == steps + 1
+    assert rec["restore_s"] >= 0 and 0 < rec["time_to_resume_s"] <= rec["time_to_first_step_s"]
+    assert "recovery" not in rows["none"] and "recovery" not in rows["sync"]
+
+    png = out / "train_overhead_cpu_latest.png"
+    if _has("matplotlib"):
+        assert png.is_file() and png.stat().st_size > 0
+    else:
+        assert result["png_skipped"]
+    assert {p.suffix for p in out.iterdir()} <= {".json", ".png"}
+    assert not any(p.is_file() for p in work.rglob("*"))  # checkpoints and metrics removed
+    assert "overhead %" in proc.stdout  # the table was printed

@@ -391,7 +391,7 @@ def trial_process(seed: int, tmp: Path, ref, kind: str | None = None) -> str:
         else:
             first = runner.start("first", th.torchrun_cmd(run_dir, th.SLOW))
             th.wait_until("first commit", lambda: th.committed_steps(run_dir / "ck"), [first], timeout=180)
-            delay = rng.uniform(0.0, 2.0)
+            delay = rng.uniform(0.0, 3.0)
             time.sleep(delay)
             if first.poll() is not None:
                 detail = f"{kind} after {delay:.2f}s: run already ended rc={first.rc}"

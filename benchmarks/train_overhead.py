@@ -1,0 +1,436 @@
+#!/usr/bin/env python
+"""Training overhead of checkpointing: the gpt_small workload through the real trainer, three ways.
+
+Runs ``configs/gpt_small.toml`` single-process with ``harness.trainer.Trainer`` (config loaded with
+``harness.config.load`` plus overrides) with
+
+* ``none``:  no checkpoint during the run (``checkpoint.every_steps`` > ``train.max_steps``),
+* ``sync``:  a checkpoint every ``--every`` steps, ``checkpoint.async = false``,
+* ``async``: a checkpoint every ``--every`` steps, ``checkpoint.async = true``,
+
+and times every step from inside the trainer (a ``Trainer`` subclass records when each ``train_step``
+starts; a step lasts until the next one starts, so a checkpoint taken after step N is part of step N's time).
+The trainer always saves a final checkpoint after the last step: that save is left out of every step figure.
+After each run a fresh ``python -m harness train`` process restarts on the same checkpoint folder for one more
+step, to measure restart-to-first-step recovery.
+
+    python benchmarks/train_overhead.py                          # GPU: gpt_small at its natural size
+    python benchmarks/train_overhead.py --device cpu --d-model 256 --n-layers 4 --seq-len 64 \\
+        --batch-size 4 --steps 30 --every 10
+
+See benchmarks/README.md for the definitions. Writes train_overhead_<device>_<timestamp>.{json,png} and
+train_overhead_<device>_latest.{json,png} under --out, and the table on stdout (progress on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from harness import config as hconfig  # noqa: E402
+from harness.trainer import Trainer  # noqa: E402
+
+MB = 1e6
+MODES = ["none", "sync", "async"]
+
+
+def log(msg: str) -> None:
+    print(f"[train_overhead {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class TimedTrainer(Trainer):
+    """The real trainer, with timestamps: the start of every ``train_step``, its own duration (forward, backward,
+    optimizer; ``float(loss)`` synchronizes the device), the blocking time of every save, and the moment the
+    final save begins (the end of the step loop)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_starts: list[float] = []
+        self.compute_s: list[float] = []
+        self.save_blocked: list[tuple[int, float]] = []
+        self.loop_end: float | None = None
+
+    def train_step(self, batch: tuple) -> float:
+        t = time.perf_counter()
+        self.step_starts.append(t)
+        loss = super().train_step(batch)
+        self.compute_s.append(time.perf_counter() - t)
+        return loss
+
+    def save(self, *, final: bool = False) -> None:
+        t = time.perf_counter()
+        if final and self.loop_end is None:
+            self.loop_end = t
+        super().save(final=final)
+        if not final:
+            self.save_blocked.append((self.step, time.perf_counter() - t))
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Unique tensor storage of model + optimizer state (a tied weight counts once)."""
+    seen, total = set(), 0
+    tensors = list(model.state_dict().values())
+    for st in optimizer.state.values():
+        tensors += [v for v in st.values() if torch.is_tensor(v)]
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def overrides(args: argparse.Namespace, mode: str, work: Path, max_steps: int, out_name: str) -> list[str]:
+    ov = [f"train.max_steps={max_steps}", "train.log_every=1", f"train.device=\"{args.device}\"",
+          f"run.name=\"train_overhead_{mode}\"", f"run.id=\"train_overhead_{mode}\"",
+          f"run.output_dir=\"{work / mode / out_name}\"", f"checkpoint.dir=\"{work / mode / 'ckpt'}\"",
+          f"checkpoint.every_steps={args.steps + 1 if mode == 'none' else args.every}",
+          f"checkpoint.async={'true' if mode == 'async' else 'false'}",
+          f"checkpoint.io_threads={args.io_threads}"]
+    for key, val in (("model.d_model", args.d_model), ("model.n_layers", args.n_layers),
+                     ("model.n_heads", args.n_heads), ("data.seq_len", args.seq_len),
+                     ("data.vocab_size", args.vocab_size), ("train.batch_size", args.batch_size)):
+        if val is not None:
+            ov.append(f"{key}={val}")
+    if args.amp is not None:
+        ov.append(f"train.amp={'true' if args.amp else 'false'}")
+    return ov
+
+
+def run_mode(args: argparse.Namespace, mode: str, work: Path) -> dict:
+    cfg = hconfig.load(args.config, overrides(args, mode, work, args.steps, "run"))
+    log(f"{mode}: {args.steps} steps, checkpoint every {cfg.checkpoint.every_steps} steps, "
+        f"async={cfg.checkpoint.async_save}, ckpt dir {cfg.checkpoint.dir}")
+    tr = TimedTrainer(cfg)
+    t0 = time.perf_counter()
+    rc = tr.run()
+    t_run = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"{mode}: trainer exited {rc}")
+    n = len(tr.step_starts)
+    assert n == args.steps and tr.loop_end is not None, (n, tr.loop_end)
+    ends = tr.step_starts[1:] + [tr.loop_end]
+    step_s = [e - s for s, e in zip(tr.step_starts, ends)]          # step k = index k-1
+    ckpt_steps = [s for s, _ in tr.save_blocked]
+    measured = list(range(args.warmup, n))                            # indices past the warm-up steps
+    plain = [i for i in measured if (i + 1) not in ckpt_steps]
+    events = read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")
+    saves = [e for e in events if e.get("event") == "save"]
+    blocked = [e["blocked_s"] for e in saves if e["step"] < args.steps]  # the final save is not a step
+    final = [e["blocked_s"] for e in saves if e["step"] == args.steps]
+    ckpt_dir = Path(cfg.checkpoint.dir)
+    latest = tr.mgr.latest()
+    row = {
+        "mode": mode, "steps": n, "warmup_steps_excluded": args.warmup,
+        "every_steps": cfg.checkpoint.every_steps if mode != "none" else None,
+        "async": cfg.checkpoint.async_save, "checkpoint_steps": ckpt_steps, "checkpoints": len(ckpt_steps),
+        "median_step_s": statistics.median(step_s[i] for i in measured),
+        "mean_step_s": statistics.fmean(step_s[i] for i in measured),
+        "mean_plain_step_s": statistics.fmean(step_s[i] for i in plain) if plain else None,
+        "mean_compute_s": statistics.fmean(tr.compute_s[i] for i in measured),
+        "loop_wall_s": tr.loop_end - tr.step_starts[0],
+        "measured_wall_s": sum(step_s[i] for i in measured),
+        "blocked_s_mean": statistics.fmean(blocked) if blocked else None,
+        "blocked_s_max": max(blocked) if blocked else None,
+        "blocked_s_all": blocked,
+        "blocked_share_pct": 100 * sum(blocked) / sum(step_s[i] for i in measured) if measured else None,
+        "blocked_s_instrumented": [round(b, 4) for _, b in tr.save_blocked],
+        "final_save_s": final[0] if final else None,
+        "checkpoint_name": latest,
+        "checkpoint_bytes": dir_bytes(ckpt_dir / latest) if latest else None,
+        "state_bytes": state_bytes(tr.model, tr.optimizer),
+        "run_wall_s": t_run,
+        "step_times_s": [round(s, 5) for s in step_s],
+        "compute_times_s": [round(s, 5) for s in tr.compute_s],
+    }
+    del tr
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if not args.no_recovery and mode in args.recovery_modes.split(","):
+        row["recovery"] = recover(args, mode, work)
+    return row
+
+
+def recover(args: argparse.Namespace, mode: str, work: Path) -> dict:
+    """A fresh process restarts on the run's checkpoint folder and trains one step: time from just before the
+    process is spawned to its 'resume' event and to its first step's metrics record (wall clock, ms)."""
+    last = args.steps
+    cmd = [sys.executable, "-m", "harness", "train", "--config", str(args.config)]
+    for o in overrides(args, mode, work, last + 1, "recover"):
+        cmd += ["--set", o]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t_start = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.recovery_timeout)
+    t_exit = time.time()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode}: recovery process exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    events = read_jsonl(work / mode / "recover" / "metrics.jsonl")
+    resume = next((e for e in events if e.get("event") == "resume"), None)
+    first = next((e for e in events if "event" not in e and "step" in e), None)
+    if resume is None or first is None:
+        raise RuntimeError(f"{mode}: recovery metrics lack a resume event or a step record: {events}")
+    rec = {
+        "resumed_step": resume["step"], "checkpoint": resume.get("checkpoint"), "first_step": first["step"],
+        "restore_s": resume["seconds"],
+        "time_to_resume_s": resume["time"] - t_start,
+        "time_to_first_step_s": first["time"] - t_start,
+        "startup_s": resume["time"] - resume["seconds"] - t_start,
+        "process_wall_s": t_exit - t_start,
+    }
+    log(f"{mode}: recovery resumed step {rec['resumed_step']} in {rec['restore_s']:.3f} s, first step "
+        f"{rec['time_to_first_step_s']:.2f} s after spawn")
+    if rec["resumed_step"] != last:
+        raise RuntimeError(f"{mode}: recovery resumed at step {rec['resumed_step']}, expected {last}")
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _f(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'mode':<7}{'ckpts':>6}{'median step s':>15}{'mean step s':>13}{'loop wall s':>13}{'overhead %':>12}"
+            f"{'blocked/ckpt s':>16}{'blocked %':>11}{'ckpt MB':>9}{'restore s':>11}{'1st step s':>12}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        rec = r.get("recovery") or {}
+        lines.append(
+            f"{r['mode']:<7}{r['checkpoints']:>6}{r['median_step_s']:>15.4f}{r['mean_step_s']:>13.4f}"
+            f"{r['loop_wall_s']:>13.2f}{_f(r.get('overhead_pct'), '+.1f'):>12}{_f(r['blocked_s_mean'], '.3f'):>16}"
+            f"{_f(r['blocked_share_pct'] if r['blocked_s_all'] else None, '.1f'):>11}"
+            f"{_f(r['checkpoint_bytes'] / MB if r['checkpoint_bytes'] else None, '.1f'):>9}"
+            f"{_f(rec.get('restore_s'), '.3f'):>11}{_f(rec.get('time_to_first_step_s'), '.2f'):>12}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], env: dict, path: Path) -> str | None:
+    """Left: every step's time per mode, checkpoint steps marked. Right: mean step time, blocking per checkpoint
+    and restart-to-first-step per mode. Returns a skip reason or None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"matplotlib not installed ({exc}); pip install matplotlib"
+    colors = {"none": "#7f7f7f", "sync": "#c00000", "async": "#4472c4"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    for r in rows:
+        xs = list(range(1, len(r["step_times_s"]) + 1))
+        ax1.plot(xs, r["step_times_s"], label=r["mode"], color=colors.get(r["mode"]), lw=1.2, marker=".", ms=3)
+        for s in r["checkpoint_steps"]:
+            ax1.plot([s], [r["step_times_s"][s - 1]], marker="o", ms=7, mfc="none", color=colors.get(r["mode"]))
+    ax1.set_xlabel("step (circles: steps followed by a checkpoint)")
+    ax1.set_ylabel("seconds per step (incl. checkpoint blocking)")
+    ax1.set_yscale("log")
+    ax1.legend(fontsize=8)
+    ax1.set_title("step times", fontsize=10)
+    series = [("mean step s", lambda r: r["mean_step_s"]),
+              ("blocked per ckpt s", lambda r: r["blocked_s_mean"] or 0.0),
+              ("restart to 1st step s", lambda r: (r.get("recovery") or {}).get("time_to_first_step_s", 0.0))]
+    w = 0.8 / len(series)
+    for si, (label, fn) in enumerate(series):
+        xs = [i + (si - (len(series) - 1) / 2) * w for i in range(len(rows))]
+        ys = [fn(r) for r in rows]
+        ax2.bar(xs, ys, w, label=label)
+        for x, y in zip(xs, ys):
+            ax2.text(x, y, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
+    ax2.set_xticks(range(len(rows)), [f"{r['mode']}\n{_f(r.get('overhead_pct'), '+.1f')} %" for r in rows])
+    ax2.set_ylabel("seconds")
+    ax2.legend(fontsize=8)
+    ax2.set_title("per mode (overhead % of mean step time vs none)", fontsize=10)
+    ck = next((r["checkpoint_bytes"] for r in rows if r.get("checkpoint_bytes")), 0)
+    fig.suptitle(f"Checkpoint overhead in training on {env['device_name']}, checkpoint {ck / MB:.0f} MB every "
+                 f"{env['every']} steps ({env['date'][:10]})\n{env['workload']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def environment(args: argparse.Namespace, device: str, work: Path) -> dict:
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    fs = None
+    with contextlib.suppress(OSError):
+        best, real = "", os.path.realpath(work)
+        for line in open("/proc/mounts"):
+            dev, mnt, typ = line.split()[:3]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, fs = mnt, {"mount": mnt, "type": typ, "device": dev}
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "device": device, "device_name": name, "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(), "dir_filesystem": fs, "argv": sys.argv[1:],
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "configs" / "gpt_small.toml"), help="the workload's TOML")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--d-model", type=int, help="model.d_model (default: the config's)")
+    p.add_argument("--n-layers", type=int, help="model.n_layers (default: the config's)")
+    p.add_argument("--n-heads", type=int, help="model.n_heads (default: the config's, or d_model/64 when the "
+                   "config's does not divide --d-model)")
+    p.add_argument("--seq-len", type=int, help="data.seq_len (default: the config's)")
+    p.add_argument("--vocab-size", type=int, help="data.vocab_size (default: the config's)")
+    p.add_argument("--batch-size", type=int, help="train.batch_size (default: the config's)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="train.amp (default: the config's; it only acts on cuda)")
+    p.add_argument("--steps", type=int, default=60, help="training steps per mode")
+    p.add_argument("--every", type=int, default=20, help="checkpoint every N steps (sync and async modes)")
+    p.add_argument("--warmup", type=int, default=2, help="first steps left out of median/mean (not of loop wall)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    p.add_argument("--io-threads", type=int, default=4, help="checkpoint.io_threads")
+    p.add_argument("--dir", default=None, help="where checkpoints go (default: a temporary folder); a fresh "
+                   "sub-folder is made and removed at the end")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where JSON and PNG go")
+    p.add_argument("--no-recovery", action="store_true", help="skip the restart-to-first-step measurement")
+    p.add_argument("--recovery-modes", default=",".join(MODES),
+                   help="modes whose checkpoint folder gets the restart measurement (default: all)")
+    p.add_argument("--recovery-timeout", type=float, default=600, help="seconds allowed per restart process")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (checkpoints, metrics)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch.cuda.is_available() is False")
+    bad = (set(args.modes.split(",")) | set(args.recovery_modes.split(","))) - set(MODES)
+    if bad:
+        p.error(f"unknown --modes {sorted(bad)}; choose from {MODES}")
+    if args.steps < 2 or args.every < 1:
+        p.error("--steps must be >= 2 and --every >= 1")
+    if not 0 <= args.warmup < args.steps:
+        p.error("--warmup must be in [0, steps)")
+    if args.every >= args.steps and set(args.modes.split(",")) - {"none"}:
+        p.error("--every must be < --steps, or the sync/async runs take no checkpoint before the final one")
+    base = hconfig.load(args.config)
+    d_model = args.d_model or base.model.get("d_model")
+    heads = args.n_heads or base.model.get("n_heads")
+    if args.n_heads is None and d_model and heads and d_model % heads:
+        args.n_heads = max(1, d_model // 64) if d_model % max(1, d_model // 64) == 0 else 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"train_overhead_{stamp}_", dir=args.dir))
+    log(f"device={args.device} modes={modes} work={work} out={out}")
+    rows = []
+    t_all = time.perf_counter()
+    try:
+        for mode in modes:
+            rows.append(run_mode(args, mode, work))
+            r = rows[-1]
+            log(f"{mode}: median {r['median_step_s']:.4f} s, mean {r['mean_step_s']:.4f} s, loop {r['loop_wall_s']:.2f} s, "
+                f"blocked {r['blocked_s_all']}, checkpoint {_f(r['checkpoint_bytes'] and r['checkpoint_bytes'] / MB, '.1f')} MB")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.perf_counter() - t_all
+    ref = next((r for r in rows if r["mode"] == "none"), None)
+    for r in rows:
+        r["overhead_pct"] = (100 * (r["mean_step_s"] / ref["mean_step_s"] - 1)) if ref else None
+        r["median_overhead_pct"] = (100 * (r["median_step_s"] / ref["median_step_s"] - 1)) if ref else None
+
+    cfg = hconfig.load(args.config, overrides(args, "none", work, args.steps, "run"))
+    env = environment(args, args.device, Path(args.dir or tempfile.gettempdir()))
+    env.update(workload=f"{Path(args.config).stem} (d_model={cfg.model.get('d_model')}, "
+                        f"n_layers={cfg.model.get('n_layers')}, n_heads={cfg.model.get('n_heads')}, "
+                        f"seq_len={cfg.data.get('seq_len')}, vocab={cfg.data.get('vocab_size')}, "
+                        f"batch={cfg.train.batch_size}, amp={cfg.train.amp and args.device == 'cuda'})",
+               model=dict(cfg.model), data=dict(cfg.data), batch_size=cfg.train.batch_size,
+               amp=cfg.train.amp and args.device == "cuda", steps=args.steps, every=args.every,
+               warmup=args.warmup, io_threads=args.io_threads, elapsed_s=elapsed)
+    result = {"benchmark": "train_overhead", "env": env, "rows": rows, "definitions": {
+        "step time": "from the start of train_step(k) to the start of train_step(k+1): forward/backward/"
+                     "optimizer, data loading, logging and any checkpoint save after step k; the last step ends "
+                     "where the trainer's final save begins (the final save is in no step figure)",
+        "median_step_s / mean_step_s": "over all steps but the first warmup_steps_excluded (mean includes the "
+                                       "steps followed by a checkpoint)",
+        "loop_wall_s": "start of step 1 to the start of the final save (all steps, warm-up included)",
+        "overhead_pct": "mean_step_s of the mode / mean_step_s of 'none' - 1, in %",
+        "blocked_s": "the trainer's metrics.jsonl 'save' events (blocked_s: training stopped for save()), "
+                     "mid-run checkpoints only",
+        "blocked_share_pct": "sum of blocked_s / the sum of the measured step times of the same run, in %: the "
+                             "part of overhead_pct that save() itself costs, less sensitive to machine noise",
+        "checkpoint_bytes": "bytes of the files of the newest committed checkpoint folder",
+        "state_bytes": "unique tensor storage of model + optimizer state",
+        "recovery": "a new `python -m harness train` process on the same checkpoint folder with max_steps = "
+                    "steps + 1: restore_s = its 'resume' event's seconds (restore into model/optimizer), "
+                    "time_to_first_step_s = its first step record's time - the time just before it was spawned "
+                    "(interpreter + imports + setup + restore + one step)"}}
+
+    print()
+    print(f"train overhead: {env['workload']} on {env['device_name']} ({args.device}), {args.steps} steps, "
+          f"checkpoint every {args.every} steps, first {args.warmup} steps excluded from median/mean")
+    print(table(rows))
+    for stem in (f"train_overhead_{args.device}_{stamp}", f"train_overhead_{args.device}_latest"):
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    png_skip = plot(rows, env, out / f"train_overhead_{args.device}_{stamp}.png")
+    if png_skip is None:
+        shutil.copyfile(out / f"train_overhead_{args.device}_{stamp}.png", out / f"train_overhead_{args.device}_latest.png")
+    else:
+        result["png_skipped"] = png_skip
+        with contextlib.suppress(FileNotFoundError):
+            (out / f"train_overhead_{args.device}_latest.png").unlink()
+        for stem in (f"train_overhead_{args.device}_{stamp}", f"train_overhead_{args.device}_latest"):
+            (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        log(f"no chart: {png_skip}")
+    print(f"\nwrote {out / f'train_overhead_{args.device}_{stamp}.json'} (and _latest) in {elapsed:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
