@@ -56,8 +56,9 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("d2h_pinned", "limits", "copy", "device->host copy into pinned memory (cuda only)"),
     ("d2h_pageable", "limits", "copy", "device->host copy into pageable memory (cuda only)"),
     ("harness_save_sync", "harness", "save", "CheckpointManager.save, async_save=False (durable on return)"),
-    ("harness_save_async", "harness", "save", "CheckpointManager.save, async_save=True: blocking until save() "
-                                                "returns, seconds until wait() returns (durable)"),
+    ("harness_save_async", "harness", "save", "CheckpointManager.save, async_save=True, second save (snapshot "
+                                                "buffers reused): blocking until save() returns, seconds until "
+                                                "wait() returns (durable); blocking_first_s: the first save"),
     ("harness_restore_cold", "harness", "load_cold", "CheckpointManager.restore into model+optimizer, cold "
                                                       "(includes checksum verification and load_state_dict)"),
     ("harness_restore_warm", "harness", "load_warm", "CheckpointManager.restore, warm"),
@@ -464,14 +465,22 @@ def run_harness(b: Bench, work: Path, model: nn.Module, opt: torch.optim.Optimiz
     mgr = CheckpointManager(str(d), keep_last=1, async_save=True, max_file_bytes=max_file_bytes,
                             io_threads=io_threads)
     try:
+        # The first save allocates the reused host snapshot buffers; training pays that once per run, so the
+        # steady state is the second save (the first one's blocking time is recorded too).
         b.sync()
         t0 = time.perf_counter()
         mgr.save(1, models=model, optimizers=opt)
+        first_blocking = time.perf_counter() - t0
+        mgr.wait()
+        b.sync()
+        t0 = time.perf_counter()
+        mgr.save(2, models=model, optimizers=opt)
         b.sync()
         blocking = time.perf_counter() - t0
         mgr.wait()
         total = time.perf_counter() - t0
-        b.add("harness_save_async", bytes=nbytes, seconds=total, blocking_s=blocking, bytes_on_disk=du(d))
+        b.add("harness_save_async", bytes=nbytes, seconds=total, blocking_s=blocking,
+              blocking_first_s=round(first_blocking, 4), bytes_on_disk=du(d))
     finally:
         mgr.close()
         shutil.rmtree(d, ignore_errors=True)
