@@ -38,6 +38,7 @@ def pytest_addoption(parser):
     group = parser.getgroup("campaign")
     group.addoption("--campaign-trials", type=int, default=200, help="in-process trials of the fault campaign")
     group.addoption("--campaign-process-trials", type=int, default=10, help="torchrun trials of the fault campaign")
+    group.addoption("--campaign-s3-trials", type=int, default=0, help="in-process trials on S3 (moto + fault proxy)")
     group.addoption("--campaign-seed", type=int, default=None, help="campaign seed (random and printed if unset)")
     group.addoption("--campaign-json", default=None, help="write the campaign summary as JSON here")
     group.addoption("--fuzz-examples", type=int, default=2000, help="hypothesis examples per fuzz test (campaign)")

@@ -3,7 +3,8 @@
 Every trial draws its own seed from the campaign seed and prints one line ``kind seed outcome [detail]``;
 a failing trial is replayed alone with ``--replay KIND:SEED``. Two families:
 
-* in-process (fast, most of the count): a CheckpointManager save sequence on local disk or memory:// with
+* in-process (fast, most of the count): a CheckpointManager save sequence on local disk or memory:// (or,
+  with ``--s3-trials``, S3: moto's server behind tests/s3_proxy.py failing 0-10 % of requests) with
   a fault at a random ``save.*`` / ``retention.delete`` point (a crash: an exception no ``except Exception``
   catches, standing for the process dying there; or a handled error: FaultInjected / ENOSPC through the
   seam), or random damage (byte flip, truncation, deletion) of a random file of a random committed
@@ -15,7 +16,11 @@ a failing trial is replayed alone with ``--replay KIND:SEED``. Two families:
   HARNESS_FAULT at a random point and step, then started again with the same command; its final checkpoint
   must equal an uninterrupted reference run's bit for bit.
 
-    python -m tests.campaign.runner --trials 200 --seed 1 --process-trials 10 --json campaign.json
+Outcomes: ``ok``; ``FAIL``; ``KNOWN`` for a trial that hit a documented harness bug (RELIABILITY.md, B1/B2),
+counted apart from failures. Exit status 1 if any trial failed.
+
+    python -m tests.campaign.runner --trials 600 --s3-trials 40 --process-trials 30 --seed 20261125 --json out.json
+    python -m tests.campaign.runner --replay damage:flip:12345
 """
 
 from __future__ import annotations
