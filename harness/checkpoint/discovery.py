@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from harness.checkpoint import blobs
-from harness.checkpoint.format import (COMMIT_FILE, MANIFEST_FILE, MAX_COMMIT_BYTES, MAX_MANIFEST_BYTES, Manifest,
-                                       parse_commit, parse_manifest, parse_name)
+from harness.checkpoint.format import (COMMIT_FILE, COMMIT_SUMMARY_KEYS, MANIFEST_FILE, MAX_COMMIT_BYTES,
+                                       MAX_MANIFEST_BYTES, Manifest, parse_commit, parse_manifest, parse_name)
 from harness.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 from harness.storage import Storage
 
@@ -76,6 +76,9 @@ def open_checkpoint(storage: Storage, name: str) -> Manifest:
         manifest = parse_manifest(storage.read_bytes(rel), commit)
     except CheckpointFormatError as exc:
         raise CheckpointFormatError(f"{name}: {exc}") from None
+    for key in COMMIT_SUMMARY_KEYS:  # listing and retention read these from the commit record alone
+        if key in manifest.raw and key in commit and commit[key] != manifest.raw[key]:
+            raise CheckpointFormatError(f"{name}: commit record disagrees with the manifest on {key!r}")
     for fname, want in manifest.files.items():
         got = storage.size(f"{name}/{fname}")
         if got is None:

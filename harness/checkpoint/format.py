@@ -150,9 +150,14 @@ def make_commit(manifest: dict, manifest_bytes: bytes) -> bytes:
                                             "created_unix", "loss", "metrics", "harness_version")}
     summary["total_bytes"] = sum(f["size"] for f in manifest["files"].values()) + len(manifest_bytes)
     summary["sharding"] = manifest.get("sharding", "replicated")
-    return dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **summary,
-                  "manifest": {"file": MANIFEST_FILE, "size": len(manifest_bytes),
-                               "checksum": checksum(manifest_bytes)}})
+    body = {"format": FORMAT, "format_version": FORMAT_VERSION, **summary,
+            "manifest": {"file": MANIFEST_FILE, "size": len(manifest_bytes), "checksum": checksum(manifest_bytes)}}
+    # The record checksums itself: listing and retention (keep_best reads `loss` here) trust its summary
+    # without opening the manifest, so a flipped byte in it must not go unnoticed.
+    return dumps({**body, "commit_checksum": checksum(dumps(body))})
+
+
+COMMIT_SUMMARY_KEYS = ("name", "epoch", "world_size", "created", "loss", "metrics", "sharding")
 
 
 # -- parsing and validation -------------------------------------------------------------------------
@@ -203,6 +208,10 @@ def parse_commit(raw: bytes) -> dict:
              f"commit record: manifest size must be 1..{MAX_MANIFEST_BYTES} bytes")
     _require(isinstance(m.get("checksum"), str) and bool(_HEX16_RE.match(m["checksum"])),
              "commit record: bad manifest checksum")
+    if "commit_checksum" in obj:
+        body = {k: v for k, v in obj.items() if k != "commit_checksum"}
+        _require(obj["commit_checksum"] == checksum(dumps(body)),
+                 "commit record checksum mismatch (the record itself is damaged)")
     return obj
 
 

@@ -242,16 +242,37 @@ class CheckpointManager:
             faults.point("save.after_manifest", step=meta["step"])
             commit = make_commit(manifest, raw)
             faults.point("save.before_commit", step=meta["step"])
-            self.storage.commit_bytes(f"{name}/{COMMIT_FILE}", commit)
-            faults.point("save.after_commit", step=meta["step"])
+            self._write_commit(name, commit)
         except Exception as exc:  # noqa: BLE001 - an uncommitted checkpoint does not exist; say why
             log.error("checkpoint %s: commit failed: %s: %s", name, type(exc).__name__, exc)
             return {"ok": False, "error": f"commit: {type(exc).__name__}: {exc}"}
+        try:
+            faults.point("save.after_commit", step=meta["step"])
+        except Exception as exc:  # noqa: BLE001 - the record is written: the checkpoint exists, say so
+            log.warning("checkpoint %s is committed, but a step after writing its commit record failed: %s: %s",
+                        name, type(exc).__name__, exc)
         try:  # the checkpoint is committed: a retention failure must not fail the save (or hang the others)
             retention.apply(self.storage, self.policy, protect={name}, damaged=self._damaged)
         except Exception as exc:  # noqa: BLE001
             log.warning("retention after %s failed: %s: %s", name, type(exc).__name__, exc)
         return {"ok": True, "bytes": sum(f["size"] for f in manifest["files"].values())}
+
+    def _write_commit(self, name: str, commit: bytes) -> None:
+        """Write the commit record. If the write reports an error but the record is there, whole (the folder
+        fsync after the rename failed, an S3 PUT landed but its reply was lost), the checkpoint IS committed:
+        readers will use it, so the save must not be reported as failed."""
+        rel = f"{name}/{COMMIT_FILE}"
+        try:
+            self.storage.commit_bytes(rel, commit)
+        except Exception as exc:
+            try:
+                landed = self.storage.size(rel) == len(commit) and self.storage.read_bytes(rel) == commit
+            except Exception:  # noqa: BLE001 - cannot tell: report the original failure
+                landed = False
+            if not landed:
+                raise
+            log.warning("checkpoint %s: writing the commit record reported %s: %s, but the record is in place: "
+                        "committed", name, type(exc).__name__, exc)
 
     def _manifest(self, name: str, meta: dict, rep_tree: Any, frags: list) -> dict:
         now = time.time()
