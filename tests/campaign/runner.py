@@ -16,7 +16,7 @@ a failing trial is replayed alone with ``--replay KIND:SEED``. Two families:
   HARNESS_FAULT at a random point and step, then started again with the same command; its final checkpoint
   must equal an uninterrupted reference run's bit for bit.
 
-Outcomes: ``ok``; ``FAIL``; ``KNOWN`` for a trial that hit a documented harness bug (RELIABILITY.md, B1/B2),
+Outcomes: ``ok``; ``FAIL``; ``KNOWN`` for a trial that hit a documented harness bug (none open now; see RELIABILITY.md),
 counted apart from failures. Exit status 1 if any trial failed.
 
     python -m tests.campaign.runner --trials 600 --s3-trials 40 --process-trials 30 --seed 20261125 --json out.json
@@ -247,14 +247,13 @@ def trial_save_fault(seed: int, tmp: Path, point: str | None = None, action: str
         check(not any(s in committed for s in failed if point.startswith("save.") and point != "save.after_commit"),
               f"failed saves {failed} visible: {committed}")
     # Nothing lost but by retention: the newest keep_last successful saves are all still committed.
-    # Known bug B2: an error after the commit record is written (save.after_commit; in production the folder
-    # fsync after the rename, or an S3 PUT whose reply is lost) makes save() raise "was not committed" although
-    # the checkpoint is committed, counts for retention and will be restored. Reported as KNOWN.
+    # (Fixed bug B2: an error after the commit record is in place must not fail the save.)
     b2 = [s for s in failed if s in committed and point == "save.after_commit"]
-    good = sorted(saved + b2)
+    check(not b2, f"save() failed for committed step(s) {b2} ({action} at {point}): bug B2 is back")
+    good = sorted(saved)
     must = good if keep_last == 0 else good[-keep_last:]
     check(all(s in committed for s in must), f"committed {committed} lost some of {must} (keep_last={keep_last})")
-    check(all(s in saved or s == crashed_at or s in b2 for s in committed), f"unexpected committed steps {committed}")
+    check(all(s in saved or s == crashed_at for s in committed), f"unexpected committed steps {committed}")
     expected = max(committed) if committed else None
     _restore_and_compare(url, expected, states, seed)
     # The next run goes on saving past whatever the crash left behind.
@@ -269,8 +268,6 @@ def trial_save_fault(seed: int, tmp: Path, point: str | None = None, action: str
         check(_committed(url)[-1] == n_saves + 1, "save after the crash not committed")
         _restore_and_compare(url, n_saves + 1, states, seed)
     _cleanup(where, url)
-    if b2:
-        raise KnownIssue(f"B2 save() raised 'not committed' for committed step {b2[0]} ({action} at {point})")
     return (f"{where} keep_last={keep_last} saves={n_saves} fire#{fire_at} "
             f"{'fired@' + str(fired.get('at_save')) if fired else 'not-reached'} committed={committed}")
 
@@ -330,16 +327,8 @@ def trial_damage(seed: int, tmp: Path, how: str | None = None, s3: bool = False)
     if newest and not verified:
         check(result is None or any(n == victim.name for n, _ in result.skipped),
               f"{what}: restore did not report the damaged newest checkpoint: {result and result.skipped}")
-    known = None
-    if verified and covered:
-        if rel.endswith("/COMMIT"):
-            # Known bug B1: the commit record has no checksum of its own and open_checkpoint cross-checks only
-            # its step against the manifest, so a flipped byte in a summary field (created, name, loss,
-            # metrics, a key name) goes unreported. Restore is unaffected (checked above); ckpt list and
-            # keep_best retention read the corrupted summary.
-            known = f"B1 undetected COMMIT damage ({what})"
-        else:
-            raise TrialFailure(f"{what}: verify_checkpoint accepted the damaged checkpoint")
+    if verified and covered:  # (fixed bug B1: damage to the commit record's summary went unnoticed)
+        raise TrialFailure(f"{what}: verify_checkpoint accepted the damaged checkpoint")
     # Retention never deletes a damaged checkpoint, nor the newest.
     mgr = _mgr(url, keep_last=1)
     try:
@@ -356,8 +345,6 @@ def trial_damage(seed: int, tmp: Path, how: str | None = None, s3: bool = False)
         check(victim.name in left, f"{what}: retention deleted the damaged checkpoint {victim.name}")
     check(_committed(url)[-1] == n_saves + 2, "newest checkpoint missing after retention")
     _cleanup(where, url)
-    if known:
-        raise KnownIssue(known)
     return f"{where} saves={n_saves} victim={victim.name} {what}" + ("" if covered else " (padding: no data)")
 
 
