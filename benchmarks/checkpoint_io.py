@@ -42,6 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from _results import write_results  # noqa: E402  (benchmarks/ is the script's folder)
+
 GB = 1e9  # sizes and bandwidths are decimal: GB = 1e9 bytes, GB/s = 1e9 bytes per second
 CHUNK = 64 << 20
 
@@ -910,18 +912,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint I/O: {fmt_bytes(nbytes)} {args.state} state on {env['device_name']} ({device.type}), "
           f"median of {args.repeat}, cold={args.cold} (drop_caches permitted: {drop_ok})")
     print(table(rows))
-    for stem in (f"checkpoint_io_{device.type}_{stamp}", f"checkpoint_io_{device.type}_latest"):
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    png_skip = plot(rows, env, out / f"checkpoint_io_{device.type}_{stamp}.png")
-    if png_skip is None:
-        shutil.copyfile(out / f"checkpoint_io_{device.type}_{stamp}.png", out / f"checkpoint_io_{device.type}_latest.png")
-    else:
-        result["png_skipped"] = png_skip
-        with contextlib.suppress(FileNotFoundError):  # a stale chart from an earlier run would mislead
-            (out / f"checkpoint_io_{device.type}_latest.png").unlink()
-        for stem in (f"checkpoint_io_{device.type}_{stamp}", f"checkpoint_io_{device.type}_latest"):
-            (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-        log(f"no chart: {png_skip}")
+    write_results(out, f"checkpoint_io_{device.type}", stamp, result, lambda png: plot(rows, env, png))
+    if "png_skipped" in result:
+        log(f"no chart: {result['png_skipped']}")
     print(f"\nwrote {out / f'checkpoint_io_{device.type}_{stamp}.json'} (and _latest) in {elapsed:.1f} s")
     return 0
 

@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from _results import write_results  # noqa: E402
 from harness import config as hconfig  # noqa: E402
 from harness.trainer import Trainer  # noqa: E402
 
@@ -416,18 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train overhead: {env['workload']} on {env['device_name']} ({args.device}), {args.steps} steps, "
           f"checkpoint every {args.every} steps, first {args.warmup} steps excluded from median/mean")
     print(table(rows))
-    for stem in (f"train_overhead_{args.device}_{stamp}", f"train_overhead_{args.device}_latest"):
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    png_skip = plot(rows, env, out / f"train_overhead_{args.device}_{stamp}.png")
-    if png_skip is None:
-        shutil.copyfile(out / f"train_overhead_{args.device}_{stamp}.png", out / f"train_overhead_{args.device}_latest.png")
-    else:
-        result["png_skipped"] = png_skip
-        with contextlib.suppress(FileNotFoundError):
-            (out / f"train_overhead_{args.device}_latest.png").unlink()
-        for stem in (f"train_overhead_{args.device}_{stamp}", f"train_overhead_{args.device}_latest"):
-            (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-        log(f"no chart: {png_skip}")
+    write_results(out, f"train_overhead_{args.device}", stamp, result, lambda png: plot(rows, env, png))
+    if "png_skipped" in result:
+        log(f"no chart: {result['png_skipped']}")
     print(f"\nwrote {out / f'train_overhead_{args.device}_{stamp}.json'} (and _latest) in {elapsed:.1f} s")
     return 0
 

@@ -69,11 +69,21 @@ class Storage:
     # -- writing --------------------------------------------------------------------------------------
 
     def check_access(self, write: bool = True) -> None:
-        """Fail fast: on S3, list the root and (``write``) PUT and DELETE a probe object, raising a one-line
-        StorageError naming the bucket on a missing bucket, rejected credentials or missing permission.
-        Elsewhere a no-op (local folders are created on demand)."""
+        """Fail fast, before training: a one-line StorageError now rather than at the first save an hour later.
+        On S3: list the root and (``write``) PUT and DELETE a probe object (missing bucket, rejected credentials,
+        missing permission). Elsewhere: create the root and (``write``) write and delete a probe file."""
         if self.s3 is not None:
             self.s3.check_access(self.root, write)
+            return
+        try:
+            self.makedirs("") if write else self.listdir()
+            if write:
+                probe = f".harness-probe-{uuid.uuid4().hex}"
+                self.write_bytes(probe, b"probe")
+                self.remove(probe)
+        except Exception as exc:  # noqa: BLE001 - any failure here means the folder is unusable
+            raise StorageError(f"checkpoint storage {redact_url(self.url)} is not "
+                               f"{'writable' if write else 'readable'}: {type(exc).__name__}: {exc}") from None
 
     def makedirs(self, rel: str = "") -> None:
         if self.s3 is not None:

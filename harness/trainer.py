@@ -14,7 +14,6 @@ import random
 import signal
 import threading
 import time
-import uuid
 from typing import Any, Callable
 
 import numpy as np
@@ -25,7 +24,7 @@ from harness import dist, faults, lease
 from harness.checkpoint import CheckpointManager
 from harness.config import Config
 from harness.data import BatchLoader, ResumableSampler
-from harness.errors import CheckpointError, ConfigError, StorageError
+from harness.errors import CheckpointError, ConfigError
 from harness.progress import MetricsLog, Progress
 from harness.storage import redact_url
 from harness.workloads import Workload, build_workload, load_entry_point
@@ -152,18 +151,6 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def probe_storage(mgr: CheckpointManager) -> None:
-    """Fail fast: write and delete a small file now, not at the first save an hour from now."""
-    name = f".harness-probe-{uuid.uuid4().hex}"
-    try:
-        mgr.storage.makedirs("")
-        mgr.storage.write_bytes(name, b"probe")
-        mgr.storage.remove(name)
-    except Exception as exc:  # noqa: BLE001 - any failure here means the dir is unusable
-        raise StorageError(f"checkpoint.dir {redact_url(mgr.storage.url)} is not writable: "
-                           f"{type(exc).__name__}: {exc}") from None
-
-
 def safe_metadata(cfg: Config) -> dict:
     """The run's config for the manifest, minus storage_options (they may hold credentials)."""
     d = dataclasses.asdict(cfg)
@@ -227,15 +214,6 @@ class Trainer:
                                      storage_options=c.storage_options, max_file_bytes=c.max_file_mb << 20,
                                      io_threads=c.io_threads, timeout_s=c.timeout_s,
                                      split_replicated=c.split_writes)
-        problem = None
-        if self.rank == 0:
-            try:
-                probe_storage(self.mgr)
-            except StorageError as exc:
-                problem = str(exc)
-        problem = dist.broadcast(problem, self.mgr._group)
-        if problem:
-            raise StorageError(problem)
         # One job per checkpoint folder: refuse (exit 3) if another live run holds it (harness/lease.py).
         self.lease = lease.acquire(self.mgr.storage, cfg.run.id, c.lease_timeout_s, self.mgr._group)
         self.sampler = ResumableSampler(len(workload.dataset), self.world, self.rank, shuffle=True,

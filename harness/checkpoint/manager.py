@@ -68,7 +68,8 @@ class CheckpointManager:
     def __init__(self, dir: str, *, keep_last: int = 3, keep_best: int = 0, best_metric: str = "loss",
                  best_mode: str = "min", async_save: bool = False, storage_options: dict | None = None,
                  max_file_bytes: int = 256 << 20, io_threads: int = 4, timeout_s: float = 600.0,
-                 split_replicated: bool = False, shard_chunk_bytes: int = blobs.CHUNK_BYTES) -> None:
+                 split_replicated: bool = False, shard_chunk_bytes: int = blobs.CHUNK_BYTES,
+                 read_only: bool = False) -> None:
         self.storage = Storage(dir, storage_options)
         self.split_replicated = split_replicated  # ranks share the writes of replicated state (greedy by size)
         self.shard_chunk_bytes = shard_chunk_bytes
@@ -78,22 +79,20 @@ class CheckpointManager:
         self.io_threads = io_threads
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self._group = dist.new_cpu_group(timeout_s)
-        self._check_storage()
+        self._check_storage(write=not read_only)
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-ckpt") if async_save else None
         self._pending: cf.Future | None = None
         self._buffers: dict[str, torch.Tensor] = {}  # reused host snapshot buffers (async saves)
         self._damaged: set[str] = set()
         self.last_saved: str | None = None
 
-    def _check_storage(self) -> None:
-        """Fail fast on object stores: a missing bucket, rejected credentials or a missing permission is a
+    def _check_storage(self, write: bool) -> None:
+        """Fail fast: an unwritable folder, a missing bucket, rejected credentials or a missing permission is a
         one-line StorageError on every rank now, not at the first save. Rank 0 checks; all ranks raise."""
-        if self.storage.s3 is None:
-            return
         problem = None
         if self.rank == 0:
             try:
-                self.storage.check_access(write=True)
+                self.storage.check_access(write=write)
             except StorageError as exc:
                 problem = str(exc)
         problem = dist.broadcast(problem, self._group)
@@ -134,10 +133,11 @@ class CheckpointManager:
             self._persist(meta, rep_tree, rank_tree, tensors, t0, zero_trees)
             return
         # Snapshot: the only blocking part. Training may change parameters as soon as we return.
+        on_gpu = any((t.local if isinstance(t, codec.Shard) else t).device.type == "cuda" for t in tensors.values())
         tensors = {k: (codec.Shard(self._snapshot(k, t.local), t.global_shape, t.global_offset, t.owner)
                        if isinstance(t, codec.Shard) else self._snapshot(k, t)) for k, t in tensors.items()}
-        if any(t.device.type == "cuda" for t in self._buffers.values()):
-            torch.cuda.current_stream().synchronize()  # the copies below were issued non-blocking
+        if on_gpu:
+            torch.cuda.current_stream().synchronize()  # the device-to-host copies were issued non-blocking
         blocked = time.perf_counter() - t0
         log.info("checkpoint step %d: snapshot taken in %.3f s, persisting in background", step, blocked)
         self._pending = self._pool.submit(self._persist, meta, rep_tree, rank_tree, tensors, t0, zero_trees)

@@ -59,19 +59,21 @@ def select_deletions(infos: list[CheckpointInfo], policy: RetentionPolicy, prote
     return [i for i in healthy[:-1] if i.name not in keep]  # [:-1]: never the newest
 
 
-def stale_attempts(storage: Storage, newest: CheckpointInfo) -> list[str]:
+def stale_attempts(infos: list[CheckpointInfo]) -> list[str]:
     """Uncommitted folders older than the newest commit: dead attempts, never visible to readers."""
-    return [i.name for i in list_checkpoints(storage, committed_only=False)
-            if not i.committed and (i.step, i.attempt) < (newest.step, newest.attempt)]
+    committed = [i for i in infos if i.committed]
+    if not committed:
+        return []
+    newest = (committed[-1].step, committed[-1].attempt)
+    return [i.name for i in infos if not i.committed and (i.step, i.attempt) < newest]
 
 
 def apply(storage: Storage, policy: RetentionPolicy, protect: set[str],
           damaged: set[str] = frozenset()) -> list[str]:
     """Delete what the policy lets go. A failed delete is logged, never raised: training goes on."""
-    infos = list_checkpoints(storage)
-    victims = [i.name for i in select_deletions(infos, policy, protect, damaged)]
-    if infos:
-        victims += [n for n in stale_attempts(storage, infos[-1]) if n not in protect and n not in damaged]
+    everything = list_checkpoints(storage, committed_only=False)  # one listing serves both rules
+    victims = [i.name for i in select_deletions([i for i in everything if i.committed], policy, protect, damaged)]
+    victims += [n for n in stale_attempts(everything) if n not in protect and n not in damaged]
     deleted = []
     for name in victims:
         try:
