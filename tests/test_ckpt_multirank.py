@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from ckpt_helpers import Net, assert_bitwise, draws, read_manifest, simple_run, snapshot
 from harness import CheckpointManager, faults
+from harness.checkpoint import blobs
 from harness.checkpoint.discovery import list_checkpoints, verify_checkpoint
 from harness.errors import CheckpointError
 from harness.storage import Storage
@@ -48,7 +49,20 @@ def _scenario(rank: int, url: str) -> dict:
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     m2 = Net()
     o2 = torch.optim.AdamW(m2.parameters())
-    res = CheckpointManager(url, timeout_s=30).restore(models=m2, optimizers=o2)
+    read_keys: list[str] = []
+    real_read = blobs.read_tensors
+
+    def spy(storage, folder, entries, **kw):
+        read_keys.extend(e.key for e in entries)
+        return real_read(storage, folder, entries, **kw)
+
+    blobs.read_tensors = spy  # which tensors does each rank read from storage?
+    try:
+        res = CheckpointManager(url, timeout_s=30).restore(models=m2, optimizers=o2)
+    finally:
+        blobs.read_tensors = real_read
+    out["replicated_reads"] = sum(k.startswith("state/") for k in read_keys)
+    out["own_reads"] = sum(k.startswith(f"ranks/{rank}/") for k in read_keys)
     assert_bitwise(after_save, draws(), f"rank {rank} rng")
     assert_bitwise(expected, (m2.state_dict(), o2.state_dict()), f"rank {rank} state")
     assert_bitwise(position, res.position, f"rank {rank} position")
@@ -122,6 +136,10 @@ def test_two_ranks_save_restore_and_fail_together(tmp_path):
         assert res["fault"].startswith("CheckpointError:") and "rank 1" in res["fault"], res["fault"]
         assert res["visible_after_fault"] == ["step-000000005"]
     assert results[0]["rank_differs"] != results[1]["rank_differs"]  # each rank got its own RNG back
+    # Read once: rank 0 reads (and verifies) the replicated state, rank 1 gets it by broadcast and reads only
+    # its own per-rank tensors from storage.
+    assert results[0]["replicated_reads"] > 0 and results[1]["replicated_reads"] == 0
+    assert results[1]["own_reads"] > 0
 
     man = read_manifest(url, "step-000000005")
     assert man["world_size"] == WORLD and len(man["ranks"]) == WORLD

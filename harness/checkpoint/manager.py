@@ -18,9 +18,9 @@ import harness
 from harness import dist, faults
 from harness.checkpoint import blobs, codec, retention, sharded
 from harness.checkpoint.discovery import list_checkpoints, open_checkpoint
-from harness.checkpoint.format import (CHECKSUM_ALGORITHM, COMMIT_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
+from harness.checkpoint.format import (CHECKSUM_ALGORITHM, COMMIT_FILE, DTYPES, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
                                        ckpt_name, dumps, make_commit, parse_name)
-from harness.checkpoint.load import LoadReport, class_name, decode_state, load_model_state, state_keys
+from harness.checkpoint.load import LoadReport, class_name, decode_state, load_model_state
 from harness.errors import (CheckpointCorruptError, CheckpointError, CheckpointFormatError, NoCheckpointError,
                             StorageError)
 from harness.state import Stateful, capture_rng, restore_rng, unwrap_model
@@ -355,13 +355,14 @@ class CheckpointManager:
                     raise CheckpointError(f"restore of {name} failed: {verdict[1]}")
                 break
             try:
-                manifest, state, mine = self._load(name, tensors)
+                manifest, tensors = self._load(name, tensors)
                 ok = True
             except Exception as exc:  # noqa: BLE001 - every rank must learn that one failed, or others hang later
                 log.error("rank %d could not load %s: %s", self.rank, name, exc)
                 ok, err = False, exc
             if not dist.all_ok(ok, self._group):
                 raise CheckpointError(f"restore of {name} failed on at least one rank") from (None if ok else err)
+            state, mine = self._decode(manifest, self._share_replicated(manifest, tensors))
             break
         result = self._apply(manifest, state, mine, models, optimizers, schedulers, scaler, extra, strict,
                              skip_mismatched, rng)
@@ -435,15 +436,35 @@ class CheckpointManager:
             verdict = problem  # this rank's own message (e.g. which tensor does not fit)
         return verdict, manifest, state, mine
 
-    def _load(self, name: str, prefetched: dict) -> tuple[Any, dict, Any]:
-        mine = [self.rank]
+    def _load(self, name: str, prefetched: dict) -> tuple[Any, dict]:
+        """Rank 0: what it read (and verified) choosing. Other ranks: the manifest and their own per-rank
+        tensors only; the replicated state comes from rank 0 (:meth:`_share_replicated`), so N ranks do not
+        download it N times."""
         if prefetched:
-            manifest, tensors = prefetched["manifest"], prefetched["tensors"]
-        else:
-            manifest = open_checkpoint(self.storage, name)
-            tensors = blobs.read_tensors(self.storage, name, state_keys(manifest, mine), threads=self.io_threads)
-        state, per_rank = decode_state(manifest, tensors, [r for r in mine if r < manifest.world_size])
-        return manifest, state, per_rank[self.rank] if self.rank < len(per_rank) else None
+            return prefetched["manifest"], prefetched["tensors"]
+        manifest = open_checkpoint(self.storage, name)
+        own = manifest.raw["ranks"][self.rank] if self.rank < manifest.world_size else None
+        keys = set(codec.tensor_refs(own))
+        entries = [e for e in manifest.tensors.values() if e.key in keys]
+        return manifest, blobs.read_tensors(self.storage, name, entries, threads=self.io_threads)
+
+    def _share_replicated(self, manifest: Any, tensors: dict) -> dict:
+        """Broadcast the replicated tensors from rank 0 (read once, checksums verified there). Collective."""
+        if self.world_size == 1:
+            return tensors
+        for key in sorted(set(codec.tensor_refs(manifest.raw["state"]))):
+            if self.rank != 0:
+                e = manifest.tensors[key]
+                tensors[key] = torch.empty(e.shape, dtype=DTYPES[e.dtype])
+            t = tensors[key]
+            if t.numel():  # as raw bytes: gloo has no collective for every dtype (bool, complex, float8)
+                torch.distributed.broadcast(t.reshape(-1).view(torch.uint8), src=0, group=self._group)
+        return tensors
+
+    def _decode(self, manifest: Any, tensors: dict) -> tuple[dict, Any]:
+        mine = [r for r in [self.rank] if r < manifest.world_size]
+        state, per_rank = decode_state(manifest, tensors, mine)
+        return state, per_rank[self.rank] if mine else None
 
     def _apply(self, manifest: Any, state: dict, mine: Any, models: Named, optimizers: Named,
                schedulers: Named, scaler: Any, extra: Mapping[str, Any] | None, strict: bool,
