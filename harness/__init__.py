@@ -1,6 +1,6 @@
 """harness: a fault-tolerant distributed training harness for PyTorch."""
 
-__version__ = "0.1.0"
+from harness._version import __version__  # noqa: F401
 
 from harness.checkpoint.manager import CheckpointManager, RestoreResult  # noqa: E402
 from harness.errors import (CheckpointCorruptError, CheckpointError, CheckpointFormatError,  # noqa: E402
@@ -9,5 +9,5 @@ from harness.state import Stateful  # noqa: E402
 
 __all__ = ["CheckpointManager", "RestoreResult", "Stateful", "HarnessError", "ConfigError", "CheckpointError",
            "CheckpointFormatError", "CheckpointCorruptError", "NoCheckpointError", "StorageError"]
-from harness.inference import load_for_inference, warm_start  # noqa: E402,F401  (added: export/import/inspect)
+from harness.interop.inference import load_for_inference, warm_start  # noqa: E402,F401  (added: export/import/inspect)
 __all__ += ["load_for_inference", "warm_start"]

@@ -1,21 +1,48 @@
-"""The ``harness`` command: ``train`` and ``ckpt ...``."""
+"""The ``harness`` command: ``launch``, ``train`` and ``ckpt ...``; ``--version``.
+
+Errors end in one line and the documented exit code (harness/exitcodes.py); HARNESS_DEBUG=1 adds tracebacks.
+A closed pipe (``harness ckpt inspect DIR | head -1``) ends the command quietly with 141 (128+SIGPIPE), as
+``git log | head`` does.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
+from typing import Any, NoReturn
 
-from harness import config
-from harness.errors import CheckpointError, ConfigError, HarnessError, StorageError
+from harness import exitcodes
+from harness.errors import HarnessError
 
 log = logging.getLogger("harness")
 
+EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for `git log | head`'s git
+
+
+def version() -> str:
+    try:
+        from harness._version import __version__
+        return __version__
+    except ImportError:  # an older checkout without the module: the installed distribution's metadata
+        from importlib import metadata
+        try:
+            return metadata.version("harness")
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description="Fault-tolerant distributed training for PyTorch")
+    parser = argparse.ArgumentParser(prog="harness", description="Fault-tolerant distributed training for PyTorch",
+                                     epilog=exitcodes.TABLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"harness {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="run training (under torchrun for several processes)")
+    from harness.launch import add_launch_parser
+    add_launch_parser(sub)
+    p = sub.add_parser("train", help="run training in this process (under torchrun for several processes)",
+                       epilog=exitcodes.TABLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML config file (defaults are used for anything it leaves out)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value; repeatable")
@@ -24,26 +51,91 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report(outcome: exitcodes.Outcome, exc: BaseException) -> None:
+    """One line per problem. Under ``harness launch`` a permanent error goes to the launcher, which prints it
+    once and stops the job; under bare torchrun the ranks agree on it (the checkpoint layer broadcasts its
+    errors, every rank reads the same config), so rank 0 alone prints it. Retryable errors are per rank:
+    every rank that hits one says so."""
+    if exitcodes.debug():
+        traceback.print_exception(exc, file=sys.stderr)
+    if outcome.permanent:
+        from harness.launch import report_permanent
+        if report_permanent(outcome):
+            return
+        if os.environ.get("RANK", "0") != "0" and not exitcodes.debug():
+            return
+    exitcodes.print_line(outcome)
+
+
 def run_train(args: argparse.Namespace) -> int:
-    from harness import trainer
+    from harness import config, trainer
     try:
         cfg = config.load(args.config, args.overrides)
         return trainer.train(cfg)
-    except ConfigError as exc:
-        print(f"harness: config error: {exc}", file=sys.stderr)
-        return trainer.EXIT_CONFIG
-    except (StorageError, CheckpointError) as exc:
-        print(f"harness: checkpoint error: {exc}", file=sys.stderr)
-        return trainer.EXIT_CHECKPOINT
+    except Exception as exc:
+        outcome = exitcodes.classify(exc)
+        if outcome is None:
+            raise  # not one of ours: a bug, with its traceback (exit 1)
+        _report(outcome, exc)
+        return outcome.code
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         return run_train(args)
+    if args.command == "launch":
+        from harness.launch import run_launch
+        return run_launch(args)
     from harness.ckpt_cli import run_ckpt
     try:
         return run_ckpt(args)
     except HarnessError as exc:
+        if exitcodes.debug():
+            raise
         print(f"harness: error: {exc}", file=sys.stderr)
         return 1
+
+
+class _PipeGuard:
+    """stdout for one command: a reader that went away (``| head``) ends the command quietly, wherever the
+    write happens. SystemExit passes through the subcommands' error handlers (they catch OSError, which a
+    BrokenPipeError is, to report storage problems)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _closed_pipe()
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _closed_pipe()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _closed_pipe() -> NoReturn:
+    # The Python docs' recipe: point stdout at devnull so the interpreter's final flush cannot raise again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.__stdout__.fileno())
+    raise SystemExit(EXIT_BROKEN_PIPE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stdout = sys.stdout
+    sys.stdout = _PipeGuard(stdout)
+    try:
+        code = _dispatch(args)
+        sys.stdout.flush()  # inside the guard: a reader that went away shows up here at the latest
+        return code
+    except BrokenPipeError:  # raised by a direct write to the stream underneath
+        _closed_pipe()
+    finally:
+        sys.stdout = stdout

@@ -20,7 +20,7 @@ from harness.errors import ConfigError
 @dataclass
 class RunConfig:
     name: str = "run"
-    output_dir: str = ""          # metrics.jsonl goes here; default runs/<name>
+    output_dir: str = ""          # metrics.jsonl goes here; default: beside the checkpoints (Config.output_dir)
     id: str = ""                  # run id for the checkpoint folder's lease; default: the launcher's job id
 
 
@@ -31,7 +31,9 @@ class TrainConfig:
     batch_size: int = 32          # per rank
     log_every: int = 10
     device: str = "auto"          # auto | cpu | cuda
-    amp: bool = False             # autocast (bf16) + GradScaler on CUDA
+    amp: bool = False             # autocast on CUDA, in amp_dtype
+    amp_dtype: str = "bf16"       # bf16 (no grad scaler: bf16 has fp32's range) | fp16 (with a GradScaler)
+    deterministic: bool = False   # GPU: deterministic kernels only, for bitwise resume (README "Determinism")
     grad_clip: float = 0.0        # 0: off
     entry: str = ""               # "pkg.module:function" building a user Workload
     step_sleep_s: float = 0.0     # slow each step down (demos and fault tests)
@@ -93,13 +95,29 @@ class Config:
 
     @property
     def output_dir(self) -> str:
-        return self.run.output_dir or f"runs/{self.run.name}"
+        """Where metrics.jsonl goes: ``run.output_dir`` if set, else the local checkpoint folder itself (a run's
+        metrics sit with its checkpoints, so two runs with different folders never share a file), else for a
+        remote ``checkpoint.dir`` a local folder derived from the URL: ``s3://bucket/a/b`` ->
+        ``runs/remote/s3/bucket/a/b``."""
+        return self.run.output_dir or metrics_dir_for(self.checkpoint.dir)
+
+
+def metrics_dir_for(checkpoint_dir: str) -> str:
+    """The default metrics folder of a checkpoint folder (see ``Config.output_dir``)."""
+    if checkpoint_dir.startswith("file://"):
+        return checkpoint_dir[len("file://"):]
+    scheme, sep, rest = checkpoint_dir.partition("://")
+    if not sep:
+        return checkpoint_dir
+    parts = [p for p in rest.split("/") if p not in ("", ".", "..")]  # never climb out of runs/remote
+    return "/".join(["runs", "remote", scheme, *parts])
 
 
 _ALIASES = {("checkpoint", "async"): "async_save"}   # TOML names that are Python keywords
 _CHOICES = {
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "parallel"): ("ddp", "zero", "fsdp"),
+    ("train", "amp_dtype"): ("bf16", "fp16"),
     ("optim", "name"): ("adamw", "adam", "sgd"),
     ("scheduler", "name"): ("none", "cosine", "step"),
     ("checkpoint", "best_mode"): ("min", "max"),
@@ -169,7 +187,17 @@ def from_dict(raw: dict) -> Config:
             kwargs[name] = {"name": default, **value}
         else:
             kwargs[name] = _section(name, typing.get_type_hints(Config)[name], value)
-    return Config(**kwargs)
+    cfg = Config(**kwargs)
+    _check_combinations(cfg)
+    return cfg
+
+
+def _check_combinations(cfg: Config) -> None:
+    """Values that are each valid but cannot go together, refused at load time (exit 2) rather than as a
+    ValueError from torch.distributed once workers have started."""
+    if cfg.dist.backend == "nccl" and cfg.train.device == "cpu":
+        raise ConfigError("dist.backend = 'nccl' needs CUDA tensors, but train.device = 'cpu': "
+                          "use dist.backend = 'gloo' (or 'auto'), or train.device = 'cuda'")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import os
 from typing import Any
 
 import torch.distributed as dist
+
+from harness.errors import ConfigError
 
 
 def initialized() -> bool:
@@ -18,6 +21,23 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if initialized() else 1
+
+
+def require_group_if_launched(what: str) -> None:
+    """Refuse to act as a world of one inside a multi-process launch.
+
+    torchrun (and SLURM/Kubernetes launchers) set WORLD_SIZE for every process they start. A process that
+    never called ``init_process_group`` would see rank 0 of 1 here and, like each of its peers, save and
+    apply retention on the same folder on its own: N uncoordinated writers instead of one collective save.
+    """
+    world = os.environ.get("WORLD_SIZE", "").strip()
+    if initialized() or not world.isdigit() or int(world) <= 1:
+        return
+    raise ConfigError(
+        f"{what}: this process was launched as one of {world} (WORLD_SIZE={world}, RANK="
+        f"{os.environ.get('RANK', '?')}) but torch.distributed is not initialized; call "
+        f"torch.distributed.init_process_group(...) first (e.g. init_process_group('gloo') on CPU, 'nccl' on "
+        f"GPUs), then create {what} on every rank")
 
 
 def new_cpu_group(timeout_s: float) -> Any:

@@ -90,6 +90,36 @@ def describe(lease: dict) -> str:
             f"pid {lease.get('pid')}")
 
 
+def heartbeat_age(lease: dict) -> float | None:
+    """Seconds since the record's last heartbeat; None when it has none."""
+    beat = lease.get("heartbeat")
+    if isinstance(beat, bool) or not isinstance(beat, (int, float)):
+        return None
+    return time.time() - beat
+
+
+def stale_reason(lease: dict, timeout_s: float) -> str | None:
+    """Why a lease record no longer belongs to a live job, or None when it does: written on this host by a
+    process that is gone (a ``kill -9``), or no heartbeat for ``timeout_s`` (a job that died elsewhere)."""
+    if "unreadable" in lease:
+        return f"unreadable ({lease['unreadable']})"
+    if lease.get("host") == socket.gethostname() and not pid_alive(lease.get("pid")):
+        return "that process is gone"
+    age = heartbeat_age(lease)
+    if age is None or age >= timeout_s:
+        return "no heartbeat for " + ("ever" if age is None else f"{age:.0f} s")
+    return None
+
+
+def live_holder(storage: Storage, timeout_s: float) -> dict | None:
+    """The lease record of the live job that holds the folder, None when no live job does (no lease, an
+    unreadable one, or a stale one). For tools that must not touch a folder a job is using."""
+    held = read_lease(storage)
+    if held is None or stale_reason(held, timeout_s) is not None:
+        return None
+    return held
+
+
 class Lease:
     """A held lease: heartbeat thread running until :meth:`release`."""
 
@@ -113,13 +143,9 @@ class Lease:
         if held is not None and "unreadable" in held:
             log.warning("lease %s/%s is unreadable (%s): taking it over", where, LEASE_FILE, held["unreadable"])
         elif held is not None and held.get("run_id") != self.record["run_id"]:
-            age = time.time() - held["heartbeat"] if isinstance(held.get("heartbeat"), (int, float)) else None
-            here = held.get("host") == self.record["host"]
-            if here and not pid_alive(held.get("pid")):
-                log.warning("taking over the stale lease of %s in %s: that process is gone", describe(held), where)
-            elif age is None or age >= self.timeout_s:
-                log.warning("taking over the stale lease of %s in %s: no heartbeat for %s", describe(held), where,
-                            "ever" if age is None else f"{age:.0f} s")
+            stale, age = stale_reason(held, self.timeout_s), heartbeat_age(held) or 0.0
+            if stale is not None:
+                log.warning("taking over the stale lease of %s in %s: %s", describe(held), where, stale)
             else:
                 raise LeaseError(
                     f"checkpoint.dir {where} is in use by another job: {describe(held)}, heartbeat {age:.0f} s ago. "

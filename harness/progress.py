@@ -13,7 +13,10 @@ log = logging.getLogger("harness")
 
 
 class Progress:
-    """Step, loss, samples/s and time to the next checkpoint; redrawn in place on a terminal."""
+    """Step, loss, samples/s and time to the next checkpoint; redrawn in place on a terminal.
+
+    Called at log steps only (reading the loss waits for the device), with the global mean loss: the number
+    metrics.jsonl and the checkpoint of that step record too. The line of the last step says the run finished."""
 
     def __init__(self, max_steps: int, enabled: bool, every_s: float = 2.0) -> None:
         self.max_steps = max_steps
@@ -23,6 +26,10 @@ class Progress:
         self._t_last = self._t_print = time.perf_counter()
         self._step_last: int | None = None
         self._rate = 0.0  # steps per second, smoothed
+
+    def start(self, step: int) -> None:
+        """The loop begins at ``step`` (0, or the resumed one): the first line's rate is measured from here."""
+        self._t_last, self._step_last = time.perf_counter(), step
 
     def update(self, step: int, loss: float, samples_per_step: int, every_steps: int) -> None:
         if not self.enabled:
@@ -35,10 +42,8 @@ class Progress:
         if not self.tty and now - self._t_print < self.every_s and step != self.max_steps:
             return
         self._t_print = now
-        to_ckpt = every_steps - step % every_steps
-        eta = f"{to_ckpt / self._rate:.1f}s" if self._rate else "?"
         line = (f"step {step}/{self.max_steps} | loss {loss:.4f} | {self._rate * samples_per_step:.0f} samples/s "
-                f"| next checkpoint in {to_ckpt} steps (~{eta})")
+                f"| {self._tail(step, every_steps)}")
         if self.tty:
             width = 30
             done = int(width * step / self.max_steps)
@@ -46,6 +51,13 @@ class Progress:
             sys.stderr.flush()
         else:
             log.info("%s", line)
+
+    def _tail(self, step: int, every_steps: int) -> str:
+        if step >= self.max_steps:
+            return "finished"
+        to_ckpt = min(every_steps - step % every_steps, self.max_steps - step)
+        eta = f"{to_ckpt / self._rate:.1f}s" if self._rate else "?"
+        return f"next checkpoint in {to_ckpt} steps (~{eta})"
 
     def saved(self, step: int, seconds: float) -> None:
         if self.tty:

@@ -50,8 +50,13 @@ def strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:
     return state_dict
 
 
-def capture_rng() -> dict:
-    """RNG states of python, numpy (global), torch CPU and every CUDA device of this process."""
+def capture_rng(device: torch.device | int | None = None) -> dict:
+    """RNG states of python, numpy (global), torch CPU and the CUDA device this rank trains on.
+
+    Only the rank's own CUDA generator is saved (``device``, default ``torch.cuda.current_device()``, which
+    the trainer sets to its LOCAL_RANK's device), recorded by its role rather than by index: a rank sees one
+    GPU under ``srun --gpus-per-task=1`` and eight under torchrun, and 2 nodes x 4 GPUs resumed as 1 x 8
+    renumbers devices, so "generator #3" would hand a rank another rank's stream."""
     py = random.getstate()
     np_state = np.random.get_state()
     state = {
@@ -61,11 +66,42 @@ def capture_rng() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        index = _cuda_index(device)
+        state["cuda"] = {"role": "train_device", "index": index, "state": torch.cuda.get_rng_state(index)}
     return state
 
 
-def restore_rng(state: dict) -> None:
+def _cuda_index(device: torch.device | int | None) -> int:
+    if device is None:
+        return torch.cuda.current_device()
+    if isinstance(device, int):
+        return device
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def cuda_rng_for_rank(saved: Any, index: int) -> tuple[torch.Tensor | None, str]:
+    """The saved CUDA generator state that belongs to the device with ``index`` (this rank's), and a note.
+
+    Current format: ``{"role": "train_device", "index": i, "state": tensor}``, the rank's own generator,
+    restored into the rank's own device whatever its index is now. Checkpoints written before this format
+    stored a list with the generator of every visible device, by index: a one-element list is the rank's
+    only GPU (``--gpus-per-task=1``); a longer one is the torchrun layout (every rank sees every GPU of its
+    node and trains on LOCAL_RANK, the current device), so element ``index`` is taken; when there is no such
+    element, nothing is restored (the note says so)."""
+    if isinstance(saved, dict):
+        return saved["state"], ""
+    if isinstance(saved, (list, tuple)) and saved:
+        if len(saved) == 1:
+            return saved[0], "old checkpoint: one CUDA generator saved, restored into this rank's device"
+        if index < len(saved):
+            return saved[index], (f"old checkpoint: {len(saved)} CUDA generators saved by index, restored "
+                                  f"the one of device {index} (this rank's)")
+        return None, (f"old checkpoint: {len(saved)} CUDA generators saved by index, none for device {index}: "
+                      "CUDA RNG not restored")
+    return None, "no CUDA generator state in the checkpoint"
+
+
+def restore_rng(state: dict, device: torch.device | int | None = None) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     n = state["numpy"]
@@ -73,12 +109,14 @@ def restore_rng(state: dict) -> None:
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        if len(cuda) != count:
-            log.warning("checkpoint holds RNG states of %d CUDA devices, this process sees %d: restoring %d",
-                        len(cuda), count, min(len(cuda), count))
-        for i, s in enumerate(cuda[:count]):
-            torch.cuda.set_rng_state(s, i)
-    elif cuda:
-        log.warning("checkpoint holds CUDA RNG states but no CUDA device is available: not restored")
+    if cuda is None or (isinstance(cuda, (list, tuple)) and not cuda):
+        return
+    if not torch.cuda.is_available():
+        log.warning("checkpoint holds a CUDA RNG state but no CUDA device is available: not restored")
+        return
+    index = _cuda_index(device)
+    gen, note = cuda_rng_for_rank(cuda, index)
+    if note:
+        log.warning("%s", note)
+    if gen is not None:
+        torch.cuda.set_rng_state(gen, index)

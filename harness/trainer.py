@@ -5,39 +5,35 @@ The trainer sees the checkpoint layer only through CheckpointManager's save/rest
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
-import math
 import os
-import random
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from harness import dist, faults, lease
+from harness import determinism, dist, faults, lease, recipe
 from harness.checkpoint import CheckpointManager
+from harness.checkpoint.prune import clean_leftovers
 from harness.config import Config
 from harness.data import BatchLoader, ResumableSampler
 from harness.errors import CheckpointError, ConfigError
 from harness.progress import MetricsLog, Progress
+from harness.recipe import (WorkloadBuilder, build_optimizer, build_scheduler, fsdp_wrap, safe_metadata,
+                            seed_everything)
+from harness.stepsync import StepStats, StopVote
 from harness.storage import redact_url
-from harness.workloads import Workload, build_workload, load_entry_point
 
 log = logging.getLogger("harness")
 
-EXIT_OK = 0
-EXIT_ERROR = 1          # unexpected failure (a bug, a crashed peer): torchrun may restart
-EXIT_CONFIG = 2         # bad configuration: permanent
-EXIT_CHECKPOINT = 3     # storage unreachable or every checkpoint unusable: permanent, needs a human
+# One meaning per exit code, for `harness train` and `harness launch` alike: harness/exitcodes.py, which also maps
+# an exception to its code (ConfigError 2, CheckpointError/StorageError 3, OOM/accelerator/communication 1).
+from harness.exitcodes import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_ERROR, EXIT_OK  # noqa: E402,F401
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-WorkloadBuilder = Callable[[dict, dict, int], Workload]
 
 
 class PreemptionFlag:
@@ -86,76 +82,21 @@ def init_distributed(cfg: Config) -> torch.device:
     want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise ConfigError("train.device = 'cuda' but no CUDA device is available")
+    backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if want_cuda else "gloo")
+    if backend == "nccl" and not want_cuda:  # train.device = "auto" on a machine without CUDA
+        raise ConfigError("dist.backend = 'nccl' needs CUDA, but no CUDA device is available: "
+                          "use dist.backend = 'gloo' (or 'auto')")
+    if cfg.train.deterministic:
+        determinism.enable()  # before CUDA is initialized: cuBLAS reads its workspace setting then
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
     if want_cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # also what the checkpoint's CUDA RNG state refers to (harness/state.py)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.initialized():
-        backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if want_cuda else "gloo")
         torch_dist.init_process_group(backend=backend,
                                       timeout=datetime.timedelta(seconds=cfg.dist.timeout_s),
                                       device_id=device if backend == "nccl" else None)
     return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_optimizer(cfg: Config, params: Any, zero: bool = False) -> torch.optim.Optimizer:
-    """The configured optimizer; with ``zero`` a ZeroRedundancyOptimizer wrapping that class (each rank keeps
-    the state of its partition of the parameters)."""
-    o = cfg.optim
-    if o.name == "sgd":
-        cls, kwargs = torch.optim.SGD, {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay}
-    else:
-        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-        kwargs = {"lr": o.lr, "weight_decay": o.weight_decay}
-    if zero:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
-    return cls(params, **kwargs)
-
-
-def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2: fully_shard each block (each child holding parameters of the root's ModuleList/Sequential
-    containers: GPT's ``blocks``, the MLP's layers), then the root, which keeps the rest (embeddings, a
-    head tied to them)."""
-    from torch.distributed.fsdp import fully_shard
-
-    for child in model.children():
-        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
-            for block in child.children():
-                if any(True for _ in block.parameters()):
-                    fully_shard(block)
-    fully_shard(model)
-    return model
-
-
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """Warmup then cosine/step/constant, as one LambdaLR: its state is just counters (no closures saved)."""
-    s, total = cfg.scheduler, cfg.train.max_steps
-
-    def factor(step: int) -> float:
-        if step < s.warmup_steps:
-            return (step + 1) / s.warmup_steps
-        if s.name == "cosine":
-            progress = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
-            return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        if s.name == "step":
-            return s.gamma ** ((step - s.warmup_steps) // s.step_size)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def safe_metadata(cfg: Config) -> dict:
-    """The run's config for the manifest, minus storage_options (they may hold credentials)."""
-    d = dataclasses.asdict(cfg)
-    d["checkpoint"].pop("storage_options", None)
-    return {"config": d}
 
 
 class Trainer:
@@ -167,29 +108,17 @@ class Trainer:
         self.flag = PreemptionFlag()
         self.step = 0
         self.epoch = 0
-        self.last_loss: float | None = None
+        self.last_loss: float | None = None  # global mean over ranks, of step ``loss_step``
+        self.loss_step = -1
         self.metrics: dict = {}
         self.saved_step = -1   # the step whose checkpoint is committed or in flight
         self.preempted = False
 
     # -- setup ----------------------------------------------------------------------------------------
 
-    def _workload(self) -> Workload:
-        cfg = self.cfg
-        builder = self.builder
-        if builder is None and cfg.train.entry:
-            try:
-                builder = load_entry_point(cfg.train.entry)
-            except ValueError as exc:
-                raise ConfigError(f"train.entry: {exc}") from None
-        try:
-            return (builder or build_workload)(dict(cfg.model), dict(cfg.data), cfg.train.seed)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-
     def setup(self) -> None:
         cfg = self.cfg
-        workload = self._workload()  # config errors surface before any process group or storage work
+        workload = recipe.workload(cfg, self.builder)  # config errors surface before any process group or storage work
         self.device = init_distributed(cfg)
         self.rank, self.world = dist.rank(), dist.world_size()
         setup_logging(self.rank)
@@ -207,7 +136,11 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model.parameters(), zero=parallel == "zero")
         self.scheduler = build_scheduler(cfg, self.optimizer)
         use_amp = cfg.train.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp_dtype] if use_amp else None
+        # bf16 has fp32's exponent range, so gradients do not underflow: no loss scaling, and none of the
+        # scaler's per-step host sync (its inf check). fp16 needs the scaler.
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
+        self.attention_kernels = determinism.attention_kernels(cfg.train.deterministic, self.device)
         c = cfg.checkpoint
         self.mgr = CheckpointManager(c.dir, keep_last=c.keep_last, keep_best=c.keep_best, best_metric=c.best_metric,
                                      best_mode=c.best_mode, async_save=c.async_save,
@@ -216,11 +149,16 @@ class Trainer:
                                      split_replicated=c.split_writes)
         # One job per checkpoint folder: refuse (exit 3) if another live run holds it (harness/lease.py).
         self.lease = lease.acquire(self.mgr.storage, cfg.run.id, c.lease_timeout_s, self.mgr._group)
+        if self.lease is not None:  # rank 0 holds the folder: no live job writes an uncommitted save
+            clean_leftovers(self.mgr.storage)
         self.sampler = ResumableSampler(len(workload.dataset), self.world, self.rank, shuffle=True,
                                         seed=cfg.train.seed)
         self.loader = BatchLoader(workload.dataset, self.sampler, cfg.train.batch_size)
         self.progress = Progress(cfg.train.max_steps, enabled=self.rank == 0)
+        # Beside the run's checkpoints by default (Config.output_dir): two runs never append to one file.
         self.metrics_log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl") if self.rank == 0 else None)
+        self.stats = StepStats(self.device)
+        self.vote = StopVote(dist.new_cpu_group(cfg.dist.timeout_s))  # its own group: never waits on a save
 
     def resume(self) -> None:
         """Every start: restore the newest valid checkpoint, or seed a fresh run."""
@@ -254,10 +192,12 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------------------
 
-    def train_step(self, batch: tuple) -> float:
+    def train_step(self, batch: tuple) -> torch.Tensor:
+        """One optimizer step; returns the loss as a device tensor (reading it would wait for the device)."""
         inputs, target = (t.to(self.device, non_blocking=True) for t in batch)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.scaler is not None):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None), self.attention_kernels():
             out = self.model(inputs)
             loss = self.loss_fn(out, target)
         if self.scaler is not None:
@@ -273,25 +213,38 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
-        if self.metric_fn is not None and self.step % self.cfg.train.log_every == 0:
+        if self.metric_fn is not None and self.is_log_step():
             with torch.no_grad():
-                self.metrics = {k: float(v) for k, v in self.metric_fn(out.detach().float(), target).items()}
-        return float(loss.detach())
+                self.rank_metrics = self.metric_fn(out.detach().float(), target)
+        return loss.detach()
+
+    def is_log_step(self) -> bool:
+        return self.step % self.cfg.train.log_every == 0 or self.step >= self.cfg.train.max_steps
 
     def stop_requested(self) -> int:
-        """The ranks agree on a pending signal: one tiny all-reduce, so a signal on any rank stops all."""
-        if not dist.initialized():
-            return self.flag.signum
-        t = torch.tensor([self.flag.signum], dtype=torch.int64, device=self.device)
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-        return int(t.item())
+        """The ranks agree on a pending signal without a device sync: the vote cast at the previous step
+        (harness/stepsync.py), so a signal on any rank stops all, one step after the one it arrived in."""
+        return self.vote.poll(self.flag.signum)
 
-    def global_loss(self, loss: float) -> float:
-        if not dist.initialized():
-            return loss
-        t = torch.tensor([loss], dtype=torch.float64, device=self.device)
-        torch_dist.all_reduce(t)
-        return float(t.item()) / self.world
+    def global_loss(self) -> float | None:
+        """This step's loss, mean over ranks (what the progress line, metrics.jsonl and checkpoint report);
+        the restored one before any step of this process. Collective when not yet read at this step."""
+        if self.stats.last is not None and self.loss_step != self.step:
+            self.last_loss = self.stats.reduce()[0]
+            self.loss_step = self.step
+        return self.last_loss
+
+    def log_step(self) -> None:
+        """Read the loss and metrics (global means): the only host sync of a step that does not save."""
+        metrics = getattr(self, "rank_metrics", None) if self.metric_fn is not None else None
+        self.last_loss, loss_avg, means = self.stats.reduce(metrics or {})
+        self.loss_step = self.step
+        if metrics:
+            self.metrics = means
+        cfg = self.cfg
+        self.progress.update(self.step, self.last_loss, cfg.train.batch_size * self.world, cfg.checkpoint.every_steps)
+        self.metrics_log.write({"step": self.step, "epoch": self.epoch, "loss": self.last_loss, "loss_avg": loss_avg,
+                                "lr": self.scheduler.get_last_lr()[0], **self.metrics})
 
     def save(self, *, final: bool = False) -> None:
         c = self.cfg.checkpoint
@@ -299,7 +252,7 @@ class Trainer:
             if final:
                 self.mgr.wait()
             return
-        loss = self.global_loss(self.last_loss) if self.last_loss is not None else None
+        loss = self.global_loss()
         t0 = time.perf_counter()
         try:
             self.mgr.save(self.step, models={"model": self.model}, optimizers={"optimizer": self.optimizer},
@@ -316,7 +269,8 @@ class Trainer:
                       self.step, exc)
             return
         self.progress.saved(self.step, time.perf_counter() - t0)
-        self.metrics_log.write({"event": "save", "step": self.step, "blocked_s": round(time.perf_counter() - t0, 3)})
+        self.metrics_log.write({"event": "save", "step": self.step, "loss": loss,
+                                "blocked_s": round(time.perf_counter() - t0, 3)})
 
     def preempt(self, signum: int) -> int:
         """Commit a checkpoint within the grace period, then exit 128+signal (retryable)."""
@@ -336,19 +290,17 @@ class Trainer:
 
     def loop(self) -> int:
         cfg = self.cfg
+        self.progress.start(self.step)
         while self.step < cfg.train.max_steps:
             self.sampler.set_epoch(self.epoch)
             for batch in self.loader:
                 self.step += 1
-                self.last_loss = self.train_step(batch)
+                self.stats.add(self.train_step(batch))
                 faults.point("train.step", step=self.step)
                 if cfg.train.step_sleep_s:
                     time.sleep(cfg.train.step_sleep_s)
-                self.progress.update(self.step, self.last_loss, cfg.train.batch_size * self.world,
-                                     cfg.checkpoint.every_steps)
-                if self.step % cfg.train.log_every == 0:
-                    self.metrics_log.write({"step": self.step, "epoch": self.epoch, "loss": self.last_loss,
-                                            "lr": self.scheduler.get_last_lr()[0], **self.metrics})
+                if self.is_log_step():
+                    self.log_step()
                 if self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.train.max_steps:
                     self.save()
                 signum = self.stop_requested()
@@ -358,8 +310,9 @@ class Trainer:
                     break
             else:
                 self.epoch += 1
+        self.vote.drain()  # the last step's vote: the run is done, a late signal only meets the final save
         self.save(final=True)
-        self.metrics_log.write({"event": "done", "step": self.step})
+        self.metrics_log.write({"event": "done", "step": self.step, "loss": self.last_loss})
         log.info("training finished at step %d", self.step)
         return EXIT_OK
 

@@ -3,11 +3,15 @@ comparison and byte-level damage."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import json
 import math
 import random
 import struct
+from typing import Any, Callable, Iterator
+from unittest import mock
 
 import numpy as np
 import torch
@@ -85,35 +89,70 @@ def _float_bits(x: float) -> bytes:
     return struct.pack("<d", x)
 
 
-def assert_bitwise(a, b, path: str = "") -> None:
-    """Equal values of equal types, tensors byte for byte (nan equal to the same nan, -0.0 != 0.0)."""
+def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor as a flat uint8 tensor (on the CPU, lazy conj/neg resolved): what a
+    bitwise comparison compares. torch.equal compares values instead, so -0.0 == 0.0 and nan != nan."""
+    flat = t.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    return flat.view(torch.uint8)
+
+
+def assert_bitwise(a, b, path: str = "", ordered_keys: bool = False) -> None:
+    """Bit-for-bit equality of two (nested) states, all differences named by their path.
+
+    Tensors: same dtype, same shape, same raw bytes (so -0.0 != 0.0, and a nan equals only the same nan).
+    ndarrays likewise. Python floats by their IEEE bits (-0.0 != 0.0), except that any nan equals any nan:
+    JSON, which carries the small non-tensor state, keeps the sign of zero but not a nan's payload.
+    Everything else: same type and ==. Dict keys must match as sets, or in order with ``ordered_keys``."""
     where = path or "<root>"
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), f"{where}: {type(b).__name__} instead of a tensor"
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), \
+            f"{where}: {type(a).__name__} vs {type(b).__name__}"
         assert a.dtype == b.dtype and a.shape == b.shape, \
             f"{where}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
         assert a.device == b.device or b.device.type == "cpu", f"{where}: device {b.device}"
-        ab = a.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
-        bb = b.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
-        assert torch.equal(ab, bb), f"{where}: tensor bytes differ"
+        ab, bb = tensor_bytes(a), tensor_bytes(b)
+        if not torch.equal(ab, bb):  # uint8 vs uint8: byte equality
+            first = int((ab != bb).nonzero()[0]) // a.element_size()
+            raise AssertionError(f"{where}: tensor bytes differ (first at element {first}: "
+                                 f"{a.reshape(-1)[first].item()!r} vs {b.reshape(-1)[first].item()!r})")
         return
-    if isinstance(a, np.ndarray):
-        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape, f"{where}: ndarray differs"
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray), \
+            f"{where}: {type(a).__name__} vs {type(b).__name__}"
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
         assert a.tobytes() == b.tobytes(), f"{where}: ndarray bytes differ"
         return
     assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
     if isinstance(a, dict):
-        assert list(a.keys()) == list(b.keys()) or set(a) == set(b), f"{where}: keys {list(a)} vs {list(b)}"
+        same = list(a) == list(b) if ordered_keys else set(a) == set(b)
+        assert same, f"{where}: keys {list(a)} vs {list(b)}"
         for k in a:
-            assert_bitwise(a[k], b[k], f"{path}/{k!r}")
+            assert_bitwise(a[k], b[k], f"{path}/{k!r}", ordered_keys)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
         for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise(x, y, f"{path}/{i}")
+            assert_bitwise(x, y, f"{path}/{i}", ordered_keys)
     elif isinstance(a, float):
         assert _float_bits(a) == _float_bits(b) or (math.isnan(a) and math.isnan(b)), f"{where}: {a!r} vs {b!r}"
     else:
         assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+@contextlib.contextmanager
+def recording_calls(module: Any, name: str, record: Callable[[dict], None]) -> Iterator[None]:
+    """Inside the block, every call of ``module.name`` is first shown to ``record`` (its arguments bound to
+    their parameter names), then runs for real. The original is put back on exit whatever happens
+    (mock.patch.object), also in spawned ranks where pytest's monkeypatch does not exist. A spy on which
+    calls happen, never a replacement of the code under test."""
+    real = getattr(module, name)
+    signature = inspect.signature(real)
+
+    def spy(*args, **kwargs):
+        record(dict(signature.bind(*args, **kwargs).arguments))
+        return real(*args, **kwargs)
+
+    with mock.patch.object(module, name, spy):
+        yield
 
 
 def draws(n: int = 4):

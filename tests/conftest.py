@@ -1,4 +1,5 @@
-"""Shared fixtures: checkpoint locations (local and memory://) and a clean fault seam."""
+"""Shared fixtures: checkpoint locations (local and memory://), a clean fault seam, the process runner and
+the uninterrupted reference run of the end-to-end trainer tests, and the S3 server (conftest_s3)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,25 @@ def _no_fault_hook():
     faults.install(None)
     yield
     faults.install(None)
+
+
+@pytest.fixture
+def runner(tmp_path):
+    """A trainer_helpers.Runner for this test: whatever it started is killed (whole trees) when the test ends."""
+    from trainer_helpers import Runner  # imported here: only the end-to-end tests need it
+
+    r = Runner(tmp_path)
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="session")
+def ref(tmp_path_factory):
+    """The final state of one uninterrupted 2-rank torchrun run (trainer_helpers.Reference), shared by every
+    test of the session; started in the background on first use, ``.get()`` waits for it."""
+    from trainer_helpers import reference
+
+    return reference(tmp_path_factory.getbasetemp())
 
 
 # S3 fixtures (s3_server, s3_bucket, s3_url, fault_proxy): moto's server over HTTP, imported lazily.

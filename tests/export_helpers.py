@@ -8,8 +8,7 @@ import os
 
 import torch
 
-from harness import CheckpointManager, config, trainer
-from harness.checkpoint.export import build_from_config
+from harness import CheckpointManager, config, recipe
 from harness.ckpt_cli import add_ckpt_parser, run_ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,10 +49,10 @@ def quickstart_config(*overrides: str) -> config.Config:
 def make_run(root, cfg: config.Config, steps=(2, 4), metrics_fn=None):
     """Train cfg's workload for max(steps) steps, checkpointing at ``steps`` like the trainer (names
     model/optimizer/scheduler, run config in metadata). Returns (workload, trained model, losses by step)."""
-    w = build_from_config(trainer.safe_metadata(cfg)["config"])
+    w = recipe.workload_from_dict(recipe.safe_metadata(cfg)["config"])
     model = w.model
-    opt = trainer.build_optimizer(cfg, model.parameters())
-    sched = trainer.build_scheduler(cfg, opt)
+    opt = recipe.build_optimizer(cfg, model.parameters())
+    sched = recipe.build_scheduler(cfg, opt)
     mgr = CheckpointManager(str(root), keep_last=0)
     bs = cfg.train.batch_size
     losses = {}
@@ -71,7 +70,7 @@ def make_run(root, cfg: config.Config, steps=(2, 4), metrics_fn=None):
             metrics = metrics_fn(step) if metrics_fn else (w.metric_fn(out.detach(), y) if w.metric_fn else {})
             mgr.save(step, models={"model": model}, optimizers={"optimizer": opt}, schedulers={"scheduler": sched},
                      epoch=0, position={"epoch": 0, "position": step * bs}, loss=losses[step], metrics=metrics,
-                     metadata=trainer.safe_metadata(cfg))
+                     metadata=recipe.safe_metadata(cfg))
     mgr.close()
     return w, model, losses
 

@@ -34,7 +34,9 @@ class S3Server:
         from moto.server import ThreadedMotoServer
         import moto.s3.models
 
-        moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = MIN_PART_BYTES  # in case moto was imported before us
+        # In case moto was imported before us; stop() puts moto's own value back.
+        self._moto_part_min = moto.s3.models.S3_UPLOAD_PART_MIN_SIZE
+        moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = MIN_PART_BYTES
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._saved: dict[str, str | None] = {}
         self.endpoint = ""
@@ -59,7 +61,10 @@ class S3Server:
                 "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_EC2_METADATA_DISABLED": "true"}
 
     def stop(self) -> None:
+        import moto.s3.models
+
         self._server.stop()
+        moto.s3.models.S3_UPLOAD_PART_MIN_SIZE = self._moto_part_min
         for k, v in self._saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -1,6 +1,7 @@
-"""Multi-process scenarios for the sharded-checkpoint tests (tests/test_sharded_*.py): ranks are real
-processes (torch.multiprocessing spawn, gloo on CPU, file:// rendezvous), each scenario a module-level
-function ``NAME(rank, world, **kwargs) -> dict`` run on every rank; the parent asserts on the results."""
+"""Multi-process tests (tests/test_sharded_*.py, tests/test_ckpt_multirank.py): ranks are real processes
+(torch.multiprocessing spawn, gloo on CPU, file:// rendezvous), each scenario a module-level function
+``NAME(rank, world, **kwargs) -> dict`` run on every rank by ``run_ranks``; the parent asserts on the
+results. Also the small models and batches the sharded scenarios share."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import time
 import traceback
+from typing import Callable
 
 import pytest
 import torch
@@ -51,39 +53,53 @@ def batch(step: int, rank: int, d_in: int = 8, d_out: int = 4) -> tuple[torch.Te
     return torch.randn(6, d_in, generator=g), torch.randn(6, d_out, generator=g)
 
 
-def _worker(rank: int, world: int, init_file: str, scenario: str, kwargs: dict, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, scenario: str | Callable[..., dict], kwargs: dict,
+            result_file: str) -> None:
     os.environ["RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world)
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                              timeout=datetime.timedelta(seconds=WORKER_TIMEOUT_S))
     try:
-        import sharded_scenarios
         try:
-            result = {"ok": True, **getattr(sharded_scenarios, scenario)(rank, world, **kwargs)}
+            if isinstance(scenario, str):
+                import sharded_scenarios
+                scenario = getattr(sharded_scenarios, scenario)
+            result = {"ok": True, **scenario(rank, world, **kwargs)}
         except BaseException:  # noqa: BLE001 - report to the parent, which asserts
             result = {"ok": False, "error": traceback.format_exc()}
-        with open(os.path.join(out_dir, f"{scenario}-rank{rank}.json"), "w") as f:
+        with open(result_file.format(rank=rank), "w") as f:
             json.dump(result, f)
     finally:
         tdist.destroy_process_group()
 
 
-def run_ranks(tmp_path, scenario: str, world: int, timeout_s: float = 90, **kwargs) -> list[dict]:
-    """Run ``sharded_scenarios.SCENARIO`` on ``world`` spawned ranks; fail on a hang; return the results."""
-    rdzv = tmp_path / f"rdzv-{scenario}-{time.monotonic_ns()}"
-    ctx = mp.start_processes(_worker, args=(world, str(rdzv), scenario, kwargs, str(tmp_path)), nprocs=world,
+def run_ranks(tmp_path, scenario: str | Callable[..., dict], world: int, timeout_s: float = 90,
+              **kwargs) -> list[dict]:
+    """Run ``scenario(rank, world, **kwargs) -> dict`` on ``world`` spawned ranks (gloo, file:// rendezvous)
+    and return each rank's dict; fail on a hang or on any rank's exception (with its traceback).
+
+    ``scenario`` is a module-level function (spawn pickles it by name, so the ranks import its module) or
+    the name of one in tests/sharded_scenarios.py. The one rank-spawning helper of the test suite."""
+    name = scenario if isinstance(scenario, str) else scenario.__name__
+    tag = f"{name}-{time.monotonic_ns()}"
+    rdzv = tmp_path / f"rdzv-{tag}"
+    result_file = str(tmp_path / f"{tag}-rank{{rank}}.json")
+    ctx = mp.start_processes(_worker, args=(world, str(rdzv), scenario, kwargs, result_file), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
-                pytest.fail(f"{scenario}: ranks did not finish within {timeout_s} s (hang)")
+                pytest.fail(f"{name}: ranks did not finish within {timeout_s} s (hang)")
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    results = [json.load(open(tmp_path / f"{scenario}-rank{r}.json")) for r in range(world)]
+    results = []
+    for r in range(world):
+        with open(result_file.format(rank=r)) as f:
+            results.append(json.load(f))
     for r, res in enumerate(results):
-        assert res["ok"], f"{scenario} rank {r} failed:\n{res.get('error')}"
+        assert res["ok"], f"{name} rank {r} failed:\n{res.get('error')}"
     return results

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from typing import Iterator
 
 import torch
 import torch.distributed as tdist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ckpt_helpers import assert_bitwise
+from ckpt_helpers import assert_bitwise, recording_calls
 from harness import CheckpointManager, faults
 from harness.checkpoint import blobs, sharded
 from harness.checkpoint.discovery import list_checkpoints
@@ -44,21 +46,13 @@ def _zero_step(model, zero, sched, step: int, rank: int, plain=None) -> None:
     sched.step()
 
 
-def _record_reads():
-    """Wrap blobs.read_entries and read_rows to record which entries this process reads."""
+@contextlib.contextmanager
+def _record_reads() -> Iterator[list]:
+    """Record the entries (and row ranges) this process reads from storage inside the block."""
     seen: list = []
-    orig_entries, orig_rows = blobs.read_entries, blobs.read_rows
-
-    def read_entries(storage, folder, fname, entries, verify=True):
-        seen.extend(entries)
-        return orig_entries(storage, folder, fname, entries, verify)
-
-    def read_rows(storage, folder, e, r0, r1, f=None, verify=True):
-        seen.append((e, r0, r1))
-        return orig_rows(storage, folder, e, r0, r1, f, verify)
-
-    blobs.read_entries, blobs.read_rows = read_entries, read_rows
-    return seen
+    with recording_calls(blobs, "read_entries", lambda a: seen.extend(a["entries"])), \
+            recording_calls(blobs, "read_rows", lambda a: seen.append((a["e"], a["r0"], a["r1"]))):
+        yield seen
 
 
 def zero_save(rank: int, world: int, url: str, ref: str, split: bool = False) -> dict:
@@ -111,8 +105,8 @@ def zero_restore(rank: int, world: int, url: str, ref: str, saved_world: int, co
     """Restore at this world size into fresh objects; check model, this rank's owned optimizer state and the
     reads; at the saving world size train on and compare with the uninterrupted run."""
     model, zero, sched = _zero_setup(1234)
-    seen = _record_reads()
-    res = CheckpointManager(url, timeout_s=30).restore(models=model, optimizers=zero, schedulers=sched)
+    with _record_reads() as seen:
+        res = CheckpointManager(url, timeout_s=30).restore(models=model, optimizers=zero, schedulers=sched)
     assert res is not None and res.step == 3 and res.name == "step-000000003", res
     expect = torch.load(f"{ref}-step3.pt", weights_only=True)
     assert_bitwise(expect["model"], dict(model.module.state_dict()), "model")
@@ -233,8 +227,8 @@ def fsdp_restore(rank: int, world: int, url: str, ref: str, saved_world: int, sh
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     model, opt = _fsdp_setup(77, shard=shard)
-    seen = _record_reads()
-    res = CheckpointManager(url, timeout_s=30).restore(models=model, optimizers=opt)
+    with _record_reads() as seen:
+        res = CheckpointManager(url, timeout_s=30).restore(models=model, optimizers=opt)
     assert res is not None and res.step == 3, res
     expect = torch.load(f"{ref}-fsdp3.pt", weights_only=True)
     if shard:

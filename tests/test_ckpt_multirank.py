@@ -4,25 +4,19 @@ leaves no checkpoint and makes every rank raise (no hang)."""
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
 import random
-import time
-import traceback
 
 import numpy as np
-import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 
-from ckpt_helpers import Net, assert_bitwise, draws, read_manifest, simple_run, snapshot
+from ckpt_helpers import Net, assert_bitwise, draws, read_manifest, recording_calls, simple_run, snapshot
 from harness import CheckpointManager, faults
 from harness.checkpoint import blobs
 from harness.checkpoint.discovery import list_checkpoints, verify_checkpoint
 from harness.errors import CheckpointError
 from harness.storage import Storage
+from sharded_helpers import run_ranks
 
 WORLD = 2
 TIMEOUT_S = 120
@@ -34,7 +28,8 @@ def _seed_rank(rank: int) -> None:
     torch.manual_seed(300 + rank)
 
 
-def _scenario(rank: int, url: str) -> dict:
+def save_restore_fail_together(rank: int, world: int, url: str) -> dict:
+    """Runs on every rank (sharded_helpers.run_ranks)."""
     out: dict = {}
     model, opt, sched = simple_run(seed=0)  # identical on both ranks, as under DDP
     expected = snapshot((model.state_dict(), opt.state_dict()))
@@ -50,24 +45,16 @@ def _scenario(rank: int, url: str) -> dict:
     m2 = Net()
     o2 = torch.optim.AdamW(m2.parameters())
     read_keys: list[str] = []
-    real_read = blobs.read_tensors
-
-    def spy(storage, folder, entries, **kw):
-        read_keys.extend(e.key for e in entries)
-        return real_read(storage, folder, entries, **kw)
-
-    blobs.read_tensors = spy  # which tensors does each rank read from storage?
-    try:
+    # Which tensors does each rank read from storage?
+    with recording_calls(blobs, "read_tensors", lambda a: read_keys.extend(e.key for e in a["entries"])):
         res = CheckpointManager(url, timeout_s=30).restore(models=m2, optimizers=o2)
-    finally:
-        blobs.read_tensors = real_read
     out["replicated_reads"] = sum(k.startswith("state/") for k in read_keys)
     out["own_reads"] = sum(k.startswith(f"ranks/{rank}/") for k in read_keys)
     assert_bitwise(after_save, draws(), f"rank {rank} rng")
     assert_bitwise(expected, (m2.state_dict(), o2.state_dict()), f"rank {rank} state")
     assert_bitwise(position, res.position, f"rank {rank} position")
     assert_bitwise({"r": torch.tensor([rank])}, res.rank_state, f"rank {rank} rank_state")
-    assert res.world_size == WORLD and res.step == 5
+    assert res.world_size == world == WORLD and res.step == 5
     out["rank_differs"] = after_save[0]  # python draws, compared across ranks by the parent
 
     # A fault on rank 1 only, while it writes its data file.
@@ -102,37 +89,10 @@ def _scenario(rank: int, url: str) -> dict:
     return out
 
 
-def _worker(rank: int, init_file: str, url: str, out_dir: str) -> None:
-    os.environ["RANK"] = str(rank)
-    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                             timeout=datetime.timedelta(seconds=60))
-    try:
-        try:
-            result = {"ok": True, **_scenario(rank, url)}
-        except BaseException:  # noqa: BLE001 - report to the parent, which asserts
-            result = {"ok": False, "error": traceback.format_exc()}
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
-    finally:
-        tdist.destroy_process_group()
-
-
 def test_two_ranks_save_restore_and_fail_together(tmp_path):
     url = str(tmp_path / "ckpt")
-    ctx = mp.start_processes(_worker, args=(str(tmp_path / "rdzv"), url, str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"ranks did not finish within {TIMEOUT_S} s (hang)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert res["ok"], f"rank {r} failed:\n{res.get('error')}"
+    results = run_ranks(tmp_path, save_restore_fail_together, WORLD, timeout_s=TIMEOUT_S, url=url)
+    for res in results:
         assert res["fault"].startswith("CheckpointError:") and "rank 1" in res["fault"], res["fault"]
         assert res["visible_after_fault"] == ["step-000000005"]
     assert results[0]["rank_differs"] != results[1]["rank_differs"]  # each rank got its own RNG back

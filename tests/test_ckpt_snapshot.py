@@ -20,18 +20,53 @@ def test_async_snapshot_reuses_buffers_and_keeps_values(ckpt_url):
     model = torch.nn.Linear(16, 4)
     mgr = CheckpointManager(ckpt_url, async_save=True, keep_last=0)
     mgr.save(1, models=model)
-    first = dict(mgr._buffers)
+    first = mgr.snapshot.views
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.weight.add_(1.0)  # training goes on while step 1 persists
     mgr.save(2, models=model)
-    assert first and all(mgr._buffers[k] is first[k] for k in first)
+    assert first and all(mgr.snapshot.views[k] is first[k] for k in first)
     mgr.close()
     fresh = torch.nn.Linear(16, 4)
     CheckpointManager(ckpt_url).restore(models=fresh, step=1)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in expected.items())
     CheckpointManager(ckpt_url).restore(models=fresh, step=2)
     assert torch.equal(fresh.weight, model.weight)
+
+
+def test_snapshot_is_one_buffer_sized_to_the_state_and_freed_on_close(ckpt_url):
+    """Issue 13 (2): one flat host buffer of about the state's size (not one rounded-up allocation per tensor),
+    reused from save to save and released by close()."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)], torch.nn.LayerNorm(64))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    mgr = CheckpointManager(ckpt_url, async_save=True, keep_last=1)
+    mgr.save(1, models=model, optimizers=opt)
+    snap = mgr.snapshot
+    state_bytes = snap.state_bytes
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert state_bytes > 3 * model_bytes  # weights, two AdamW moments, RNG states...
+    assert state_bytes <= snap.nbytes <= 1.05 * state_bytes
+    assert snap.allocations == 1 and not snap.pinned  # CPU sources: not pinned
+    buffer = {k: v.untyped_storage().data_ptr() for k, v in snap.views.items()}
+    assert len({v.untyped_storage().data_ptr() for v in snap.views.values()}) == 1  # views of one buffer
+    assert all(v.data_ptr() % 64 == 0 for v in snap.views.values())
+    mgr.save(2, models=model, optimizers=opt)  # same layout: the same buffer
+    assert {k: v.untyped_storage().data_ptr() for k, v in snap.views.items()} == buffer
+    mgr.close()
+    assert snap.nbytes == 0 and snap.allocations == 0 and snap.views == {}
+    fresh = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)], torch.nn.LayerNorm(64))
+    CheckpointManager(ckpt_url).restore(models=fresh)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_sync_save_of_cpu_state_holds_no_snapshot(ckpt_url):
+    """A save that persists before returning writes CPU tensors in place: no host copy is held."""
+    mgr = CheckpointManager(ckpt_url)
+    mgr.save(1, models=torch.nn.Linear(8, 8))
+    assert mgr.snapshot.nbytes == 0 and mgr.snapshot.allocations == 0
+    mgr.close()
 
 
 def test_tied_weights_stored_once_and_restored_tied(ckpt_url):
@@ -56,3 +91,27 @@ def test_scheduler_of_another_type_is_a_clear_error(ckpt_url):
     lam = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0)
     with pytest.raises(CheckpointError, match="scheduler 'scheduler' cannot take the saved state"):
         CheckpointManager(ckpt_url).restore(models=model, optimizers=opt2, schedulers=lam)
+
+
+def test_snapshot_views_hold_every_dtype_and_shape_and_follow_layout_changes():
+    from harness.checkpoint.codec import Shard
+    from harness.checkpoint.snapshot import Snapshot
+
+    src = {"f": torch.randn(3, 5), "scalar": torch.tensor(2.5, dtype=torch.float64), "empty": torch.empty(0, 7),
+           "b": torch.tensor([True, False, True]), "c": torch.randn(4, dtype=torch.complex64).conj(),
+           "bf": torch.randn(9, dtype=torch.bfloat16), "strided": torch.arange(20).reshape(4, 5).t(),
+           "shard": Shard(torch.randn(2, 3), (4, 3), (2, 0))}
+    snap = Snapshot()
+    out = snap.take(src, copy_all=True)
+    assert snap.allocations == 1 and snap.nbytes <= 1.05 * snap.state_bytes + 64 * len(src)
+    for k, t in src.items():
+        a, b = (t.local, out[k].local) if isinstance(t, Shard) else (t, out[k])
+        assert torch.equal(a.resolve_conj(), b) and b.data_ptr() % 64 == 0 and b is not a, k
+    assert isinstance(out["shard"], Shard) and out["shard"].global_offset == (2, 0)
+    first = snap.views["f"]
+    snap.take(src, copy_all=True)
+    assert snap.views["f"] is first  # same layout: reused
+    snap.take({**src, "f": torch.randn(3, 6)}, copy_all=True)
+    assert snap.views["f"] is not first and snap.allocations == 1  # new layout: one new buffer, the old freed
+    snap.release()
+    assert snap.nbytes == 0 and snap.views == {}

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from harness import CheckpointManager
-from harness.checkpoint import export as export_mod
 from harness.checkpoint.discovery import list_checkpoints
-from harness.checkpoint.export import build_from_config, export_checkpoint, named_path
 from harness.errors import HarnessError, NoCheckpointError
+from harness.interop.export import export_checkpoint
+from harness.interop.formats import named_path
+from harness.interop.quantize import quantize_available, quantize_int8
+from harness.recipe import safe_metadata, workload_from_dict
 from harness.storage import Storage
-from harness.trainer import safe_metadata
 from harness.workloads import SyntheticVectors, Workload, classification_loss
 
 from export_helpers import batch_inputs, cli, eval_out, make_run, small_config
@@ -47,7 +48,7 @@ def test_pt_loads_with_weights_only_and_matches_model(runs, tmp_path, capsys):
     assert cli("ckpt", "export", root, "--format", "pt", "--out", out) == 0
     ck = torch.load(out, weights_only=True)
     assert {"epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "loss", "config"} <= set(ck)
-    m2 = build_from_config(safe_metadata(small_config("mlp"))["config"]).model  # fresh weights (seed 0)
+    m2 = workload_from_dict(safe_metadata(small_config("mlp"))["config"]).model  # fresh weights (seed 0)
     m2.load_state_dict(ck["model_state_dict"])
     x = batch_inputs(w)
     assert torch.allclose(eval_out(m2, x), eval_out(model, x), **TOL)
@@ -229,7 +230,7 @@ def test_multi_model_pick_one(gan, tmp_path, capsys):
 
 def test_quantize_int8_torchscript_and_pt(runs, tmp_path, capsys):
     try:
-        export_mod.quantize_available()
+        quantize_available()
     except HarnessError as exc:
         pytest.skip(str(exc))
     root, w, model = runs["mlp"]
@@ -244,7 +245,7 @@ def test_quantize_int8_torchscript_and_pt(runs, tmp_path, capsys):
     s = export_checkpoint(str(root), str(tmp_path / "q_state.pt"), fmt="pt", quantize="int8")
     assert s["quantized"]["int8_bytes"] < s["quantized"]["float_bytes"] / 2
     ck = torch.load(tmp_path / "q_state.pt", weights_only=True)
-    qmodel = export_mod.quantize_int8(type(model)(in_features=12, hidden=32, num_classes=5))
+    qmodel = quantize_int8(type(model)(in_features=12, hidden=32, num_classes=5))
     qmodel.load_state_dict(ck["model_state_dict"])
     assert torch.allclose(qmodel(x), got, atol=1e-6)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from harness import CheckpointManager
-from harness.checkpoint.inspection import compare_tensors, diff_checkpoints, inspect_checkpoint
+from harness.interop.inspection import compare_tensors, diff_checkpoints, inspect_checkpoint
 from harness.checkpoint.load import read_state
 from harness.storage import Storage
 

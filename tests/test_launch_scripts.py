@@ -1,6 +1,6 @@
-"""launch/: shell syntax, the PyTorchJob manifest, the torchrun command torchrun.sh builds, and the
-signal / exit-code / requeue logic of torchrun.sh and slurm.sbatch, run against stub torchrun,
-srun, scontrol and nvidia-smi (fast; no real torchrun or Slurm)."""
+"""launch/: shell syntax, the PyTorchJob manifest, the `harness launch` command torchrun.sh builds, and the
+exit-code / requeue logic of torchrun.sh and slurm.sbatch, run against stub harness, srun, scontrol and
+nvidia-smi (fast; the real launcher is tested in test_launch_agent.py)."""
 
 from __future__ import annotations
 
@@ -18,23 +18,16 @@ TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
 SBATCH = ROOT / "launch" / "slurm.sbatch"
 K8S = ROOT / "launch" / "k8s-pytorchjob.yaml"
 
-# Stub torchrun: answers --help (with or without --signals-to-handle), records its argv and the
-# signals it gets, and -- like the real torchrun -- exits 1 when a signal stops it.
-STUB_TORCHRUN = r"""#!/usr/bin/env bash
-if [[ "${1:-}" == --help ]]; then
-    if [[ "${STUB_OLD_TORCH:-0}" == 1 ]]; then echo "usage: torchrun [--nnodes NNODES]"
-    else echo "usage: torchrun [--nnodes NNODES] [--signals-to-handle SIGNALS_TO_HANDLE]"; fi
-    exit 0
-fi
-printf '%s\n' "$*" > "$STUB_DIR/torchrun.args"
-echo $$ >> "$STUB_DIR/torchrun.pids"
+# Stub `harness`: records its argv and the signals it gets and -- like `harness launch` -- exits 128+N when
+# signal N stops it (after a short linger, so that a duplicate signal is seen and recorded as a second line).
+STUB_HARNESS = r"""#!/usr/bin/env bash
+printf '%s\n' "$*" > "$STUB_DIR/harness.args"
+echo $$ >> "$STUB_DIR/harness.pids"
 s=""
-# Handle each signal at once (`wait` is interruptible) and linger a little, so that a duplicate
-# signal is seen and recorded as a second line rather than merged with the first.
-stop() { echo "$1" >> "$STUB_DIR/torchrun.signals"; kill $s 2>/dev/null; sleep 0.3; exit 1; }
-trap 'stop TERM' TERM; trap 'stop USR1' USR1; trap 'stop INT' INT
-touch "$STUB_DIR/torchrun.started"
-case "${STUB_MODE:-run}" in done) exit 0 ;; fail) exit 1 ;; esac
+stop() { echo "$1" >> "$STUB_DIR/harness.signals"; kill $s 2>/dev/null; sleep 0.3; exit $2; }
+trap 'stop TERM 143' TERM; trap 'stop USR1 138' USR1; trap 'stop INT 130' INT
+touch "$STUB_DIR/harness.started"
+case "${STUB_MODE:-run}" in done) exit 0 ;; fail) exit 1 ;; config) exit 2 ;; storage) exit 3 ;; esac
 while :; do sleep 5 & s=$!; wait $s; done
 """
 
@@ -72,20 +65,19 @@ for ((i = 0; i < ${STUB_GPUS:-0}; i++)); do echo "GPU $i: NVIDIA H100 (UUID: GPU
 def stubs(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in [("torchrun", STUB_TORCHRUN), ("srun", STUB_SRUN),
+    for name, text in [("harness", STUB_HARNESS), ("srun", STUB_SRUN),
                        ("scontrol", STUB_SCONTROL), ("nvidia-smi", STUB_NVIDIA_SMI)]:
         p = bin_dir / name
         p.write_text(text)
         p.chmod(0o755)
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PET_", "SLURM_", "RDZV_", "STUB_", "HARNESS_"))
-           and k not in ("NNODES", "NPROC_PER_NODE", "NODE_RANK", "MAX_RESTARTS", "CONFIG",
-                         "FORWARD_SIGNALS", "TORCHRUN")}
+           if not k.startswith(("PET_", "SLURM_", "RDZV_", "STUB_", "HARNESS"))
+           and k not in ("NNODES", "NPROC_PER_NODE", "MAX_RESTARTS", "CONFIG", "MAX_REQUEUES")}
     env["PATH"] = f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}"
     env["STUB_DIR"] = str(tmp_path)
     yield tmp_path, env
-    # A failing test may leave a stub torchrun behind (e.g. in its own process group).
-    pids = tmp_path / "torchrun.pids"
+    # A failing test may leave a stub behind (e.g. in its own process group).
+    pids = tmp_path / "harness.pids"
     for pid in pids.read_text().split() if pids.exists() else []:
         try:
             os.kill(int(pid), signal.SIGKILL)
@@ -116,7 +108,7 @@ def wait_for(path: Path, timeout=15.0):
 
 
 def signals_seen(tmp):
-    f = tmp / "torchrun.signals"
+    f = tmp / "harness.signals"
     return f.read_text().split() if f.exists() else []
 
 
@@ -154,50 +146,53 @@ def test_k8s_manifest():
     assert worker["restartPolicy"] == "ExitCode"
     assert elastic["minReplicas"] <= worker["replicas"] <= elastic["maxReplicas"]
     pod = worker["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] > 25 + 30   # grace period + torchrun shutdown
+    assert pod["terminationGracePeriodSeconds"] > 25 + 30   # grace period + the agent's shutdown margin
     (c,) = pod["containers"]
     assert c["name"] == "pytorch"
-    assert "launch/torchrun.sh" in c["command"] + c.get("args", [])
-    env = {e["name"]: e["value"] for e in c["env"]}
-    assert env["CONFIG"] == "configs/s3.toml"
+    assert c["command"] == ["harness", "launch"]
+    assert has(c["args"], "--config", "configs/s3.toml")
     assert c["envFrom"][0]["secretRef"]["name"]
     assert any(p["name"] == "pytorchjob-port" for p in c["ports"])
 
 
+def test_launch_parser_reads_kubeflow_pet_variables(monkeypatch):
+    """`harness launch` takes torchrun's PET_* variables as defaults (what the operator sets in each pod)."""
+    from harness.cli import build_parser
+    for k, v in {"PET_NNODES": "2:2", "PET_RDZV_ENDPOINT": "harness-worker-0:29400", "PET_MAX_RESTARTS": "7",
+                 "PET_NPROC_PER_NODE": "auto"}.items():
+        monkeypatch.setenv(k, v)
+    args = build_parser().parse_args(["launch", "--config", "configs/s3.toml"])
+    assert (args.nnodes, args.rdzv_endpoint, args.max_restarts, args.nproc_per_node) == \
+        ("2:2", "harness-worker-0:29400", "7", "auto")
+
+
 # --- the command torchrun.sh builds --------------------------------------------------------------
 
-def test_default_is_standalone(stubs):
+def test_default_is_one_node_harness_launch(stubs):
     _, env = stubs
     cmd = dry_run(env)
-    assert cmd[0] == "torchrun"
-    assert "--standalone" in cmd
-    assert "--rdzv-backend" not in cmd and "--rdzv-endpoint" not in cmd
+    assert cmd[:2] == ["harness", "launch"]
+    assert "--rdzv-endpoint" not in cmd      # one node, no endpoint: harness launch runs standalone
     assert has(cmd, "--nnodes", "1") and has(cmd, "--nproc-per-node", "2")
     assert has(cmd, "--max-restarts", "3")
-    assert has(cmd, "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1")
-    assert cmd[-5:] == ["-m", "harness", "train", "--config", "configs/quickstart.toml"]
+    assert cmd[-2:] == ["--config", "configs/quickstart.toml"]
 
 
 def test_two_nodes_use_c10d_rendezvous(stubs):
     _, env = stubs
     cmd = dry_run(env, "--set", "train.max_steps=100", NNODES="2", RDZV_ID="job42",
                   MAX_RESTARTS="5", CONFIG="configs/s3.toml")
-    assert "--standalone" not in cmd
     assert has(cmd, "--nnodes", "2")
-    assert has(cmd, "--rdzv-backend", "c10d")
     assert has(cmd, "--rdzv-endpoint", "127.0.0.1:29500")
     assert has(cmd, "--rdzv-id", "job42")
     assert has(cmd, "--max-restarts", "5")
-    assert cmd[-7:] == ["-m", "harness", "train", "--config", "configs/s3.toml",
-                        "--set", "train.max_steps=100"]
+    assert cmd[-4:] == ["--config", "configs/s3.toml", "--set", "train.max_steps=100"]
 
 
 def test_explicit_endpoint_selects_rendezvous_even_on_one_node(stubs):
     _, env = stubs
-    cmd = dry_run(env, RDZV_ENDPOINT="head:1234", NODE_RANK="0")
-    assert "--standalone" not in cmd
+    cmd = dry_run(env, RDZV_ENDPOINT="head:1234")
     assert has(cmd, "--rdzv-endpoint", "head:1234") and has(cmd, "--rdzv-id", "harness")
-    assert has(cmd, "--node-rank", "0")
 
 
 def test_kubeflow_pet_variables_are_fallbacks(stubs):
@@ -217,20 +212,20 @@ def test_nproc_defaults_to_gpu_count(stubs):
     assert has(dry_run(env, STUB_GPUS="4"), "--nproc-per-node", "4")
 
 
-def test_signals_flag_only_when_torchrun_supports_it(stubs):
+def test_harness_command_can_be_chosen(stubs):
     _, env = stubs
-    cmd = dry_run(env, STUB_OLD_TORCH="1")
-    assert "--signals-to-handle" not in cmd and "--standalone" in cmd
+    cmd = dry_run(env, HARNESS="python3 -m harness")
+    assert cmd[:4] == ["python3", "-m", "harness", "launch"]
 
 
-def test_bad_nnodes_is_a_permanent_error(stubs):
+def test_bad_nnodes_is_a_config_error(stubs):
     _, env = stubs
     out = subprocess.run(["bash", str(TORCHRUN_SH)], env={**env, "NNODES": "two"}, cwd=ROOT,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "NNODES" in out.stderr
 
 
-# --- torchrun.sh at run time: exit codes and signal forwarding -----------------------------------
+# --- torchrun.sh at run time: it execs harness launch, whose exit code is the contract ---------------
 
 @pytest.fixture
 def start():
@@ -250,48 +245,28 @@ def start():
         p.stdout.close()
 
 
-@pytest.mark.parametrize("mode,rc", [("done", 0), ("fail", 1)])
-def test_torchrun_sh_passes_through_exit_without_signal(stubs, mode, rc, start):
+@pytest.mark.parametrize("mode,rc", [("done", 0), ("fail", 1), ("config", 2), ("storage", 3)])
+def test_torchrun_sh_passes_the_exit_code_through(stubs, mode, rc, start):
     _, env = stubs
     p = start(["bash", str(TORCHRUN_SH)], env, STUB_MODE=mode)
     assert p.wait(timeout=30) == rc, p.stdout.read()
 
 
-@pytest.mark.parametrize("sig,rc", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
-def test_torchrun_sh_maps_signal_to_retryable_code(stubs, sig, rc, start):
+@pytest.mark.parametrize("sig,rc", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138), (signal.SIGINT, 130)])
+def test_torchrun_sh_signal_reaches_the_launcher_directly(stubs, sig, rc, start):
     tmp, env = stubs
     p = start(["bash", str(TORCHRUN_SH)], env)
-    wait_for(tmp / "torchrun.started")
-    os.kill(p.pid, sig)
-    time.sleep(0.05)
-    os.kill(p.pid, sig)                      # a repeated signal must not be forwarded again
-    assert p.wait(timeout=30) == rc, p.stdout.read()   # the stub, like torchrun, exited 1
+    wait_for(tmp / "harness.started")
+    os.kill(p.pid, sig)   # exec: the script's pid is the launcher's
+    assert p.wait(timeout=30) == rc, p.stdout.read()
     assert signals_seen(tmp) == [sig.name[3:]]
-
-
-def test_torchrun_sh_group_signal_reaches_torchrun_once(stubs, start):
-    tmp, env = stubs
-    p = start(["bash", str(TORCHRUN_SH)], env)
-    wait_for(tmp / "torchrun.started")
-    os.killpg(p.pid, signal.SIGINT)          # Ctrl-C: the whole foreground process group
-    assert p.wait(timeout=30) == 130, p.stdout.read()
-    assert signals_seen(tmp) == ["INT"]
-
-
-def test_torchrun_sh_old_torch_gets_sigterm_for_sigusr1(stubs, start):
-    tmp, env = stubs
-    p = start(["bash", str(TORCHRUN_SH)], env, STUB_OLD_TORCH="1")
-    wait_for(tmp / "torchrun.started")
-    os.kill(p.pid, signal.SIGUSR1)
-    assert p.wait(timeout=30) == 138, p.stdout.read()
-    assert signals_seen(tmp) == ["TERM"]
 
 
 # --- slurm.sbatch: requeue on retryable exits ----------------------------------------------------
 
-def sbatch_env(env):
+def sbatch_env(env, **extra):
     return {**env, "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1-2]",
-            "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": str(ROOT)}
+            "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": str(ROOT), **extra}
 
 
 def requeued(tmp):
@@ -302,19 +277,19 @@ def requeued(tmp):
 def test_sbatch_usr1_checkpoints_and_requeues(stubs, start):
     tmp, env = stubs
     p = start(["bash", str(SBATCH), "--set", "train.max_steps=100"], sbatch_env(env))
-    wait_for(tmp / "torchrun.started")
+    wait_for(tmp / "harness.started")
     os.kill(p.pid, signal.SIGUSR1)           # --signal=B:USR1: only the batch shell gets it
     out = p.communicate(timeout=30)[0]
     assert p.returncode == 138, out
     assert requeued(tmp), out
-    assert signals_seen(tmp) == ["USR1"]     # exactly once: Slurm delivers, torchrun.sh doesn't
-    args = shlex.split((tmp / "torchrun.args").read_text())
-    assert has(args, "--nnodes", "2") and has(args, "--rdzv-backend", "c10d")
+    assert signals_seen(tmp) == ["USR1"]     # exactly once: srun relays it, nobody else does
+    args = shlex.split((tmp / "harness.args").read_text())
+    assert args[0] == "launch" and has(args, "--nnodes", "2")
     assert has(args, "--rdzv-endpoint", "node1:29500") and has(args, "--rdzv-id", "4242")
     assert args[-2:] == ["--set", "train.max_steps=100"]
 
 
-@pytest.mark.parametrize("mode,rc", [("done", 0), ("fail", 1)])
+@pytest.mark.parametrize("mode,rc", [("done", 0), ("config", 2), ("storage", 3)])
 def test_sbatch_does_not_requeue_success_or_permanent_failure(stubs, mode, rc, start):
     tmp, env = stubs
     p = start(["bash", str(SBATCH)], sbatch_env(env), STUB_MODE=mode)
@@ -323,10 +298,19 @@ def test_sbatch_does_not_requeue_success_or_permanent_failure(stubs, mode, rc, s
     assert not requeued(tmp), out
 
 
+@pytest.mark.parametrize("restarts,again", [("0", True), ("2", False)])
+def test_sbatch_requeues_exit_1_a_bounded_number_of_times(stubs, restarts, again, start):
+    tmp, env = stubs
+    p = start(["bash", str(SBATCH)], sbatch_env(env, SLURM_RESTART_COUNT=restarts), STUB_MODE="fail")
+    out = p.communicate(timeout=30)[0]
+    assert p.returncode == 1, out
+    assert requeued(tmp) == again, out
+
+
 def test_sbatch_does_not_requeue_after_scancel(stubs, start):
     tmp, env = stubs
     p = start(["bash", str(SBATCH)], sbatch_env(env))
-    wait_for(tmp / "torchrun.started")
+    wait_for(tmp / "harness.started")
     wait_for(tmp / "srun.pid")
     # scancel: Slurm sends SIGTERM to the batch shell and to the step.
     os.kill(p.pid, signal.SIGTERM)

@@ -20,7 +20,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from harness import config, lease
 from harness.errors import ConfigError, StorageError
 from harness.storage import Storage
-from trainer_helpers import Runner, committed_steps, standalone_cmd, wait_until
+from trainer_helpers import committed_steps, standalone_cmd, wait_until
 
 
 @pytest.fixture
@@ -102,13 +102,6 @@ def test_lease_timeout_config_is_validated():
 
 
 # -- real processes ------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def runner(tmp_path):
-    r = Runner(tmp_path)
-    yield r
-    r.close()
-
 
 def _lease_holder(tmp_path) -> dict | None:
     path = tmp_path / "ck" / lease.LEASE_FILE

@@ -13,7 +13,7 @@ import torch
 from ckpt_helpers import assert_bitwise, draws, fresh, simple_run, train_step
 from harness import CheckpointManager
 from harness.checkpoint.discovery import list_checkpoints, open_checkpoint, verify_checkpoint
-from harness.checkpoint.export import export_checkpoint
+from harness.interop.export import export_checkpoint
 from harness.checkpoint.format import COMMIT_FILE
 from harness.errors import CheckpointCorruptError
 from harness.storage import Storage
@@ -39,7 +39,7 @@ def test_roundtrip_multipart_models_optimizer_rng(s3_url, s3_server):
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     _save(mgr, 5, model, opt, sched, extra=extra, loss=0.25)
     expected_draws = draws()
-    s3io = mgr.storage.s3
+    s3io = mgr.storage.backend.client
     assert s3io is not None
     assert 1 < s3io.peak_inflight_parts <= 3, "parts went up concurrently, never more than the bound"
     mgr.close()
@@ -115,7 +115,7 @@ def test_fallback_past_damaged_newest_and_verify(s3_url, s3_server):
 def test_discovery_sees_fresh_state_and_uncommitted_is_invisible(s3_url):
     storage = Storage(s3_url)
     assert list_checkpoints(storage) == []
-    storage.fs.ls(storage.root.split("/")[0], refresh=True)  # fill s3fs's listing cache on this instance
+    storage.backend.client.fs.ls(storage.root.split("/")[0], refresh=True)  # fill s3fs's listing cache on this instance
     model, opt, sched = simple_run()
     writer = CheckpointManager(s3_url, storage_options=SMALL_PARTS)
     _save(writer, 1, model, opt, sched)

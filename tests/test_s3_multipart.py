@@ -1,4 +1,4 @@
-"""harness.s3's multipart writer, ranged reader, part plan and retry policy, against moto over HTTP."""
+"""harness.storage.s3's multipart writer, ranged reader, part plan and retry policy, against moto over HTTP."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from harness import s3
+from harness.storage import s3
+from harness.storage.s3 import reader
 from harness.errors import StorageError
 from harness.storage import Storage
 
@@ -68,7 +69,7 @@ def test_multipart_write_then_ranged_reads(s3_url, s3_server):
             n = rng.choice([1, 100, 5000, 16 * KIB, 70_000])
             assert f.write(memoryview(data)[pos:pos + n]) == len(data[pos:pos + n])
             pos += n
-    assert 1 < st.s3.peak_inflight_parts <= 3
+    assert 1 < st.backend.client.peak_inflight_parts <= 3
     bucket, key = s3_url[5:].split("/", 1)
     head = s3_server.client().head_object(Bucket=bucket, Key=f"{key}/blob.bin")
     assert head["ContentLength"] == len(data) and head["ETag"].strip('"').endswith("-62")
@@ -77,10 +78,10 @@ def test_multipart_write_then_ranged_reads(s3_url, s3_server):
     assert st.read_bytes("blob.bin") == data
     assert st.read_bytes("blob.bin", 12345, 99_999) == data[12345:99_999]
     buf = bytearray(300_000)
-    st.read_into("blob.bin", 7, memoryview(buf))               # 19 concurrent ranged GETs
+    reader.read_into(st.backend.client, st.path("blob.bin"), 7, memoryview(buf))  # 19 concurrent ranged GETs
     assert buf == data[7:300_007]
     with pytest.raises(EOFError):
-        st.read_into("blob.bin", len(data) - 10, memoryview(bytearray(11)))
+        reader.read_into(st.backend.client, st.path("blob.bin"), len(data) - 10, memoryview(bytearray(11)))
     with st.open_read("blob.bin") as f:                         # the reader blobs.py uses
         f.seek(500_000)
         small = bytearray(100)

@@ -69,12 +69,9 @@ def test_fsdp_restore_at_4_reads_row_ranges(saved2, tmp_path):
     assert any(res["row_reads"] for res in results)
 
 
-def test_fsdp_restore_at_1_unsharded_model(saved2, monkeypatch):
+def test_fsdp_restore_at_1_unsharded_model(saved2):
     """One plain process (no process group, a plain model): the shards are assembled into full tensors."""
     import sharded_scenarios
-    from harness.checkpoint import blobs
 
     _, url, ref, _ = saved2
-    monkeypatch.setattr(blobs, "read_entries", blobs.read_entries)  # the scenario wraps them: undo afterwards
-    monkeypatch.setattr(blobs, "read_rows", blobs.read_rows)
     sharded_scenarios.fsdp_restore(0, 1, url=url, ref=ref, saved_world=2, shard=False)

@@ -7,19 +7,10 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
-
-from trainer_helpers import Runner, assert_same, final_state, resumed_from, torchrun_cmd
+from trainer_helpers import assert_same, final_state, resumed_from, torchrun_cmd
 
 SETS = ["checkpoint.every_steps=6", "checkpoint.split_writes=true", "scheduler.name=\"none\"",
         "model.hidden=16", "data.num_samples=640"]
-
-
-@pytest.fixture
-def runner(tmp_path):
-    r = Runner(tmp_path)
-    yield r
-    r.close()
 
 
 def test_zero_and_fsdp_resume_bitwise(runner, tmp_path):

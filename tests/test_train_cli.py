@@ -4,19 +4,13 @@ documented exit code; a good one runs to completion."""
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 
 import pytest
 
-from trainer_helpers import (CONFIG, MAX_STEPS, Runner, base_env, committed_steps, events, final_state,
+from trainer_helpers import (CONFIG, MAX_STEPS, base_env, committed_steps, events, final_state,
                              standalone_cmd)
-
-
-@pytest.fixture
-def runner(tmp_path):
-    r = Runner(tmp_path)
-    yield r
-    r.close()
 
 
 def test_config_errors_fail_fast_with_one_line(tmp_path):
@@ -30,6 +24,7 @@ def test_config_errors_fail_fast_with_one_line(tmp_path):
         "bad-type": (["checkpoint.every_steps='ten'"], CONFIG, 2, "checkpoint.every_steps must be int"),
         "ckpt-dir-under-file": ([f"checkpoint.dir={tmp_path / 'afile' / 'ck'}"], CONFIG, 3, "not writable"),
         "missing-config": ([], str(tmp_path / "nope.toml"), 2, "config file not found"),
+        "nccl-on-cpu": (["dist.backend='nccl'"], CONFIG, 2, "dist.backend = 'nccl'"),
     }
     procs = {}
     for name, (sets, config, _, _) in cases.items():
@@ -40,11 +35,11 @@ def test_config_errors_fail_fast_with_one_line(tmp_path):
     t0 = time.monotonic()
     for name, (out, proc) in procs.items():
         try:
-            stdout, stderr = proc.communicate(timeout=60)
+            stdout, stderr = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
-            pytest.fail(f"{name}: still running after 60 s")
+            pytest.fail(f"{name}: still running after 120 s")
         _, _, code, text = cases[name]
         lines = stderr.strip().splitlines()
         assert proc.returncode == code, f"{name}: exit {proc.returncode}, stderr:\n{stderr}"
@@ -53,7 +48,7 @@ def test_config_errors_fail_fast_with_one_line(tmp_path):
         assert lines[0].startswith(prefix) and text in lines[0], f"{name}: {lines[0]}"
         assert not (out / "metrics.jsonl").exists(), f"{name}: training started"
         assert not (out / "ck").exists(), f"{name}: checkpoint folder created"
-    print(f"5 config-error processes: {time.monotonic() - t0:.1f} s")
+    print(f"{len(cases)} config-error processes: {time.monotonic() - t0:.1f} s")
 
 
 def test_standalone_quickstart_runs_to_completion(runner, tmp_path):
@@ -65,3 +60,83 @@ def test_standalone_quickstart_runs_to_completion(runner, tmp_path):
     assert [e["step"] for e in events(tmp_path, "done")] == [MAX_STEPS]
     final = final_state(tmp_path / "ck")
     assert final.raw["world_size"] == 1 and final.raw["step"] == MAX_STEPS
+
+
+def test_version():
+    from harness._version import __version__
+    out = subprocess.run([sys.executable, "-m", "harness", "--version"], capture_output=True, text=True,
+                         env=base_env(), timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"harness {__version__}", out
+
+
+def test_closed_pipe_ends_quietly_with_141(tmp_path):
+    """`harness ckpt inspect DIR | head -1`: the reader goes away, the command ends without a word on stderr and
+    with 141 (128+SIGPIPE), as `git log | head` does. Here the read end is closed before anything is written."""
+    import torch
+
+    from harness.checkpoint import CheckpointManager
+    model = torch.nn.Linear(4, 4)
+    mgr = CheckpointManager(str(tmp_path / "ck"))
+    mgr.save(1, models={"model": model})
+    mgr.close()
+    cmd = [sys.executable, "-m", "harness", "ckpt", "inspect", str(tmp_path / "ck")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=base_env())
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and err == b"", (proc.returncode, err.decode())
+    # And through a real `| head -1`: the first line comes through, nothing on stderr.
+    out = subprocess.run(["bash", "-c", 'set -o pipefail; "$@" | head -1', "-", *cmd], capture_output=True,
+                         text=True, env=base_env(), timeout=60)
+    assert out.returncode in (0, 141) and len(out.stdout.splitlines()) == 1 and out.stderr == "", out
+
+
+OOM_AT_RESTORE = """
+import sys, torch
+from harness import cli, faults
+def hook(name, info):
+    if name == "restore.apply":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+faults.install(hook)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_out_of_memory_at_restore_is_retryable_exit_1_with_one_line(tmp_path):
+    """An OOM while loading a checkpoint says nothing about the checkpoint: exit 1 (retryable), one line that
+    names it, no traceback; not 3 ("checkpoint unusable")."""
+    sets = ["train.max_steps=5", "checkpoint.every_steps=5"]
+    first = subprocess.run(standalone_cmd(tmp_path, *sets), env=base_env(), capture_output=True, text=True,
+                           timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    cmd = [sys.executable, "-c", OOM_AT_RESTORE, *standalone_cmd(tmp_path, "train.max_steps=10")[3:]]
+    out = subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=120)
+    ours = [line for line in out.stderr.splitlines() if line.startswith("harness:")]
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert len(ours) == 1 and ours[0].startswith("harness: out of memory (retryable, exit 1): OutOfMemoryError"), ours
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_exit_code_mapping():
+    """One meaning per code: config -> 2, checkpoint/storage (lease included) -> 3, resource and communication
+    failures -> 1 even when a CheckpointError wraps them, anything else is not ours (traceback, 1)."""
+    import torch
+
+    from harness.errors import CheckpointError, ConfigError, StorageError
+    from harness.exitcodes import classify
+    from harness.lease import LeaseError
+
+    def wrapped(cause):
+        try:
+            raise CheckpointError("restore failed") from cause
+        except CheckpointError as exc:
+            return exc
+
+    assert classify(ConfigError("x")).code == 2
+    assert classify(StorageError("x")).code == 3 and classify(LeaseError("x")).code == 3
+    assert classify(CheckpointError("x")).code == 3
+    assert classify(torch.OutOfMemoryError("x")).code == 1
+    assert classify(torch.distributed.DistBackendError("x")).code == 1
+    assert classify(wrapped(torch.OutOfMemoryError("x"))).code == 1
+    if hasattr(torch, "AcceleratorError"):
+        assert classify(torch.AcceleratorError("x")).code == 1
+    assert classify(ValueError("x")) is None and classify(RuntimeError("x")) is None

@@ -14,21 +14,9 @@ import uuid
 
 import pytest
 
-from trainer_helpers import (EVERY, MAX_STEPS, SLOW, STEPS_PER_EPOCH, Runner, assert_same_final, base_env,
-                             committed_steps, events, free_port, kill_tree, reference, resumed_from, torchrun_cmd,
+from trainer_helpers import (EVERY, MAX_STEPS, SLOW, STEPS_PER_EPOCH, assert_same_final, base_env,
+                             committed_steps, events, free_port, kill_tree, resumed_from, torchrun_cmd,
                              wait_gone, wait_until)
-
-
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory):
-    return reference(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture
-def runner(tmp_path):
-    r = Runner(tmp_path)
-    yield r
-    r.close()
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

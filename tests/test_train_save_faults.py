@@ -5,23 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from trainer_helpers import (Runner, all_checkpoint_folders, assert_same_final, base_env, committed_steps,
-                             free_port, reference, resumed_from, standalone_cmd, torchrun_cmd, wait_gone)
+from trainer_helpers import (all_checkpoint_folders, assert_same_final, base_env, committed_steps,
+                             free_port, resumed_from, standalone_cmd, torchrun_cmd, wait_gone)
 
 SHORT_TIMEOUTS = ("dist.timeout_s=20", "checkpoint.timeout_s=20")
 BOUND_S = 90  # a run whose rank died must be over within this
-
-
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory):
-    return reference(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture
-def runner(tmp_path):
-    r = Runner(tmp_path)
-    yield r
-    r.close()
 
 
 @pytest.mark.parametrize("fault", [
@@ -30,7 +18,8 @@ def runner(tmp_path):
 ], ids=["rank1-data-file", "rank0-before-commit"])
 def test_rank_dies_during_save(fault, runner, tmp_path, ref):
     """The run ends (bounded time, no hang) with step 25 the newest committed checkpoint and step 50's folder
-    left uncommitted; the rerun resumes from 25, writes step 50 under a new name, and ends bitwise equal."""
+    left uncommitted; the rerun removes that leftover (it holds the lease, so no live job can own it), resumes
+    from 25, commits step 50 afresh and ends bitwise equal."""
     first = runner.run("crashed", torchrun_cmd(tmp_path, *SHORT_TIMEOUTS), env=base_env(HARNESS_FAULT=fault),
                        timeout=BOUND_S)
     assert first.rc != 0, first.tail()
@@ -41,7 +30,8 @@ def test_rank_dies_during_save(fault, runner, tmp_path, ref):
     second = runner.run("rerun", torchrun_cmd(tmp_path))
     assert second.rc == 0, second.tail()
     assert resumed_from(second.log()) == [25, 25]
-    assert "checkpoint step-000000050-a1 committed" in second.log()  # never written over in place
+    assert "removed uncommitted checkpoint folder step-000000050" in second.log()  # no leaked save
+    assert "checkpoint step-000000050 committed" in second.log()
     assert_same_final(tmp_path, ref)
 
 

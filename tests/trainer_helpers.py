@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import math
 import os
 import re
 import signal
@@ -23,9 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
-
+from ckpt_helpers import assert_bitwise
 from harness.checkpoint.discovery import list_checkpoints
 from harness.checkpoint.load import read_state
 from harness.storage import Storage
@@ -334,28 +331,9 @@ def final_state(ckdir: Path) -> FinalState:
 
 
 def assert_same(a: Any, b: Any, path: str = "") -> None:
-    """Bitwise equality of two decoded states: tensors with torch.equal (and equal dtype/shape), floats
-    exactly (nan == nan), everything else with ==."""
-    where = path or "<root>"
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), f"{where}: tensor vs {type(b)}"
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
-        assert torch.equal(a, b), f"{where}: tensors differ (max abs diff {(a.double() - b.double()).abs().max()})"
-    elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        assert np.array_equal(a, b), f"{where}: arrays differ"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict), f"{where}: dict vs {type(b).__name__}"
-        assert list(a) == list(b), f"{where}: keys {list(a)} vs {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{path}.{k}" if path else str(k))
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), f"{where}: {type(a).__name__}[{len(a)}] vs {b!r:.80}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float) and math.isnan(a):
-        assert math.isnan(b), f"{where}: nan vs {b}"
-    else:
-        assert type(a) is type(b) and a == b, f"{where}: {a!r} vs {b!r}"
+    """Bitwise equality of two decoded states (dict keys in the same order): tensors byte for byte, so
+    -0.0 != 0.0 and a nan equals the same nan. One comparison for every test: ckpt_helpers.assert_bitwise."""
+    assert_bitwise(a, b, path, ordered_keys=True)
 
 
 SUMMARY_KEYS = ("step", "epoch", "loss", "metrics", "world_size", "model_classes")

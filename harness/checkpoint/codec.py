@@ -10,6 +10,7 @@ torch dtypes. Decoding accepts only these tags; anything else is refused.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -48,19 +49,12 @@ class Shard:
         return self.local.dtype
 
 
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return None
-    return DTensor
-
-
-_DTENSOR = _dtensor_type()
-
-
 def is_dtensor(obj: Any) -> bool:
-    return _DTENSOR is not None and isinstance(obj, _DTENSOR)
+    # Importing torch.distributed.tensor costs most of a second; a DTensor can only exist once someone
+    # imported it, so look it up instead of importing it (keeps ``import harness`` fast).
+    mod = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(mod, "DTensor", None) if mod is not None else None
+    return dtensor is not None and isinstance(obj, dtensor)
 
 
 def dtensor_shard(t: Any) -> Shard:
@@ -212,3 +206,18 @@ def tensor_refs(tree: Any, depth: int = 0) -> list[str]:
                 return [value]
         return [k for v in tree.values() for k in tensor_refs(v, depth + 1)]
     return []
+
+
+def plain(value: Any, what: str) -> Any:
+    """Summary values (loss, metrics, metadata) as JSON, tagged where JSON falls short (a nan loss, tuples,
+    int keys); no tensors."""
+    enc = Encoder()
+    tree = enc.encode(value, what)
+    if enc.tensors:
+        raise TypeError(f"checkpoint {what} must hold numbers, strings, lists and dicts, not tensors "
+                        f"({', '.join(enc.tensors)}): use extra= for tensors")
+    return tree
+
+
+def unplain(tree: Any) -> Any:
+    return decode(tree, lambda key: None)  # parse_manifest made sure there are no tensor references

@@ -8,13 +8,14 @@ validates and verifies what it reads), recording the ones passed over and why, a
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from harness.checkpoint import blobs, codec
 from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints, open_checkpoint
+from harness.checkpoint.errors import is_resource_error
 from harness.checkpoint.format import Manifest
 from harness.checkpoint.retention import RetentionPolicy, best as best_of
-from harness.errors import CheckpointError, HarnessError, NoCheckpointError
+from harness.errors import CheckpointError, HarnessError, NoCheckpointError, StorageError
 from harness.storage import Storage, redact_url
 
 log = logging.getLogger("harness")
@@ -86,6 +87,37 @@ def candidates(storage: Storage, *, step: int | None = None, best: bool = False,
     return ranked, how
 
 
+def walk_back(infos: Iterable[CheckpointInfo], load: Callable[[str], T],
+              level: int = logging.INFO) -> tuple[CheckpointInfo | None, T | None, list[tuple[str, str]]]:
+    """The one walk-back loop (restore, export, inspect, inference): the first of ``infos`` (in order of
+    preference) that is committed and that ``load(name)`` accepts: (info, what load returned, skipped).
+
+    ``skipped`` lists (name, reason) for the folders passed over: no commit record, a damaged record, or a
+    load that found the checkpoint damaged (truncated, bad checksum, malformed). A failing store
+    (StorageError) or a resource failure (a lost connection, a timeout, out of memory) is not a damaged
+    checkpoint: it propagates, as does anything else. (None, None, skipped)
+    when nothing is usable."""
+    skipped: list[tuple[str, str]] = []
+    for info in infos:
+        if not info.committed:  # an interrupted save, or a lost COMMIT: never used, kept for a look
+            log.warning("checkpoint %s has no commit record (an interrupted save, or its COMMIT was lost): "
+                        "ignored", info.name)
+            skipped.append((info.name, "no commit record"))
+            continue
+        try:
+            if info.problem is not None:
+                raise CheckpointError(info.problem)
+            return info, load(info.name), skipped
+        except StorageError:
+            raise
+        except (CheckpointError, OSError, EOFError) as exc:
+            if is_resource_error(exc):  # a lost connection, a timeout: the checkpoint may be fine
+                raise
+            log.log(level, "checkpoint %s is not usable, trying the next one: %s", info.name, exc)
+            skipped.append((info.name, str(exc)))
+    return None, None, skipped
+
+
 def choose(storage: Storage, load: Callable[[str], T], *, step: int | None = None, best: bool = False,
            metric: str | None = None, mode: str | None = None) -> tuple[str, T, list[tuple[str, str]], str]:
     """The first candidate that ``load(name)`` accepts: (name, what load returned, skipped, how).
@@ -93,15 +125,9 @@ def choose(storage: Storage, load: Callable[[str], T], *, step: int | None = Non
     ``skipped`` lists (name, reason) for candidates that failed (damaged, truncated, bad checksum).
     Raises NoCheckpointError when none is usable."""
     infos, how = candidates(storage, step=step, best=best, metric=metric, mode=mode)
-    skipped: list[tuple[str, str]] = []
-    for info in infos:
-        try:
-            if info.problem is not None:
-                raise CheckpointError(info.problem)
-            return info.name, load(info.name), skipped, how
-        except (CheckpointError, OSError, EOFError) as exc:
-            log.info("checkpoint %s is not usable, trying the next one: %s", info.name, exc)
-            skipped.append((info.name, str(exc)))
+    info, loaded, skipped = walk_back(infos, load)
+    if info is not None:
+        return info.name, loaded, skipped, how
     where = redact_url(storage.url)
     at = f" at step {step}" if step is not None else ""
     if skipped:

@@ -1,7 +1,7 @@
 """Sharded state: ZeroRedundancyOptimizer shards, FSDP2/DTensor shards, split writes of replicated state,
 and restore of any of them at the same or another world size.
 
-Save side (used by :class:`~harness.checkpoint.manager.CheckpointManager`):
+Save side (used by :mod:`harness.checkpoint.save`):
 
 * replicated tensors (DDP model weights, a plain optimizer, schedulers...) are written once: by rank 0, or
   with ``split_replicated`` by the rank :func:`assign_writers` picks (greedy by size, deterministic);
@@ -26,11 +26,12 @@ from typing import Any, Mapping
 
 import torch
 
-from harness.checkpoint import blobs, codec
+from harness.checkpoint import blobs, codec, kinds
+from harness.checkpoint.kinds import MODELS, OPTIMIZERS, Targets, capture_plain
 from harness.checkpoint.discovery import open_checkpoint
 from harness.checkpoint.format import DTYPES, Manifest
 from harness.errors import CheckpointError
-from harness.state import Stateful, unwrap_model
+from harness.state import unwrap_model
 from harness.storage import Storage
 
 log = logging.getLogger("harness")
@@ -63,38 +64,33 @@ def _fsdp_model_of(opt: Any, models: dict[str, Any]) -> Any | None:
     raise CheckpointError("an optimizer over DTensor parameters needs its FSDP model passed in models=")
 
 
-def needs_collective(models: Mapping[str, Any], optimizers: Mapping[str, Any]) -> bool:
-    """Whether restoring into these objects needs per-rank reads (sharded targets)."""
-    return any(is_fsdp(m) for m in models.values()) or any(is_zero(o) for o in optimizers.values())
+def needs_collective(targets: Targets) -> bool:
+    """Whether saving or restoring these objects needs every rank (sharded targets)."""
+    return any(is_fsdp(m) for m in targets.models.values()) or any(is_zero(o) for o in targets.optimizers.values())
 
 
 # -- save ---------------------------------------------------------------------------------------------
 
-def capture(models: dict, optimizers: dict, schedulers: dict, scaler: Any,
-            extra: Mapping[str, Any] | None) -> tuple[dict, dict[str, dict], str]:
+def capture(targets: Targets) -> tuple[dict, dict[str, dict], str]:
     """The state to save, split into (replicated-layout tree, {optimizer name: this rank's ZeRO state by
     global index}, sharding kind). DTensors stay in the tree (the encoder turns them into shards).
     Collective when an FSDP model or a ZeRO optimizer is present (all ranks call it)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    models = targets.models
     fsdp = any(is_fsdp(m) for m in models.values())
     model_sd = {n: (get_model_state_dict(m) if is_fsdp(m) else unwrap_model(m).state_dict())
                 for n, m in models.items()}
     opt_sd, zero_parts = {}, {}
-    for n, o in optimizers.items():
+    for n, o in targets.optimizers.items():
         if is_zero(o):
             opt_sd[n] = {"state": {}, "param_groups": zero_param_groups(o)}
             zero_parts[n] = zero_local_state(o)
             continue
         owner = _fsdp_model_of(o, models)
         opt_sd[n] = get_optimizer_state_dict(owner, o) if owner is not None else o.state_dict()
-    state = {
-        "models": model_sd,
-        "optimizers": opt_sd,
-        "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "extra": {n: (o.state_dict() if isinstance(o, Stateful) else o) for n, o in (extra or {}).items()},
-    }
+    state = {k.section: (model_sd if k is MODELS else opt_sd if k is OPTIMIZERS else capture_plain(k, targets.of(k)))
+             for k in kinds.KINDS}
     kind = FSDP if fsdp else (ZERO if zero_parts else REPLICATED)
     return state, zero_parts, kind
 
@@ -273,8 +269,7 @@ class _Holder:
     value: Any = None
 
 
-def load(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: int, models: dict,
-         optimizers: dict, schedulers: dict, scaler: Any, extra: Mapping[str, Any] | None,
+def load(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: int, targets: Targets,
          threads: int = 4) -> tuple[dict, Any]:
     """This rank's view of checkpoint ``name``: (state tree with the given targets materialized, this rank's
     own per-rank state or None). Reads only what this rank needs, plus its share of verification."""
@@ -284,13 +279,14 @@ def load(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: i
     ranks = manifest.raw["ranks"]
     mine = decode_refs(ranks[rank]) if rank < len(ranks) else None
     loader, fills = Loader(storage, name, manifest, threads), []
-    out: dict = {"models": {}, "optimizers": {}, "schedulers": {}, "scaler": None, "extra": {}}
+    models = targets.models
+    out: dict = {k.section: ({} if not k.single else None) for k in kinds.KINDS}
     saved_models, saved_opts = saved.get("models") or {}, saved.get("optimizers") or {}
     for n, m in models.items():
         if n in saved_models:
             template = get_model_state_dict(m) if is_fsdp(m) else None
             out["models"][n] = _plan(saved_models[n], template, loader, fills, "")
-    for n, o in optimizers.items():
+    for n, o in targets.optimizers.items():
         if n not in saved_opts:
             continue
         sd = saved_opts[n]
@@ -304,12 +300,9 @@ def load(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: i
                 template = get_optimizer_state_dict(owner, o)
                 sd = _index_to_fqn(sd, template)
         out["optimizers"][n] = _plan(sd, template, loader, fills, f"optimizer {n}")
-    for n in schedulers:
-        if n in (saved.get("schedulers") or {}):
-            out["schedulers"][n] = _plan(saved["schedulers"][n], None, loader, fills, "")
-    if scaler is not None:
-        out["scaler"] = _plan(saved.get("scaler"), None, loader, fills, "")
-    out["extra"] = _plan(saved.get("extra") or {}, None, loader, fills, "")
+    for k in kinds.KINDS:  # kinds without a sharded form: read whole (small: schedulers, scaler, extras)
+        if k not in (MODELS, OPTIMIZERS) and saved.get(k.section) is not None:
+            out[k.section] = _plan(saved[k.section], None, loader, fills, "")
     mine = _plan(mine, None, loader, fills, "") if mine is not None else None
     tensors = loader.run()
     loader.verify_rest(rank, world)

@@ -14,13 +14,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import fsspec
 import torch
 
-from harness.checkpoint.importer import load_file, understand
 from harness.checkpoint.load import LoadReport, load_model_state
 from harness.checkpoint.select import choose, pick_model, read_models
 from harness.errors import HarnessError
+from harness.interop.importer import load_file, understand
 from harness.state import strip_prefix, unwrap_model
 from harness.storage import Storage, redact_url
 
@@ -48,8 +47,7 @@ class WarmStartReport(LoadReport):
 
 
 def _is_folder(source: str, storage_options: dict | None) -> bool:
-    fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
-    return fs.isdir(path)
+    return Storage(source, storage_options).is_dir()
 
 
 def read_weights(source: str, *, name: str | None = None, step: int | None = None, best: bool = False,

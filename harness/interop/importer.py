@@ -8,7 +8,8 @@ Accepted files:
   ``scaler_state_dict``, the plural ``*_state_dicts`` of a multi-model file and ``config``, as
   ``harness ckpt export --format pt`` writes them; ``state_dict`` is read as the model's weights);
 - a bare ``state_dict`` (every value a tensor), read as the model's weights;
-- a ``.safetensors`` file (model weights), read by a small checked reader of our own.
+- a ``.safetensors`` file (model weights), read by a small checked reader of our own
+  (:func:`harness.interop.safetensors.read_safetensors`).
 
 torch files are read with ``torch.load(FILE, weights_only=True)`` only: a file that needs to unpickle
 arbitrary Python objects is refused with :class:`~harness.errors.CheckpointFormatError` before any of
@@ -27,42 +28,27 @@ from its own checkpoint.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import logging
-import math
 import os
 import pickle
-import random
 import re
-import struct
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-import numpy as np
 import torch
 
+from harness import recipe
 from harness.checkpoint.discovery import list_checkpoints
 from harness.checkpoint.load import load_model_state
 from harness.errors import CheckpointError, CheckpointFormatError, ConfigError, HarnessError
+from harness.interop.safetensors import looks_like_safetensors, read_safetensors
 from harness.state import capture_rng, restore_rng, strip_prefix
-from harness.storage import Storage, redact_url
+from harness.storage import Storage, open_url, redact_url
 
 log = logging.getLogger("harness")
 
-MAX_SAFETENSORS_HEADER = 100 << 20
 _PREFIXES = ("module.", "_orig_mod.")
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "C64": torch.complex64}
-for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("float8_e4m3fn", "F8_E4M3"),
-                     ("float8_e5m2", "F8_E5M2")):
-    if isinstance(getattr(torch, _name, None), torch.dtype):
-        _ST_DTYPES[_code] = getattr(torch, _name)
-
 
 # -- reading files safely ---------------------------------------------------------------------------
 
@@ -72,10 +58,10 @@ def load_file(src: str) -> Any:
     Raises CheckpointFormatError for a file that needs arbitrary unpickling (nothing from it runs), or
     that is neither format; FileNotFoundError when it does not exist."""
     shown = redact_url(src)
-    with fsspec.open(src, "rb") as f:
+    with open_url(src) as f:
         head = f.read(9)
         f.seek(0)
-        if _looks_like_safetensors(head):
+        if looks_like_safetensors(head):
             tensors, _ = read_safetensors(f, shown)
             return tensors
         try:
@@ -105,73 +91,6 @@ def _unpickling_reason(exc: BaseException) -> str:
     m = re.search(r"([^\n]*GLOBAL [\w.]+[^\n]*|Unsupported operand \d+|invalid load key[^\n]*)", text)
     reason = m.group(1) if m else _first_line(exc)
     return " ".join(reason.split())[:200]
-
-
-def _looks_like_safetensors(head: bytes) -> bool:
-    if len(head) < 9:
-        return False
-    n = struct.unpack("<Q", head[:8])[0]
-    return 2 <= n <= MAX_SAFETENSORS_HEADER and head[8:9] == b"{"
-
-
-def read_safetensors(f: Any, shown: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file from a binary file object, checking the header against the file's size
-    (dtype, shape, offsets inside the data, no overlap). Returns (tensors, __metadata__)."""
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
-    f.seek(0)
-
-    def bad(msg: str) -> CheckpointFormatError:
-        return CheckpointFormatError(f"{shown}: not a valid safetensors file: {msg}")
-
-    if size < 8:
-        raise bad("shorter than its 8-byte header length")
-    n = struct.unpack("<Q", f.read(8))[0]
-    if n > min(size - 8, MAX_SAFETENSORS_HEADER):
-        raise bad(f"header length {n} exceeds the file")
-    try:
-        header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise bad(f"header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise bad("__metadata__ is not an object")
-    data_len = size - 8 - n
-    spans = []
-    for key, info in header.items():
-        if not isinstance(info, dict):
-            raise bad(f"entry {key!r} is not an object")
-        dtype = _ST_DTYPES.get(info.get("dtype"))
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if dtype is None:
-            raise bad(f"entry {key!r} has unsupported dtype {info.get('dtype')!r}")
-        if (not isinstance(shape, list) or len(shape) > 32
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 46 for d in shape)):
-            raise bad(f"entry {key!r} has a bad shape")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1] <= data_len):
-            raise bad(f"entry {key!r} has offsets outside the data")
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
-            raise bad(f"entry {key!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']}")
-        spans.append((offsets[0], offsets[1], key, dtype, shape))
-    spans.sort()
-    for (_, end, k1, _, _), (start, _, k2, _, _) in zip(spans, spans[1:]):
-        if start < end:
-            raise bad(f"entries {k1!r} and {k2!r} overlap")
-    tensors: dict[str, torch.Tensor] = {}
-    for begin, end, key, dtype, shape in spans:
-        f.seek(8 + n + begin)
-        buf = bytearray(f.read(end - begin))
-        if len(buf) != end - begin:
-            raise bad(f"entry {key!r} is truncated")
-        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-        tensors[key] = t.reshape(shape)
-    order = {k: i for i, k in enumerate(header)}
-    return dict(sorted(tensors.items(), key=lambda kv: order[kv[0]])), {str(k): str(v) for k, v in meta.items()}
 
 
 # -- understanding what was loaded ------------------------------------------------------------------
@@ -339,16 +258,7 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
     if fresh_optimizer and imp.optimizers:
         notes.append("optimizer state in the file ignored (fresh optimizer)")
         imp.optimizers = {}
-    if step is not None:
-        step_source = "given"
-    elif imp.step is not None:
-        step, step_source = imp.step, "file's step"
-    elif optimizer_step(imp.optimizers) is not None:
-        step, step_source = optimizer_step(imp.optimizers), "optimizer's step counter"
-    else:
-        step, step_source = 0, "default"
-    if step < 0:
-        raise HarnessError(f"step must be >= 0, got {step}")
+    step, step_source = _step_of(step, imp)
     epoch = epoch if epoch is not None else (imp.epoch or 0)
 
     storage = Storage(url, storage_options)
@@ -363,20 +273,10 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
     try:
         if cfg is not None:
             objects = _build_with_config(cfg, imp, step, notes)
-            metadata["config"] = _config_dict(cfg)
-            _seed_like_trainer(cfg.train.seed)
+            metadata.update(recipe.safe_metadata(cfg))
+            recipe.seed_everything(cfg.train.seed)  # the RNG state a fresh `harness train` rank 0 starts from
         else:
-            objects = {"models": {n: ImportedState(sd) for n, sd in imp.models.items()},
-                       "optimizers": {n: ImportedState(sd) for n, sd in imp.optimizers.items()},
-                       "schedulers": {n: ImportedState(sd) for n, sd in imp.schedulers.items()}}
-            odd = [n for n, sd in imp.schedulers.items() if not {"lr_lambdas", "base_lrs", "last_epoch"} <= set(sd)]
-            if odd:
-                notes.append("the scheduler state is not a LambdaLR's (the scheduler `harness train` builds): to "
-                             "resume with `harness train`, import with the run's --config")
-            if not imp.optimizers or not imp.schedulers:
-                missing = [k for k, v in (("optimizer", imp.optimizers), ("scheduler", imp.schedulers)) if not v]
-                notes.append(f"no {' or '.join(missing)} state in the file: to resume with `harness train`, import "
-                             "with the run's --config so they are created")
+            objects = _as_stored(imp, notes)
         mgr = CheckpointManager(url, keep_last=0, storage_options=storage_options)
         try:
             mgr.save(step, models=objects["models"], optimizers=objects["optimizers"],
@@ -399,6 +299,37 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
             "notes": notes, "ignored": imp.ignored}
 
 
+def _step_of(step: int | None, imp: Imported) -> tuple[int, str]:
+    """The global step to record and where it came from: given, the file's, the optimizer's counter, else 0."""
+    if step is not None:
+        source = "given"
+    elif imp.step is not None:
+        step, source = imp.step, "file's step"
+    elif optimizer_step(imp.optimizers) is not None:
+        step, source = optimizer_step(imp.optimizers), "optimizer's step counter"
+    else:
+        step, source = 0, "default"
+    if step < 0:
+        raise HarnessError(f"step must be >= 0, got {step}")
+    return step, source
+
+
+def _as_stored(imp: Imported, notes: list[str]) -> dict:
+    """Without a run config: the file's state dicts saved as they are, with notes on what resume will lack."""
+    objects = {"models": {n: ImportedState(sd) for n, sd in imp.models.items()},
+               "optimizers": {n: ImportedState(sd) for n, sd in imp.optimizers.items()},
+               "schedulers": {n: ImportedState(sd) for n, sd in imp.schedulers.items()}}
+    odd = [n for n, sd in imp.schedulers.items() if not {"lr_lambdas", "base_lrs", "last_epoch"} <= set(sd)]
+    if odd:
+        notes.append("the scheduler state is not a LambdaLR's (the scheduler `harness train` builds): to "
+                     "resume with `harness train`, import with the run's --config")
+    if not imp.optimizers or not imp.schedulers:
+        missing = [k for k, v in (("optimizer", imp.optimizers), ("scheduler", imp.schedulers)) if not v]
+        notes.append(f"no {' or '.join(missing)} state in the file: to resume with `harness train`, import "
+                     "with the run's --config so they are created")
+    return objects
+
+
 def _as_config(config: Any) -> Any:
     if config is None:
         return None
@@ -414,37 +345,21 @@ def _as_config(config: Any) -> Any:
     raise HarnessError(f"config must be a harness.config.Config or a dict, got {type(config).__name__}")
 
 
-def _config_dict(cfg: Any) -> dict:
-    d = dataclasses.asdict(cfg)
-    d["checkpoint"].pop("storage_options", None)  # may hold credentials; the trainer drops it too
-    return d
-
-
-def _seed_like_trainer(seed: int) -> None:
-    """The RNG state a fresh ``harness train`` rank 0 starts from, so the resumed run is reproducible."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _build_with_config(cfg: Any, imp: Imported, step: int, notes: list[str]) -> dict:
     """The trainer's model, optimizer and scheduler for ``cfg``, holding the file's state."""
-    from harness import trainer
-    from harness.checkpoint.export import build_from_config
-
     if len(imp.models) != 1:
         raise HarnessError(f"the file holds {len(imp.models)} models ({', '.join(imp.models)}); a run config "
                            "builds one: import without --config")
     (saved_name, sd), = imp.models.items()
-    workload = build_from_config(_config_dict(cfg))
+    workload = recipe.workload_from_dict(recipe.safe_metadata(cfg)["config"])
     model = workload.model
     try:
         load_model_state(model, sd, strict=True, name="model")
     except CheckpointError as exc:
         raise CheckpointError(f"the file's model weights do not fit the config's model "
                               f"({cfg.model.get('name')}): {exc}") from None
-    optimizer = trainer.build_optimizer(cfg, model.parameters())
-    scheduler = trainer.build_scheduler(cfg, optimizer)
+    optimizer = recipe.build_optimizer(cfg, model.parameters())
+    scheduler = recipe.build_scheduler(cfg, optimizer)
     osd = next(iter(imp.optimizers.values()), None) if len(imp.optimizers) == 1 else None
     if len(imp.optimizers) > 1:
         notes.append(f"the file holds {len(imp.optimizers)} optimizers; the config's optimizer starts fresh")
@@ -472,8 +387,6 @@ def _build_with_config(cfg: Any, imp: Imported, step: int, notes: list[str]) -> 
 def _check_optimizer_fits(cfg: Any, model: torch.nn.Module, osd: dict) -> None:
     """The file's per-parameter optimizer state has what the config's optimizer keeps (Adam's moments,
     SGD's momentum buffer): one probe step on a copy tells which keys that is."""
-    from harness import trainer
-
     state = osd.get("state") if isinstance(osd, dict) else None
     if not isinstance(state, dict) or not isinstance(osd.get("param_groups"), list):
         raise CheckpointError("the file's optimizer_state_dict has no 'state'/'param_groups': not an optimizer "
@@ -481,7 +394,7 @@ def _check_optimizer_fits(cfg: Any, model: torch.nn.Module, osd: dict) -> None:
     if not state:
         return
     probe_model = copy.deepcopy(model)
-    probe = trainer.build_optimizer(cfg, probe_model.parameters())
+    probe = recipe.build_optimizer(cfg, probe_model.parameters())
     for p in probe_model.parameters():
         p.grad = torch.zeros_like(p)
     probe.step()

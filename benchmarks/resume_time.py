@@ -1,0 +1,460 @@
+"""Time to resume: a 2-rank job is killed with SIGKILL and relaunched the README way; how long from the relaunch
+to the first training step after the restore, and where the time goes.
+
+    python benchmarks/resume_time.py                               # quickstart state, local + S3 (moto)
+    python benchmarks/resume_time.py --size-gb 1 --storage local,s3  # a >= 1 GB state (MLP + AdamW moments)
+    python benchmarks/resume_time.py --launcher torchrun           # torchrun ... -m harness train instead
+
+Phases (rank 0; the total is the slowest rank's), measured with wall-clock timestamps written by a probe that
+is loaded only into the relaunched job's processes (benchmarks/_resume_probe/sitecustomize.py, gated by
+HARNESS_RESUME_TRACE; harness itself is unchanged): launcher (relaunch -> worker process exists), interpreter,
+imports (+ config), setup (workload, model, optimizer: what is not listed apart), rendezvous + process groups,
+lease + storage check, discovery (listing + commit records + manifest), read + verify, apply
+(load_state_dict), restore other (broadcast of replicated tensors, decoding, RNG), first step.
+
+Baselines measured in the same run: ``python -c "import torch"``; two processes doing ``import torch`` +
+``init_process_group`` (gloo) + a barrier, bare and under torchrun; ``import harness`` (after torch), and
+whether it pulled in s3fs/aiobotocore/botocore/boto3 (it must not). Results: a table, and JSON + PNG under
+benchmarks/results/ (resume_time_<stamp>.* and resume_time_latest.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _results import write_results  # noqa: E402
+
+PROBE = REPO / "benchmarks" / "_resume_probe"
+CONFIG = REPO / "configs" / "quickstart.toml"
+S3_MODULES = ("s3fs", "aiobotocore", "botocore", "boto3")
+PHASES = ["launcher", "interpreter", "imports", "setup", "rendezvous_pg", "lease_storage", "discovery",
+          "read_verify", "apply", "restore_other", "first_step"]
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+          "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+# -- processes -------------------------------------------------------------------------------------------
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it (workers run in sessions of their own), by pid."""
+    kids, todo, tree = _children(), [proc.pid], []
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(kids.get(pid, []))
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(p) for p in tree) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def train_cmd(launcher: str, nproc: int, overrides: list[str]) -> list[str]:
+    sets = [a for o in overrides for a in ("--set", o)]
+    if launcher == "launch":
+        return [sys.executable, "-m", "harness", "launch", "--nproc-per-node", str(nproc), "--config", str(CONFIG),
+                *sets]
+    torchrun = shutil.which("torchrun")
+    head = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    return [*head, "--standalone", "--nproc-per-node", str(nproc), "-m", "harness", "train", "--config",
+            str(CONFIG), *sets]
+
+
+def pick_launcher(wanted: str) -> str:
+    if wanted != "auto":
+        return wanted
+    ok = subprocess.run([sys.executable, "-m", "harness", "launch", "--help"], capture_output=True, cwd=REPO,
+                        timeout=120).returncode == 0
+    return "launch" if ok else "torchrun"
+
+
+# -- storage ---------------------------------------------------------------------------------------------
+
+class Moto:
+    """moto's S3 server on 127.0.0.1 in this process, and a bucket."""
+
+    def __init__(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+        self.client().create_bucket(Bucket="resume")
+
+    def client(self):
+        import boto3
+        return boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def committed(url: str, moto: Moto | None) -> list[str]:
+    """Names of checkpoints with a commit record (what the killed run left behind)."""
+    if moto is None:
+        return sorted(p.parent.name for p in Path(url).glob("step-*/COMMIT"))
+    prefix = url.split("/", 3)[3] + "/"
+    keys = moto.client().list_objects_v2(Bucket="resume", Prefix=prefix).get("Contents", [])
+    return sorted(k["Key"].split("/")[-2] for k in keys if k["Key"].endswith("/COMMIT"))
+
+
+# -- one scenario ----------------------------------------------------------------------------------------
+
+def model_overrides(size_gb: float) -> tuple[list[str], int]:
+    """Config overrides for a state of about ``size_gb`` (0: the quickstart model) and checkpoint interval."""
+    if size_gb <= 0:
+        return [], 10
+    layers = 4
+    hidden = int((size_gb * 1e9 / 12 / layers) ** 0.5)  # params + two AdamW moments, fp32
+    return [f"model.hidden={hidden}", f"model.layers={layers}", "train.batch_size=8"], 1
+
+
+def run_scenario(storage: str, size_gb: float, launcher: str, nproc: int, work: Path, moto: Moto | None,
+                 timeout_s: float, checkpoints: int = 1) -> dict:
+    name = f"{storage}-{'quickstart' if size_gb <= 0 else f'{size_gb:g}gb'}"
+    folder = work / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    url = str(folder / "ckpt") if storage == "local" else f"s3://resume/{name}-{int(time.time())}"
+    extra, every = model_overrides(size_gb)
+    overrides = [f"checkpoint.dir={url}", f"checkpoint.every_steps={every}", f"checkpoint.keep_last={checkpoints}",
+                 "checkpoint.keep_best=0", "checkpoint.async=false", "train.max_steps=1000000",
+                 f"run.output_dir={folder / 'out'}", *extra]
+    env = {**os.environ, **(moto.env if moto else {}),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    cmd = train_cmd(launcher, nproc, overrides)
+    first = subprocess.Popen(cmd, cwd=folder, env=env, stdout=open(folder / "run1.log", "wb"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout_s
+        while len(committed(url, moto)) < checkpoints:
+            if first.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{name}: the first run made no checkpoint; see {folder / 'run1.log'}:\n"
+                                   + (folder / "run1.log").read_text()[-3000:])
+            time.sleep(0.1)
+    finally:
+        kill_tree(first)
+    saved = committed(url, moto)
+    nbytes = state_bytes(url, saved[-1], moto)  # now: the relaunched job's retention may delete it later
+    trace = folder / "trace"
+    trace.mkdir()
+    env2 = {**env, "HARNESS_RESUME_TRACE": str(trace),
+            "PYTHONPATH": os.pathsep.join([str(PROBE), env["PYTHONPATH"]])}
+    t_launch = time.time()
+    second = subprocess.Popen(cmd, cwd=folder, env=env2, stdout=open(folder / "run2.log", "wb"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        records = wait_first_steps(trace, nproc, second, t_launch + timeout_s, folder / "run2.log")
+    finally:
+        kill_tree(second)
+    result = {"scenario": name, "storage": storage, "launcher": launcher, "checkpoint": saved[-1],
+              "checkpoints_present": len(saved),
+              "state_bytes": nbytes, **phases(records, t_launch, nproc)}
+    if storage == "local":
+        shutil.rmtree(folder / "ckpt", ignore_errors=True)
+    return result
+
+
+def state_bytes(url: str, name: str, moto: Moto | None) -> int:
+    if moto is None:
+        return sum(p.stat().st_size for p in (Path(url) / name).glob("data-*"))
+    prefix = f"{url.split('/', 3)[3]}/{name}/data-"
+    return sum(k["Size"] for k in moto.client().list_objects_v2(Bucket="resume", Prefix=prefix).get("Contents", []))
+
+
+def read_trace(trace: Path) -> list[dict]:
+    out = []
+    for p in trace.glob("trace-*.jsonl"):
+        for line in p.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass  # a line cut by the SIGKILL
+    return out
+
+
+def wait_first_steps(trace: Path, nproc: int, proc: subprocess.Popen, deadline: float, log: Path) -> list[dict]:
+    while True:
+        records = read_trace(trace)
+        if len({r["rank"] for r in records if r["label"] == "step" and r["rank"] is not None}) >= nproc:
+            return records
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"the relaunched job took no training step; see {log}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def _rank_phases(rs: list[dict], t_launch: float) -> dict:
+    def all_(label: str) -> list[dict]:
+        return [r for r in rs if r["label"] == label]
+
+    def total(label: str, lo: float = 0.0, hi: float = float("inf")) -> float:
+        return sum(r["t1"] - r["t0"] for r in all_(label) if r["t0"] >= lo and r["t1"] <= hi)
+
+    proc, train, resume = all_("process")[0], min(all_("train"), key=lambda r: r["t0"], default=None), all_("resume")
+    step = min(all_("step"), key=lambda r: r["t0"])
+    if train is None or not resume:
+        raise RuntimeError("the probe saw no harness.trainer.train / Trainer.resume call: was it renamed?")
+    resume = resume[0]
+    t_train = train["t0"]
+    p = {"launcher": (proc["t0"] or proc["t1"]) - t_launch, "interpreter": proc["t1"] - (proc["t0"] or proc["t1"]),
+         "imports": t_train - proc["t1"], "rendezvous_pg": total("pg"),
+         "lease_storage": total("lease") + total("storage_check", t_train)}
+    p["setup"] = resume["t0"] - t_train - p["rendezvous_pg"] - p["lease_storage"]
+    inside = (resume["t0"], resume["t1"])
+    p["discovery"], p["read_verify"], p["apply"] = (total(k, *inside) for k in ("discovery", "read", "apply"))
+    p["restore_other"] = resume["t1"] - resume["t0"] - p["discovery"] - p["read_verify"] - p["apply"]
+    p["first_step"] = step["t1"] - resume["t1"]
+    reads = [r["t0"] for r in all_("read") if inside[0] <= r["t0"] <= inside[1]]
+    found = min(reads, default=inside[1])  # storage calls before the first tensor read: discovery's
+    ops = {k[3:]: sum(1 for r in all_(k) if inside[0] <= r["t0"] < found)
+           for k in ("op_list", "op_head", "op_read", "op_open")}
+    return {"phases": {k: round(p[k], 4) for k in PHASES}, "to_first_step": round(step["t1"] - t_launch, 4),
+            "discovery_storage_calls": ops,
+            "restore_s": round(resume["t1"] - resume["t0"], 4), "s3_modules_loaded": step.get("s3_modules"),
+            "vm_hwm_mb": step.get("vm_hwm_kb", 0) / 1024}
+
+
+def phases(records: list[dict], t_launch: float, nproc: int) -> dict:
+    by_rank: dict[str, list[dict]] = {}
+    agent = [r for r in records if r["rank"] is None]
+    for r in records:
+        if r["rank"] is not None:
+            by_rank.setdefault(r["rank"], []).append(r)
+    ranks = {k: _rank_phases(v, t_launch) for k, v in sorted(by_rank.items())}
+    r0 = ranks.get("0") or next(iter(ranks.values()))
+    return {"phases": r0["phases"], "total_s": max(r["to_first_step"] for r in ranks.values()),
+            "restore_s": r0["restore_s"], "discovery_storage_calls": r0["discovery_storage_calls"],
+            "per_rank": ranks,
+            "launcher_storage_check_s": round(sum(r["t1"] - r["t0"] for r in agent
+                                                  if r["label"] == "storage_check"), 4),
+            "s3_modules_loaded": r0["s3_modules_loaded"]}
+
+
+# -- baselines -------------------------------------------------------------------------------------------
+
+PG_SCRIPT = ("import torch, torch.distributed as d; d.init_process_group('gloo'); d.barrier(); "
+             "d.destroy_process_group()")
+IMPORT_SCRIPT = ("import json, sys, time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); "
+                 "import harness; t2 = time.perf_counter(); m = " + repr(S3_MODULES) + "; "
+                 "a = [x for x in m if x in sys.modules]; import harness.cli, harness.trainer; "
+                 "t3 = time.perf_counter(); print(json.dumps({'torch_s': t1 - t0, 'harness_s': t2 - t1, "
+                 "'train_path_s': t3 - t2, 's3_after_import_harness': a, "
+                 "'s3_after_train_path': [x for x in m if x in sys.modules]}))")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _timed(cmds: list[list[str]], env: dict, cwd: Path) -> float:
+    t0 = time.time()
+    procs = [subprocess.Popen(c, env=e, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for c, e in zip(cmds, env if isinstance(env, list) else [env] * len(cmds))]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        if p.returncode:
+            raise RuntimeError(f"baseline {p.args} failed: {err.decode()[-2000:]}")
+    return time.time() - t0
+
+
+def baselines(nproc: int, work: Path, quick: bool = False) -> dict:
+    """Startup costs without harness; ``quick`` skips the two multi-process ones (for the smoke test)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out: dict = {"python_import_torch_s": None, "torch_pg_bare_s": None, "torchrun_torch_pg_s": None}
+    if not quick:
+        out["python_import_torch_s"] = _timed([[sys.executable, "-c", "import torch"]], env, work)
+        out.update(_pg_baselines(nproc, work, env))
+    imp = subprocess.run([sys.executable, "-c", IMPORT_SCRIPT], env=env, cwd=work, capture_output=True, text=True,
+                         timeout=300)
+    if imp.returncode:
+        raise RuntimeError(f"import baseline failed: {imp.stderr[-2000:]}")
+    out.update(json.loads(imp.stdout))
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def _pg_baselines(nproc: int, work: Path, env: dict) -> dict:
+    out = {}
+    port = _free_port()
+    envs = [{**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r), "WORLD_SIZE": str(nproc)}
+            for r in range(nproc)]
+    out["torch_pg_bare_s"] = _timed([[sys.executable, "-c", PG_SCRIPT]] * nproc, envs, work)
+    script = work / "pg_baseline.py"
+    script.write_text(PG_SCRIPT + "\n")
+    torchrun = shutil.which("torchrun")
+    head = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    out["torchrun_torch_pg_s"] = _timed([[*head, "--standalone", "--nproc-per-node", str(nproc), str(script)]],
+                                        env, work)
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------------
+
+def table(result: dict) -> str:
+    b = result["baselines"]
+    quick = b["torchrun_torch_pg_s"] is None
+    pg = ("not measured (--quick-baselines)" if quick else
+          f"{b['torch_pg_bare_s']:.2f} s (under torchrun {b['torchrun_torch_pg_s']:.2f} s)")
+    torch_s = f"in-process {b['torch_s']:.2f}" if quick else f"{b['python_import_torch_s']:.2f}"
+    lines = [f"baselines: python -c 'import torch' {torch_s} s | {result['nproc']} procs import "
+             f"torch + init_process_group(gloo) {pg} | import harness after torch {b['harness_s']:.3f} s "
+             f"(+ cli/trainer {b['train_path_s']:.3f} s), s3 modules after it: "
+             f"{', '.join(b['s3_after_import_harness']) or 'none'}"]
+    head = ["scenario", "MB", *PHASES, "total", "adds"]
+    rows = [head]
+    for s in result["scenarios"]:
+        if "error" in s:
+            rows.append([s["scenario"], "-", *["-"] * len(PHASES), "failed", s["error"][:60]])
+            continue
+        rows.append([s["scenario"], f"{s['state_bytes'] / 1e6:.1f}", *(f"{s['phases'][k]:.3f}" for k in PHASES),
+                     f"{s['total_s']:.2f}",
+                     "-" if s.get("harness_adds_s") is None else f"{s['harness_adds_s']:.2f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.append("adds = total - (torchrun + import torch + init_process_group); target: <= read_verify + 0.5 s")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"matplotlib unavailable: {exc}"
+    scen = [s for s in result["scenarios"] if "error" not in s]
+    if not scen:
+        return "no scenario completed"
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.6 * len(scen)))
+    left = [0.0] * len(scen)
+    colors = plt.get_cmap("tab20").colors
+    for i, k in enumerate(PHASES):
+        vals = [max(0.0, s["phases"][k]) for s in scen]
+        ax.barh([s["scenario"] for s in scen], vals, left=left, color=colors[i % len(colors)], label=k)
+        left = [a + b for a, b in zip(left, vals)]
+    base = result["baselines"]["torchrun_torch_pg_s"]
+    if base is not None:
+        ax.axvline(base, color="black", linestyle="--", label="torchrun + import torch + init_process_group")
+    ax.set_xlabel("seconds from relaunch to the first training step")
+    ax.set_title(f"time to resume after SIGKILL ({result['nproc']} ranks, {result['launcher']})")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gb", type=float, nargs="+", default=[0.0],
+                    help="state sizes; 0 = the quickstart model (default). e.g. --size-gb 0 1")
+    ap.add_argument("--storage", default="local,s3", help="comma-separated: local, s3 (moto on 127.0.0.1)")
+    ap.add_argument("--launcher", choices=["auto", "launch", "torchrun"], default="auto",
+                    help="auto: `harness launch` when it exists, else torchrun -m harness train")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per scenario; the median total is kept")
+    ap.add_argument("--timeout", type=float, default=600.0, help="per run, to the first checkpoint / first step")
+    ap.add_argument("--checkpoints", type=int, default=1,
+                    help="committed checkpoints the killed run leaves (discovery cost vs their number)")
+    ap.add_argument("--quick-baselines", action="store_true",
+                    help="skip the multi-process torch + init_process_group baselines (smoke test)")
+    ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+    storages = [s.strip() for s in args.storage.split(",") if s.strip()]
+    if set(storages) - {"local", "s3"}:
+        ap.error("--storage takes local and/or s3")
+    work = args.dir or Path(tempfile.mkdtemp(prefix="resume-time-"))
+    work.mkdir(parents=True, exist_ok=True)
+    launcher = pick_launcher(args.launcher)
+    result = {"env": env_info(), "launcher": launcher, "nproc": args.nproc,
+              "baselines": baselines(args.nproc, work, args.quick_baselines),
+              "scenarios": []}
+    moto = Moto() if "s3" in storages else None
+    try:
+        for size in args.size_gb:
+            for storage in storages:
+                runs = []
+                for _ in range(args.repeat):
+                    try:
+                        runs.append(run_scenario(storage, size, launcher, args.nproc, work,
+                                                 moto if storage == "s3" else None, args.timeout,
+                                                 args.checkpoints))
+                    except RuntimeError as exc:
+                        runs.append({"scenario": f"{storage}-{size:g}", "error": str(exc)})
+                        print(f"{storage} {size:g} GB: {exc}", file=sys.stderr)
+                ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["total_s"])
+                best = ok[len(ok) // 2] if ok else runs[-1]
+                base = result["baselines"]["torchrun_torch_pg_s"]
+                if ok:
+                    best["harness_adds_s"] = None if base is None else round(best["total_s"] - base, 4)
+                    best["target_met"] = (None if base is None else
+                                          best["harness_adds_s"] <= best["phases"]["read_verify"] + 0.5)
+                    best["runs_total_s"] = [r["total_s"] for r in ok]
+                result["scenarios"].append(best)
+    finally:
+        if moto is not None:
+            moto.stop()
+    print(table(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    write_results(args.out, "resume_time", stamp, result, lambda p: plot(result, p))
+    print(f"results: {args.out / 'resume_time_latest.json'}")
+    failed = [s for s in result["scenarios"] if "error" in s]
+    return 1 if failed else 0
+
+
+def env_info() -> dict:
+    import platform
+
+    import torch
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "host": platform.node(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

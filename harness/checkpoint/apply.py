@@ -1,0 +1,145 @@
+"""Applying a read checkpoint to live objects, kind by kind, and what restore returns."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from harness import faults
+from harness.checkpoint import codec, kinds, sharded
+from harness.checkpoint.errors import is_resource_error
+from harness.checkpoint.format import Manifest
+from harness.checkpoint.kinds import EXTRA, MODELS, OPTIMIZERS, Kind, Targets
+from harness.checkpoint.load import LoadReport, class_name, load_model_state
+from harness.errors import CheckpointError
+from harness.state import Stateful, restore_rng
+
+log = logging.getLogger("harness")
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    step: int | None = None         # the checkpoint at this step (None: the newest valid one)
+    strict: bool = True             # model keys must match exactly
+    skip_mismatched: bool = False   # with strict=False: leave tensors whose shapes differ
+    rng: bool = True                # restore this rank's RNG states
+
+
+@dataclass
+class RestoreResult:
+    """What restore found and applied; the loop continues from ``step``."""
+
+    name: str
+    step: int
+    epoch: int
+    position: Any                     # this rank's data cursor as saved (None for a rank the saving job lacked)
+    loss: float | None
+    metrics: dict
+    metadata: dict
+    extra: dict                       # saved extras that were not given as Stateful objects
+    rank_state: Any                   # this rank's rank_state as saved
+    world_size: int                   # world size at save time
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # newer checkpoints skipped, and why
+    load_report: dict[str, LoadReport] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def loading(what: str, name: str) -> Iterator[None]:
+    """A state dict that does not fit its object (another optimizer class, scheduler type...) is a clear
+    CheckpointError naming the object, not a KeyError from deep inside torch. Running out of memory, a
+    failing accelerator or process group is not the checkpoint's fault: it keeps its type (retryable)."""
+    try:
+        faults.point("restore.apply", what=what, name=name)
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        if is_resource_error(exc):
+            raise
+        raise CheckpointError(f"{what} {name!r} cannot take the saved state: {type(exc).__name__}: {exc}") from exc
+
+
+def pick(saved: dict, name: str, what: str) -> Any:
+    if name not in saved:
+        have = ", ".join(map(str, saved)) or "none"
+        raise CheckpointError(f"checkpoint has no {what} named {name!r} (it has: {have})")
+    return saved[name]
+
+
+def _models(manifest: Manifest, saved: dict, models: dict, strict: bool, skip_mismatched: bool) -> dict:
+    report = {}
+    for n, m in models.items():
+        saved_cls = manifest.raw.get("model_classes", {}).get(n)
+        if saved_cls and saved_cls != class_name(m):
+            log.warning("model %r was saved from %s and is loaded into %s", n, saved_cls, class_name(m))
+        sd = pick(saved, n, "model")
+        with loading("model", n):
+            if sharded.is_fsdp(m):
+                sharded.check_fsdp_keys(m, sd, strict, n)
+                sharded.load_fsdp_model(m, sd, strict=strict, name=n)
+                report[n] = LoadReport(loaded=len(sd))
+            else:
+                report[n] = load_model_state(m, sd, strict=strict, skip_mismatched=skip_mismatched, name=n)
+    return report
+
+
+def _optimizers(saved: dict, optimizers: dict, models: dict) -> None:
+    for n, o in optimizers.items():
+        sd = pick(saved, n, "optimizer")
+        owner = None if sharded.is_zero(o) else sharded._fsdp_model_of(o, models)
+        with loading("optimizer", n):
+            if sharded.is_zero(o):
+                sharded.load_zero(o, sd, n)
+            elif owner is not None:
+                sharded.load_fsdp_optimizer(owner, o, sd)
+            else:
+                o.load_state_dict(sharded.fqn_to_index(sd))  # an FSDP checkpoint into a plain optimizer
+
+
+def _plain_kind(kind: Kind, saved: Any, objs: dict[str, Any]) -> dict:
+    """A kind without a sharded form: ``load_state_dict`` each given Stateful object; returns the saved
+    entries nobody took (for extras: the plain values restore hands back)."""
+    if kind.single:
+        if objs and saved is not None:
+            with loading(kind.label, kind.label):
+                next(iter(objs.values())).load_state_dict(saved)
+        return {}
+    rest = dict(saved or {})
+    for n, o in objs.items():
+        if isinstance(o, Stateful):
+            with loading(kind.label, n):
+                o.load_state_dict(pick(rest, n, kind.label))
+            rest.pop(n)
+    return rest
+
+
+def apply(manifest: Manifest, state: dict, mine: Any, targets: Targets, opts: RestoreOptions,
+          rank: int) -> RestoreResult:
+    """Load ``state`` into the objects of ``targets``, kind by kind in :data:`kinds.KINDS` order, then this rank's
+    RNG (last: nothing after it may draw random numbers)."""
+    report: dict[str, LoadReport] = {}
+    leftover: dict = {}
+    for kind in kinds.KINDS:  # read at call time: a kind added to the table is restored too
+        objs = targets.of(kind)
+        if kind is MODELS:
+            report = _models(manifest, state["models"], objs, opts.strict, opts.skip_mismatched)
+        elif kind is OPTIMIZERS:
+            _optimizers(state["optimizers"], objs, targets.models)
+        else:
+            rest = _plain_kind(kind, state.get(kind.section), objs)
+            if kind is EXTRA:
+                leftover = rest
+    if mine is None:
+        log.warning("checkpoint was written by %d ranks; rank %d has no saved RNG or data position",
+                    manifest.world_size, rank)
+    elif opts.rng:
+        restore_rng(mine["rng"])
+    raw = manifest.raw
+    return RestoreResult(name=raw["name"], step=raw["step"], epoch=raw["epoch"],
+                         position=None if mine is None else mine["position"], loss=codec.unplain(raw.get("loss")),
+                         metrics=codec.unplain(raw.get("metrics")) or {},
+                         metadata=codec.unplain(raw.get("metadata")) or {}, extra=leftover,
+                         rank_state=None if mine is None else mine["rank_state"], world_size=raw["world_size"],
+                         load_report=report)

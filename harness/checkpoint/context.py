@@ -1,0 +1,19 @@
+"""What save and restore share on every rank: where checkpoints live, who this rank is, its group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.storage import Storage
+
+
+@dataclass
+class Ctx:
+    storage: Storage
+    group: Any                 # the gloo group of checkpoint collectives (None in one process)
+    rank: int
+    world_size: int
+    io_threads: int
+    # Checkpoints restore found damaged: retention neither counts nor deletes them (kept for a human).
+    damaged: set[str] = field(default_factory=set)

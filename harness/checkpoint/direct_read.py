@@ -1,0 +1,328 @@
+"""Reading stored tensors straight into their final memory, checksummed on the same pass.
+
+The plain read path (:func:`harness.checkpoint.blobs.read_tensors`) reads into fresh CPU tensors that
+``load_state_dict`` then copies: two copies, and a second copy of the whole state in host memory at the peak.
+Here the caller names the destination of every entry (a live parameter, buffer or optimizer-state tensor)
+and the bytes land there directly:
+
+- a contiguous CPU destination of the stored dtype is read into in place (``os.preadv`` into its memory for
+  local files (:meth:`Storage.local_path`), ``readinto`` of a :meth:`Storage.open_read` handle elsewhere), in blocks, each hashed while it is still in cache;
+- neighbouring small tensors of one file are fetched with one read (one ``preadv`` scattering into all of
+  them on local disk; one ranged read into a bounded scratch buffer elsewhere);
+- any other destination (non-contiguous, another dtype, another device type) gets a staging buffer that is
+  verified before it is copied in, so a corrupt entry never reaches such a destination;
+- a CUDA destination is filled through a small ring of pinned host buffers: read -> checksum -> host-to-device
+  copy on a side stream, an event per slot so a slot is reused only once its copy is done;
+- an entry without a destination (optimizer state that does not exist yet) is allocated once, at its saved
+  shape and dtype, on the device the caller gives.
+
+Extra host memory at any moment is at most max(largest staged tensor, ``memory_budget``) plus the CUDA ring.
+
+Contract on failure: a checksum mismatch raises :class:`CheckpointCorruptError` naming file and key; a
+truncated file also raises it; storage failures raise what the storage raises. When :func:`read_into` raises,
+no read is still running (every worker has stopped), but the destinations it was given hold unspecified bytes
+(some entries may be fully or partly written): the caller must not use them, and either reads another
+checkpoint into the same destinations (which overwrites every entry it holds) or gives up the restore. On
+success, every destination holds bytes whose checksum matched.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence, Union
+
+import torch
+import xxhash
+
+from harness.checkpoint.direct_cuda import RING_SLOT_BYTES, read_to_cuda
+from harness.checkpoint.direct_io import MAX_IOV, Aborted, Budget, Reader, byte_view, check_digest
+from harness.checkpoint.format import DTYPES, TensorEntry
+from harness.errors import CheckpointCorruptError, CheckpointError
+from harness.storage import Storage
+
+MIB = 1 << 20
+DEFAULT_MEMORY_BUDGET = 256 * MIB   # staging and scratch buffers, all threads together
+BLOCK_BYTES = 8 * MIB               # local reads: big enough for the disk, small enough to hash while cached
+REMOTE_BLOCK_BYTES = 64 * MIB       # object stores: one readinto of this size is a set of concurrent ranged GETs
+SMALL_BYTES = 1 * MIB               # entries up to this size are coalesced with their neighbours
+COALESCE_SPAN = 16 * MIB            # one coalesced read covers at most this many bytes
+COALESCE_GAP = 64 * 1024            # read through at most this much padding between neighbours
+
+Destination = Union[torch.Tensor, torch.device, str]
+
+
+@dataclass
+class ReadStats:
+    """What a read did; filled in by :func:`read_into` when given one."""
+
+    tensors: int = 0
+    bytes: int = 0
+    reads: int = 0                  # read calls issued (a coalesced group is one)
+    coalesced: int = 0              # entries that shared a read with a neighbour
+    staged: int = 0                 # entries that went through a staging buffer
+    allocated: int = 0              # entries that had no destination
+    peak_extra_bytes: int = 0       # staging + scratch high-water mark, plus the CUDA ring if one was used
+
+
+@dataclass
+class _Target:
+    entry: TensorEntry
+    view: torch.Tensor | None       # where the bytes end up; None: verify only
+    direct: bool                    # view is a contiguous CPU tensor of the stored dtype: read into it
+
+
+@dataclass
+class _Job:
+    file: str
+    offset: int
+    end: int
+    targets: list[_Target] = field(default_factory=list)
+
+
+def read_into(storage: Storage, folder: str, entries: Sequence[TensorEntry], dests: Mapping[str, Destination], *,
+              default_device: torch.device | str = "cpu", threads: int = 4, verify: bool = True,
+              memory_budget: int = DEFAULT_MEMORY_BUDGET, coalesce: bool = True,
+              stats: ReadStats | None = None) -> dict[str, torch.Tensor]:
+    """Read ``entries`` of checkpoint ``folder`` into ``dests`` and return key -> tensor for every entry.
+
+    ``dests`` maps an entry's key to its destination tensor (filled in place; for the shards of a sharded
+    tensor, the whole tensor: each shard fills its box) or to a device (allocate there). A key not in
+    ``dests`` is allocated on ``default_device``. A destination must have the saved shape (the global shape
+    for shards); another dtype is converted as ``copy_`` does. See the module docstring for the contract when
+    this raises."""
+    stats = stats if stats is not None else ReadStats()
+    targets, out = plan_targets(entries, dests, default_device, stats)
+    host = [t for t in targets if t.view is None or t.view.device.type != "cuda"]
+    cuda = [t for t in targets if t.view is not None and t.view.device.type == "cuda"]
+    budget = Budget(memory_budget)
+    with Reader(storage, folder) as reader:
+        stop = threading.Event()
+        jobs = plan_jobs(host, coalesce=coalesce)
+        pool = cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(jobs) or 1)),
+                                     thread_name_prefix="harness-read")
+        futures: list[cf.Future] = []
+        try:
+            futures = [pool.submit(_run_job, reader, j, budget, verify, stop) for j in jobs]
+            ring_bytes = read_to_cuda(reader, [(t.entry, t.view) for t in cuda], verify, stop) if cuda else 0
+            for fut in futures:
+                reads, nbytes = fut.result()
+                stats.reads += reads
+                stats.bytes += nbytes
+        except BaseException as exc:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)  # nothing may still write when we raise
+            first = _first_error(futures, exc)
+            if first is exc:
+                raise
+            raise first from None
+        finally:
+            pool.shutdown(wait=True)
+    stats.tensors += len(targets)
+    stats.coalesced += sum(len(j.targets) for j in jobs if len(j.targets) > 1)
+    stats.reads += sum(math.ceil(t.entry.length / RING_SLOT_BYTES) for t in cuda)
+    stats.bytes += sum(t.entry.length for t in cuda)
+    stats.peak_extra_bytes = max(stats.peak_extra_bytes, budget.peak + ring_bytes)
+    return out
+
+
+def verify_entries(storage: Storage, folder: str, entries: Sequence[TensorEntry], *, threads: int = 4,
+                   memory_budget: int = DEFAULT_MEMORY_BUDGET, stats: ReadStats | None = None) -> None:
+    """Read and check ``entries`` without keeping them (bounded scratch memory): for a rank that verifies
+    bytes other ranks will load. Raises :class:`CheckpointCorruptError` on the first mismatch."""
+    stats = stats if stats is not None else ReadStats()
+    targets = [_Target(e, None, False) for e in entries]
+    budget = Budget(memory_budget)
+    with Reader(storage, folder) as reader:
+        jobs = plan_jobs(targets, coalesce=True)
+        stop = threading.Event()
+        with cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(jobs) or 1))) as pool:
+            futures = [pool.submit(_run_job, reader, j, budget, True, stop) for j in jobs]
+            try:
+                for fut in futures:
+                    reads, nbytes = fut.result()
+                    stats.reads += reads
+                    stats.bytes += nbytes
+            except BaseException as exc:
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                first = _first_error(futures, exc)
+                if first is exc:
+                    raise
+                raise first from None
+    stats.tensors += len(targets)
+    stats.peak_extra_bytes = max(stats.peak_extra_bytes, budget.peak)
+
+
+def _first_error(futures: list[cf.Future], current: BaseException) -> BaseException:
+    """The error to report: a corrupt entry over anything else; never the internal abort."""
+    errors = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+    errors = [e for e in [current, *errors] if not isinstance(e, Aborted)]
+    corrupt = [e for e in errors if isinstance(e, CheckpointCorruptError)]
+    return (corrupt or errors or [current])[0]
+
+
+# -- planning --------------------------------------------------------------------------------------------
+
+def plan_targets(entries: Sequence[TensorEntry], dests: Mapping[str, Destination],
+                 default_device: torch.device | str, stats: ReadStats) -> tuple[list[_Target], dict]:
+    """Where each entry's bytes go; allocates (once per key) what has no destination tensor."""
+    out: dict[str, torch.Tensor] = {}
+    targets = []
+    for e in entries:
+        whole = e.key  # the shards of a sharded tensor share one destination: the whole tensor
+        full_shape = tuple(e.global_shape if e.global_shape is not None else e.shape)
+        dest = out.get(whole)
+        if dest is None:
+            given = dests.get(e.key, default_device)
+            if isinstance(given, torch.Tensor):
+                dest = given
+                if tuple(dest.shape) != full_shape:
+                    raise CheckpointError(f"tensor {e.key!r}: saved shape {list(full_shape)}, destination shape "
+                                          f"{list(dest.shape)}")
+            else:
+                dest = torch.empty(full_shape, dtype=DTYPES[e.dtype], device=torch.device(given))
+                stats.allocated += 1
+            out[whole] = dest
+        view = dest.detach()
+        if e.global_offset is not None:
+            view = view[tuple(slice(o, o + n) for o, n in zip(e.global_offset, e.shape))]
+        direct = (view.device.type == "cpu" and view.dtype == DTYPES[e.dtype] and view.is_contiguous()
+                  and type(view) is torch.Tensor and not view.is_conj() and not view.is_neg())
+        targets.append(_Target(e, view, direct))
+        if not direct and view.device.type != "cuda":
+            stats.staged += 1
+    return targets, out
+
+
+def plan_jobs(targets: Sequence[_Target], *, coalesce: bool) -> list[_Job]:
+    """One job per large entry; runs of small neighbours in one file (little padding between them) share one."""
+    jobs: list[_Job] = []
+    by_file: dict[str, list[_Target]] = {}
+    for t in targets:
+        by_file.setdefault(t.entry.file, []).append(t)
+    for fname, ts in by_file.items():
+        ts.sort(key=lambda t: t.entry.offset)
+        open_job: _Job | None = None
+        for t in ts:
+            e = t.entry
+            small = e.length <= SMALL_BYTES
+            if (coalesce and small and open_job is not None and 0 <= e.offset - open_job.end <= COALESCE_GAP
+                    and e.offset + e.length - open_job.offset <= COALESCE_SPAN
+                    and len(open_job.targets) < MAX_IOV // 2):
+                open_job.targets.append(t)
+                open_job.end = e.offset + e.length
+                continue
+            job = _Job(fname, e.offset, e.offset + e.length, [t])
+            jobs.append(job)
+            open_job = job if small else None
+    # Largest first keeps the threads busy to the end; ties keep file order (sequential on disk).
+    return sorted(jobs, key=lambda j: -(j.end - j.offset))
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+
+def _run_job(reader: Reader, job: _Job, budget: Budget, verify: bool, stop: threading.Event) -> tuple[int, int]:
+    """Run one job; returns (read calls, tensor bytes delivered)."""
+    if stop.is_set():
+        raise Aborted()
+    payload = sum(t.entry.length for t in job.targets)
+    if len(job.targets) == 1:
+        return _read_one(reader, job.targets[0], budget, verify, stop), payload
+    if reader.local:
+        return _read_group_local(reader, job, budget, verify), payload
+    return _read_group_remote(reader, job, budget, verify), payload
+
+
+def _read_one(reader: Reader, t: _Target, budget: Budget, verify: bool, stop: threading.Event) -> int:
+    """One entry, block by block into its destination (or a staging buffer), hashed as it arrives."""
+    e = t.entry
+    block = BLOCK_BYTES if reader.local else REMOTE_BLOCK_BYTES
+    if t.direct:
+        return _stream(reader, e, byte_view(t.view), block, verify, stop)
+    scratch = t.view is None
+    nbytes = min(e.length, block) if scratch else e.length  # verify-only needs one block, not the tensor
+    with budget.hold(nbytes):
+        if scratch:
+            return _stream(reader, e, memoryview(bytearray(nbytes)), block, verify, stop, reuse=True)
+        staging = torch.empty(e.shape, dtype=DTYPES[e.dtype])
+        reads = _stream(reader, e, byte_view(staging), block, verify, stop)
+        if t.view is not None:
+            with torch.no_grad():
+                t.view.copy_(staging)  # verified: only good bytes reach a staged destination
+    return reads
+
+
+def _stream(reader: Reader, e: TensorEntry, buf: memoryview, block: int, verify: bool, stop: threading.Event,
+            reuse: bool = False) -> int:
+    """Read entry ``e`` into ``buf`` (or, with ``reuse``, through ``buf`` again and again), hashing each block."""
+    h = xxhash.xxh3_64()
+    reads = 0
+    for a in range(0, e.length, block):
+        if stop.is_set():
+            raise Aborted()
+        n = min(block, e.length - a)
+        part = buf[:n] if reuse else buf[a:a + n]
+        reader.read(e.file, e.offset + a, [part], e.ident)
+        reads += 1
+        if verify:
+            h.update(part)
+    if verify:
+        check_digest(e, h.hexdigest(), reader.where(e.file))
+    return reads
+
+
+def _read_group_local(reader: Reader, job: _Job, budget: Budget, verify: bool) -> int:
+    """Neighbouring small entries with one preadv that scatters straight into their destinations."""
+    staged = sum(t.entry.length for t in job.targets if not t.direct)
+    padding = (job.end - job.offset) - sum(t.entry.length for t in job.targets)
+    with budget.hold(staged + padding):
+        bufs: list[memoryview] = []
+        views: list[tuple[_Target, memoryview, torch.Tensor | None]] = []
+        pos = job.offset
+        for t in job.targets:
+            e = t.entry
+            if e.offset > pos:
+                bufs.append(memoryview(bytearray(e.offset - pos)))  # padding between entries: read and dropped
+            staging = None if t.direct else torch.empty(e.shape, dtype=DTYPES[e.dtype])
+            mv = byte_view(t.view if t.direct else staging)
+            bufs.append(mv)
+            views.append((t, mv, staging))
+            pos = e.offset + e.length
+        reader.read(job.file, job.offset, bufs, job.targets[0].entry.ident)
+        if verify:
+            for t, mv, _ in views:
+                check_digest(t.entry, xxhash.xxh3_64_hexdigest(mv), reader.where(job.file))
+        with torch.no_grad():
+            for t, _, staging in views:
+                if staging is not None and t.view is not None:
+                    t.view.copy_(staging)
+    return 1
+
+
+def _read_group_remote(reader: Reader, job: _Job, budget: Budget, verify: bool) -> int:
+    """Neighbouring small entries of an object store file with one ranged read into a scratch buffer; each
+    entry is checked before any of them is copied out."""
+    span = job.end - job.offset
+    with budget.hold(span):
+        mv = memoryview(bytearray(span))
+        reader.read(job.file, job.offset, [mv], job.targets[0].entry.ident)
+        parts = [(t, mv[t.entry.offset - job.offset:t.entry.offset - job.offset + t.entry.length])
+                 for t in job.targets]
+        if verify:
+            for t, part in parts:
+                check_digest(t.entry, xxhash.xxh3_64_hexdigest(part), reader.where(job.file))
+        with torch.no_grad():
+            for t, part in parts:
+                if t.view is None or not t.entry.length:
+                    continue
+                if t.direct:
+                    byte_view(t.view)[:] = part
+                else:
+                    saved = torch.frombuffer(part, dtype=torch.uint8).view(DTYPES[t.entry.dtype])
+                    t.view.copy_(saved.reshape(t.entry.shape))
+    return 1
+
+

@@ -1,0 +1,235 @@
+"""Restore: choose a checkpoint, read it (or receive it), apply it. Collective.
+
+One flow: rank 0 walks back from the newest committed checkpoint (:func:`select.walk_back`) and broadcasts
+its :class:`Choice`; the ranks read the chosen one with the :class:`Strategy` it needs and agree on a
+verdict (:func:`errors.agree`); a damaged checkpoint sends everyone back to the walk, anything else fails
+on every rank alike; then every rank applies what it read to its objects, and they agree again.
+
+Two strategies:
+
+* :class:`Broadcast` (a replicated checkpoint into replicated objects): rank 0 reads and verifies every
+  byte while choosing, so damage is found there; the other ranks read only their own per-rank tensors and
+  receive the replicated state from rank 0, so N ranks do not download it N times.
+* :class:`Together` (a sharded checkpoint, or FSDP/ZeRO objects): rank 0 only opens the manifest; every
+  rank reads what it needs and its share of verification; damage found by any rank walks all back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from harness import dist
+from harness.checkpoint import blobs, codec, select, sharded
+from harness.checkpoint.apply import RestoreOptions, RestoreResult, apply
+from harness.checkpoint.context import Ctx
+from harness.checkpoint.discovery import list_checkpoints, open_checkpoint
+from harness.checkpoint.errors import Problem, Severity, agree, is_resource_error, problem_of, raise_resource
+from harness.checkpoint.format import DTYPES, Manifest
+from harness.checkpoint.kinds import Targets
+from harness.checkpoint.load import decode_state
+from harness.errors import CheckpointError, NoCheckpointError
+from harness.storage import redact_url
+
+log = logging.getLogger("harness")
+
+__all__ = ["RestoreOptions", "RestoreResult", "restore"]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Rank 0 -> all: the checkpoint to load and how, or why there is none."""
+
+    name: str | None = None
+    skipped: tuple[tuple[str, str], ...] = ()   # passed over on this walk, and why
+    together: bool = False                      # read by every rank (sharded checkpoint or objects)
+    error: str | None = None                    # nothing usable where something had to be
+    missing_step: bool = False                  # the error is "nothing valid at the step asked for"
+    problem: Problem | None = None              # rank 0 failed to choose for a reason that is not the store's
+
+
+@dataclass
+class Prefetched:
+    """Rank 0, Broadcast: what it read (and verified) while choosing."""
+
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
+class Loaded:
+    """One rank's view of the chosen checkpoint: the replicated state and its own per-rank state."""
+
+    manifest: Manifest
+    state: dict
+    mine: Any = None
+
+
+class Strategy(Protocol):
+    damage_possible: bool  # whether reading may find damage rank 0 did not rule out while choosing
+
+    def read(self, ctx: Ctx, name: str, prefetched: Prefetched | None, targets: Targets) -> Any: ...
+
+    def finish(self, ctx: Ctx, got: Any) -> Loaded: ...
+
+
+class Broadcast:
+    damage_possible = False
+
+    def read(self, ctx: Ctx, name: str, prefetched: Prefetched | None, targets: Targets) -> Prefetched:
+        if prefetched is not None:
+            return prefetched
+        manifest = open_checkpoint(ctx.storage, name)
+        own = manifest.raw["ranks"][ctx.rank] if ctx.rank < manifest.world_size else None
+        keys = set(codec.tensor_refs(own))
+        entries = [e for e in manifest.tensors.values() if e.key in keys]
+        return Prefetched(manifest, blobs.read_tensors(ctx.storage, name, entries, threads=ctx.io_threads))
+
+    def finish(self, ctx: Ctx, got: Prefetched) -> Loaded:
+        tensors = _share_replicated(ctx, got.manifest, got.tensors)
+        mine = [r for r in [ctx.rank] if r < got.manifest.world_size]
+        state, per_rank = decode_state(got.manifest, tensors, mine)
+        return Loaded(got.manifest, state, per_rank[ctx.rank] if mine else None)
+
+
+class Together:
+    damage_possible = True
+
+    def read(self, ctx: Ctx, name: str, prefetched: Prefetched | None, targets: Targets) -> Loaded:
+        manifest = open_checkpoint(ctx.storage, name)
+        state, mine = sharded.load(ctx.storage, name, manifest, rank=ctx.rank, world=ctx.world_size,
+                                   targets=targets, threads=ctx.io_threads)
+        return Loaded(manifest, state, mine)
+
+    def finish(self, ctx: Ctx, got: Loaded) -> Loaded:
+        return got
+
+
+def restore(ctx: Ctx, targets: Targets, opts: RestoreOptions) -> RestoreResult | None:
+    """Load the newest valid checkpoint (or the one at ``opts.step``) into ``targets``; None when there is
+    none at all (a first run). Collective."""
+    t0 = time.perf_counter()
+    sharded_targets = sharded.needs_collective(targets)
+    skipped: list[tuple[str, str]] = []
+    while True:
+        choice, prefetched = _decide(ctx, opts.step, sharded_targets, skipped)
+        skipped += choice.skipped
+        ctx.damaged |= {n for n, _ in skipped}  # retention keeps them for a human
+        if choice.error is not None:
+            raise (NoCheckpointError if choice.missing_step else CheckpointError)(choice.error)
+        if choice.name is None:
+            log.info("no checkpoint in %s: starting fresh", redact_url(ctx.storage.url))
+            return None
+        strategy: Strategy = Together() if choice.together else Broadcast()
+        loaded = _read_agreed(ctx, strategy, choice.name, prefetched, targets)
+        if isinstance(loaded, Loaded):
+            break
+        log.error("checkpoint %s is not usable, trying an older one: %s", choice.name, loaded.why)
+        skipped.append((choice.name, loaded.why))
+    result = _apply_agreed(ctx, loaded, targets, opts)
+    result.skipped = skipped
+    log.info("restored %s (step %d, epoch %d) in %.2f s", result.name, result.step, result.epoch,
+             time.perf_counter() - t0)
+    return result
+
+
+def _decide(ctx: Ctx, step: int | None, sharded_targets: bool,
+            passed: list[tuple[str, str]]) -> tuple[Choice, Prefetched | None]:
+    """Rank 0 chooses, every rank learns the choice (a failure to choose too, so nobody waits)."""
+    choice, prefetched, own = None, None, None
+    if ctx.rank == 0:
+        try:
+            choice, prefetched = _choose(ctx, step, sharded_targets, passed)
+        except Exception as exc:  # noqa: BLE001 - tell the other ranks instead of leaving them waiting
+            own = exc
+            problem = problem_of(exc, ctx.rank, damage_possible=False) if is_resource_error(exc) else None
+            choice = Choice(error=f"{type(exc).__name__}: {exc}", problem=problem)
+    choice = dist.broadcast(choice, ctx.group)
+    if choice.problem is not None:
+        raise_resource(choice.problem, own)
+    return choice, prefetched
+
+
+def _choose(ctx: Ctx, step: int | None, sharded_targets: bool,
+            passed: list[tuple[str, str]]) -> tuple[Choice, Prefetched | None]:
+    """Rank 0: the newest checkpoint (at ``step``) not ``passed`` over already that verifies: read whole
+    and verified here (Broadcast), or only opened (Together: the ranks verify it reading it)."""
+    matching = [i for i in reversed(list_checkpoints(ctx.storage, committed_only=False))
+                if step is None or i.step == step]
+    gone = {n for n, _ in passed}
+
+    def probe(name: str) -> Prefetched | None:
+        manifest = open_checkpoint(ctx.storage, name)
+        if sharded_targets or manifest.raw.get("sharding", "replicated") != "replicated":
+            return None
+        entries = list(manifest.tensors.values())  # verify all ranks' bytes, not only ours
+        return Prefetched(manifest, blobs.read_tensors(ctx.storage, name, entries, threads=ctx.io_threads))
+
+    info, prefetched, skipped = select.walk_back([i for i in matching if i.name not in gone], probe,
+                                                 level=logging.ERROR)
+    if info is not None:
+        return Choice(name=info.name, skipped=tuple(skipped), together=prefetched is None), prefetched
+    if step is not None:
+        return Choice(skipped=tuple(skipped), missing_step=True,
+                      error=f"no valid checkpoint at step {step} in {redact_url(ctx.storage.url)}"), None
+    if any(i.committed for i in matching):
+        why = "; ".join(f"{n}: {r}" for n, r in [*passed, *skipped])
+        return Choice(skipped=tuple(skipped),
+                      error=f"no valid checkpoint: every committed checkpoint failed verification ({why})"), None
+    return Choice(skipped=tuple(skipped)), None
+
+
+def _read_agreed(ctx: Ctx, strategy: Strategy, name: str, prefetched: Prefetched | None,
+                 targets: Targets) -> Loaded | Problem:
+    """Every rank reads its part; all agree. A DAMAGED verdict is returned (walk back); a resource failure
+    is re-raised with its type on every rank; any other failure is a CheckpointError on every rank."""
+    got, problem, own = None, None, None
+    try:
+        got = strategy.read(ctx, name, prefetched, targets)
+    except Exception as exc:  # noqa: BLE001 - every rank must learn that one failed, or others hang later
+        own, problem = exc, problem_of(exc, ctx.rank, damage_possible=strategy.damage_possible)
+        log.error("rank %d could not load %s: %s", ctx.rank, name, problem.why)
+    verdict = agree(problem, ctx.group)
+    if verdict is None:
+        return strategy.finish(ctx, got)
+    if verdict.severity is Severity.DAMAGED:
+        return verdict
+    if verdict.severity is Severity.RESOURCE:
+        raise_resource(verdict, own)
+    raise CheckpointError(f"restore of {name} failed: {verdict.why}") from own
+
+
+def _apply_agreed(ctx: Ctx, loaded: Loaded, targets: Targets, opts: RestoreOptions) -> RestoreResult:
+    """Every rank applies; all agree, so a failure on one rank is a failure on all (none goes on to train
+    alone). A rank's own error is raised as it is; a resource failure anywhere keeps its type everywhere."""
+    result, problem, own = None, None, None
+    try:
+        result = apply(loaded.manifest, loaded.state, loaded.mine, targets, opts, ctx.rank)
+    except Exception as exc:  # noqa: BLE001 - reported to the other ranks, then raised
+        own, problem = exc, problem_of(exc, ctx.rank, damage_possible=False)
+    verdict = agree(problem, ctx.group)
+    if verdict is None:
+        return result
+    if verdict.severity is Severity.RESOURCE:
+        raise_resource(verdict, own)
+    if own is not None:
+        raise own
+    raise CheckpointError(f"restore of {loaded.manifest.raw['name']} failed on another rank: {verdict.why}")
+
+
+def _share_replicated(ctx: Ctx, manifest: Manifest, tensors: dict) -> dict:
+    """Broadcast the replicated tensors from rank 0 (read once, checksums verified there). Collective."""
+    if ctx.world_size == 1:
+        return tensors
+    for key in sorted(set(codec.tensor_refs(manifest.raw["state"]))):
+        if ctx.rank != 0:
+            e = manifest.tensors[key]
+            tensors[key] = torch.empty(e.shape, dtype=DTYPES[e.dtype])
+        t = tensors[key]
+        if t.numel():  # as raw bytes: gloo has no collective for every dtype (bool, complex, float8)
+            torch.distributed.broadcast(t.reshape(-1).view(torch.uint8), src=0, group=ctx.group)
+    return tensors

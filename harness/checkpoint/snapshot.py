@@ -1,0 +1,155 @@
+"""The host snapshot of a save: one flat buffer sized to the state, each tensor an aligned view into it.
+
+Why one buffer: pinning memory per tensor goes through torch's caching host allocator, which rounds every
+request up to a power of two (1.6x the state on a typical model) and keeps it after the tensors die. One
+allocation of exactly the snapshot's size (plus 64-byte alignment per tensor), reused from save to save
+while the layout (keys, dtypes, shapes) stays the same, and freed by :meth:`Snapshot.release`, costs the
+state's bytes once. It is pinned only when a source tensor is on a GPU (pinned memory makes the
+device-to-host copy fast and asynchronous; on CPU it would only cost), and pinned by page-locking an
+ordinary allocation (``cudaHostRegister``, as torch.distributed.checkpoint's stager does) rather than through
+the caching host allocator: that one would round the single buffer up to a power of two as well, and keep
+it cached after release.
+
+The copies are issued on the caller's thread, on each source device's current stream (the stream the
+caller's work on those tensors is ordered on), and :meth:`Snapshot.take` returns only after every source
+device's stream has finished them: the writer threads then read host memory that holds this step's values,
+whatever devices the state lives on and whatever stream training runs on next.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from harness.checkpoint.codec import Shard
+
+log = logging.getLogger("harness")
+
+ALIGN = 64  # each view starts on a 64-byte boundary (any dtype's alignment, and cache lines)
+
+Layout = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
+
+
+def _local(t: Any) -> torch.Tensor:
+    return t.local if isinstance(t, Shard) else t
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _bytes_of(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def plan(layout: Layout) -> tuple[dict[str, int], int]:
+    """Byte offset of each key in the flat buffer, and the buffer's size."""
+    offsets, pos = {}, 0
+    for key, dtype, shape in layout:
+        pos += -pos % ALIGN
+        offsets[key] = pos
+        pos += _bytes_of(dtype, shape)
+    return offsets, pos
+
+
+def _page_lock(buf: torch.Tensor) -> bool:
+    """Pin ``buf`` in place; False (and a warning: copies are then synchronous) if the driver refuses."""
+    if not buf.numel():
+        return False
+    rt = torch.cuda.cudart()
+    err = rt.cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+    if err != rt.cudaError.success:
+        log.warning("checkpoint snapshot: could not pin %.1f MB of host memory (%s): copying without pinning",
+                    buf.numel() / 1e6, rt.cudaGetErrorString(err))
+        return False
+    return True
+
+
+def _page_unlock(buf: torch.Tensor) -> None:
+    rt = torch.cuda.cudart()
+    err = rt.cudaHostUnregister(buf.data_ptr())
+    if err != rt.cudaError.success:
+        log.warning("checkpoint snapshot: unpinning failed (%s)", rt.cudaGetErrorString(err))
+
+
+class Snapshot:
+    """Host copies of the tensors one save writes, in one reused flat buffer."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None   # uint8, the one host allocation this snapshot holds
+        self._layout: Layout | None = None
+        self._views: dict[str, torch.Tensor] = {}
+        self.pinned = False
+        self._pin_asked = False
+        self.state_bytes = 0                       # bytes of the tensors copied by the last take()
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held (the flat buffer), 0 after :meth:`release`."""
+        return 0 if self._buffer is None else self._buffer.numel()
+
+    @property
+    def allocations(self) -> int:
+        """Host allocations held: 0 or 1, never one per tensor."""
+        return 0 if self._buffer is None else 1
+
+    @property
+    def views(self) -> dict[str, torch.Tensor]:
+        return dict(self._views)
+
+    def take(self, tensors: dict[str, Any], *, copy_all: bool) -> dict[str, Any]:
+        """``tensors`` with their device tensors (``copy_all``: every tensor) replaced by host copies in the
+        buffer. Blocks until every copy has landed. CPU tensors not copied are returned as they are (a save
+        that persists before returning may read them in place)."""
+        need = {k: _local(t).detach() for k, t in tensors.items() if copy_all or _local(t).device.type != "cpu"}
+        if not need:
+            self.state_bytes = 0
+            return tensors
+        pin = any(t.device.type == "cuda" for t in need.values())
+        layout = tuple((k, t.dtype, tuple(t.shape)) for k, t in need.items())
+        if layout != self._layout or (pin and not self._pin_asked):
+            self._allocate(layout, pin)
+        devices = set()
+        for key, src in need.items():
+            dst = self._views[key]
+            if src.device.type == "cuda":
+                devices.add(src.device)
+            dst.copy_(src, non_blocking=src.device.type == "cuda" and self.pinned)
+        for dev in devices:  # every source device, not only the current one
+            torch.cuda.current_stream(dev).synchronize()
+        self.state_bytes = sum(_nbytes(t) for t in need.values())
+        out = dict(tensors)
+        for key in need:
+            t = tensors[key]
+            view = self._views[key]
+            out[key] = Shard(view, t.global_shape, t.global_offset, t.owner) if isinstance(t, Shard) else view
+        return out
+
+    def _allocate(self, layout: Layout, pin: bool) -> None:
+        self.release()  # the old buffer goes before the new one comes: never both at once
+        offsets, size = plan(layout)
+        buf = torch.empty(size, dtype=torch.uint8)
+        self._pin_asked = pin  # asked, even if the driver refused: not asked again every save
+        self.pinned = pin and _page_lock(buf)
+        self._views = {key: buf[offsets[key]:offsets[key] + _bytes_of(dtype, shape)].view(dtype).view(shape)
+                       for key, dtype, shape in layout}
+        self._buffer, self._layout = buf, layout
+        log.debug("checkpoint snapshot buffer: %.1f MB %s for %d tensors", size / 1e6,
+                  "pinned" if pin else "host", len(layout))
+
+    def release(self) -> None:
+        """Free the buffer (the views go with it), unpinning it first."""
+        if self._buffer is not None and self.pinned:
+            _page_unlock(self._buffer)
+        self._views, self._buffer, self._layout, self.pinned, self._pin_asked = {}, None, None, False, False
+
+    def describe(self) -> str:
+        if not self.nbytes:
+            return "no host copy"
+        kind = "pinned" if self.pinned else "host"
+        return f"{kind} snapshot {self.nbytes / 1e6:.1f} MB for {self.state_bytes / 1e6:.1f} MB of state"

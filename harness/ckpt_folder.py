@@ -1,0 +1,120 @@
+"""``harness ckpt list``, ``verify`` and ``prune``: the commands that look after a checkpoint folder as a whole
+(which checkpoints it holds, whether their bytes check out, what killed saves left behind), and the check every
+``ckpt`` command makes first: DIR must be a reachable folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from harness import lease
+from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints, open_checkpoint, verify_checkpoint
+from harness.checkpoint.format import MANIFEST_FILE
+from harness.checkpoint.prune import prune
+from harness.ckpt_render import dash, error, human_size, loss_text, print_table, short_time, without_name
+from harness.errors import CheckpointError, HarnessError
+from harness.storage import Storage, redact_url
+
+
+def require_folder(storage: Storage) -> None:
+    """DIR must exist and be a folder; a missing one is an error, not an empty listing. A storage problem
+    (missing bucket, rejected credentials, no endpoint) is the StorageError `harness train` would raise."""
+    storage.check_access(write=False)
+    if not storage.is_dir():
+        what = "is not a folder" if storage.exists("") else "does not exist"
+        raise HarnessError(f"checkpoint folder {redact_url(storage.url)} {what}")
+
+
+# -- list -------------------------------------------------------------------------------------------
+
+def run_list(storage: Storage, args: argparse.Namespace) -> int:
+    require_folder(storage)
+    rows = [_row(storage, info, full=args.verify) for info in list_checkpoints(storage, committed_only=not args.all)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no {'checkpoint folders' if args.all else 'committed checkpoints'} in {redact_url(storage.url)}")
+        return 0
+    header = ["NAME", "STEP", "EPOCH", "LOSS", "SIZE", "CREATED", "WORLD", "SHARDING", "STATUS"]
+    table = [[r["name"], dash(r["step"]), dash(r["epoch"]), loss_text(r["loss"]), r["size"] or "-",
+              short_time(r["created"]), dash(r["world_size"]), r["sharding"] or "-", r["status"]] for r in rows]
+    print_table(header, table, right={1, 2, 3, 4, 6})
+    return 0
+
+
+def _row(storage: Storage, info: CheckpointInfo, full: bool) -> dict:
+    c = info.commit if isinstance(info.commit, dict) else {}
+    row: dict[str, Any] = {
+        "name": info.name, "step": info.step, "attempt": info.attempt, "epoch": c.get("epoch"),
+        "loss": c.get("loss"), "size_bytes": c.get("total_bytes"), "size": None, "created": c.get("created"),
+        "world_size": c.get("world_size"), "sharding": c.get("sharding"), "committed": info.committed,
+        "valid": False, "status": "",
+    }
+    if not info.committed:
+        row["status"] = "uncommitted"
+        row["size_bytes"] = _folder_size(storage, info.name)
+    elif info.problem is not None:
+        row["status"] = without_name(info.name, info.problem)
+    else:
+        try:
+            (verify_checkpoint if full else open_checkpoint)(storage, info.name)
+            row["valid"], row["status"] = True, "valid"
+        except (CheckpointError, OSError, EOFError) as exc:
+            row["status"] = without_name(info.name, str(exc))
+    if isinstance(row["size_bytes"], int):
+        row["size"] = human_size(row["size_bytes"])
+    return row
+
+
+def _folder_size(storage: Storage, name: str) -> int | None:
+    try:
+        return storage.du(name)
+    except Exception:  # noqa: BLE001 - a size is nice to have for an uncommitted folder, not essential
+        return None
+
+
+# -- prune ------------------------------------------------------------------------------------------
+
+def run_prune(storage: Storage, args: argparse.Namespace, secrets: list[str]) -> int:
+    """Leftovers of killed saves go, unless a live job holds the folder: its save in flight looks the same."""
+    require_folder(storage)
+    holder = lease.live_holder(storage, args.lease_timeout)
+    if holder is not None:
+        error(f"checkpoint folder {redact_url(storage.url)} is in use by a live job ({lease.describe(holder)}, "
+              f"heartbeat {lease.heartbeat_age(holder) or 0:.0f} s ago): not pruning (its uncommitted folder may "
+              f"be the save in flight; the job cleans up by itself when it starts)", secrets)
+        return 3
+    report = prune(storage, dry_run=args.dry_run)
+    print(report.line())
+    return 1 if report.failed else 0
+
+
+# -- verify -----------------------------------------------------------------------------------------
+
+def run_verify(storage: Storage, args: argparse.Namespace) -> int:
+    require_folder(storage)
+    infos = list_checkpoints(storage)
+    where = redact_url(storage.url)
+    if args.step is not None:
+        infos = [i for i in infos if i.step == args.step][-1:]
+        if not infos:
+            raise CheckpointError(f"no committed checkpoint at step {args.step} in {where}")
+    elif not args.all:
+        infos = infos[-1:]
+    if not infos:
+        raise CheckpointError(f"no committed checkpoint in {where}")
+    ok = True
+    for info in infos:
+        try:
+            if info.problem is not None:
+                raise CheckpointError(info.problem)
+            manifest = verify_checkpoint(storage, info.name)
+        except (CheckpointError, OSError, EOFError) as exc:
+            print(f"FAILED {info.name}: {without_name(info.name, str(exc))}")
+            ok = False
+            continue
+        total = sum(manifest.files.values()) + (storage.size(f"{info.name}/{MANIFEST_FILE}") or 0)
+        print(f"OK {info.name} ({len(manifest.tensors)} tensors, {total / 1e6:.2f} MB)")
+    return 0 if ok else 1

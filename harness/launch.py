@@ -1,0 +1,385 @@
+"""``harness launch``: torchrun's own elastic agent, called in-process through torch's public launcher API
+(``torch.distributed.launcher.api.LaunchConfig`` + ``elastic_launch``), with the config and the checkpoint
+storage checked before any worker starts, and an exit code that is the contract (harness/exitcodes.py).
+
+What torchrun leaves to its caller, and this module adds:
+
+* A permanent error (exit 2 or 3) is not retried, whatever ``--max-restarts`` says. The agent restarts any
+  failed worker group; it cannot tell "fix the config" from "a peer died". So a worker that hits a permanent
+  error does not exit: it records the error in this launch's folder (``HARNESS_LAUNCH_DIR``) and waits. The
+  launcher sees the record and stops the agent through the agent's own shutdown path (the same
+  ``SignalException`` torch's signal handler raises), then prints the error once and exits with its code.
+* Signals keep their meaning. torchrun exits 1 when it is signalled; here the first SIGTERM/SIGUSR1/SIGINT
+  is handed to the agent, which forwards it to the workers (they commit a checkpoint and exit 128+N), and the
+  launcher exits 128+N. A second signal during that shutdown is ignored: torch would otherwise abandon the
+  workers' save half way.
+* One line per problem: torch's own log records below ERROR and its failure table stay out of the way
+  unless HARNESS_DEBUG=1.
+
+The worker side of the protocol (``report_permanent``) is called by ``harness train`` (harness/cli.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness import exitcodes
+from harness.errors import ConfigError
+from harness.exitcodes import Outcome
+
+LAUNCH_DIR_ENV = "HARNESS_LAUNCH_DIR"
+STOPPING_FILE = "stopping"       # written by the launcher once the agent is stopping: waiting workers may exit
+STOP_WAIT_S = 20.0               # a worker waits at most this long for the launcher to stop the job
+POLL_S = 0.05
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# torch's handler stays on these (its default set, less the ones the launcher handles itself).
+TORCH_SIGNALS = "SIGHUP,SIGQUIT"
+
+
+# -- worker side ---------------------------------------------------------------------------------------
+
+def report_permanent(outcome: Outcome) -> bool:
+    """In a worker of ``harness launch``: record a permanent error for the launcher and wait until it stops the
+    job (so the agent never restarts the group for it). Returns False when not under ``harness launch``."""
+    folder = os.environ.get(LAUNCH_DIR_ENV)
+    if not folder or not os.path.isdir(folder):
+        return False
+    rank = os.environ.get("RANK", "0")
+    record = {"code": outcome.code, "line": outcome.line, "rank": int(rank), "pid": os.getpid()}
+    tmp = os.path.join(folder, f".error-{rank}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, os.path.join(folder, f"error-{rank}.json"))  # the launcher never sees half a record
+    deadline = time.monotonic() + STOP_WAIT_S
+    while time.monotonic() < deadline and not os.path.exists(os.path.join(folder, STOPPING_FILE)):
+        time.sleep(POLL_S)
+    return True
+
+
+# -- launcher side -------------------------------------------------------------------------------------
+
+@dataclass
+class Stopper:
+    """Signal handling and permanent-error watching for one launch."""
+
+    folder: str
+    signum: int = 0                      # the first signal (or the self-stop), 0 while running
+    permanent: Outcome | None = None     # a permanent error a worker recorded
+    armed: bool = True                   # False once the agent has returned: signals are only recorded
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def install(self) -> None:
+        for sig in HANDLED:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            if not self.permanent:
+                print(f"harness launch: got {exitcodes.signal_name(signum)} while stopping on "
+                      f"{exitcodes.signal_name(self.signum)}; waiting for the workers' checkpoint", file=sys.stderr)
+            return
+        self.signum = signum
+        if self.armed:
+            from torch.distributed.elastic.multiprocessing import SignalException
+            # Exactly what torch's own handler raises: the agent forwards the signal to its workers, waits for
+            # them (shutdown timeout), and re-raises.
+            raise SignalException(f"harness launch got {exitcodes.signal_name(signum)}", sigval=signal.Signals(signum))
+
+    def watch(self) -> None:
+        threading.Thread(target=self._watch, name="harness-launch-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(POLL_S):
+            if self.permanent is None:
+                self.permanent = self._read_error()
+                if self.permanent is not None and not self.signum:
+                    os.kill(os.getpid(), signal.SIGTERM)  # the agent's shutdown path, in the main thread
+            if self.permanent is not None and self.signum:
+                # The agent is stopping: workers waiting in report_permanent may leave now.
+                open(os.path.join(self.folder, STOPPING_FILE), "a").close()
+
+    def _read_error(self) -> Outcome | None:
+        try:
+            names = sorted(n for n in os.listdir(self.folder) if n.startswith("error-") and n.endswith(".json"))
+        except OSError:
+            return None
+        for name in names:
+            try:
+                with open(os.path.join(self.folder, name)) as f:
+                    rec = json.load(f)
+                return Outcome(int(rec["code"]), str(rec["line"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self.armed = False
+
+
+class _TorchLogFilter(logging.Filter):
+    """torch's elastic agent in one-line mode: its errors (a worker that failed, with its exit code) and its
+    restart decisions; the rest (closing signals, rendezvous details) only with HARNESS_DEBUG=1."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if exitcodes.debug() or not record.name.startswith("torch."):
+            return True
+        return record.levelno >= logging.ERROR or "will restart worker group" in str(record.msg)
+
+
+def _setup_logging() -> None:
+    """torch logs through handlers of its own ("torch", "torch.distributed"; they do not propagate): filter
+    those, whatever their format."""
+    import torch.distributed.launcher.api  # noqa: F401 - sets torch's logging up
+
+    for name in ("torch", "torch.distributed"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_TorchLogFilter())
+    # The agent's restart decision is an INFO record: let it reach the filter.
+    logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(os.environ.get("LOGLEVEL", "INFO"))
+
+
+@dataclass
+class LaunchArgs:
+    nnodes: str
+    nproc_per_node: str
+    rdzv_endpoint: str
+    rdzv_id: str
+    max_restarts: int
+    standalone: bool
+    monitor_interval: float
+    config: str
+    overrides: list[str]
+
+
+def _env_default(name: str, fallback: str) -> str:
+    """torchrun's convention: every option can come from PET_<OPTION> (what the Kubeflow operator sets)."""
+    return os.environ.get(f"PET_{name}", fallback)
+
+
+def add_launch_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "launch", help="run a job: torchrun's elastic agent with a config and storage check first",
+        description="Run training on this node under torchrun's elastic agent (in-process, torch's launcher API). "
+                    "Checks the config and the checkpoint storage before any worker starts. With one node and no "
+                    "--rdzv-endpoint it runs standalone (a local rendezvous); otherwise run the same command on "
+                    "every node (c10d rendezvous at --rdzv-endpoint, hosted by the node whose address it is). "
+                    "Options default to torchrun's PET_* environment variables (PET_NNODES, ...).",
+        epilog=exitcodes.TABLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nnodes", default=_env_default("NNODES", "1"), metavar="N|MIN:MAX",
+                   help="number of nodes, or an elastic range (default 1)")
+    p.add_argument("--nproc-per-node", default=_env_default("NPROC_PER_NODE", ""), metavar="N",
+                   help="workers on this node: N, gpu or cpu (default: one per GPU, else 1)")
+    p.add_argument("--standalone", action="store_true",
+                   help="a local rendezvous on one node (the default with --nnodes 1 and no --rdzv-endpoint)")
+    p.add_argument("--rdzv-endpoint", default=_env_default("RDZV_ENDPOINT", ""), metavar="HOST:PORT",
+                   help="c10d rendezvous endpoint (default: standalone on one node)")
+    p.add_argument("--rdzv-id", default=_env_default("RDZV_ID", ""), metavar="ID",
+                   help="job id, the same on every node (default: random with --standalone, else 'harness')")
+    p.add_argument("--max-restarts", default=_env_default("MAX_RESTARTS", "3"), metavar="K",
+                   help="worker-group restarts by the agent before it gives up (default 3); permanent errors "
+                        "(exit 2, 3) are never restarted")
+    p.add_argument("--monitor-interval", type=float, default=0.1, help=argparse.SUPPRESS)
+    p.add_argument("--config", required=True, help="TOML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable")
+
+
+def _nodes(text: str) -> tuple[int, int]:
+    parts = text.split(":")
+    try:
+        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+    except ValueError:
+        lo = hi = 0
+    if not 0 < lo <= hi:
+        raise ConfigError(f"--nnodes must be N or MIN:MAX with 0 < MIN <= MAX, got {text!r}")
+    return lo, hi
+
+
+def _count(text: str, what: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ConfigError(f"{what} must be an integer >= {minimum}, got {text!r}")
+    return value
+
+
+def _nproc(requested: str) -> int:
+    """N, or torchrun's words: ``gpu``/``auto`` (the Kubeflow operator's default) = one per GPU (else 1 here:
+    torchrun's ``auto`` would start one per CPU core), ``cpu`` = one per core."""
+    if requested == "cpu":
+        return os.cpu_count() or 1
+    if requested and requested not in ("auto", "gpu"):
+        return _count(requested, "--nproc-per-node", 1)
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def _check(args: LaunchArgs) -> Any:
+    """Config and storage, before any worker: ConfigError (2) or StorageError (3) raise from here."""
+    from harness import config
+    from harness.storage import Storage
+
+    lo, hi = _nodes(args.nnodes)
+    _nproc(args.nproc_per_node)
+    if args.standalone and (hi > 1 or args.rdzv_endpoint):
+        raise ConfigError("--standalone runs one node: it cannot go with --nnodes > 1 or --rdzv-endpoint")
+    cfg = config.load(args.config, args.overrides)
+    _check_workload(cfg)
+    Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options).check_access(write=True)
+    return cfg
+
+
+def _check_workload(cfg: Any) -> None:
+    """The built-in model/data options as the workers will build them, on the meta device (no memory, no
+    weights): a bad option is a ConfigError here, before any worker. Anything else the meta device cannot do
+    is left to the workers; so is a user's ``train.entry`` (its code may download or allocate)."""
+    if cfg.train.entry:
+        return
+    import torch
+
+    from harness import recipe
+    try:
+        with torch.device("meta"):
+            recipe.workload(cfg)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - not a config problem: the workers build it for real
+        pass
+
+
+def _launch_config(args: LaunchArgs, cfg: Any, folder: str) -> Any:
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig
+
+    lo, hi = _nodes(args.nnodes)
+    standalone = hi == 1 and not args.rdzv_endpoint
+    # The workers must outlive their checkpoint: the agent SIGKILLs them this long after forwarding a signal.
+    shutdown = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 0)) or int(cfg.checkpoint.grace_period_s) + 30
+    return LaunchConfig(
+        min_nodes=lo, max_nodes=hi, nproc_per_node=_nproc(args.nproc_per_node),
+        run_id=args.rdzv_id or (str(uuid.uuid4()) if standalone else "harness"),
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0" if standalone else args.rdzv_endpoint,
+        max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
+        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(folder, "logs")),
+        signals_to_handle=TORCH_SIGNALS, shutdown_timeout=shutdown)
+
+
+def _worker_env(folder: str, nproc: int) -> None:
+    """Environment the workers inherit (the agent copies os.environ into each)."""
+    os.environ[LAUNCH_DIR_ENV] = folder
+    # torch 2.13's c10d rendezvous shares one TCP store across worker-group restarts without separating each
+    # attempt's keys: a restarted worker can read its peer's address from the previous attempt and hang
+    # (cf. pytorch/pytorch#135712). A store per attempt avoids it.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    if nproc > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default: N workers must not each take every core
+
+
+def _failed(exc: Any, max_restarts: int) -> int:
+    """The agent gave up (restarts spent). Workers that all committed on the same signal keep 128+N."""
+    codes = sorted({f.exitcode for f in exc.failures.values()})
+    if len(codes) == 1 and codes[0] in [exitcodes.signal_code(s) for s in HANDLED]:
+        print(f"harness launch: workers stopped on {exitcodes.signal_name(codes[0] - 128)} after committing; "
+              f"exit {codes[0]}", file=sys.stderr)
+        return codes[0]
+    rank, first = min(exc.failures.items(), key=lambda kv: kv[1].timestamp)
+    why = (f"killed by {exitcodes.signal_name(-first.exitcode)}" if first.exitcode < 0
+           else f"exit code {first.exitcode}")
+    print(f"harness launch: workers failed after {max_restarts} restart(s) (first: rank {rank}, {why}); "
+          f"exit {exitcodes.EXIT_ERROR}", file=sys.stderr)
+    return exitcodes.EXIT_ERROR
+
+
+def _agent(args: LaunchArgs, cfg: Any, stopper: Stopper) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    launch_cfg = _launch_config(args, cfg, stopper.folder)
+    _worker_env(stopper.folder, launch_cfg.nproc_per_node)
+    argv = ["-u", "-m", "harness", "train", "--config", args.config]
+    for s in args.overrides:
+        argv += ["--set", s]
+    try:
+        elastic_launch(launch_cfg, sys.executable)(*argv)
+    except ChildFailedError as exc:
+        stopper.close()
+        return _outcome(stopper) if stopper.permanent else _failed(exc, args.max_restarts)
+    stopper.close()
+    return _outcome(stopper) if stopper.permanent else exitcodes.EXIT_OK
+
+
+def _outcome(stopper: Stopper) -> int:
+    """After the agent stopped: a permanent error wins (a save that failed during a signal stop included)."""
+    if stopper.permanent is not None:
+        print(stopper.permanent.line, file=sys.stderr)
+        return stopper.permanent.code
+    name = exitcodes.signal_name(stopper.signum)
+    if stopper.signum not in HANDLED:  # SIGHUP/SIGQUIT, torch's: workers are stopped without a checkpoint
+        print(f"harness launch: stopped by {name}, workers ended without a checkpoint; exit {exitcodes.EXIT_ERROR}",
+              file=sys.stderr)
+        return exitcodes.EXIT_ERROR
+    code = exitcodes.signal_code(stopper.signum)
+    print(f"harness launch: stopped by {name}; exit {code} (retryable: a restart resumes)", file=sys.stderr)
+    return code
+
+
+def run_launch(ns: argparse.Namespace) -> int:
+    from harness.errors import StorageError
+
+    try:
+        restarts = _count(ns.max_restarts, "--max-restarts", 0)
+    except ConfigError as exc:
+        exitcodes.print_line(exitcodes.classify(exc), exc)
+        return exitcodes.EXIT_CONFIG
+    args = LaunchArgs(ns.nnodes, ns.nproc_per_node, ns.rdzv_endpoint, ns.rdzv_id, restarts, ns.standalone,
+                      ns.monitor_interval, ns.config, ns.overrides)
+    folder = tempfile.mkdtemp(prefix="harness-launch-")
+    stopper = Stopper(folder)
+    stopper.install()  # from here on, a signal means "stop, exit 128+N"
+    try:
+        try:
+            cfg = _check(args)
+        except (ConfigError, StorageError) as exc:
+            outcome = exitcodes.classify(exc)
+            exitcodes.print_line(outcome, exc)
+            return outcome.code
+        from torch.distributed.elastic.multiprocessing import SignalException
+        _setup_logging()
+        stopper.watch()
+        try:
+            return _agent(args, cfg, stopper)
+        except SignalException as exc:  # ours (first signal, or the stop for a permanent error), or torch's
+            stopper.close()
+            stopper.signum = stopper.signum or int(exc.sigval)
+            return _outcome(stopper)
+        except Exception as exc:  # noqa: BLE001 - rendezvous timeouts and the like: one line, retryable
+            stopper.close()
+            if stopper.permanent is not None or stopper.signum:
+                return _outcome(stopper)
+            if exitcodes.debug():
+                raise
+            print(f"harness launch: {type(exc).__name__}: {exc}; exit {exitcodes.EXIT_ERROR}", file=sys.stderr)
+            return exitcodes.EXIT_ERROR
+    except Exception as exc:  # a signal before the agent started (raised by Stopper._handle)
+        if type(exc).__name__ == "SignalException" and stopper.signum:
+            stopper.close()
+            return _outcome(stopper)
+        raise
+    finally:
+        stopper.close()
+        shutil.rmtree(folder, ignore_errors=True)

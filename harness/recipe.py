@@ -1,0 +1,123 @@
+"""What a run config builds: the workload (model, data, loss), the optimizer, the LR schedule and the seed.
+
+One place for the trainer, ``harness ckpt export`` (rebuilding the model for TorchScript/ONNX) and
+``harness ckpt import`` (building the optimizer and schedule a resumed run will use), so an imported or
+exported checkpoint holds exactly the objects ``harness train`` makes. It depends on config and workloads
+only; ``checkpoint/`` and ``storage/`` never import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from harness.config import Config
+from harness.errors import ConfigError, HarnessError
+from harness.workloads import Workload, build_workload, load_entry_point
+
+WorkloadBuilder = Callable[[dict, dict, int], Workload]
+
+__all__ = ["WorkloadBuilder", "seed_everything", "build_optimizer", "build_scheduler", "fsdp_wrap",
+           "safe_metadata", "workload", "workload_from_dict"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch: the RNG state a fresh rank starts from (the trainer seeds
+    ``train.seed + rank``; the importer seeds as rank 0, so a run resumed from an import is reproducible)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(cfg: Config, params: Any, zero: bool = False) -> torch.optim.Optimizer:
+    """The configured optimizer; with ``zero`` a ZeroRedundancyOptimizer wrapping that class (each rank keeps
+    the state of its partition of the parameters)."""
+    o = cfg.optim
+    if o.name == "sgd":
+        cls, kwargs = torch.optim.SGD, {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay}
+    else:
+        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        kwargs = {"lr": o.lr, "weight_decay": o.weight_decay}
+    if zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
+    return cls(params, **kwargs)
+
+
+def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: fully_shard each block (each child holding parameters of the root's ModuleList/Sequential
+    containers: GPT's ``blocks``, the MLP's layers), then the root, which keeps the rest (embeddings, a
+    head tied to them)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+            for block in child.children():
+                if any(True for _ in block.parameters()):
+                    fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Warmup then cosine/step/constant, as one LambdaLR: its state is just counters (no closures saved)."""
+    s, total = cfg.scheduler, cfg.train.max_steps
+
+    def factor(step: int) -> float:
+        if step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        if s.name == "cosine":
+            progress = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
+            return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if s.name == "step":
+            return s.gamma ** ((step - s.warmup_steps) // s.step_size)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def safe_metadata(cfg: Config) -> dict:
+    """The run's config as the manifest records it (``{"config": dict}``), minus ``checkpoint.storage_options``
+    (they may hold credentials). The one config-to-dict: the trainer's checkpoints and imports both use it."""
+    d = dataclasses.asdict(cfg)
+    d["checkpoint"].pop("storage_options", None)
+    return {"config": d}
+
+
+def workload(cfg: Config, builder: WorkloadBuilder | None = None) -> Workload:
+    """The run's Workload: ``builder`` when given, else ``train.entry``'s, else the built-in model/data.
+    A bad entry point or model/data section is a ConfigError (exit 2, found before any worker starts)."""
+    if builder is None and cfg.train.entry:
+        try:
+            builder = load_entry_point(cfg.train.entry)
+        except ValueError as exc:
+            raise ConfigError(f"train.entry: {exc}") from None
+    try:
+        return (builder or build_workload)(dict(cfg.model), dict(cfg.data), cfg.train.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def workload_from_dict(cfg: Mapping[str, Any]) -> Workload:
+    """The Workload a recorded run config (the dict of :func:`safe_metadata`, as a manifest holds it) builds,
+    as training did. It may come from another version or a user's entry point, so any failure is a
+    HarnessError naming the cause (the caller is export or import, not a starting run)."""
+    train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+    model_cfg, data_cfg = cfg.get("model"), cfg.get("data")
+    if not isinstance(model_cfg, dict) or not isinstance(data_cfg, dict):
+        raise HarnessError("the run config has no [model]/[data] sections: cannot rebuild the model")
+    seed = train.get("seed", 0)
+    entry = train.get("entry") or ""
+    try:
+        builder = load_entry_point(entry) if entry else build_workload
+        return builder(dict(model_cfg), dict(data_cfg), seed)
+    except ValueError as exc:
+        raise HarnessError(f"cannot rebuild the model from the run config: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - user workload code may raise anything
+        raise HarnessError(f"cannot rebuild the model from the run config ({entry or 'built-in'}): "
+                           f"{type(exc).__name__}: {exc}") from None

@@ -1,0 +1,104 @@
+"""Local disk: the durability contract with fsync, and the one atomic local writer of the project.
+
+Data files are fsync'd before ``open_write`` returns; a commit record is written to a temp file in the same
+folder, fsync'd, renamed over the target (atomic on POSIX) and the folder fsync'd so the new name survives a
+power cut. :func:`atomic_write` and :func:`atomic_file` do the same for any local file (export uses them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import uuid
+from typing import IO, Any, Callable, Iterator
+
+import fsspec
+
+from harness.storage.backend import probe_access
+from harness.storage.fsspec_backend import FsspecBackend
+from harness.storage.options import Tuning
+
+
+def fsync_dir(folder: str) -> None:
+    """Make the names in ``folder`` durable."""
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems refuse fsync on folders; the data itself is synced
+        if exc.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temp path in ``path``'s folder for the caller (or a library: torch.save, onnx) to write; on
+    success it is fsync'd, renamed over ``path`` and the folder fsync'd; on failure it is removed and
+    ``path`` is untouched."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(folder)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call ``write(f)`` on a fresh temp file, then make it ``path`` atomically and durably."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb", buffering=0) as f:
+            write(f)
+            os.fsync(f.fileno())
+
+
+class LocalBackend(FsspecBackend):
+    """fsspec's LocalFileSystem for listings and removal; our own writes, for fsync and atomic rename."""
+
+    def check_access(self, root: str, write: bool) -> None:
+        probe_access(self, root, write)
+
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+        fsync_dir(os.path.dirname(path) or ".")
+
+    @contextlib.contextmanager
+    def open_write(self, path: str) -> Iterator[IO[bytes]]:
+        with open(path, "wb", buffering=0) as f:
+            yield f
+            os.fsync(f.fileno())
+
+    def write(self, path: str, data: bytes) -> None:
+        with self.open_write(path) as f:
+            f.write(data)
+
+    def commit(self, path: str, data: bytes) -> None:
+        atomic_write(path, lambda f: f.write(data))
+
+    def sync_dir(self, path: str) -> None:
+        fsync_dir(path)
+
+    def open_read(self, path: str) -> IO[bytes]:
+        return open(path, "rb", buffering=0)
+
+    def local_path(self, path: str) -> str | None:
+        return path
+
+
+def open_local(url: str, options: dict, tuning: Tuning, secrets: list[str]) -> tuple[LocalBackend, str]:
+    fs, root = fsspec.core.url_to_fs(url, **options)  # file:// and relative paths made absolute
+    return LocalBackend(fs), root

@@ -1,0 +1,54 @@
+"""Upload bodies that aiohttp streams from a buffer without copying it."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Fresh:
+    """An upload body to be wrapped in a new :class:`BufferBody` for every attempt."""
+
+    buf: Any
+
+
+class BufferBody(io.RawIOBase):
+    """A read-only, seekable file over a buffer, used as the body of an upload: aiohttp then streams it in
+    small chunks instead of slicing and joining the whole buffer (two more copies of every part in flight).
+    A fresh one is made for every attempt (a failed attempt leaves the position anywhere, or closes it)."""
+
+    def __init__(self, buf: Any) -> None:
+        super().__init__()
+        self._mv = memoryview(buf).cast("B")
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._mv)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._mv)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self._mv) - self._pos))
+        b[:n] = self._mv[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def read(self, n: int | None = -1) -> bytes:
+        end = len(self._mv) if n is None or n < 0 else min(len(self._mv), self._pos + n)
+        out = bytes(self._mv[self._pos:end])
+        self._pos = max(self._pos, end)
+        return out

@@ -1,0 +1,132 @@
+"""``state={name: Stateful}`` (torch.distributed.checkpoint's protocol) beside the keyword arguments: both
+write the same checkpoint, a user's own kind of state is one entry, and a new kind in the table is one entry."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ckpt_helpers import Net, assert_bitwise, snapshot, train_step
+from harness import CheckpointManager
+from harness.checkpoint import kinds
+from harness.checkpoint.discovery import open_checkpoint
+from harness.storage import Storage
+
+
+class Cursor:
+    """A user's own Stateful object (a data cursor with a tensor): an extra."""
+
+    def __init__(self, pos: int = 0) -> None:
+        self.pos, self.seen = pos, torch.arange(pos, dtype=torch.int64)
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, "seen": self.seen.clone()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.pos, self.seen = sd["pos"], sd["seen"]
+
+
+def _objects(seed: int):
+    torch.manual_seed(seed)
+    g, d = Net(8), Net(6)
+    opt_g = torch.optim.Adam(g.parameters(), lr=1e-3)
+    opt_d = torch.optim.SGD(d.parameters(), lr=1e-2, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt_g, step_size=2, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for i in range(2):
+        train_step(g, opt_g, sched, seed=seed + i)
+        train_step(d, opt_d, seed=seed + 10 + i)
+    return g, d, opt_g, opt_d, sched, scaler, Cursor(5 + seed)
+
+
+def _seed_all() -> None:  # the RNG states are saved too: the same on both sides
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+
+
+def _files(url: str, name: str) -> dict[str, bytes]:
+    storage = Storage(url)
+    manifest = open_checkpoint(storage, name)
+    return {f: storage.read_bytes(f"{name}/{f}") for f in manifest.files}
+
+
+def test_state_dict_and_keywords_write_identical_checkpoints(tmp_path):
+    g, d, opt_g, opt_d, sched, scaler, cursor = _objects(0)
+    a, b = str(tmp_path / "kw"), str(tmp_path / "state")
+    _seed_all()
+    CheckpointManager(a).save(4, models={"g": g, "d": d}, optimizers={"g": opt_g, "d": opt_d},
+                              schedulers={"g": sched}, scaler=scaler,
+                              extra={"cursor": cursor, "note": "x", "t": torch.ones(3)}, loss=0.5)
+    _seed_all()
+    CheckpointManager(b).save(4, {"g": g, "d": d}, optimizers={"g": opt_g, "d": opt_d},  # same names per kind
+                              schedulers={"g": sched}, scaler=scaler, loss=0.5,
+                              extra={"cursor": cursor, "note": "x", "t": torch.ones(3)})
+    _seed_all()
+    c = str(tmp_path / "mixed")
+    mgr = CheckpointManager(c)
+    with pytest.raises(ValueError, match="two models named 'g'"):
+        mgr.save(4, {"g": g}, models={"g": g})
+    mgr.save(4, {"g": g, "d": d, "cursor": cursor, "note": "x", "t": torch.ones(3), "amp": scaler},
+             optimizers={"g": opt_g, "d": opt_d}, schedulers={"g": sched}, loss=0.5)
+    ma, mb, mc = (open_checkpoint(Storage(u), "step-000000004").raw for u in (a, b, c))
+    for m in (mb, mc):
+        for key in ("state", "ranks", "tensors", "files", "model_classes", "sharding", "loss"):
+            assert m[key] == ma[key], key
+    assert _files(a, "step-000000004") == _files(b, "step-000000004") == _files(c, "step-000000004")
+
+
+def test_state_dict_restores_every_kind_bitwise(ckpt_url):
+    g, d, opt_g, opt_d, sched, scaler, cursor = _objects(0)
+    state = {"g": g, "d": d, "opt_g": opt_g, "opt_d": opt_d, "sched": sched, "scaler": scaler, "cursor": cursor,
+             "note": {"k": [1, 2]}}
+    expected = snapshot([o.state_dict() for o in (g, d, opt_g, opt_d, sched, scaler, cursor)])
+    mgr = CheckpointManager(ckpt_url)
+    mgr.save(7, state, epoch=1)
+    meta = open_checkpoint(mgr.storage, mgr.latest()).raw
+    assert set(meta["state"]["models"]) == {"g", "d"} and set(meta["state"]["optimizers"]) == {"opt_g", "opt_d"}
+    assert set(meta["state"]["schedulers"]) == {"sched"} and meta["state"]["scaler"] is not None
+    assert set(meta["state"]["extra"]) == {"cursor", "note"}
+
+    g2, d2, opt_g2, opt_d2, sched2, scaler2, cursor2 = _objects(99)
+    res = CheckpointManager(ckpt_url).restore({"g": g2, "d": d2, "opt_g": opt_g2, "opt_d": opt_d2, "sched": sched2,
+                                               "scaler": scaler2, "cursor": cursor2})
+    assert res.step == 7 and res.epoch == 1 and res.extra == {"note": {"k": [1, 2]}}
+    assert_bitwise(expected, snapshot([o.state_dict() for o in (g2, d2, opt_g2, opt_d2, sched2, scaler2, cursor2)]))
+
+
+class Sampler:
+    """A kind of state the harness does not know yet."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "order": torch.randperm(6, generator=torch.Generator().manual_seed(self.epoch))}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.epoch = sd["epoch"]
+        assert torch.equal(sd["order"], self.state_dict()["order"])
+
+
+def test_a_new_kind_of_state_is_one_entry_in_the_table(ckpt_url, monkeypatch):
+    samplers = kinds.Kind("samplers", "sampler", lambda o: isinstance(o, Sampler))
+    monkeypatch.setattr(kinds, "KINDS", (*kinds.KINDS[:-1], samplers, kinds.EXTRA))
+    model = Net()
+    mgr = CheckpointManager(ckpt_url)
+    mgr.save(1, {"model": model, "train": Sampler(3), "val": Sampler(5)})
+    saved = open_checkpoint(mgr.storage, mgr.latest()).raw["state"]
+    assert set(saved["samplers"]) == {"train", "val"} and saved["extra"] == {}
+    train, val, other = Sampler(), Sampler(), Net()
+    res = CheckpointManager(ckpt_url).restore({"model": other, "train": train, "val": val})
+    assert (train.epoch, val.epoch) == (3, 5) and res.extra == {}
+    assert_bitwise(snapshot(model.state_dict()), snapshot(other.state_dict()))
+
+
+def test_one_scaler_per_checkpoint(ckpt_url):
+    mgr = CheckpointManager(ckpt_url)
+    with pytest.raises(ValueError, match="one scaler"):
+        mgr.save(1, {"a": torch.amp.GradScaler("cpu"), "b": torch.amp.GradScaler("cpu")})

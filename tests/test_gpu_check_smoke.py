@@ -1,0 +1,32 @@
+"""benchmarks/gpu_check.sh --cpu-smoke: the prepared GPU check's CPU-runnable parts run end to end (tiny sizes,
+gloo, device cpu), so the script still works when a GPU machine is finally at hand. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable,
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--out", str(tmp_path),
+                           "--modes", "ddp,fsdp"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # a hang guard
+    result = json.loads((tmp_path / "gpu_check_cpu-smoke_latest.json").read_text())
+    summary = (tmp_path / "gpu_check_cpu-smoke_latest.txt").read_text()
+    assert proc.returncode == 0, f"{summary}\n{json.dumps(result.get('failed_logs'), indent=1)[-6000:]}"
+    parts = {p["part"]: p for p in result["parts"]}
+    assert set(parts) == {"cuda_tests", "gpt_deterministic", "two_ranks_ddp", "two_ranks_fsdp", "benchmarks"}, parts
+    assert all(p["ok"] for p in parts.values()), summary
+    assert parts["cuda_tests"]["counts"]["skipped"] == parts["cuda_tests"]["counts"]["tests"] > 0  # no GPU here
+    assert parts["gpt_deterministic"]["rc_diff"] == 0 and parts["gpt_deterministic"]["resumed_at"][0] in (10, 20)
+    targets = parts["benchmarks"]["targets"]
+    assert len(targets) == 5 and all(isinstance(t["pass"], bool) for t in targets)
+    assert "PASS" in summary and summary.startswith("gpu_check (cpu-smoke)")
+    assert {p.name for p in tmp_path.iterdir()} >= {"checkpoint_io_cpu_latest.json", "train_overhead_cpu_latest.json"}

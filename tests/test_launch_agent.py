@@ -1,0 +1,156 @@
+"""`harness launch` end to end: torchrun's real elastic agent (in the launcher process) with real worker
+processes, 2 gloo ranks on CPU. The exit code is the contract: 143/138 after a committed checkpoint when the
+launcher is signalled, 2 and 3 with zero worker starts (or none restarted) for permanent errors, 0 after the
+agent restarted a worker killed with SIGKILL (bitwise equal to an uninterrupted run), and the same with two
+agents (two launchers, c10d rendezvous on loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainer_helpers import (MAX_STEPS, SLOW, assert_same_final, base_env, committed_steps, events, free_port,
+                             harness_args, last_logged_step, resumed_from, wait_until)
+
+MID = 30  # act once rank 0 has logged this step: past the first checkpoint (25), well before the end
+
+
+def launch_cmd(tmp, *sets, nproc=2, nnodes=1, endpoint=None, rdzv_id=None, max_restarts=0):
+    cmd = [sys.executable, "-m", "harness", "launch", "--nproc-per-node", str(nproc), "--nnodes", str(nnodes),
+           "--max-restarts", str(max_restarts)]
+    if endpoint:
+        cmd += ["--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id or f"launch-test-{endpoint}"]
+    return cmd + harness_args(tmp, *sets)[1:]  # harness_args starts with "train"
+
+
+def run_quick(cmd, timeout=60, **env):
+    """A launch that must end before any worker starts: (exit code, stderr lines, stdout)."""
+    out = subprocess.run(cmd, env=base_env(**env), capture_output=True, text=True, timeout=timeout)
+    return out.returncode, out.stderr.strip().splitlines(), out.stdout
+
+
+def _past_first_checkpoint(proc, tmp_path):
+    wait_until(f"step {MID}", lambda: committed_steps(tmp_path / "ck") and last_logged_step(tmp_path) >= MID,
+               [proc], timeout=120)
+    return last_logged_step(tmp_path)
+
+
+def _preempted_at(tmp_path, at, signame):
+    pre = events(tmp_path, "preempted")
+    assert len(pre) == 1 and pre[0]["signal"] == signame, pre
+    step = pre[0]["step"]
+    assert at <= step < MAX_STEPS, (at, step)
+    assert committed_steps(tmp_path / "ck")[-1] == step
+    assert not events(tmp_path, "done")
+    return step
+
+
+# -- permanent errors: one line, documented code, no (re)start -------------------------------------------
+
+def test_config_errors_exit_2_before_any_worker_starts(tmp_path):
+    """A typo, a combination the config refuses (nccl on CPU) and a model option the workload refuses: one
+    line, exit 2, with --max-restarts 3 and no worker started (no output, no metrics, no checkpoint folder).
+    The cases run concurrently to save time."""
+    cases = {
+        "typo": ("train.max_stepz=5", "unknown config key 'train.max_stepz'"),
+        "nccl-on-cpu": ("dist.backend='nccl'", "dist.backend = 'nccl'"),  # quickstart trains on the CPU
+        "model-option": ("model.hiden=3", "unknown model option(s) 'hiden'"),
+    }
+    procs = {}
+    for name, (override, _) in cases.items():
+        (tmp_path / name).mkdir()
+        procs[name] = subprocess.Popen(launch_cmd(tmp_path / name, override, max_restarts=3), env=base_env(),
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2, (name, proc.returncode, err)
+        assert len(lines) == 1 and lines[0].startswith("harness: config error: "), (name, err)
+        assert cases[name][1] in lines[0], (name, lines[0])
+        assert not out.strip(), (name, out)
+        run = tmp_path / name
+        assert not (run / "metrics.jsonl").exists() and not (run / "ck").exists(), name  # no worker ran
+
+
+def test_missing_bucket_exits_3_before_any_worker_starts(tmp_path, s3_server):
+    rc, err, _ = run_quick(launch_cmd(tmp_path, "checkpoint.dir='s3://no-such-bucket-for-launch/run'",
+                                      max_restarts=3))
+    assert rc == 3, (rc, err)
+    assert len(err) == 1 and err[0].startswith("harness: checkpoint error: "), err
+    assert "no-such-bucket-for-launch" in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_folder_held_by_another_job_exits_3_without_restart(runner, tmp_path):
+    """The lease check runs in the workers: they record the error for the launcher instead of exiting, the
+    launcher stops the agent (no restart although --max-restarts is 3), prints the line once and exits 3."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    now = time.time()
+    (ck / "RUN_LEASE").write_text(json.dumps({"run_id": "someone-else", "host": socket.gethostname(),
+                                              "pid": os.getpid(), "token": "t", "started": now, "heartbeat": now}))
+    proc = runner.start("held", launch_cmd(tmp_path, max_restarts=3))
+    assert proc.wait(120) == 3, proc.tail()
+    log = proc.log()
+    assert log.count("harness: checkpoint error: ") == 1, log[-3000:]
+    assert "in use by another job" in log and "Traceback" not in log, log[-3000:]
+    assert "will restart worker group" not in log, log[-3000:]
+    assert not events(tmp_path, "start") and not committed_steps(ck)
+
+
+# -- signals to the launcher ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_to_launcher_commits_and_exits_128_plus_n(sig, code, runner, tmp_path):
+    proc = runner.start("launch", launch_cmd(tmp_path, SLOW))
+    at = _past_first_checkpoint(proc, tmp_path)
+    os.kill(proc.pid, sig)
+    time.sleep(0.2)
+    os.kill(proc.pid, sig)  # a repeated signal must not make the agent abandon the workers' checkpoint
+    assert proc.wait(90) == code, proc.tail()
+    _preempted_at(tmp_path, at, sig.name)
+    log = proc.log()
+    assert log.count(f"exiting with {code} so the scheduler requeues") == 2, log[-3000:]
+    assert "Traceback" not in log and "ChildFailedError" not in log, log[-3000:]
+
+
+# -- a worker dies: the agent restarts the group, the job ends 0, bitwise equal ----------------------------
+
+def test_sigkilled_worker_is_restarted_and_the_run_ends_bitwise_equal(runner, tmp_path, ref):
+    proc = runner.start("launch", launch_cmd(tmp_path, SLOW, max_restarts=1))
+    wait_until("both workers", lambda: len(proc.workers()) == 2, [proc], timeout=60)
+    _past_first_checkpoint(proc, tmp_path)
+    victim = proc.worker_of_rank(1)
+    os.kill(victim, signal.SIGKILL)
+    assert proc.wait(150) == 0, proc.tail()
+    log = proc.log()
+    assert "will restart worker group" in log, log[-3000:]
+    assert len(resumed_from(log)) == 2, log[-3000:]  # both ranks of the restarted group resumed
+    assert_same_final(tmp_path, ref)
+
+
+# -- two agents (two "nodes" on loopback) -----------------------------------------------------------------
+
+def test_two_agents_stop_on_sigterm_with_143_and_finish_with_0(runner, tmp_path, ref):
+    port = free_port()
+    cmds = [launch_cmd(tmp_path, SLOW, nproc=1, nnodes=2, endpoint=f"127.0.0.1:{port}") for _ in range(2)]
+    nodes = [runner.start(f"node{i}", cmd) for i, cmd in enumerate(cmds)]
+    at = _past_first_checkpoint(nodes[0], tmp_path)
+    for node in nodes:
+        os.kill(node.pid, signal.SIGTERM)
+    assert [node.wait(90) for node in nodes] == [143, 143], [n.tail() for n in nodes]
+    step = _preempted_at(tmp_path, at, "SIGTERM")
+
+    port = free_port()
+    cmds = [launch_cmd(tmp_path, nproc=1, nnodes=2, endpoint=f"127.0.0.1:{port}") for _ in range(2)]
+    nodes = [runner.start(f"rerun{i}", cmd) for i, cmd in enumerate(cmds)]
+    assert [node.wait(120) for node in nodes] == [0, 0], [n.tail() for n in nodes]
+    assert sorted(s for n in nodes for s in resumed_from(n.log())) == [step, step]
+    assert_same_final(tmp_path, ref)

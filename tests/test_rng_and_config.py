@@ -1,0 +1,115 @@
+"""What a CPU can check of the GPU-facing fixes: the CUDA RNG is saved and restored by role (this rank's own
+device), old checkpoints that stored a list by device index still load, the config refuses NCCL on CPU before
+anything starts, and ``train.deterministic``/``train.amp_dtype`` are real keys."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import config, state
+from harness.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_capture_rng_without_cuda_has_no_cuda_entry():
+    rng = state.capture_rng()
+    assert set(rng) == {"python", "numpy", "torch"}  # no CUDA initialized here: nothing to save
+
+
+def test_current_format_is_the_ranks_own_generator():
+    gen = torch.arange(16, dtype=torch.uint8)
+    saved = {"role": "train_device", "index": 5, "state": gen}
+    got, note = state.cuda_rng_for_rank(saved, 0)  # saved on cuda:5, restored on cuda:0: still this rank's
+    assert got is gen and note == ""
+
+
+@pytest.mark.parametrize("saved,index,want,note", [
+    # srun --gpus-per-task=1: each rank saw one GPU, its own
+    ([torch.full((4,), 1, dtype=torch.uint8)], 3, 1, "one CUDA generator"),
+    # torchrun: every rank saw all GPUs and trained on LOCAL_RANK (its current device)
+    ([torch.full((4,), i, dtype=torch.uint8) for i in range(4)], 2, 2, "the one of device 2"),
+    # resumed with more GPUs per node than were saved: nothing belongs to this device
+    ([torch.full((4,), i, dtype=torch.uint8) for i in range(2)], 3, None, "none for device 3"),
+], ids=["one-per-rank", "by-local-rank", "missing"])
+def test_old_list_format_maps_to_this_ranks_device(saved, index, want, note):
+    got, msg = state.cuda_rng_for_rank(saved, index)
+    assert note in msg
+    if want is None:
+        assert got is None
+    else:
+        assert int(got[0]) == want
+
+
+def test_restore_of_a_cuda_rng_without_cuda_warns_and_restores_the_rest(caplog):
+    rng = state.capture_rng()
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    rng = state.capture_rng()
+    rng["cuda"] = {"role": "train_device", "index": 0, "state": torch.zeros(16, dtype=torch.uint8)}
+    torch.rand(5)  # move on, then go back
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        state.restore_rng(rng)
+    assert torch.equal(torch.rand(3), expected)
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in caplog.text
+
+
+def test_nccl_on_cpu_is_a_config_error_at_load():
+    with pytest.raises(ConfigError, match="nccl"):
+        config.load(None, ['dist.backend="nccl"', 'train.device="cpu"'])
+    cfg = config.load(None, ['dist.backend="nccl"', 'train.device="cuda"', "train.deterministic=true",
+                             'train.amp_dtype="fp16"'])
+    assert cfg.train.deterministic and cfg.train.amp_dtype == "fp16"
+    with pytest.raises(ConfigError, match="amp_dtype"):
+        config.load(None, ['train.amp_dtype="fp8"'])
+
+
+def test_nccl_on_cpu_exits_2_before_training(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "harness", "train", "--config", str(REPO / "configs/quickstart.toml"),
+                           "--set", 'dist.backend="nccl"', "--set", f"checkpoint.dir={tmp_path / 'ck'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "nccl" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ck").exists()
+
+
+def test_metrics_folder_is_derived_from_the_checkpoint_folder():
+    assert config.metrics_dir_for("/data/run1/ck") == "/data/run1/ck"
+    assert config.metrics_dir_for("file:///data/run1") == "/data/run1"
+    assert config.metrics_dir_for("s3://bucket/runs/a") == "runs/remote/s3/bucket/runs/a"
+    assert config.metrics_dir_for("s3://bucket/../../etc") == "runs/remote/s3/bucket/etc"  # never climbs out
+    cfg = config.load(None, ['checkpoint.dir="s3://b/x"'])
+    assert cfg.output_dir == "runs/remote/s3/b/x"
+    cfg = config.load(None, ['checkpoint.dir="s3://b/x"', 'run.output_dir="mine"'])
+    assert cfg.output_dir == "mine"  # an explicit folder wins
+
+
+DETERMINISTIC_PROBE = """
+import os, torch
+from harness import config
+from harness.trainer import init_distributed
+cfg = config.load(None, ["train.deterministic=true", 'train.device="cpu"'])
+assert not torch.are_deterministic_algorithms_enabled()
+init_distributed(cfg)
+print(torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+      torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+"""
+
+
+def test_train_deterministic_turns_on_what_deterministic_kernels_need(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-c", DETERMINISTIC_PROBE], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", ":4096:8", "True", "False"]
