@@ -891,8 +891,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# direct restore (issue 14): harness.checkpoint.direct_read into the live tensors, with its own references.
-# Reported as result["direct_restore"], not as rows, so the row table stays as it is.
+# restore against issue 14's targets: CheckpointManager.restore (which reads straight into the live tensors
+# through harness.checkpoint.direct_read) and the bare reader, cold and warm, with peak extra RSS, beside the
+# references the targets are ratios of. Reported as result["direct_restore"], so the row table stays as it is.
 # ---------------------------------------------------------------------------------------------------------
 
 def _rss_kb(field: str) -> int:
@@ -928,6 +929,33 @@ def peak_rss_during(fn: Callable[[], Any]) -> tuple[Any, int]:
             sampler.join()
     hwm = _rss_kb("VmHWM") if exact else max(peak[0], _rss_kb("VmRSS"))
     return r, max(0, hwm - before) * 1024
+
+
+def safetensors_load_copy_warm(b: Bench, work: Path, model: nn.Module, opt: torch.optim.Optimizer) -> float | None:
+    """Seconds of a warm ``load_file`` + copy of every tensor into the live model and optimizer tensors (issue
+    14's "safetensors load + apply"; ``load_state_dict`` of the optimizer would keep the mapped tensors instead
+    of copying, which the rows' ``apply_s`` reference reflects). None without safetensors."""
+    try:
+        from safetensors.torch import load_file, save_file
+    except ImportError:
+        return None
+    d = work / "safetensors_copy"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / "ckpt.safetensors"
+    try:
+        live, meta = flat_tensors(model, opt)
+        save_file(live, str(p), metadata=meta)
+        load_file(str(p))  # warm: the file is in the page cache
+
+        def load_copy() -> None:
+            got = load_file(str(p))
+            with torch.no_grad():
+                for k, t in live.items():
+                    t.copy_(got[k])
+        s, _ = b.timed(load_copy)
+        return s
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.Optimizer, nbytes: int,
@@ -976,6 +1004,7 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
     finally:
         mgr.close()
         shutil.rmtree(d, ignore_errors=True)
+    out["safetensors_load_copy_warm_s"] = safetensors_load_copy_warm(b, work, model, opt)
     src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
     dst.copy_(src)  # pages faulted in: a memcpy, not first-touch
@@ -987,18 +1016,28 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
         xs = [x["seconds"] for x in b.samples.get(row, [])]
         return statistics.median(xs) if xs else None
 
-    st, disk = median("safetensors_load_warm"), median("disk_read_cold")
+    st, tl, disk = median("safetensors_load_warm"), median("torch_load_warm"), median("disk_read_cold")
     apply_s = statistics.median([x["apply_s"] for x in b.samples.get("harness_restore_warm", [])] or [0.0])
     out.update({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()})
     out["bytes"] = nbytes
+    out["apply_s"] = round(apply_s, 4)
+    out["safetensors_load_plus_apply_warm_s"] = None if st is None else round(st + apply_s, 4)
+    out["torch_load_plus_apply_warm_s"] = None if tl is None else round(tl + apply_s, 4)
+    out["disk_read_cold_s"] = None if disk is None else round(disk, 4)
+    largest = max(t.numel() * t.element_size() for t in state_tensors(model, opt))
+    # The targets are judged on CheckpointManager.restore ("manager": what users call, reading straight into
+    # the live tensors since issue 14); "direct" is the bare reader + load_state_dict, for comparison.
     out["targets"] = {
         "warm_vs_safetensors_load_plus_apply (>= 2)":
-            None if st is None else round((st + apply_s) / out["direct_warm_s"], 3),
-        "warm_over_memcpy_plus_checksum (<= 1.3)": round(out["direct_warm_s"] / out["memcpy_plus_checksum_s"], 3),
-        "cold_vs_disk_cold_read (>= 0.95)": None if disk is None else round(disk / out["direct_cold_s"], 3),
-        "peak_extra_over_max(largest, 256MiB) (<= 1)": round(out["direct_peak_extra_bytes"] / max(
-            max(t.numel() * t.element_size() for t in state_tensors(model, opt)), 256 << 20), 3),
+            None if st is None else round((st + apply_s) / out["manager_warm_s"], 3),
+        "warm_over_memcpy_plus_checksum (<= 1.3)": round(out["manager_warm_s"] / out["memcpy_plus_checksum_s"], 3),
+        "cold_vs_disk_cold_read (>= 0.95)": None if disk is None else round(disk / out["manager_cold_s"], 3),
+        "peak_extra_over_max(largest, 256MiB) (<= 1)":
+            round(out["manager_peak_extra_bytes"] / max(largest, 256 << 20), 3),
     }
+    if out.get("safetensors_load_copy_warm_s"):  # issue 14's own definition of the reference
+        out["targets"]["warm_vs_safetensors_load_plus_copy_into_model_and_optimizer (>= 2)"] = round(
+            out["safetensors_load_copy_warm_s"] / out["manager_warm_s"], 3)
     log(f"direct restore: {out}")
     return out
 

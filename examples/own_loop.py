@@ -18,7 +18,7 @@ def main(max_steps: int = 300, ckpt_dir: str = "runs/own_loop/checkpoints") -> N
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=100, gamma=0.5)
     data = torch.Generator().manual_seed(1)  # the data stream; its state is our position in the data
-    mgr = harness.CheckpointManager(ckpt_dir, keep_last=2, keep_best=1, best_metric="loss")
+    mgr = harness.CheckpointManager(ckpt_dir, keep_last=2, keep_best=1, best_metric="loss", async_save=True)
 
     # Resume from the newest valid checkpoint (damaged ones are skipped); None on a first run.
     res = mgr.restore(models=model, optimizers=opt, schedulers=sched)
@@ -33,12 +33,13 @@ def main(max_steps: int = 300, ckpt_dir: str = "runs/own_loop/checkpoints") -> N
         loss = torch.nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True))
         opt.zero_grad()
         loss.backward()
+        mgr.before_mutation()  # an overlapped save's copy ran beside forward/backward: done before the step
         opt.step()
         sched.step()
         step += 1
-        if step % 50 == 0 or step == max_steps:  # atomic, checksummed, RNG included; async_save=True overlaps
+        if step % 50 == 0 or step == max_steps:  # atomic, checksummed, RNG included; written in the background
             mgr.save(step, models=model, optimizers=opt, schedulers=sched, loss=loss.item(),
-                     position=data.get_state())
+                     position=data.get_state(), overlap=True)  # returns at once: the copy overlaps the next step
     mgr.close()  # waits for a save in flight
     print(f"done at step {step}, newest checkpoint {mgr.latest()}")
 

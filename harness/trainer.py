@@ -1,6 +1,7 @@
 """The training loop: DDP under torchrun, resume on every start, checkpoint on schedule and on preemption.
 
-The trainer sees the checkpoint layer only through CheckpointManager's save/restore/wait/close.
+The trainer sees the checkpoint layer only through CheckpointManager's save/restore/wait/close and
+before_mutation (async saves are overlapped: the snapshot's copy runs beside the next forward and backward).
 """
 
 from __future__ import annotations
@@ -207,6 +208,9 @@ class Trainer:
             loss.backward()
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        # An overlapped checkpoint's copy ran beside this forward and backward; the step below changes what
+        # it copies, so it is ordered after the copy here (nothing to wait for on most steps).
+        self.mgr.before_mutation()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -258,7 +262,7 @@ class Trainer:
             self.mgr.save(self.step, models={"model": self.model}, optimizers={"optimizer": self.optimizer},
                           schedulers={"scheduler": self.scheduler}, scaler=self.scaler, epoch=self.epoch,
                           position=self.sampler.state_dict(), loss=loss, metrics=self.metrics,
-                          metadata=safe_metadata(self.cfg))
+                          metadata=safe_metadata(self.cfg), overlap=c.async_save)
             self.saved_step = self.step
             if final:
                 self.mgr.wait()

@@ -116,7 +116,7 @@ TRAIN_SCRIPT = REPO / "benchmarks" / "train_overhead.py"
 
 
 def test_train_overhead_benchmark_tiny_cpu(tmp_path):
-    """benchmarks/train_overhead.py at a tiny gpt_small on CPU: three modes through the real trainer, one restart.
+    """benchmarks/train_overhead.py at a tiny gpt_small on CPU: five modes through the real trainer, one restart.
     Checks the report's rows and consistency, never timings."""
     out = tmp_path / "out"
     work = tmp_path / "work"
@@ -140,7 +140,7 @@ def test_train_overhead_benchmark_tiny_cpu(tmp_path):
     assert result["env"]["model"]["d_model"] == 32 and result["env"]["batch_size"] == 2
 
     rows = {r["mode"]: r for r in result["rows"]}
-    assert list(rows) == ["none", "sync", "async"]
+    assert list(rows) == ["none", "sync", "async", "dcp", "dcp_best"]
     for mode, r in rows.items():
         assert r["steps"] == steps and len(r["step_times_s"]) == steps and len(r["compute_times_s"]) == steps
         assert all(t > 0 for t in r["step_times_s"]), r
@@ -150,11 +150,18 @@ def test_train_overhead_benchmark_tiny_cpu(tmp_path):
         assert r["async"] is (mode == "async")
     assert rows["none"]["overhead_pct"] == 0.0
     assert rows["none"]["checkpoints"] == 0 and rows["none"]["blocked_s_mean"] is None
-    for mode in ("sync", "async"):
+    for mode in ("sync", "async", "dcp", "dcp_best"):
         r = rows[mode]
         assert r["checkpoint_steps"] == [2, 4] and r["checkpoints"] == 2  # the final save (step 5) is not counted
         assert len(r["blocked_s_all"]) == 2 and all(b >= 0 for b in r["blocked_s_all"])
+        for c in r["per_checkpoint"]:  # stall = time in save() + time at the next wait point
+            assert c["stall_s"] == c["save_s"] + c["wait_s"] and c["staged_s"] is not None and c["staged_s"] >= 0
         assert r["final_save_s"] is not None
+    assert rows["async"]["copy_s"] > 0
+    assert {t["target"].split(" (")[0] for t in result["targets"]} >= {
+        "visible stall <= 0.1x the snapshot's copy time", "visible stall lower than DCP at its best",
+        "staging done >= 5x sooner than DCP at its best"}
+    assert "PASS" in proc.stdout or "FAIL" in proc.stdout  # the targets were printed
     rec = rows["async"]["recovery"]
     assert rec["resumed_step"] == steps and rec["first_step"] == steps + 1
     assert rec["restore_s"] >= 0 and 0 < rec["time_to_resume_s"] <= rec["time_to_first_step_s"]

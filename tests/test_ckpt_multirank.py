@@ -12,7 +12,7 @@ import torch.distributed as tdist
 
 from ckpt_helpers import Net, assert_bitwise, draws, read_manifest, recording_calls, simple_run, snapshot
 from harness import CheckpointManager, faults
-from harness.checkpoint import blobs
+from harness.checkpoint import blobs, direct_read
 from harness.checkpoint.discovery import list_checkpoints, verify_checkpoint
 from harness.errors import CheckpointError
 from harness.storage import Storage
@@ -46,7 +46,8 @@ def save_restore_fail_together(rank: int, world: int, url: str) -> dict:
     o2 = torch.optim.AdamW(m2.parameters())
     read_keys: list[str] = []
     # Which tensors does each rank read from storage?
-    with recording_calls(blobs, "read_tensors", lambda a: read_keys.extend(e.key for e in a["entries"])):
+    with recording_calls(blobs, "read_tensors", lambda a: read_keys.extend(e.key for e in a["entries"])), \
+            recording_calls(direct_read, "read_into", lambda a: read_keys.extend(e.key for e in a["entries"])):
         res = CheckpointManager(url, timeout_s=30).restore(models=m2, optimizers=o2)
     out["replicated_reads"] = sum(k.startswith("state/") for k in read_keys)
     out["own_reads"] = sum(k.startswith(f"ranks/{rank}/") for k in read_keys)

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -109,6 +110,43 @@ def test_async_snapshot_is_not_raced_by_queued_work(tmp_path, side_stream):
                     torch._foreach_add_(params, 1.0)  # every parameter at once, right after save() returned
             mgr.wait()
             _assert_checkpoint_equals(tmp_path / "ck", step, ref, layers, width, odd)
+    finally:
+        mgr.close()
+
+
+def test_overlapped_save_holds_pre_step_values_and_refuses_early_changes(tmp_path):
+    """Issue 15: save(overlap=True) with ~1 s of GPU work queued returns without waiting for it, and so does
+    before_mutation() (the stream waits, not the host); the optimizer step and every parameter changed right
+    after it leave the checkpoint with the values of save() time. A change before the wait point fails the save."""
+    from harness import CheckpointError
+    layers, width, odd = 8, 1024, 0
+    model = _model(layers, width, odd)
+    opt = _trained(model)
+    params = list(model.parameters())
+    mgr = CheckpointManager(str(tmp_path / "ck"), keep_last=5, async_save=True)
+    try:
+        for step in (1, 2):  # first save (buffer allocated and pinned) and the steady state
+            ref = _host_copy(model, opt)
+            _busy(1.0)
+            t0 = time.perf_counter()
+            mgr.save(step, models=model, optimizers=opt, overlap=True)
+            x = torch.randn(4, width, device=DEV)
+            model(x).pow(2).mean().backward()  # the next forward and backward, queued behind the copy
+            mgr.before_mutation()
+            host_s = time.perf_counter() - t0
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_add_(params, 1.0)
+            opt.zero_grad(set_to_none=True)
+            mgr.wait()
+            assert host_s < 0.5, f"save() + before_mutation() blocked the host {host_s:.3f} s"
+            _assert_checkpoint_equals(tmp_path / "ck", step, ref, layers, width, odd)
+        mgr.save(3, models=model, optimizers=opt, overlap=True)
+        with torch.no_grad():
+            torch._foreach_add_(params, 1.0)  # before the wait point: refused
+        with pytest.raises(CheckpointError, match="changed in place"):
+            mgr.wait()
+        assert mgr.latest() == "step-000000002"
     finally:
         mgr.close()
 

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 import torch
 
 from harness.checkpoint import codec
-from harness.checkpoint.format import TensorEntry
+from harness.checkpoint.format import DTYPES, TensorEntry
 from harness.state import unwrap_model
 
 Destination = torch.Tensor | torch.device
@@ -39,7 +39,8 @@ def live_tensors(models: Mapping[str, torch.nn.Module], optimizers: Mapping[str,
 
 def destinations(entries: Iterable[TensorEntry], models: Mapping[str, torch.nn.Module],
                  optimizers: Mapping[str, torch.optim.Optimizer], prefix: str = "state") -> dict[str, Destination]:
-    """For each entry: its live tensor, or for optimizer state not created yet the device to allocate it on
+    """For each entry: its live tensor (when it has the saved shape and dtype: anything else stays
+    ``load_state_dict``'s business, which refuses, skips or casts it as it always did), or for optimizer state not created yet the device to allocate it on
     (the parameter's; ``step`` counters stay on the CPU as torch keeps them, unless the group is fused or
     capturable). Entries of other sections (scheduler, scaler, extra, per-rank RNG) are left out: the reader
     allocates them on its default device (the CPU)."""
@@ -47,9 +48,12 @@ def destinations(entries: Iterable[TensorEntry], models: Mapping[str, torch.nn.M
     out: dict[str, Destination] = {}
     pattern = re.compile(re.escape(prefix) + r"/optimizers/(.+)/state/(\d+)/([^/#]+)$")
     for e in entries:
-        if e.key in live:
-            out[e.key] = live[e.key]
+        t = live.get(e.key)
+        if t is not None and tuple(t.shape) == tuple(e.shape) and t.dtype == DTYPES[e.dtype]:
+            out[e.key] = t
             continue
+        if t is not None:
+            continue  # another shape or dtype: load_state_dict decides (partial loading, casting)
         m = pattern.match(e.key)
         if m and m.group(1) in optimizers:
             device = _state_device(optimizers[m.group(1)], int(m.group(2)), m.group(3))

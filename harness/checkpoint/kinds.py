@@ -121,3 +121,23 @@ def capture_plain(kind: Kind, objs: dict[str, Any]) -> Any:
     if kind.single:
         return state_of(next(iter(objs.values()))) if objs else None
     return {n: state_of(o) for n, o in objs.items()}
+
+
+def storage_key(t: torch.Tensor) -> tuple:
+    """Which memory a tensor (or a DTensor's local shard) lives in: views of one storage share the key."""
+    local = getattr(t, "_local_tensor", t)  # a DTensor's local shard; any other tensor as is
+    return (local.device, local.untyped_storage().data_ptr())
+
+
+def step_mutated(targets: Targets) -> set[tuple]:
+    """The storage of what only the optimizer step changes: the models' parameters and the optimizers' state.
+    A forward and backward leave them alone (module buffers, which a forward may update, are not in it),
+    which is what lets an overlapped save copy them while the next step computes."""
+    keys = set()
+    for model in targets.models.values():
+        keys.update(storage_key(p) for p in model.parameters())
+    for opt in targets.optimizers.values():
+        inner = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer keeps this rank's state in its .optim
+        for st in getattr(inner, "state", {}).values():
+            keys.update(storage_key(v) for v in st.values() if isinstance(v, torch.Tensor))
+    return keys

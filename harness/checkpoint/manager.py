@@ -37,6 +37,24 @@ class CheckpointManager:
     What to save is given as ``state={name: object}`` (objects with ``state_dict()``/``load_state_dict()``,
     sorted by type: modules, optimizers, LR schedulers, a GradScaler, anything else as an extra), or with
     the keyword arguments ``models=``, ``optimizers=``, ``schedulers=``, ``scaler=``, ``extra=``, or both.
+
+    Overlapped saves (``async_save=True``): ``save(..., overlap=True)`` returns once the host copy is
+    scheduled, and the copy of the parameters and optimizer state runs while the next forward and backward
+    compute (a side CUDA stream, or the save's thread on CPU). The loop must then call
+    :meth:`before_mutation` right before anything changes the saved tensors (``optimizer.step()``, a
+    GradScaler's ``step``/``update``, ``scheduler.step()``); it is free when no save is pending, so call it
+    every step::
+
+        loss.backward()
+        mgr.before_mutation()   # waits for the snapshot only if one is still being copied
+        opt.step()
+        sched.step()
+        ...
+        mgr.save(step, models=model, optimizers=opt, overlap=True)
+
+    A change of a saved tensor before that call is detected (each tensor's in-place version counter) and
+    the save fails with a CheckpointError, nothing committed, rather than mixing two steps. Without
+    ``overlap`` a save waits for its copy before returning, as safe as ever with no call needed.
     """
 
     def __init__(self, dir: str, *, keep_last: int = 3, keep_best: int = 0, best_metric: str = "loss",
@@ -86,19 +104,33 @@ class CheckpointManager:
              models: Named[torch.nn.Module] = None, optimizers: Named[torch.optim.Optimizer] = None,
              schedulers: Named[Stateful] = None, scaler: Stateful | None = None, epoch: int = 0,
              position: Any = None, loss: float | None = None, metrics: dict | None = None,
-             extra: Mapping[str, Any] | None = None, rank_state: Any = None, metadata: dict | None = None) -> None:
+             extra: Mapping[str, Any] | None = None, rank_state: Any = None, metadata: dict | None = None,
+             overlap: bool = False) -> None:
         """Checkpoint the given state as of ``step``. Collective. ``position`` and ``rank_state`` are this
         rank's own (data cursor, anything per rank); everything else is replicated and written once (by rank
         0, or split across ranks with ``split_replicated``), except sharded state: a ZeroRedundancyOptimizer
         (each rank writes the state of the parameters it owns) and DTensor (FSDP2) models and their
-        optimizers (each rank writes its local shards)."""
+        optimizers (each rank writes its local shards).
+
+        ``overlap=True`` (with ``async_save``): return once the snapshot is scheduled; the caller then
+        calls :meth:`before_mutation` before changing the saved state (see the class docstring). A
+        synchronous manager ignores it: its save is committed on return."""
         targets = gather(state, models=models, optimizers=optimizers, schedulers=schedulers, scaler=scaler,
                          extra=extra)
         self._saver.save(targets, step, epoch=epoch, position=position, loss=loss, metrics=metrics,
-                         metadata=metadata, rank_state=rank_state)
+                         metadata=metadata, rank_state=rank_state, overlap=overlap)
+
+    def before_mutation(self) -> None:
+        """Call right before the optimizer step, the scaler's step/update and the scheduler step (anything
+        that changes the saved tensors in place). After ``save(..., overlap=True)`` it orders those changes
+        after the snapshot's copies (on a GPU without blocking the host: the caller's streams wait for the
+        copy; on CPU it waits for the copy thread) and fails the save if a saved tensor changed before it.
+        With no overlapped save pending it does nothing, so calling it every step costs nothing."""
+        self._saver.before_mutation()
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is committed; re-raise its failure."""
+        """Block until the save in flight (if any) is committed; re-raise its failure. Also the wait point of
+        an overlapped save (the caller changes nothing while it waits)."""
         self._saver.wait()
 
     def close(self) -> None:

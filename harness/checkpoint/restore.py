@@ -9,9 +9,13 @@ Two strategies:
 
 * :class:`Broadcast` (a replicated checkpoint into replicated objects): rank 0 reads and verifies every
   byte while choosing, so damage is found there; the other ranks read only their own per-rank tensors and
-  receive the replicated state from rank 0, so N ranks do not download it N times.
+  receive the replicated state from rank 0, so N ranks do not download it N times. The replicated tensors
+  land straight in the live parameters, buffers and optimizer state (:mod:`direct_read`, one pass with the
+  checksums; on the other ranks by the broadcast itself), so ``load_state_dict`` finds its own tensors
+  and copies nothing, and restore holds no second copy of the state.
 * :class:`Together` (a sharded checkpoint, or FSDP/ZeRO objects): rank 0 only opens the manifest; every
   rank reads what it needs and its share of verification; damage found by any rank walks all back.
+  (It still reads into new tensors through :mod:`blobs`/:mod:`sharded`, which ``load_state_dict`` copies.)
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from typing import Any, Protocol
 import torch
 
 from harness import dist
-from harness.checkpoint import blobs, codec, select, sharded
+from harness.checkpoint import blobs, codec, direct_read, select, sharded
 from harness.checkpoint.apply import RestoreOptions, RestoreResult, apply
 from harness.checkpoint.context import Ctx
+from harness.checkpoint.destinations import destinations
 from harness.checkpoint.discovery import list_checkpoints, open_checkpoint
 from harness.checkpoint.errors import Problem, Severity, agree, is_resource_error, problem_of, raise_resource
 from harness.checkpoint.format import DTYPES, Manifest
@@ -74,7 +79,7 @@ class Strategy(Protocol):
 
     def read(self, ctx: Ctx, name: str, prefetched: Prefetched | None, targets: Targets) -> Any: ...
 
-    def finish(self, ctx: Ctx, got: Any) -> Loaded: ...
+    def finish(self, ctx: Ctx, got: Any, targets: Targets) -> Loaded: ...
 
 
 class Broadcast:
@@ -89,8 +94,8 @@ class Broadcast:
         entries = [e for e in manifest.tensors.values() if e.key in keys]
         return Prefetched(manifest, blobs.read_tensors(ctx.storage, name, entries, threads=ctx.io_threads))
 
-    def finish(self, ctx: Ctx, got: Prefetched) -> Loaded:
-        tensors = _share_replicated(ctx, got.manifest, got.tensors)
+    def finish(self, ctx: Ctx, got: Prefetched, targets: Targets) -> Loaded:
+        tensors = _share_replicated(ctx, got.manifest, got.tensors, targets)
         mine = [r for r in [ctx.rank] if r < got.manifest.world_size]
         state, per_rank = decode_state(got.manifest, tensors, mine)
         return Loaded(got.manifest, state, per_rank[ctx.rank] if mine else None)
@@ -105,7 +110,7 @@ class Together:
                                    targets=targets, threads=ctx.io_threads)
         return Loaded(manifest, state, mine)
 
-    def finish(self, ctx: Ctx, got: Loaded) -> Loaded:
+    def finish(self, ctx: Ctx, got: Loaded, targets: Targets) -> Loaded:
         return got
 
 
@@ -113,10 +118,10 @@ def restore(ctx: Ctx, targets: Targets, opts: RestoreOptions) -> RestoreResult |
     """Load the newest valid checkpoint (or the one at ``opts.step``) into ``targets``; None when there is
     none at all (a first run). Collective."""
     t0 = time.perf_counter()
-    sharded_targets = sharded.needs_collective(targets)
+    probe = _Probe(ctx, targets, sharded.needs_collective(targets))
     skipped: list[tuple[str, str]] = []
     while True:
-        choice, prefetched = _decide(ctx, opts.step, sharded_targets, skipped)
+        choice, prefetched = _decide(ctx, opts.step, probe, skipped)
         skipped += choice.skipped
         ctx.damaged |= {n for n, _ in skipped}  # retention keeps them for a human
         if choice.error is not None:
@@ -137,13 +142,56 @@ def restore(ctx: Ctx, targets: Targets, opts: RestoreOptions) -> RestoreResult |
     return result
 
 
-def _decide(ctx: Ctx, step: int | None, sharded_targets: bool,
+class _Stranded(Exception):
+    """Live tensors hold part of a damaged checkpoint and the next candidate cannot overwrite them all.
+    Not a CheckpointError on purpose: the walk back must stop here, not try the next one."""
+
+
+class _Probe:
+    """Rank 0's look at one candidate while choosing (:func:`select.walk_back` calls it).
+
+    A replicated checkpoint into replicated objects is read whole and verified here: the replicated state
+    and rank 0's own go straight into the live tensors (one pass, checksummed), the other ranks' RNG and
+    data cursors are only checked. A failed read leaves the live tensors it touched holding undefined
+    bytes, so ``filled`` remembers them: an older candidate is usable only if it overwrites every one."""
+
+    def __init__(self, ctx: Ctx, targets: Targets, sharded_targets: bool) -> None:
+        self.ctx, self.targets, self.sharded_targets = ctx, targets, sharded_targets
+        self.filled: set[str] = set()   # keys of live tensors a read has written into
+
+    def __call__(self, name: str) -> Prefetched | None:
+        ctx = self.ctx
+        manifest = open_checkpoint(ctx.storage, name)
+        if self.sharded_targets or manifest.raw.get("sharding", "replicated") != "replicated":
+            self._must_cover(name, set())
+            return None
+        own = manifest.raw["ranks"][0] if manifest.raw["ranks"] else None  # this rank's RNG and data cursor
+        rep = set(codec.tensor_refs(manifest.raw["state"])) | set(codec.tensor_refs(own))
+        entries = [e for e in manifest.tensors.values() if e.key in rep]
+        dests = destinations(entries, self.targets.models, self.targets.optimizers)
+        live = {k for k, d in dests.items() if isinstance(d, torch.Tensor)}
+        self._must_cover(name, live)
+        self.filled |= live  # before reading: a read that fails part way has written some of them
+        tensors = direct_read.read_into(ctx.storage, name, entries, dests, threads=ctx.io_threads)
+        rest = [e for e in manifest.tensors.values() if e.key not in rep]  # other ranks' RNG and cursors
+        direct_read.verify_entries(ctx.storage, name, rest, threads=ctx.io_threads)
+        return Prefetched(manifest, tensors)
+
+    def _must_cover(self, name: str, live: set[str]) -> None:
+        missing = self.filled - live
+        if missing:
+            raise _Stranded(f"a damaged newer checkpoint was partly read into the live tensors and {name} "
+                            f"does not hold {len(missing)} of them (e.g. {sorted(missing)[0]!r}): they hold "
+                            "undefined bytes now; rebuild the objects and restore again")
+
+
+def _decide(ctx: Ctx, step: int | None, probe: _Probe,
             passed: list[tuple[str, str]]) -> tuple[Choice, Prefetched | None]:
     """Rank 0 chooses, every rank learns the choice (a failure to choose too, so nobody waits)."""
     choice, prefetched, own = None, None, None
     if ctx.rank == 0:
         try:
-            choice, prefetched = _choose(ctx, step, sharded_targets, passed)
+            choice, prefetched = _choose(ctx, step, probe, passed)
         except Exception as exc:  # noqa: BLE001 - tell the other ranks instead of leaving them waiting
             own = exc
             problem = problem_of(exc, ctx.rank, damage_possible=False) if is_resource_error(exc) else None
@@ -154,21 +202,13 @@ def _decide(ctx: Ctx, step: int | None, sharded_targets: bool,
     return choice, prefetched
 
 
-def _choose(ctx: Ctx, step: int | None, sharded_targets: bool,
+def _choose(ctx: Ctx, step: int | None, probe: _Probe,
             passed: list[tuple[str, str]]) -> tuple[Choice, Prefetched | None]:
     """Rank 0: the newest checkpoint (at ``step``) not ``passed`` over already that verifies: read whole
     and verified here (Broadcast), or only opened (Together: the ranks verify it reading it)."""
     matching = [i for i in reversed(list_checkpoints(ctx.storage, committed_only=False))
                 if step is None or i.step == step]
     gone = {n for n, _ in passed}
-
-    def probe(name: str) -> Prefetched | None:
-        manifest = open_checkpoint(ctx.storage, name)
-        if sharded_targets or manifest.raw.get("sharding", "replicated") != "replicated":
-            return None
-        entries = list(manifest.tensors.values())  # verify all ranks' bytes, not only ours
-        return Prefetched(manifest, blobs.read_tensors(ctx.storage, name, entries, threads=ctx.io_threads))
-
     info, prefetched, skipped = select.walk_back([i for i in matching if i.name not in gone], probe,
                                                  level=logging.ERROR)
     if info is not None:
@@ -195,7 +235,7 @@ def _read_agreed(ctx: Ctx, strategy: Strategy, name: str, prefetched: Prefetched
         log.error("rank %d could not load %s: %s", ctx.rank, name, problem.why)
     verdict = agree(problem, ctx.group)
     if verdict is None:
-        return strategy.finish(ctx, got)
+        return strategy.finish(ctx, got, targets)
     if verdict.severity is Severity.DAMAGED:
         return verdict
     if verdict.severity is Severity.RESOURCE:
@@ -221,15 +261,43 @@ def _apply_agreed(ctx: Ctx, loaded: Loaded, targets: Targets, opts: RestoreOptio
     raise CheckpointError(f"restore of {loaded.manifest.raw['name']} failed on another rank: {verdict.why}")
 
 
-def _share_replicated(ctx: Ctx, manifest: Manifest, tensors: dict) -> dict:
-    """Broadcast the replicated tensors from rank 0 (read once, checksums verified there). Collective."""
+def _share_replicated(ctx: Ctx, manifest: Manifest, tensors: dict, targets: Targets) -> dict:
+    """Broadcast the replicated tensors from rank 0 (read once, checksums verified there), straight into
+    the live tensors where they can take the bytes as sent. Collective. The group is gloo: CUDA tensors
+    travel through a CPU tensor, one at a time (bounded memory)."""
     if ctx.world_size == 1:
         return tensors
-    for key in sorted(set(codec.tensor_refs(manifest.raw["state"]))):
+    keys = sorted(set(codec.tensor_refs(manifest.raw["state"])))
+    dests = {} if ctx.rank == 0 else destinations([manifest.tensors[k] for k in keys], targets.models,
+                                                  targets.optimizers)
+    for key in keys:
+        e = manifest.tensors[key]
+        dtype = DTYPES[e.dtype]
+        if ctx.rank == 0:
+            final = tensors[key]
+            wire = final if _receivable(final, dtype) else final.detach().to("cpu", dtype).contiguous()
+        else:
+            final = dests.get(key, torch.device("cpu"))
+            wire = final if _receivable(final, dtype) else torch.empty(e.shape, dtype=dtype)
+        if wire.numel():  # as raw bytes: gloo has no collective for every dtype (bool, complex, float8)
+            torch.distributed.broadcast(wire.detach().reshape(-1).view(torch.uint8), src=0, group=ctx.group)
         if ctx.rank != 0:
-            e = manifest.tensors[key]
-            tensors[key] = torch.empty(e.shape, dtype=DTYPES[e.dtype])
-        t = tensors[key]
-        if t.numel():  # as raw bytes: gloo has no collective for every dtype (bool, complex, float8)
-            torch.distributed.broadcast(t.reshape(-1).view(torch.uint8), src=0, group=ctx.group)
+            tensors[key] = _land(wire, final)
     return tensors
+
+
+def _receivable(t: Any, dtype: torch.dtype) -> bool:
+    """Whether the broadcast can write into (or send from) ``t`` itself: a contiguous CPU tensor of ``dtype``."""
+    return (type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+            and not t.is_conj() and not t.is_neg())
+
+
+def _land(wire: torch.Tensor, final: torch.Tensor | torch.device) -> torch.Tensor:
+    """What was received, in its final place: the live tensor (copied in unless received there), or a new
+    tensor on the device the state belongs on."""
+    if isinstance(final, torch.Tensor):
+        if final is not wire:
+            with torch.no_grad():
+                final.copy_(wire)
+        return final
+    return wire if final.type == "cpu" else wire.to(final)

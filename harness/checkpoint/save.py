@@ -25,9 +25,10 @@ from harness.checkpoint import blobs, codec, retention, sharded
 from harness.checkpoint.context import Ctx
 from harness.checkpoint.format import (CHECKSUM_ALGORITHM, COMMIT_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
                                        TensorEntry, ckpt_name, dumps, make_commit, parse_name)
-from harness.checkpoint.kinds import MODELS, Targets
+from harness.checkpoint.kinds import MODELS, Targets, step_mutated, storage_key
 from harness.checkpoint.load import class_name
 from harness.checkpoint.snapshot import Snapshot
+from harness.checkpoint.staging import Staging
 from harness.errors import CheckpointError
 from harness.state import capture_rng
 
@@ -133,31 +134,47 @@ def my_writes(replicated: Tensors, own: Tensors, ctx: Ctx, split: bool) -> Tenso
 
 class Saver:
     """Saves of one CheckpointManager: capture on the caller's thread, then persist (inline, or on a background
-    thread with ``async_save`` after a host snapshot). At most one save in flight."""
+    thread with ``async_save`` after a host snapshot, or with ``overlap`` after scheduling it: see
+    :mod:`~harness.checkpoint.staging`). At most one save in flight."""
 
     def __init__(self, ctx: Ctx, settings: SaveSettings, async_save: bool) -> None:
         self.ctx, self.settings = ctx, settings
         self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-ckpt") if async_save else None
         self.pending: cf.Future | None = None
+        self.staging: Staging | None = None  # an overlapped snapshot before its wait point
         self.snapshot = Snapshot()
         self.last_saved: str | None = None
 
-    def save(self, targets: Targets, step: int, **summary: Any) -> None:
+    def save(self, targets: Targets, step: int, *, overlap: bool = False, **summary: Any) -> None:
         self.wait()  # at most one save in flight; a failure of the previous one surfaces here
         t0 = time.perf_counter()
         captured = capture(targets, step, ctx=self.ctx, split=self.settings.split_replicated, t0=t0, **summary)
-        # Device tensors are copied to host memory here, on the caller's thread (its streams), into a buffer
-        # reused from save to save: the writers then touch only host memory, and (async) training may change
-        # the parameters as soon as save() returns.
-        captured.tensors = self.snapshot.take(captured.tensors, copy_all=self.pool is not None)
-        if self.pool is None:
+        if self.pool is None:  # synchronous: committed on return, nothing to overlap
+            captured.tensors = self.snapshot.take(captured.tensors, copy_all=False)
             self.persist(captured)
             return
-        log.info("checkpoint step %d: snapshot taken in %.3f s (%s), persisting in background", step,
-                 time.perf_counter() - t0, self.snapshot.describe())
-        self.pending = self.pool.submit(self.persist, captured)
+        staging = None
+        if overlap:  # the copy of what only the optimizer step changes overlaps the next forward and backward
+            late = step_mutated(targets)
+            captured.tensors, staging = self.snapshot.stage(captured.tensors, lambda t: storage_key(t) in late)
+        else:
+            # Device tensors are copied to host memory here, on the caller's thread (its streams), into a
+            # buffer reused from save to save: the writers then touch only host memory, and training may
+            # change the parameters as soon as save() returns.
+            captured.tensors = self.snapshot.take(captured.tensors, copy_all=True)
+        log.info("checkpoint step %d: snapshot %s in %.3f s (%s), persisting in background", step,
+                 "scheduled" if overlap else "taken", time.perf_counter() - t0, self.snapshot.describe())
+        self.staging = staging
+        self.pending = self.pool.submit(self.persist, captured, staging)
+
+    def before_mutation(self) -> None:
+        """The caller is about to change the saved tensors: order that after an overlapped snapshot's copies."""
+        staging, self.staging = self.staging, None
+        if staging is not None:
+            staging.before_mutation()
 
     def wait(self) -> None:
+        self.before_mutation()  # the caller changes nothing while it waits: the snapshot may commit
         pending, self.pending = self.pending, None
         if pending is not None:
             pending.result()
@@ -173,13 +190,15 @@ class Saver:
 
     # -- persist (collective) -------------------------------------------------------------------------
 
-    def persist(self, c: Captured) -> str:
+    def persist(self, c: Captured, staging: Staging | None = None) -> str:
         ctx = self.ctx
+        if staging is not None:  # this thread is the copy thread: copy first, then write
+            staging.copy()
         decision = dist.broadcast(self._free_name(c.step) if ctx.rank == 0 else None, ctx.group)
         if decision.error is not None:  # rank 0 could not even list the folder: nobody writes
             raise CheckpointError(f"checkpoint at step {c.step} was not started: {decision.error}")
         name = decision.name
-        frags = dist.gather(self._write(name, c), ctx.group)
+        frags = dist.gather(self._write(name, c, staging), ctx.group)
         outcome = self._commit(name, c, frags) if ctx.rank == 0 else None
         outcome = dist.broadcast(outcome, ctx.group)
         if outcome.error is not None:
@@ -201,14 +220,18 @@ class Saver:
             attempt += 1
         return NameDecision(name=ckpt_name(step, attempt))
 
-    def _write(self, name: str, c: Captured) -> Fragment:
+    def _write(self, name: str, c: Captured, staging: Staging | None = None) -> Fragment:
         ctx, s = self.ctx, self.settings
         try:
+            if staging is not None and staging.error is not None:  # a change seen already: write nothing
+                staging.settle()
             ctx.storage.makedirs(name)
             files, entries = blobs.write_tensors(ctx.storage, name, c.tensors, rank=ctx.rank, step=c.step,
                                                  max_file_bytes=s.max_file_bytes, threads=ctx.io_threads,
                                                  chunk_bytes=s.shard_chunk_bytes)
             ctx.storage.sync_dir(name)
+            if staging is not None:  # the data is written; it is reported (and committed) only past the wait point
+                staging.settle()
             return Fragment(rank=ctx.rank, files=files, entries=entries, tree=c.rank_tree, zero=c.zero_trees)
         except Exception as exc:  # noqa: BLE001 - reported to rank 0, which then does not commit
             log.error("checkpoint %s: rank %d failed to write: %s: %s", name, ctx.rank, type(exc).__name__, exc)

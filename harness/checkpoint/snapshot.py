@@ -13,17 +13,19 @@ it cached after release.
 The copies are issued on the caller's thread, on each source device's current stream (the stream the
 caller's work on those tensors is ordered on), and :meth:`Snapshot.take` returns only after every source
 device's stream has finished them: the writer threads then read host memory that holds this step's values,
-whatever devices the state lives on and whatever stream training runs on next.
+whatever devices the state lives on and whatever stream training runs on next. :meth:`Snapshot.stage` instead
+returns once the copies are scheduled, and the copies overlap the next step (:mod:`~harness.checkpoint.staging`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from harness.checkpoint.codec import Shard
+from harness.checkpoint.staging import Staging, Watched
 
 log = logging.getLogger("harness")
 
@@ -106,14 +108,7 @@ class Snapshot:
         """``tensors`` with their device tensors (``copy_all``: every tensor) replaced by host copies in the
         buffer. Blocks until every copy has landed. CPU tensors not copied are returned as they are (a save
         that persists before returning may read them in place)."""
-        need = {k: _local(t).detach() for k, t in tensors.items() if copy_all or _local(t).device.type != "cpu"}
-        if not need:
-            self.state_bytes = 0
-            return tensors
-        pin = any(t.device.type == "cuda" for t in need.values())
-        layout = tuple((k, t.dtype, tuple(t.shape)) for k, t in need.items())
-        if layout != self._layout or (pin and not self._pin_asked):
-            self._allocate(layout, pin)
+        need = self._prepare(tensors, copy_all)
         devices = set()
         for key, src in need.items():
             dst = self._views[key]
@@ -122,7 +117,40 @@ class Snapshot:
             dst.copy_(src, non_blocking=src.device.type == "cuda" and self.pinned)
         for dev in devices:  # every source device, not only the current one
             torch.cuda.current_stream(dev).synchronize()
+        return self._swap(tensors, need)
+
+    def stage(self, tensors: dict[str, Any], late: Callable[[torch.Tensor], bool]) -> tuple[dict[str, Any], Staging]:
+        """Like ``take(copy_all=True)``, but returns once the copies are scheduled (see
+        :mod:`~harness.checkpoint.staging`): the tensors ``late`` selects (those only the optimizer step
+        changes) are copied by the returned :class:`Staging`, the others before this returns (CPU) or before
+        the caller's stream goes on (CUDA)."""
+        need = self._prepare(tensors, True)
+        cpu, cuda_now, cuda_late, watched = [], [], [], []
+        for key, src in need.items():
+            pair, on_cuda = (self._views[key], src), src.device.type == "cuda"
+            if late(src):
+                watched.append(Watched(key, src, src._version))
+                (cuda_late if on_cuda else cpu).append(pair)
+            elif on_cuda:
+                cuda_now.append(pair)
+            else:
+                pair[0].copy_(src)
+        return self._swap(tensors, need), Staging.start(cpu, cuda_now, cuda_late, watched)
+
+    def _prepare(self, tensors: dict[str, Any], copy_all: bool) -> dict[str, torch.Tensor]:
+        """The tensors to copy (detached local tensors), with a buffer laid out for them."""
+        need = {k: _local(t).detach() for k, t in tensors.items() if copy_all or _local(t).device.type != "cpu"}
         self.state_bytes = sum(_nbytes(t) for t in need.values())
+        if not need:
+            return need
+        pin = any(t.device.type == "cuda" for t in need.values())
+        layout = tuple((k, t.dtype, tuple(t.shape)) for k, t in need.items())
+        if layout != self._layout or (pin and not self._pin_asked):
+            self._allocate(layout, pin)
+        return need
+
+    def _swap(self, tensors: dict[str, Any], need: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """``tensors`` with each copied one replaced by its view in the buffer (a shard keeps its place)."""
         out = dict(tensors)
         for key in need:
             t = tensors[key]
