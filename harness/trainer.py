@@ -28,12 +28,12 @@ from harness.recipe import (WorkloadBuilder, build_optimizer, build_scheduler, f
                             seed_everything)
 from harness.stepsync import StepStats, StopVote
 from harness.storage import redact_url
+# One meaning per exit code, for `harness train` and `harness launch` alike: harness/exitcodes.py, which also maps
+# an exception to its code (ConfigError 2, CheckpointError/StorageError 3, OOM/accelerator/communication 1).
+from harness.exitcodes import EXIT_ERROR, EXIT_OK
 
 log = logging.getLogger("harness")
 
-# One meaning per exit code, for `harness train` and `harness launch` alike: harness/exitcodes.py, which also maps
-# an exception to its code (ConfigError 2, CheckpointError/StorageError 3, OOM/accelerator/communication 1).
-from harness.exitcodes import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_ERROR, EXIT_OK  # noqa: E402,F401
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
