@@ -107,17 +107,10 @@ def read_into(storage: Storage, folder: str, entries: Sequence[TensorEntry], des
         try:
             futures = [pool.submit(_run_job, reader, j, budget, verify, stop) for j in jobs]
             ring_bytes = read_to_cuda(reader, [(t.entry, t.view) for t in cuda], verify, stop) if cuda else 0
-            for fut in futures:
-                reads, nbytes = fut.result()
-                stats.reads += reads
-                stats.bytes += nbytes
         except BaseException as exc:
-            stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)  # nothing may still write when we raise
-            first = _first_error(futures, exc)
-            if first is exc:
-                raise
-            raise first from None
+            _abort(pool, futures, stop, exc)
+        try:
+            _collect(pool, futures, stop, stats)
         finally:
             pool.shutdown(wait=True)
     stats.tensors += len(targets)
@@ -140,20 +133,32 @@ def verify_entries(storage: Storage, folder: str, entries: Sequence[TensorEntry]
         stop = threading.Event()
         with cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(jobs) or 1))) as pool:
             futures = [pool.submit(_run_job, reader, j, budget, True, stop) for j in jobs]
-            try:
-                for fut in futures:
-                    reads, nbytes = fut.result()
-                    stats.reads += reads
-                    stats.bytes += nbytes
-            except BaseException as exc:
-                stop.set()
-                pool.shutdown(wait=True, cancel_futures=True)
-                first = _first_error(futures, exc)
-                if first is exc:
-                    raise
-                raise first from None
+            _collect(pool, futures, stop, stats)
     stats.tensors += len(targets)
     stats.peak_extra_bytes = max(stats.peak_extra_bytes, budget.peak)
+
+
+def _collect(pool: cf.ThreadPoolExecutor, futures: list[cf.Future], stop: threading.Event, stats: ReadStats) -> None:
+    """Wait for every read job and add up its counts; on the first failure stop the rest (see :func:`_abort`)."""
+    try:
+        for fut in futures:
+            reads, nbytes = fut.result()
+            stats.reads += reads
+            stats.bytes += nbytes
+    except BaseException as exc:
+        _abort(pool, futures, stop, exc)
+
+
+def _abort(pool: cf.ThreadPoolExecutor, futures: list[cf.Future], stop: threading.Event,
+           exc: BaseException) -> None:
+    """Stop every job and wait for them (nothing may still write into a destination when we raise), then raise
+    the error that explains the failure best."""
+    stop.set()
+    pool.shutdown(wait=True, cancel_futures=True)
+    first = _first_error(futures, exc)
+    if first is exc:
+        raise exc
+    raise first from None
 
 
 def _first_error(futures: list[cf.Future], current: BaseException) -> BaseException:
