@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""S3 I/O benchmark for harness.storage/harness.s3: multipart upload and ranged concurrent download throughput,
+"""S3 I/O benchmark for harness.storage (its s3/ backend): multipart upload and ranged concurrent download throughput,
 and the upload's peak Python memory, for several part sizes and concurrencies; then a CheckpointManager
 save/restore of one state of the same size.
 
