@@ -110,6 +110,17 @@ def write_tensors(storage: Storage, folder: str, tensors: dict[str, torch.Tensor
     return files, entries
 
 
+def read_exactly(f: IO[bytes], buf: memoryview, offset: int, what: str) -> None:
+    """Fill ``buf`` with the bytes at ``offset`` of ``f``; a file that ends early is a corrupt checkpoint."""
+    f.seek(offset)
+    got = 0
+    while got < len(buf):
+        n = f.readinto(buf[got:])
+        if not n:
+            raise CheckpointCorruptError(f"{what} is truncated (got {got} of {len(buf)} bytes at offset {offset})")
+        got += n
+
+
 def read_entries(storage: Storage, folder: str, fname: str, entries: list[TensorEntry],
                  verify: bool = True) -> dict[str, torch.Tensor]:
     """Read (and check) the given entries of one data file, in offset order, opening it once."""
@@ -118,14 +129,7 @@ def read_entries(storage: Storage, folder: str, fname: str, entries: list[Tensor
         for e in sorted(entries, key=lambda e: e.offset):
             t = torch.empty(e.shape, dtype=DTYPES[e.dtype])
             buf = byte_view(t) if e.length else memoryview(bytearray())
-            f.seek(e.offset)
-            got = 0
-            while got < e.length:
-                n = f.readinto(buf[got:])
-                if not n:
-                    raise CheckpointCorruptError(f"{folder}/{fname}: tensor {e.key!r} is truncated "
-                                                 f"(got {got} of {e.length} bytes at offset {e.offset})")
-                got += n
+            read_exactly(f, buf, e.offset, f"{folder}/{fname}: tensor {e.key!r}")
             if verify:
                 got_sum = checksum(buf)
                 if got_sum != e.checksum:
@@ -208,13 +212,7 @@ def read_rows(storage: Storage, folder: str, e: TensorEntry, r0: int, r1: int, f
     own = f is None
     f = storage.open_read(f"{folder}/{e.file}") if own else f
     try:
-        f.seek(e.offset + r0 * row)
-        got = 0
-        while got < len(buf):
-            n = f.readinto(buf[got:])
-            if not n:
-                raise CheckpointCorruptError(f"{folder}/{e.file}: tensor {e.ident!r} is truncated")
-            got += n
+        read_exactly(f, buf, e.offset + r0 * row, f"{folder}/{e.file}: tensor {e.ident!r}")
     finally:
         if own:
             f.close()

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from harness.checkpoint.blobs import read_exactly
 from harness.checkpoint.format import TensorEntry
 from harness.errors import CheckpointCorruptError
 from harness.storage import Storage
@@ -78,13 +79,7 @@ class Reader:
             return _preadv_full(self._fd(fname), bufs, offset, what)
         f = self._handle(fname)
         for buf in bufs:
-            f.seek(offset)
-            got = 0
-            while got < len(buf):
-                n = f.readinto(buf[got:])
-                if not n:
-                    raise CheckpointCorruptError(f"{what} is truncated (the file ends at byte {offset + got})")
-                got += n
+            read_exactly(f, buf, offset, what)
             offset += len(buf)
 
 

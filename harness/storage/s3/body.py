@@ -14,18 +14,15 @@ class Fresh:
     buf: Any
 
 
-class BufferBody(io.RawIOBase):
-    """A read-only, seekable file over a buffer, used as the body of an upload: aiohttp then streams it in
-    small chunks instead of slicing and joining the whole buffer (two more copies of every part in flight).
-    A fresh one is made for every attempt (a failed attempt leaves the position anywhere, or closes it)."""
+class SeekableRaw(io.RawIOBase):
+    """A read-only, seekable raw file of a known length: the position bookkeeping of :class:`BufferBody` and
+    the S3 object reader. Subclasses set ``_length`` and implement ``readinto``."""
 
-    def __init__(self, buf: Any) -> None:
+    _length = 0
+
+    def __init__(self) -> None:
         super().__init__()
-        self._mv = memoryview(buf).cast("B")
         self._pos = 0
-
-    def __len__(self) -> int:
-        return len(self._mv)
 
     def readable(self) -> bool:
         return True
@@ -37,9 +34,25 @@ class BufferBody(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._mv)}[whence]
-        self._pos = max(0, base + offset)
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
         return self._pos
+
+
+class BufferBody(SeekableRaw):
+    """A read-only, seekable file over a buffer, used as the body of an upload: aiohttp then streams it in
+    small chunks instead of slicing and joining the whole buffer (two more copies of every part in flight).
+    A fresh one is made for every attempt (a failed attempt leaves the position anywhere, or closes it)."""
+
+    def __init__(self, buf: Any) -> None:
+        super().__init__()
+        self._mv = memoryview(buf).cast("B")
+        self._length = len(self._mv)
+
+    def __len__(self) -> int:
+        return self._length
 
     def readinto(self, b: Any) -> int:
         n = max(0, min(len(b), len(self._mv) - self._pos))

@@ -4,9 +4,9 @@ buffer, pinned to the object's ETag (``If-Match``) so an object replaced mid-rea
 from __future__ import annotations
 
 import asyncio
-import io
 from typing import Any
 
+from harness.storage.s3.body import SeekableRaw
 from harness.storage.s3.client import S3Client
 from harness.storage.s3.retry import ShortReadError, client_error_info
 
@@ -119,7 +119,7 @@ async def _get(c: S3Client, bucket: str, key: str) -> bytes:
     return await c.run(f"GET {c.where(bucket, key)}", once)
 
 
-class S3Reader(io.RawIOBase):
+class S3Reader(SeekableRaw):
     """A seekable, read-only view of one object (pinned to its ETag). Reads of at least half a part go
     straight into the caller's buffer as concurrent ranged GETs; smaller reads are served from one
     part-sized block."""
@@ -127,25 +127,9 @@ class S3Reader(io.RawIOBase):
     def __init__(self, c: S3Client, path: str, size: int, etag: str | None) -> None:
         super().__init__()
         self._c, self._path, self._size, self._etag = c, path, size, etag
-        self._pos = 0
+        self._length = size
         self._block = b""
         self._block_at = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
 
     def readinto(self, b: Any) -> int:
         mv = memoryview(b).cast("B")
