@@ -34,7 +34,9 @@ def version() -> str:
             return "unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``command`` = train or launch, one without the ``ckpt`` commands' options (they
+    import the checkpoint and export layers: time a starting job does not need to spend)."""
     parser = argparse.ArgumentParser(prog="harness", description="Fault-tolerant distributed training for PyTorch",
                                      epilog=exitcodes.TABLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"harness {version()}")
@@ -46,9 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML config file (defaults are used for anything it leaves out)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value; repeatable")
-    from harness.ckpt_cli import add_ckpt_parser
+    if command in ("train", "launch"):
+        sub.add_parser("ckpt", help="inspect and manage checkpoint folders")
+        return parser
+    from harness.ckpt_parser import add_ckpt_parser
     add_ckpt_parser(sub)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not an option), if any."""
+    return next((str(a) for a in argv if not str(a).startswith("-")), None)
 
 
 def _report(outcome: exitcodes.Outcome, exc: BaseException) -> None:
@@ -128,7 +138,8 @@ def _closed_pipe() -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     stdout = sys.stdout
     sys.stdout = _PipeGuard(stdout)
     try:

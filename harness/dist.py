@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import time
 from typing import Any
 
 import torch.distributed as dist
@@ -40,6 +42,29 @@ def require_group_if_launched(what: str) -> None:
         f"GPUs), then create {what} on every rank")
 
 
+def wait_for_store_host(timeout_s: float, poll_s: float = 0.01) -> None:
+    """On a rank other than 0, before ``init_process_group``: wait until MASTER_ADDR:MASTER_PORT accepts
+    connections (a plain connect, closed at once).
+
+    Under ``harness launch`` every worker-group attempt gets a store of its own (harness/launch.py), hosted by
+    rank 0 and opened only when rank 0 reaches ``init_process_group``. A peer that gets there first is refused,
+    and torch's store client tries again only after a back-off: 0.2-0.7 s lost on about half of the (re)starts
+    measured here. Polling the port every ``poll_s`` costs nothing. Best effort: when the port is still closed
+    after ``timeout_s``, ``init_process_group`` reports whatever is wrong as usual."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if os.environ.get("RANK", "0") == "0" or not addr or not port.isdigit():
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((addr, int(port)), timeout=1.0).close()
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(poll_s)
+
+
 def new_cpu_group(timeout_s: float) -> Any:
     """A gloo group of all ranks for checkpoint coordination.
 
@@ -49,6 +74,15 @@ def new_cpu_group(timeout_s: float) -> Any:
     if not initialized():
         return None
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def broadcast_module(module: Any, src: int = 0) -> None:
+    """Rank ``src``'s parameters and buffers on every rank, in place, over the default group: what
+    DistributedDataParallel's construction does unless ``init_sync=False``. Collective."""
+    if not initialized():
+        return
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.detach(), src=src)
 
 
 def broadcast(obj: Any, group: Any, src: int = 0) -> Any:

@@ -245,17 +245,15 @@ def _check(args: LaunchArgs) -> Any:
 
 
 def _check_workload(cfg: Any) -> None:
-    """The built-in model/data options as the workers will build them, on the meta device (no memory, no
-    weights): a bad option is a ConfigError here, before any worker. Anything else the meta device cannot do
-    is left to the workers; so is a user's ``train.entry`` (its code may download or allocate)."""
+    """The built-in model/data options as the workers will build them, deferred (the model on the meta device,
+    no weights drawn, the datasets' tables not drawn): a bad option is a ConfigError here, before any worker,
+    in milliseconds. Anything else the meta device cannot do is left to the workers; so is a user's
+    ``train.entry`` (its code may download or allocate)."""
     if cfg.train.entry:
         return
-    import torch
-
     from harness import recipe
     try:
-        with torch.device("meta"):
-            recipe.workload(cfg)
+        recipe.workload(cfg, deferred=True)
     except ConfigError:
         raise
     except Exception:  # noqa: BLE001 - not a config problem: the workers build it for real

@@ -23,7 +23,7 @@ from harness.workloads import Workload, build_workload, load_entry_point
 WorkloadBuilder = Callable[[dict, dict, int], Workload]
 
 __all__ = ["WorkloadBuilder", "seed_everything", "build_optimizer", "build_scheduler", "fsdp_wrap",
-           "safe_metadata", "workload", "workload_from_dict"]
+           "safe_metadata", "workload", "materialize", "initialize", "workload_from_dict"]
 
 
 def seed_everything(seed: int) -> None:
@@ -89,18 +89,53 @@ def safe_metadata(cfg: Config) -> dict:
     return {"config": d}
 
 
-def workload(cfg: Config, builder: WorkloadBuilder | None = None) -> Workload:
+def workload(cfg: Config, builder: WorkloadBuilder | None = None, *, deferred: bool = False) -> Workload:
     """The run's Workload: ``builder`` when given, else ``train.entry``'s, else the built-in model/data.
-    A bad entry point or model/data section is a ConfigError (exit 2, found before any worker starts)."""
+    A bad entry point or model/data section is a ConfigError (exit 2, found before any worker starts).
+
+    ``deferred`` (built-in workloads only; a user's builder always builds for real): the model on the meta
+    device, initial weights not drawn; :func:`materialize` and :func:`initialize` finish it."""
     if builder is None and cfg.train.entry:
         try:
             builder = load_entry_point(cfg.train.entry)
         except ValueError as exc:
             raise ConfigError(f"train.entry: {exc}") from None
     try:
-        return (builder or build_workload)(dict(cfg.model), dict(cfg.data), cfg.train.seed)
+        if builder is None:
+            return build_workload(dict(cfg.model), dict(cfg.data), cfg.train.seed, deferred=deferred)
+        return builder(dict(cfg.model), dict(cfg.data), cfg.train.seed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def materialize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A meta-device model's parameters and buffers as uninitialized memory on ``device``: what
+    ``Module.to_empty`` does, except that a tensor two modules share (GPT's tied embedding and head) stays
+    one tensor. The caller fills every value: a restore, or :func:`initialize`."""
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table, wrap in ((module._parameters, True), (module._buffers, False)):
+            for name, t in list(table.items()):
+                if t is None:
+                    continue
+                if id(t) not in made:
+                    empty = torch.empty(t.shape, dtype=t.dtype, device=device)  # not empty_like: slow on meta
+                    made[id(t)] = torch.nn.Parameter(empty, requires_grad=t.requires_grad) if wrap else empty
+                table[name] = made[id(t)]
+    return model
+
+
+def initialize(cfg: Config, model: torch.nn.Module) -> None:
+    """Give a deferred model (:func:`materialize`) the initial weights a normal build draws, bit for bit:
+    the same seeded construction on the CPU, copied in place (the optimizer keeps its parameters)."""
+    fresh = workload(cfg).model
+    with torch.no_grad():
+        for mine, theirs in ((model.named_parameters(), fresh.named_parameters()),
+                             (model.named_buffers(), fresh.named_buffers())):
+            for (name, t), (fresh_name, value) in zip(mine, theirs, strict=True):
+                if name != fresh_name:  # one class built twice: the same names in the same order
+                    raise RuntimeError(f"initial weights: {fresh_name!r} where {name!r} was built")
+                t.copy_(value)
 
 
 def workload_from_dict(cfg: Mapping[str, Any]) -> Workload:

@@ -7,6 +7,7 @@ drawn from a private ``torch.Generator`` seeded by hashing the dataset's seed, k
 from __future__ import annotations
 
 import operator
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -64,7 +65,13 @@ def positive(name: str, value: Any) -> int:
 
 
 class SyntheticDataset(Dataset):
-    """Base: fixed length, index normalisation, per-item generator."""
+    """Base: fixed length, index normalisation, per-item generator.
+
+    Constructors only check their options; a dataset's fixed tables (teacher, prototypes, bigram table) are
+    drawn from its private generator on first use, on the CPU whatever the ambient device: the same values
+    whenever that happens, and nothing built where nothing reads an item (``harness launch`` checking a
+    config on the meta device).
+    """
 
     _salt = 0  # distinguishes dataset kinds sharing a seed
 
@@ -105,7 +112,10 @@ class SyntheticVectors(SyntheticDataset):
         self.num_classes = positive("num_classes", num_classes)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        self.teacher = torch.randn(in_features, num_classes, generator=self._param_generator())
+
+    @cached_property
+    def teacher(self) -> torch.Tensor:
+        return torch.randn(self.in_features, self.num_classes, generator=self._param_generator(), device="cpu")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.randn(self.in_features, generator=self._item_generator(index))
@@ -141,14 +151,13 @@ class SyntheticImages(SyntheticDataset):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.noise = float(noise)
-        small = torch.randn(
-            num_classes,
-            channels,
-            max(1, height // 4),
-            max(1, width // 4),
-            generator=self._param_generator(),
-        )
-        self.prototypes = F.interpolate(small, size=(height, width), mode="nearest")
+
+    @cached_property
+    def prototypes(self) -> torch.Tensor:
+        h, w = self.height, self.width
+        small = torch.randn(self.num_classes, self.channels, max(1, h // 4), max(1, w // 4),
+                            generator=self._param_generator(), device="cpu")
+        return F.interpolate(small, size=(h, w), mode="nearest")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = self._item_generator(index)
@@ -176,10 +185,13 @@ class SyntheticTokens(SyntheticDataset):
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
         self.branching = min(positive("branching", branching), vocab_size)
-        g = self._param_generator()
+
+    @cached_property
+    def successors(self) -> list[list[int]]:
         # A python list-of-lists: the per-item walk is a short Python loop and
         # list indexing there is much cheaper than tensor indexing.
-        self.successors: list[list[int]] = torch.randint(vocab_size, (vocab_size, self.branching), generator=g).tolist()
+        g = self._param_generator()
+        return torch.randint(self.vocab_size, (self.vocab_size, self.branching), generator=g, device="cpu").tolist()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = self._item_generator(index)

@@ -94,6 +94,7 @@ def init_distributed(cfg: Config) -> torch.device:
     if want_cuda:
         torch.cuda.set_device(device)  # also what the checkpoint's CUDA RNG state refers to (harness/state.py)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.initialized():
+        dist.wait_for_store_host(cfg.dist.timeout_s)  # no connect back-off if rank 0 is not there yet
         torch_dist.init_process_group(backend=backend,
                                       timeout=datetime.timedelta(seconds=cfg.dist.timeout_s),
                                       device_id=device if backend == "nccl" else None)
@@ -114,26 +115,35 @@ class Trainer:
         self.metrics: dict = {}
         self.saved_step = -1   # the step whose checkpoint is committed or in flight
         self.preempted = False
+        self.deferred = False  # the model was built without its initial weights (setup)
 
     # -- setup ----------------------------------------------------------------------------------------
 
     def setup(self) -> None:
         cfg = self.cfg
-        workload = recipe.workload(cfg, self.builder)  # config errors surface before any process group or storage work
+        # A built-in model is built without its initial weights (on the meta device): a restore overwrites
+        # every one of them, and a fresh start draws them in resume(). FSDP shards a model as it is built.
+        self.deferred = self.builder is None and not cfg.train.entry and cfg.train.parallel != "fsdp"
+        # config errors surface before any process group or storage work
+        workload = recipe.workload(cfg, self.builder, deferred=self.deferred)
         self.device = init_distributed(cfg)
         self.rank, self.world = dist.rank(), dist.world_size()
         setup_logging(self.rank)
         self.flag.install()
         watch_launcher()
-        model = workload.model.to(self.device)
+        model = (recipe.materialize(workload.model, self.device) if self.deferred
+                 else workload.model.to(self.device))
+        self.module = model  # unwrapped
         self.loss_fn, self.metric_fn = workload.loss_fn, workload.metric_fn
         parallel = cfg.train.parallel if dist.initialized() else "ddp"  # one process: nothing to shard
         if parallel == "fsdp":
             self.model = fsdp_wrap(model)
         else:
+            # Deferred: no broadcast of rank 0's weights here; every rank restores the same ones, and a fresh
+            # start broadcasts its drawn ones (resume).
             self.model = (torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-                if dist.initialized() else model)
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                init_sync=not self.deferred) if dist.initialized() else model)
         self.optimizer = build_optimizer(cfg, self.model.parameters(), zero=parallel == "zero")
         self.scheduler = build_scheduler(cfg, self.optimizer)
         use_amp = cfg.train.amp and self.device.type == "cuda"
@@ -168,6 +178,9 @@ class Trainer:
         result = self.mgr.restore(models={"model": self.model}, optimizers={"optimizer": self.optimizer},
                                   schedulers={"scheduler": self.scheduler}, scaler=self.scaler)
         if result is None:
+            if self.deferred:  # the weights a normal build draws, and rank 0's on every rank (as DDP does)
+                recipe.initialize(self.cfg, self.module)
+                dist.broadcast_module(self.module)
             log.info("no checkpoint found in %s: starting at step 0", redact_url(self.cfg.checkpoint.dir))
             self.metrics_log.write({"event": "start", "step": 0})
             return

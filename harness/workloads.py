@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import Dataset
 
 from harness.synthetic import SyntheticImages, SyntheticTokens, SyntheticVectors, SyntheticDataset, positive
@@ -371,12 +372,26 @@ _LOSSES: dict[str, tuple[Callable[[Any, Any], torch.Tensor], Callable[[Any, Any]
 }
 
 
-def build_workload(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], seed: int) -> Workload:
+class _SkipInit(TorchFunctionMode):
+    """``torch.nn.init`` draws become no-ops: the weights of a model built on the meta device have no values
+    to draw (and drawing there would import torch's compiler stack, about a second)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
+def build_workload(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], seed: int, *,
+                   deferred: bool = False) -> Workload:
     """Build a built-in workload from ``{"name": ..., **options}`` configs.
 
     The model is constructed under ``torch.manual_seed(seed)`` inside a forked
     RNG scope, so every rank gets identical weights and the caller's global
     RNG stream is left untouched.  The dataset seed defaults to ``seed``.
+
+    ``deferred``: the model is built on the meta device and its initial weights are not drawn (every option
+    is still checked): for a config check, or for a run that overwrites every weight from a checkpoint.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
@@ -390,9 +405,13 @@ def build_workload(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], se
     _reconcile(model_name, data_name, model_opts, data_opts)
     dataset = _build_dataset(data_name, data_opts, seed)
     kwargs = _model_kwargs(model_name, data_name, model_opts, dataset)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _MODELS[model_name](**kwargs)
+    if deferred:
+        with torch.device("meta"), _SkipInit():
+            model = _MODELS[model_name](**kwargs)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _MODELS[model_name](**kwargs)
     loss_fn, metric_fn = _LOSSES[model_name]
     return Workload(model=model, dataset=dataset, loss_fn=loss_fn, metric_fn=metric_fn)
 

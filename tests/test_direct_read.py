@@ -215,6 +215,40 @@ def test_without_coalescing_and_small_blocks_same_bytes(saved, monkeypatch):
     assert _raw(dest) == _raw(model.big.weight)
 
 
+def test_local_runs_are_contiguous_and_in_file_order(saved):
+    """Each local thread streams a contiguous share front to back (one readahead stream per thread); object
+    stores get one job per task, largest first."""
+    storage, name, manifest, _, _ = saved
+    targets, _ = direct_read.plan_targets(_entries(manifest), {}, "cpu", ReadStats())
+    jobs = direct_read.plan_jobs(targets, coalesce=True)
+    assert jobs == sorted(jobs, key=lambda j: (j.file, j.offset))
+    for streams in (1, 2, 3):
+        runs = direct_read.plan_runs(jobs, streams, local=True)
+        assert len(runs) == min(streams, direct_read.local_streams(streams), len(jobs))
+        assert [j for run in runs for j in run] == jobs  # every job once, order kept: contiguous runs
+    remote = direct_read.plan_runs(jobs, 4, local=False)
+    assert all(len(r) == 1 for r in remote) and len(remote) == len(jobs)
+    sizes = [r[0].end - r[0].offset for r in remote]
+    assert sizes == sorted(sizes, reverse=True)
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_any_number_of_streams_gives_the_same_bytes(saved, monkeypatch, streams):
+    storage, name, manifest, model, opt = saved
+    monkeypatch.setattr(direct_read, "BLOCK_BYTES", 64 * 1024)  # several blocks per big tensor
+    monkeypatch.setattr(direct_read, "local_streams", lambda threads: streams)
+    entries = _entries(manifest)
+    fresh = Model()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    stats = ReadStats()
+    got = read_into(storage, name, entries, destinations(entries, {"model": fresh}, {"optimizer": fresh_opt}),
+                    threads=4, stats=stats)
+    assert all(_raw(t) == _raw(model.state_dict()[k]) for k, t in fresh.state_dict().items())
+    plain = blobs.read_tensors(storage, name, entries, threads=2)
+    assert all(_raw(plain[k]) == _raw(got[k]) for k in plain)
+    assert stats.bytes == sum(e.length for e in entries)
+
+
 def test_missing_destinations_are_allocated_once_at_saved_shape(saved):
     storage, name, manifest, _, opt = saved
     entries = _entries(manifest, "state/optimizers/")

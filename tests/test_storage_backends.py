@@ -81,6 +81,24 @@ def test_write_read_list_remove(store):
     assert store.listdir() == [] and not store.exists("a")
 
 
+def test_list_tree_is_one_listing_with_sizes(store, kind):
+    """Discovery's one listing: every file under a folder with its size (folders as None where the store
+    has them; S3 has only objects), by path relative to the folder; empty for a folder that is not there."""
+    store.makedirs("s/a")
+    store.write_bytes("s/a/data.bin", b"x" * 1000)
+    store.commit_bytes("s/a/COMMIT", b"{}")
+    store.makedirs("s/b/c")
+    store.write_bytes("s/b/c/deep", b"yz")
+    store.write_bytes("s/top", b"")
+    store.write_bytes("elsewhere", b"not under s")
+    store.refresh()
+    files = {"a/data.bin": 1000, "a/COMMIT": 2, "b/c/deep": 2, "top": 0}
+    folders = {} if kind == "s3" else {"a": None, "b": None, "b/c": None}
+    assert store.list_tree("s") == {**files, **folders}
+    assert store.list_tree("s/b") == {"c/deep": 2, **({} if kind == "s3" else {"c": None})}
+    assert store.list_tree("nope") == {} and store.list_tree("s/top") == {}
+
+
 def test_ranged_reads(store):
     data = random.Random(1).randbytes(200_003)
     with store.open_write("blob") as f:

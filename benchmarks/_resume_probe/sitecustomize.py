@@ -27,12 +27,15 @@ _PATCHES = {
     "harness.trainer": [("train", "train"), ("Trainer.resume", "resume"), ("Trainer.train_step", "step")],
     "harness.lease": [("acquire", "lease")],
     "harness.storage.facade": [("Storage.check_access", "storage_check"), ("Storage.listdir", "op_list"),
-                               ("Storage.read_bytes", "op_read"), ("Storage.size", "op_head"),
-                               ("Storage.exists", "op_head"), ("Storage.open_read", "op_open")],
+                               ("Storage.list_tree", "op_list"), ("Storage.read_bytes", "op_read"),
+                               ("Storage.size", "op_head"), ("Storage.exists", "op_head"),
+                               ("Storage.open_read", "op_open")],
     "harness.storage": [("Storage.check_access", "storage_check"), ("Storage.listdir", "op_list"),
-                        ("Storage.read_bytes", "op_read"), ("Storage.size", "op_head"),
-                        ("Storage.exists", "op_head"), ("Storage.open_read", "op_open")],
-    "harness.checkpoint.discovery": [("list_checkpoints", "discovery"), ("open_checkpoint", "discovery")],
+                        ("Storage.list_tree", "op_list"), ("Storage.read_bytes", "op_read"),
+                        ("Storage.size", "op_head"), ("Storage.exists", "op_head"),
+                        ("Storage.open_read", "op_open")],
+    "harness.checkpoint.discovery": [("list_checkpoints", "discovery"), ("scan", "discovery"),
+                                     ("read_commit", "discovery"), ("open_checkpoint", "discovery")],
     "harness.checkpoint.blobs": [("read_tensors", "read"), ("read_rows", "read")],
     "harness.checkpoint.direct_read": [("read_into", "read"), ("verify_entries", "read")],
 }
@@ -57,10 +60,10 @@ def _process_start() -> float | None:
     try:
         with open("/proc/self/stat") as f:
             start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return btime + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, StopIteration):
+        with open("/proc/uptime") as f:
+            boot = time.time() - float(f.read().split()[0])  # /proc/stat's btime is whole seconds: up to 1 s off
+        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
         return None
 
 

@@ -16,6 +16,7 @@ from harness.errors import CheckpointCorruptError
 from harness.storage import Storage
 
 MAX_IOV = 500                       # buffers per preadv (Linux allows 1024)
+ADVICE: int | None = None           # posix_fadvise for local data files; None: the kernel's default readahead
 
 
 class Aborted(Exception):
@@ -23,14 +24,20 @@ class Aborted(Exception):
 
 
 class Reader:
-    """Positional reads of the data files of one checkpoint: one shared descriptor per local file
-    (``preadv`` is positional, so threads share it); elsewhere one :meth:`Storage.open_read` handle per file
-    and thread (on S3 a large ``readinto`` is a set of concurrent ranged GETs pinned to the object's ETag)."""
+    """Positional reads of the data files of one checkpoint: one descriptor per local file and thread;
+    elsewhere one :meth:`Storage.open_read` handle per file and thread (on S3 a large ``readinto`` is a set of
+    concurrent ranged GETs pinned to the object's ETag).
+
+    Local descriptors are not shared between threads although ``preadv`` would allow it: the kernel keeps its
+    readahead state per open file, and two threads reading different places through one descriptor make every
+    read look random to it (small synchronous reads instead of a streaming window). No ``fadvise`` hint: on the
+    disks measured (benchmarks/checkpoint_io.py), POSIX_FADV_SEQUENTIAL (a doubled window) and WILLNEED ahead of
+    the reads were both slower than the kernel's default readahead."""
 
     def __init__(self, storage: Storage, folder: str) -> None:
         self.storage, self.folder = storage, folder
         self.local = is_local(storage)
-        self._fds: dict[str, int] = {}
+        self._fds: list[int] = []
         self._handles: list = []
         self._mine = threading.local()
         self._lock = threading.Lock()
@@ -39,7 +46,7 @@ class Reader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for fd in self._fds.values():
+        for fd in self._fds:
             os.close(fd)
         for f in self._handles:
             with contextlib.suppress(Exception):
@@ -51,17 +58,19 @@ class Reader:
         return f"{self.folder}/{fname}"
 
     def _fd(self, fname: str) -> int:
-        with self._lock:
-            fd = self._fds.get(fname)
-            if fd is None:
-                path = self.storage.local_path(self.where(fname))
-                if path is None:
-                    raise RuntimeError(f"{self.where(fname)} is not a local file")  # only used when is_local
-                fd = os.open(path, os.O_RDONLY)
+        mine = self._mine.__dict__.setdefault("fds", {})
+        fd = mine.get(fname)
+        if fd is None:
+            path = self.storage.local_path(self.where(fname))
+            if path is None:
+                raise RuntimeError(f"{self.where(fname)} is not a local file")  # only used when is_local
+            fd = mine[fname] = os.open(path, os.O_RDONLY)
+            if ADVICE is not None:
                 with contextlib.suppress(OSError, AttributeError):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                self._fds[fname] = fd
-            return fd
+                    os.posix_fadvise(fd, 0, 0, ADVICE)
+            with self._lock:
+                self._fds.append(fd)
+        return fd
 
     def _handle(self, fname: str):  # noqa: ANN202 - whatever Storage.open_read returns
         mine = self._mine.__dict__.setdefault("files", {})

@@ -9,6 +9,9 @@ and the bytes land there directly:
   local files (:meth:`Storage.local_path`), ``readinto`` of a :meth:`Storage.open_read` handle elsewhere), in blocks, each hashed while it is still in cache;
 - neighbouring small tensors of one file are fetched with one read (one ``preadv`` scattering into all of
   them on local disk; one ranged read into a bounded scratch buffer elsewhere);
+- local files are read by a few threads (at most one per CPU), each streaming a contiguous share of the
+  checkpoint front to back through its own descriptors, so the kernel's readahead sees one sequential reader
+  per thread (see :func:`plan_runs`); object stores by ``threads`` tasks, largest read first;
 - any other destination (non-contiguous, another dtype, another device type) gets a staging buffer that is
   verified before it is copied in, so a corrupt entry never reaches such a destination;
 - a CUDA destination is filled through a small ring of pinned host buffers: read -> checksum -> host-to-device
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import math
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
@@ -45,11 +49,15 @@ from harness.storage import Storage
 
 MIB = 1 << 20
 DEFAULT_MEMORY_BUDGET = 256 * MIB   # staging and scratch buffers, all threads together
-BLOCK_BYTES = 8 * MIB               # local reads: big enough for the disk, small enough to hash while cached
+# Local reads: the kernel's readahead streams ahead of the reader whatever the read size, so a small read only
+# lets each MiB be copied and hashed (from L2) while the next arrives; measured, 8 MiB reads were ~25% slower
+# cold and ~8% warm than 1 MiB (benchmarks/checkpoint_io.py, 2-core VM).
+BLOCK_BYTES = 1 * MIB
 REMOTE_BLOCK_BYTES = 64 * MIB       # object stores: one readinto of this size is a set of concurrent ranged GETs
 SMALL_BYTES = 1 * MIB               # entries up to this size are coalesced with their neighbours
 COALESCE_SPAN = 16 * MIB            # one coalesced read covers at most this many bytes
 COALESCE_GAP = 64 * 1024            # read through at most this much padding between neighbours
+LOCAL_STREAMS = 0                   # cap on threads reading local files (0: one per CPU, see local_streams)
 
 Destination = Union[torch.Tensor, torch.device, str]
 
@@ -101,11 +109,11 @@ def read_into(storage: Storage, folder: str, entries: Sequence[TensorEntry], des
     with Reader(storage, folder) as reader:
         stop = threading.Event()
         jobs = plan_jobs(host, coalesce=coalesce)
-        pool = cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(jobs) or 1)),
-                                     thread_name_prefix="harness-read")
+        runs = plan_runs(jobs, threads, reader.local)
+        pool = cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(runs))), thread_name_prefix="harness-read")
         futures: list[cf.Future] = []
         try:
-            futures = [pool.submit(_run_job, reader, j, budget, verify, stop) for j in jobs]
+            futures = [pool.submit(_run_jobs, reader, run, budget, verify, stop) for run in runs]
             ring_bytes = read_to_cuda(reader, [(t.entry, t.view) for t in cuda], verify, stop) if cuda else 0
         except BaseException as exc:
             _abort(pool, futures, stop, exc)
@@ -129,10 +137,10 @@ def verify_entries(storage: Storage, folder: str, entries: Sequence[TensorEntry]
     targets = [_Target(e, None, False) for e in entries]
     budget = Budget(memory_budget)
     with Reader(storage, folder) as reader:
-        jobs = plan_jobs(targets, coalesce=True)
+        runs = plan_runs(plan_jobs(targets, coalesce=True), threads, reader.local)
         stop = threading.Event()
-        with cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(jobs) or 1))) as pool:
-            futures = [pool.submit(_run_job, reader, j, budget, True, stop) for j in jobs]
+        with cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(runs)))) as pool:
+            futures = [pool.submit(_run_jobs, reader, run, budget, True, stop) for run in runs]
             _collect(pool, futures, stop, stats)
     stats.tensors += len(targets)
     stats.peak_extra_bytes = max(stats.peak_extra_bytes, budget.peak)
@@ -223,11 +231,54 @@ def plan_jobs(targets: Sequence[_Target], *, coalesce: bool) -> list[_Job]:
             job = _Job(fname, e.offset, e.offset + e.length, [t])
             jobs.append(job)
             open_job = job if small else None
-    # Largest first keeps the threads busy to the end; ties keep file order (sequential on disk).
-    return sorted(jobs, key=lambda j: -(j.end - j.offset))
+    return sorted(jobs, key=lambda j: (j.file, j.offset))
+
+
+def local_streams(threads: int) -> int:
+    """How many threads read a local checkpoint: ``threads``, but at most one per CPU this process may run on.
+    A read is a kernel copy plus a hash, both CPU work, so more threads than CPUs only contend; and each thread
+    is one more concurrent stream for the disk, which on the virtual disk measured (benchmarks/checkpoint_io.py)
+    cost bandwidth rather than adding it."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(threads, cpus, LOCAL_STREAMS or cpus))
+
+
+def plan_runs(jobs: Sequence[_Job], threads: int, local: bool) -> list[list[_Job]]:
+    """The jobs each thread runs, in order. Local files: contiguous runs of about equal bytes, in file and
+    offset order, so each thread streams its share front to back and the kernel's readahead keeps ahead of it.
+    Elsewhere (object stores: latency, not seeks) one job per task, largest first, so threads stay busy to the
+    end."""
+    if not jobs:
+        return []
+    if not local:
+        return [[j] for j in sorted(jobs, key=lambda j: -(j.end - j.offset))]
+    n = min(local_streams(threads), len(jobs))
+    total = sum(j.end - j.offset for j in jobs)
+    runs: list[list[_Job]] = [[]]
+    done = 0
+    for j in jobs:
+        # start the next run once this one holds its share (a job is never split: its hash is sequential)
+        if runs[-1] and len(runs) < n and done >= total * len(runs) / n:
+            runs.append([])
+        runs[-1].append(j)
+        done += j.end - j.offset
+    return runs
 
 
 # -- reading ---------------------------------------------------------------------------------------------
+
+def _run_jobs(reader: Reader, jobs: list[_Job], budget: Budget, verify: bool,
+              stop: threading.Event) -> tuple[int, int]:
+    """Run ``jobs`` in order in this thread; returns (read calls, tensor bytes delivered)."""
+    reads = nbytes = 0
+    for job in jobs:
+        r, n = _run_job(reader, job, budget, verify, stop)
+        reads, nbytes = reads + r, nbytes + n
+    return reads, nbytes
+
 
 def _run_job(reader: Reader, job: _Job, budget: Budget, verify: bool, stop: threading.Event) -> tuple[int, int]:
     """Run one job; returns (read calls, tensor bytes delivered)."""

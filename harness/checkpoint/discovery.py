@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 from harness.checkpoint import blobs
 from harness.checkpoint.format import (COMMIT_FILE, COMMIT_SUMMARY_KEYS, MANIFEST_FILE, MAX_COMMIT_BYTES,
@@ -21,33 +22,62 @@ class CheckpointInfo:
     committed: bool
     commit: dict = field(default_factory=dict)
     problem: str | None = None  # why the commit record itself is unreadable, if it is
+    files: dict[str, int] | None = None  # the folder's files and their sizes, from the listing
+    commit_read: bool = False   # whether ``commit``/``problem`` say what the record holds (it is read lazily)
 
 
-def list_checkpoints(storage: Storage, committed_only: bool = True) -> list[CheckpointInfo]:
-    """Checkpoint folders, oldest first. Only folders with a commit record exist for readers."""
+def scan(storage: Storage) -> list[CheckpointInfo]:
+    """Every checkpoint folder, oldest first, from one listing of the folder (on S3 one paginated
+    ListObjectsV2 of the prefix, not a HEAD per checkpoint): committed or not (whether its commit record
+    exists) and the size of each of its files. Commit records are not read: :func:`read_commits` does
+    that, lazily."""
     storage.refresh()
-    out = []
-    for name in storage.listdir():
-        parsed = parse_name(name)
-        if parsed is None:
+    folders: dict[str, dict[str, int]] = {}
+    for rel, size in storage.list_tree().items():
+        top, _, inner = rel.partition("/")
+        if parse_name(top) is None:
             continue
-        info = CheckpointInfo(name=name, step=parsed[0], attempt=parsed[1], committed=False)
-        try:
-            info.commit = read_commit(storage, name)
-            info.committed = True
-        except FileNotFoundError:
-            pass
-        except CheckpointError as exc:
-            info.committed, info.problem = True, str(exc)  # a commit record exists but is damaged
-        if info.committed or not committed_only:
-            out.append(info)
+        files = folders.setdefault(top, {})
+        if inner and size is not None:
+            files[inner] = size
+    out = []
+    for name, files in folders.items():
+        step, attempt = parse_name(name)  # type: ignore[misc]
+        out.append(CheckpointInfo(name=name, step=step, attempt=attempt, committed=COMMIT_FILE in files,
+                                  files=files))
     return sorted(out, key=lambda i: (i.step, i.attempt))
 
 
-def read_commit(storage: Storage, name: str) -> dict:
-    """The parsed commit record of ``name``; FileNotFoundError if it has none."""
+def read_commits(storage: Storage, infos: Iterable[CheckpointInfo]) -> Iterator[CheckpointInfo]:
+    """``infos`` in their order, each committed one's commit record read as it is reached (once): a caller
+    that stops early (restore's walk back stops at the first checkpoint that verifies) reads no older
+    record. A damaged record sets ``problem``; one gone since the listing makes the folder uncommitted;
+    a failing store (StorageError, OSError) raises: it is not a damaged checkpoint."""
+    for info in infos:
+        if info.committed and not info.commit_read:
+            size = None if info.files is None else info.files.get(COMMIT_FILE)
+            try:
+                info.commit = read_commit(storage, info.name, size)
+            except FileNotFoundError:
+                info.committed = False
+            except CheckpointError as exc:
+                info.problem = str(exc)  # a commit record exists but is damaged
+            info.commit_read = True
+        yield info
+
+
+def list_checkpoints(storage: Storage, committed_only: bool = True) -> list[CheckpointInfo]:
+    """Checkpoint folders, oldest first, every commit record read (retention, ``harness ckpt list`` and
+    prune need them all). Only folders with a commit record exist for readers."""
+    return [i for i in read_commits(storage, scan(storage)) if i.committed or not committed_only]
+
+
+def read_commit(storage: Storage, name: str, size: int | None = None) -> dict:
+    """The parsed commit record of ``name``; FileNotFoundError if it has none. ``size``: the record's size
+    as a listing gave it (saves a HEAD)."""
     rel = f"{name}/{COMMIT_FILE}"
-    size = storage.size(rel)
+    if size is None:
+        size = storage.size(rel)
     if size is None:
         raise FileNotFoundError(rel)
     if size > MAX_COMMIT_BYTES:
@@ -55,18 +85,26 @@ def read_commit(storage: Storage, name: str) -> dict:
     return parse_commit(storage.read_bytes(rel))
 
 
-def open_checkpoint(storage: Storage, name: str) -> Manifest:
-    """Read and validate commit record and manifest, and check every data file's size."""
-    try:
-        commit = read_commit(storage, name)
-    except FileNotFoundError:
-        raise CheckpointError(f"{name}: no commit record (the save never completed)") from None
+def open_checkpoint(storage: Storage, name: str, listed: CheckpointInfo | None = None) -> Manifest:
+    """Read and validate commit record and manifest, and check every data file's size. ``listed``: what
+    :func:`scan` (and :func:`read_commits`) found for ``name``: its commit record and file sizes are used
+    instead of reading them again (no HEAD per file)."""
+    files = listed.files if listed is not None else None
+    if listed is not None and listed.commit_read and listed.committed:
+        if listed.problem is not None:
+            raise CheckpointError(listed.problem)
+        commit = listed.commit
+    else:
+        try:
+            commit = read_commit(storage, name, None if files is None else files.get(COMMIT_FILE))
+        except FileNotFoundError:
+            raise CheckpointError(f"{name}: no commit record (the save never completed)") from None
     parsed = parse_name(name)
     if parsed is not None and parsed[0] != commit["step"]:
         raise CheckpointFormatError(f"{name}: commit record says step {commit['step']}, the folder name says "
                                     f"{parsed[0]}")
     rel = f"{name}/{MANIFEST_FILE}"
-    size = storage.size(rel)
+    size = storage.size(rel) if files is None else files.get(MANIFEST_FILE)
     if size is None:
         raise CheckpointCorruptError(f"{name}: manifest.json is missing")
     if size != commit["manifest"]["size"] or size > MAX_MANIFEST_BYTES:
@@ -80,7 +118,7 @@ def open_checkpoint(storage: Storage, name: str) -> Manifest:
         if key in manifest.raw and key in commit and commit[key] != manifest.raw[key]:
             raise CheckpointFormatError(f"{name}: commit record disagrees with the manifest on {key!r}")
     for fname, want in manifest.files.items():
-        got = storage.size(f"{name}/{fname}")
+        got = storage.size(f"{name}/{fname}") if files is None else files.get(fname)
         if got is None:
             raise CheckpointCorruptError(f"{name}: data file {fname} is missing")
         if got != want:

@@ -55,13 +55,18 @@ class CheckpointManager:
     A change of a saved tensor before that call is detected (each tensor's in-place version counter) and
     the save fails with a CheckpointError, nothing committed, rather than mixing two steps. Without
     ``overlap`` a save waits for its copy before returning, as safe as ever with no call needed.
+
+    A background save's checksums, writes and fsync run on threads at the lowest CPU priority
+    (``writer_priority="idle"``: Linux ``SCHED_IDLE``), so they take only CPU time training leaves unused;
+    once anything waits for the save (the next save, ``wait()``, ``close()``) the rest runs at the waiter's
+    priority. ``writer_priority="normal"`` makes the writers compete with training as ordinary threads.
     """
 
     def __init__(self, dir: str, *, keep_last: int = 3, keep_best: int = 0, best_metric: str = "loss",
                  best_mode: str = "min", async_save: bool = False, storage_options: dict | None = None,
                  max_file_bytes: int = 256 << 20, io_threads: int = 4, timeout_s: float = 600.0,
                  split_replicated: bool = False, shard_chunk_bytes: int = blobs.CHUNK_BYTES,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, writer_priority: str = "idle") -> None:
         dist.require_group_if_launched("CheckpointManager")  # torchrun without init_process_group: refuse
         self.storage = Storage(dir, storage_options)
         self.rank, self.world_size = dist.rank(), dist.world_size()
@@ -70,7 +75,8 @@ class CheckpointManager:
         self._check_storage(write=not read_only)
         settings = SaveSettings(max_file_bytes=max_file_bytes, shard_chunk_bytes=shard_chunk_bytes,
                                 split_replicated=split_replicated,
-                                policy=retention.RetentionPolicy(keep_last, keep_best, best_metric, best_mode))
+                                policy=retention.RetentionPolicy(keep_last, keep_best, best_metric, best_mode),
+                                writer_priority=writer_priority)
         self._saver = Saver(self._ctx, settings, async_save)
 
     def _check_storage(self, write: bool) -> None:

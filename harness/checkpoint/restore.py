@@ -1,9 +1,11 @@
 """Restore: choose a checkpoint, read it (or receive it), apply it. Collective.
 
-One flow: rank 0 walks back from the newest committed checkpoint (:func:`select.walk_back`) and broadcasts
-its :class:`Choice`; the ranks read the chosen one with the :class:`Strategy` it needs and agree on a
-verdict (:func:`errors.agree`); a damaged checkpoint sends everyone back to the walk, anything else fails
-on every rank alike; then every rank applies what it read to its objects, and they agree again.
+One flow: rank 0 walks back from the newest committed checkpoint (:func:`select.walk_back`) over one
+listing of the folder (sizes included: no HEAD per file), reading commit records only as the walk reaches
+them, and broadcasts its :class:`Choice` with the chosen manifest (no other rank reads it again); the ranks
+read the chosen one with the :class:`Strategy` it needs and agree on a verdict (:func:`errors.agree`); a
+damaged checkpoint sends everyone back to the walk, anything else fails on every rank alike; then every
+rank applies what it read to its objects, and they agree again.
 
 Two strategies:
 
@@ -32,7 +34,7 @@ from harness.checkpoint import blobs, codec, direct_read, select, sharded
 from harness.checkpoint.apply import RestoreOptions, RestoreResult, apply
 from harness.checkpoint.context import Ctx
 from harness.checkpoint.destinations import destinations
-from harness.checkpoint.discovery import list_checkpoints, open_checkpoint
+from harness.checkpoint.discovery import CheckpointInfo, open_checkpoint, read_commits, scan
 from harness.checkpoint.errors import Problem, Severity, agree, is_resource_error, problem_of, raise_resource
 from harness.checkpoint.format import DTYPES, Manifest
 from harness.checkpoint.kinds import Targets
@@ -55,14 +57,17 @@ class Choice:
     error: str | None = None                    # nothing usable where something had to be
     missing_step: bool = False                  # the error is "nothing valid at the step asked for"
     problem: Problem | None = None              # rank 0 failed to choose for a reason that is not the store's
+    # The chosen checkpoint's manifest as rank 0 opened and checked it (raw, files, tensors; a Manifest
+    # itself does not pickle): the other ranks need not read commit record and manifest again.
+    manifest: tuple[dict, dict, dict] | None = None
 
 
 @dataclass
 class Prefetched:
-    """Rank 0, Broadcast: what it read (and verified) while choosing."""
+    """Rank 0: what it read while choosing: the manifest, and for Broadcast every tensor (verified)."""
 
     manifest: Manifest
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor] | None   # None: Together (only opened; the ranks read it)
 
 
 @dataclass
@@ -77,7 +82,8 @@ class Loaded:
 class Strategy(Protocol):
     damage_possible: bool  # whether reading may find damage rank 0 did not rule out while choosing
 
-    def read(self, ctx: Ctx, name: str, prefetched: Prefetched | None, targets: Targets) -> Any: ...
+    def read(self, ctx: Ctx, name: str, manifest: Manifest, prefetched: Prefetched | None,
+             targets: Targets) -> Any: ...
 
     def finish(self, ctx: Ctx, got: Any, targets: Targets) -> Loaded: ...
 
@@ -85,10 +91,10 @@ class Strategy(Protocol):
 class Broadcast:
     damage_possible = False
 
-    def read(self, ctx: Ctx, name: str, prefetched: Prefetched | None, targets: Targets) -> Prefetched:
+    def read(self, ctx: Ctx, name: str, manifest: Manifest, prefetched: Prefetched | None,
+             targets: Targets) -> Prefetched:
         if prefetched is not None:
             return prefetched
-        manifest = open_checkpoint(ctx.storage, name)
         own = manifest.raw["ranks"][ctx.rank] if ctx.rank < manifest.world_size else None
         keys = set(codec.tensor_refs(own))
         entries = [e for e in manifest.tensors.values() if e.key in keys]
@@ -104,8 +110,8 @@ class Broadcast:
 class Together:
     damage_possible = True
 
-    def read(self, ctx: Ctx, name: str, prefetched: Prefetched | None, targets: Targets) -> Loaded:
-        manifest = open_checkpoint(ctx.storage, name)
+    def read(self, ctx: Ctx, name: str, manifest: Manifest, prefetched: Prefetched | None,
+             targets: Targets) -> Loaded:  # rank 0 only opened it while choosing: it reads its share too
         state, mine = sharded.load(ctx.storage, name, manifest, rank=ctx.rank, world=ctx.world_size,
                                    targets=targets, threads=ctx.io_threads)
         return Loaded(manifest, state, mine)
@@ -130,7 +136,8 @@ def restore(ctx: Ctx, targets: Targets, opts: RestoreOptions) -> RestoreResult |
             log.info("no checkpoint in %s: starting fresh", redact_url(ctx.storage.url))
             return None
         strategy: Strategy = Together() if choice.together else Broadcast()
-        loaded = _read_agreed(ctx, strategy, choice.name, prefetched, targets)
+        manifest = _manifest(choice, prefetched)
+        loaded = _read_agreed(ctx, strategy, choice.name, manifest, prefetched, targets)
         if isinstance(loaded, Loaded):
             break
         log.error("checkpoint %s is not usable, trying an older one: %s", choice.name, loaded.why)
@@ -158,13 +165,22 @@ class _Probe:
     def __init__(self, ctx: Ctx, targets: Targets, sharded_targets: bool) -> None:
         self.ctx, self.targets, self.sharded_targets = ctx, targets, sharded_targets
         self.filled: set[str] = set()   # keys of live tensors a read has written into
+        self.listing: list[CheckpointInfo] | None = None   # one listing per restore, walk-backs included
 
-    def __call__(self, name: str) -> Prefetched | None:
+    def candidates(self, step: int | None, passed: set[str]) -> list[CheckpointInfo]:
+        """The checkpoint folders (at ``step``) not ``passed`` over yet, newest first, from one listing;
+        their commit records are not read yet."""
+        if self.listing is None:
+            self.listing = scan(self.ctx.storage)
+        return [i for i in reversed(self.listing) if (step is None or i.step == step) and i.name not in passed]
+
+    def __call__(self, name: str) -> Prefetched:
         ctx = self.ctx
-        manifest = open_checkpoint(ctx.storage, name)
+        listed = next((i for i in self.listing or () if i.name == name), None)
+        manifest = open_checkpoint(ctx.storage, name, listed)  # sizes from the listing: no HEADs
         if self.sharded_targets or manifest.raw.get("sharding", "replicated") != "replicated":
             self._must_cover(name, set())
-            return None
+            return Prefetched(manifest, None)
         own = manifest.raw["ranks"][0] if manifest.raw["ranks"] else None  # this rank's RNG and data cursor
         rep = set(codec.tensor_refs(manifest.raw["state"])) | set(codec.tensor_refs(own))
         entries = [e for e in manifest.tensors.values() if e.key in rep]
@@ -206,13 +222,15 @@ def _choose(ctx: Ctx, step: int | None, probe: _Probe,
             passed: list[tuple[str, str]]) -> tuple[Choice, Prefetched | None]:
     """Rank 0: the newest checkpoint (at ``step``) not ``passed`` over already that verifies: read whole
     and verified here (Broadcast), or only opened (Together: the ranks verify it reading it)."""
-    matching = [i for i in reversed(list_checkpoints(ctx.storage, committed_only=False))
-                if step is None or i.step == step]
-    gone = {n for n, _ in passed}
-    info, prefetched, skipped = select.walk_back([i for i in matching if i.name not in gone], probe,
+    matching = probe.candidates(step, {n for n, _ in passed})
+    # Commit records are read as the walk reaches them: it stops at the first that verifies, so the
+    # records of older checkpoints are never read. A failing store raises out of the walk (not damage).
+    info, prefetched, skipped = select.walk_back(read_commits(ctx.storage, matching), probe,
                                                  level=logging.ERROR)
     if info is not None:
-        return Choice(name=info.name, skipped=tuple(skipped), together=prefetched is None), prefetched
+        m = prefetched.manifest
+        return Choice(name=info.name, skipped=tuple(skipped), together=prefetched.tensors is None,
+                      manifest=(m.raw, m.files, m.tensors)), prefetched
     if step is not None:
         return Choice(skipped=tuple(skipped), missing_step=True,
                       error=f"no valid checkpoint at step {step} in {redact_url(ctx.storage.url)}"), None
@@ -223,13 +241,22 @@ def _choose(ctx: Ctx, step: int | None, probe: _Probe,
     return Choice(skipped=tuple(skipped)), None
 
 
-def _read_agreed(ctx: Ctx, strategy: Strategy, name: str, prefetched: Prefetched | None,
+def _manifest(choice: Choice, prefetched: Prefetched | None) -> Manifest:
+    """The chosen checkpoint's manifest: rank 0 opened it while choosing, the others received it."""
+    if prefetched is not None:
+        return prefetched.manifest
+    assert choice.manifest is not None, "rank 0 names a checkpoint with its manifest"
+    raw, files, tensors = choice.manifest
+    return Manifest(raw=raw, files=files, tensors=tensors)
+
+
+def _read_agreed(ctx: Ctx, strategy: Strategy, name: str, manifest: Manifest, prefetched: Prefetched | None,
                  targets: Targets) -> Loaded | Problem:
     """Every rank reads its part; all agree. A DAMAGED verdict is returned (walk back); a resource failure
     is re-raised with its type on every rank; any other failure is a CheckpointError on every rank."""
     got, problem, own = None, None, None
     try:
-        got = strategy.read(ctx, name, prefetched, targets)
+        got = strategy.read(ctx, name, manifest, prefetched, targets)
     except Exception as exc:  # noqa: BLE001 - every rank must learn that one failed, or others hang later
         own, problem = exc, problem_of(exc, ctx.rank, damage_possible=strategy.damage_possible)
         log.error("rank %d could not load %s: %s", ctx.rank, name, problem.why)

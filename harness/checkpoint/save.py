@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import logging
 import math
 import platform
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,7 +22,8 @@ import torch
 
 from harness import dist, faults
 from harness._version import __version__
-from harness.checkpoint import blobs, codec, retention, sharded
+from harness.checkpoint import blobs, codec, retention, sharded, stepwrite
+from harness.checkpoint.background import YieldingPool
 from harness.checkpoint.context import Ctx
 from harness.checkpoint.format import (CHECKSUM_ALGORITHM, COMMIT_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
                                        TensorEntry, ckpt_name, dumps, make_commit, parse_name)
@@ -36,6 +38,13 @@ log = logging.getLogger("harness")
 
 Tensors = dict[str, "torch.Tensor | codec.Shard"]
 
+# A background save still writing this far (a fraction of the time since the previous save) into the interval
+# to the next one goes on at normal priority: it must be done before the next save waits for it. Early, as
+# the worst case is a machine with no idle CPU at all: the writing then competes with training as it did
+# before there were idle-priority writers, and needs most of the interval (measured: a 0.5 deadline left
+# 635 MB unfinished at the next save, 5 steps later, on the loaded 2-core machine).
+HURRY_AFTER = 0.25
+
 
 @dataclass(frozen=True)
 class SaveSettings:
@@ -43,6 +52,10 @@ class SaveSettings:
     shard_chunk_bytes: int
     split_replicated: bool       # ranks share the writes of replicated state (greedy by size)
     policy: retention.RetentionPolicy
+    # CPU priority of a background save's writers (checksums, writes, fsync): "idle" yields every core
+    # training wants, "normal" competes with it. Either way a save that is waited on finishes at the
+    # waiter's priority (see harness.checkpoint.background).
+    writer_priority: str = "idle"
 
 
 @dataclass
@@ -135,12 +148,16 @@ def my_writes(replicated: Tensors, own: Tensors, ctx: Ctx, split: bool) -> Tenso
 class Saver:
     """Saves of one CheckpointManager: capture on the caller's thread, then persist (inline, or on a background
     thread with ``async_save`` after a host snapshot, or with ``overlap`` after scheduling it: see
-    :mod:`~harness.checkpoint.staging`). At most one save in flight."""
+    :mod:`~harness.checkpoint.staging`). At most one save in flight. A background save's data files are
+    written by low-priority threads until somebody waits for it (:mod:`~harness.checkpoint.background`)."""
 
     def __init__(self, ctx: Ctx, settings: SaveSettings, async_save: bool) -> None:
         self.ctx, self.settings = ctx, settings
         self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-ckpt") if async_save else None
+        self.writer = YieldingPool(ctx.io_threads, settings.writer_priority) if async_save else None
         self.pending: cf.Future | None = None
+        self.urgent: threading.Event | None = None  # set once the save in flight is waited on
+        self._last_save = time.monotonic()  # of the previous save() call, or of the start (the first interval)
         self.staging: Staging | None = None  # an overlapped snapshot before its wait point
         self.snapshot = Snapshot()
         self.last_saved: str | None = None
@@ -164,8 +181,10 @@ class Saver:
             captured.tensors = self.snapshot.take(captured.tensors, copy_all=True)
         log.info("checkpoint step %d: snapshot %s in %.3f s (%s), persisting in background", step,
                  "scheduled" if overlap else "taken", time.perf_counter() - t0, self.snapshot.describe())
-        self.staging = staging
-        self.pending = self.pool.submit(self.persist, captured, staging)
+        self.staging, self.urgent = staging, threading.Event()
+        now = time.monotonic()
+        deadline, self._last_save = now + HURRY_AFTER * (now - self._last_save), now
+        self.pending = self.pool.submit(self.persist, captured, staging, self.urgent, deadline)
 
     def before_mutation(self) -> None:
         """The caller is about to change the saved tensors: order that after an overlapped snapshot's copies."""
@@ -177,6 +196,9 @@ class Saver:
         self.before_mutation()  # the caller changes nothing while it waits: the snapshot may commit
         pending, self.pending = self.pending, None
         if pending is not None:
+            if not pending.done():  # somebody waits now: the rest of the writing leaves low priority
+                self.urgent.set()
+                self.writer.poke()
             pending.result()
 
     def close(self) -> None:
@@ -186,19 +208,25 @@ class Saver:
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
                 self.pool = None
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
             self.snapshot.release()
 
     # -- persist (collective) -------------------------------------------------------------------------
 
-    def persist(self, c: Captured, staging: Staging | None = None) -> str:
+    def persist(self, c: Captured, staging: Staging | None = None, urgent: threading.Event | None = None,
+                deadline: float | None = None) -> str:
+        """Write and commit ``c``. ``urgent`` (background saves): the data files go to the low-priority
+        writers until it is set, or until ``deadline`` (``time.monotonic()``)."""
         ctx = self.ctx
-        if staging is not None:  # this thread is the copy thread: copy first, then write
+        if staging is not None:  # this thread is the copy thread (normal priority): copy first, then write
             staging.copy()
         decision = dist.broadcast(self._free_name(c.step) if ctx.rank == 0 else None, ctx.group)
         if decision.error is not None:  # rank 0 could not even list the folder: nobody writes
             raise CheckpointError(f"checkpoint at step {c.step} was not started: {decision.error}")
         name = decision.name
-        frags = dist.gather(self._write(name, c, staging), ctx.group)
+        frags = dist.gather(self._write(name, c, staging, urgent, deadline), ctx.group)
         outcome = self._commit(name, c, frags) if ctx.rank == 0 else None
         outcome = dist.broadcast(outcome, ctx.group)
         if outcome.error is not None:
@@ -220,15 +248,22 @@ class Saver:
             attempt += 1
         return NameDecision(name=ckpt_name(step, attempt))
 
-    def _write(self, name: str, c: Captured, staging: Staging | None = None) -> Fragment:
+    def _write(self, name: str, c: Captured, staging: Staging | None = None,
+               urgent: threading.Event | None = None, deadline: float | None = None) -> Fragment:
         ctx, s = self.ctx, self.settings
         try:
             if staging is not None and staging.error is not None:  # a change seen already: write nothing
                 staging.settle()
             ctx.storage.makedirs(name)
-            files, entries = blobs.write_tensors(ctx.storage, name, c.tensors, rank=ctx.rank, step=c.step,
-                                                 max_file_bytes=s.max_file_bytes, threads=ctx.io_threads,
-                                                 chunk_bytes=s.shard_chunk_bytes)
+            if urgent is not None and self.writer is not None:
+                files, entries = stepwrite.write_tensors(ctx.storage, name, c.tensors, rank=ctx.rank, step=c.step,
+                                                         max_file_bytes=s.max_file_bytes,
+                                                         chunk_bytes=s.shard_chunk_bytes, pool=self.writer,
+                                                         urgent=urgent, deadline=deadline)
+            else:
+                files, entries = blobs.write_tensors(ctx.storage, name, c.tensors, rank=ctx.rank, step=c.step,
+                                                     max_file_bytes=s.max_file_bytes, threads=ctx.io_threads,
+                                                     chunk_bytes=s.shard_chunk_bytes)
             ctx.storage.sync_dir(name)
             if staging is not None:  # the data is written; it is reported (and committed) only past the wait point
                 staging.settle()

@@ -11,7 +11,7 @@ import logging
 from typing import Any, Callable, Iterable, TypeVar
 
 from harness.checkpoint import blobs, codec
-from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints, open_checkpoint
+from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints, open_checkpoint, read_commits, scan
 from harness.checkpoint.errors import is_resource_error
 from harness.checkpoint.format import Manifest
 from harness.checkpoint.retention import RetentionPolicy, best as best_of
@@ -65,17 +65,19 @@ def best_policy(storage: Storage, infos: list[CheckpointInfo], metric: str | Non
 
 
 def candidates(storage: Storage, *, step: int | None = None, best: bool = False, metric: str | None = None,
-               mode: str | None = None) -> tuple[list[CheckpointInfo], str]:
-    """Committed checkpoints in order of preference, and a few words saying how they were ordered."""
+               mode: str | None = None) -> tuple[Iterable[CheckpointInfo], str]:
+    """Committed checkpoints in order of preference, and a few words saying how they were ordered. The
+    newest (or at a step) come from one listing with their commit records read as they are walked (a
+    lazy iterable); the best needs every record."""
     if best and step is not None:
         raise HarnessError("choose either a step or the best checkpoint, not both")
     if mode is not None and mode not in ("min", "max"):
         raise HarnessError(f"mode must be 'min' or 'max', got {mode!r}")
+    if not best:
+        chosen = [i for i in reversed(scan(storage)) if i.committed and (step is None or i.step == step)]
+        return read_commits(storage, chosen), (f"step {step}" if step is not None else "newest")
     infos = list_checkpoints(storage)
     where = redact_url(storage.url)
-    if not best:
-        chosen = [i for i in reversed(infos) if step is None or i.step == step]
-        return chosen, (f"step {step}" if step is not None else "newest")
     metric, mode = best_policy(storage, infos, metric, mode)
     usable = [i for i in infos if i.problem is None]
     ranked = best_of(usable, RetentionPolicy(keep_last=0, keep_best=0, best_metric=metric, best_mode=mode),

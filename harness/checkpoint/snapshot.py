@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from harness.checkpoint.codec import Shard
-from harness.checkpoint.staging import Staging, Watched
+from harness.checkpoint.staging import Staging, Watched, host_copy
 
 log = logging.getLogger("harness")
 
@@ -114,7 +114,11 @@ class Snapshot:
             dst = self._views[key]
             if src.device.type == "cuda":
                 devices.add(src.device)
-            dst.copy_(src, non_blocking=src.device.type == "cuda" and self.pinned)
+                dst.copy_(src, non_blocking=self.pinned)
+            elif src.device.type == "cpu":
+                host_copy(dst, src)
+            else:
+                dst.copy_(src)
         for dev in devices:  # every source device, not only the current one
             torch.cuda.current_stream(dev).synchronize()
         return self._swap(tensors, need)
@@ -134,7 +138,7 @@ class Snapshot:
             elif on_cuda:
                 cuda_now.append(pair)
             else:
-                pair[0].copy_(src)
+                host_copy(*pair)
         return self._swap(tensors, need), Staging.start(cpu, cuda_now, cuda_late, watched)
 
     def _prepare(self, tensors: dict[str, Any], copy_all: bool) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from harness.errors import CheckpointError
@@ -81,7 +82,7 @@ class Staging:
         """Run the CPU copies, wait for the CUDA ones, then check that nothing changed meanwhile."""
         try:
             for dst, src in self.cpu:
-                dst.copy_(src)
+                host_copy(dst, src)
         except Exception as exc:  # noqa: BLE001 - reported by settle(), after the wait point
             self._fail(f"the host copy failed: {type(exc).__name__}: {exc}")
         finally:
@@ -136,6 +137,24 @@ class Staging:
     def _fail_locked(self, msg: str) -> None:
         if self.error is None:
             self.error = msg
+
+
+def host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for a CPU source, on the calling thread alone: numpy's memcpy (it releases the GIL)
+    when both are contiguous, of one dtype and without a lazy conj/neg bit; torch's ``copy_`` otherwise.
+    Why: torch splits a large copy over an OpenMP team of its own for each calling thread, so a save thread
+    would put as many threads as training has beside training's on the same cores, spinning between tensors;
+    the copy is bound by memory bandwidth, and one thread copies about as fast (measured: 0.13 vs 0.12 s for
+    640 MB on the 2-core machine)."""
+    if (src.dtype == dst.dtype and src.numel() == dst.numel() and src.numel() and not src.is_quantized
+            and src.is_contiguous() and dst.is_contiguous() and not src.is_conj() and not src.is_neg()):
+        np.copyto(_raw(dst), _raw(src))
+    else:
+        dst.copy_(src)
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def _queue(pairs: list[Pair], side: torch.cuda.Stream) -> None:

@@ -70,6 +70,16 @@ class FsspecBackend:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
+    def list_tree(self, path: str) -> dict[str, int | None]:
+        prefix = path.rstrip("/") + "/"
+        out: dict[str, int | None] = {}
+        for _, dirs, files in self.fs.walk(path, detail=True, on_error=_raise_unless_gone):
+            for info in [*dirs.values(), *files.values()]:
+                full = info["name"].rstrip("/")
+                if full.startswith(prefix):
+                    out[full[len(prefix):]] = None if info["type"] == "directory" else int(info["size"])
+        return out
+
     def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
         return self.fs.cat_file(path, start=start, end=end)
 
@@ -81,6 +91,13 @@ class FsspecBackend:
 
     def local_path(self, path: str) -> str | None:
         return None
+
+
+def _raise_unless_gone(exc: OSError) -> None:
+    """A folder that does not exist (or was removed during the walk) lists as empty; any other failure
+    (permissions, a failing store) is not an empty folder."""
+    if not isinstance(exc, FileNotFoundError):
+        raise exc
 
 
 def open_fsspec(url: str, options: dict, tuning: Tuning, secrets: list[str]) -> tuple[FsspecBackend, str]:

@@ -69,6 +69,16 @@ class S3Backend:
     def listdir(self, path: str) -> list[str]:
         return sorted({n for n in self.client.list(path, True, 0) if n})
 
+    def list_tree(self, path: str) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for rel, size in self.client.sizes_under(path).items():
+            if rel.endswith("/"):  # a "folder" marker object some tools create
+                if rel.strip("/"):
+                    out[rel.rstrip("/")] = None
+            else:
+                out[rel] = size
+        return out
+
     def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
         return reader.cat(self.client, path, start, end)
 

@@ -180,20 +180,27 @@ class S3Client:
 
     def total_size(self, path: str) -> int:
         """Bytes of the object ``path`` plus every object under the prefix ``path/`` (straight from S3)."""
-        bucket, key = self.split(path)
         own = self.head(path)
-        return (own["size"] if own else 0) + self.sync(self._total_under, bucket, key)
+        return (own["size"] if own else 0) + sum(self.sizes_under(path).values())
 
-    async def _total_under(self, bucket: str, key: str) -> int:
+    def sizes_under(self, path: str) -> dict[str, int]:
+        """Every object under the prefix ``path/``: its key relative to the prefix -> its size. One paginated
+        ListObjectsV2 (1,000 keys a page), no HEAD per object."""
+        bucket, key = self.split(path)
+        return self.sync(self._sizes_under, bucket, key)
+
+    async def _sizes_under(self, bucket: str, key: str) -> dict[str, int]:
         prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-        total, token = 0, None
+        out: dict[str, int] = {}
+        token = None
         while True:
             kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
             r = await self.call(f"LIST {self.where(bucket, prefix)}", "list_objects_v2", **kw)
-            total += sum(int(o.get("Size") or 0) for o in r.get("Contents") or [])
+            for o in r.get("Contents") or []:
+                out[o["Key"][len(prefix):]] = int(o.get("Size") or 0)
             token = r.get("NextContinuationToken") if r.get("IsTruncated") else None
             if not token:
-                return total
+                return out
 
     def remove(self, path: str) -> None:
         bucket, key = self.split(path)

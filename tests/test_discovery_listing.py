@@ -1,0 +1,161 @@
+"""Restore's discovery costs one listing of the checkpoint folder, not a HEAD and a read per checkpoint:
+whether a checkpoint is committed and the size of each of its files come from that listing, and commit
+records are read lazily, newest candidate first, stopping at the first checkpoint that verifies. Counted
+at the storage seam (a thin counting wrapper around the real backend) on local disk and on S3 (moto), with
+three good checkpoints, a damaged newer one and an uncommitted newest folder; a second rank reads neither
+commit record nor manifest (rank 0 sends the manifest with its choice)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+
+from ckpt_helpers import Net, assert_bitwise, read_manifest, simple_run, snapshot, train_step
+from harness import CheckpointManager, faults
+from harness.checkpoint.discovery import list_checkpoints, read_commits, scan
+from harness.checkpoint.format import COMMIT_FILE, MANIFEST_FILE
+from harness.storage import Storage
+from sharded_helpers import run_ranks
+
+GOOD, DAMAGED, UNCOMMITTED = "step-000000003", "step-000000004", "step-000000005"
+
+
+class Counting:
+    """The real backend, every call passed through as it is and recorded as (method, path relative to the
+    checkpoint folder). Installed in place of ``Storage.backend``: the seam every storage call goes through."""
+
+    def __init__(self, inner: Any, root: str) -> None:
+        self.inner, self.root, self.calls = inner, root.rstrip("/") + "/", []
+
+    def __getattr__(self, method: str) -> Any:
+        real = getattr(self.inner, method)
+
+        def counted(*args, **kwargs):
+            path = args[0] if args and isinstance(args[0], str) else ""
+            self.calls.append((method, path[len(self.root):] if path.startswith(self.root) else path))
+            return real(*args, **kwargs)
+        return counted
+
+    def count(self) -> Counter:
+        return Counter(m for m, _ in self.calls)
+
+    def reads_of(self, fname: str) -> list[str]:
+        """Folders whose ``fname`` was read, in order."""
+        return [p.rsplit("/", 1)[0] for m, p in self.calls if m in ("read", "open_read") and p.endswith(f"/{fname}")]
+
+
+def counting(storage: Storage) -> Counting:
+    storage.backend = Counting(storage.backend, storage.root)
+    return storage.backend
+
+
+def _flip_data(storage: Storage, name: str) -> None:
+    """One byte of the largest tensor flipped: sizes agree, only its checksum can tell."""
+    man = read_manifest(storage.url, name)
+    e = max(man["tensors"], key=lambda e: e["length"])
+    rel = f"{name}/{e['file']}"
+    data = bytearray(storage.read_bytes(rel))
+    data[e["offset"] + e["length"] // 2] ^= 0x40
+    storage.write_bytes(rel, bytes(data))
+
+
+def _populate(url: str, damage: str) -> dict:
+    """Steps 1-3 committed and good, step 4 committed and damaged, step 5 a save killed before its commit
+    record (through the fault seam). Returns the state saved at step 3."""
+    model, opt, sched = simple_run()
+    mgr = CheckpointManager(url, keep_last=0)
+    saved = {}
+    for step in (1, 2, 3, 4):
+        train_step(model, opt, sched, seed=step)
+        mgr.save(step, models=model, optimizers=opt, loss=float(step))
+        saved[step] = snapshot((model.state_dict(), opt.state_dict()))
+
+    def killed(point: str, info: dict) -> None:
+        if point == "save.before_commit" and info.get("step") == 5:
+            raise faults.FaultInjected("killed before the commit record")
+    faults.install(killed)
+    try:
+        with pytest.raises(Exception, match="killed before the commit record"):
+            mgr.save(5, models=model, optimizers=opt)
+            mgr.wait()
+    finally:
+        faults.install(None)
+        mgr.close()
+    storage = Storage(url)
+    if damage == "data":
+        _flip_data(storage, DAMAGED)
+    else:
+        storage.write_bytes(f"{DAMAGED}/{COMMIT_FILE}", b"\x00\xffgarbage")
+    assert [i.name for i in list_checkpoints(storage, committed_only=False)][-2:] == [DAMAGED, UNCOMMITTED]
+    return saved[3]
+
+
+@pytest.fixture(params=["local", "s3"])
+def url(request, tmp_path) -> str:
+    return str(tmp_path / "ck") if request.param == "local" else request.getfixturevalue("s3_url")
+
+
+@pytest.mark.parametrize("damage", ["data", "commit"])
+def test_restore_lists_once_and_reads_only_the_commit_records_it_walks(url, damage):
+    at_3 = _populate(url, damage)
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+    mgr = CheckpointManager(url)
+    calls = counting(mgr.storage)
+
+    res = mgr.restore(models=model, optimizers=opt)
+
+    assert res.name == GOOD and res.step == 3
+    assert_bitwise(at_3, (model.state_dict(), opt.state_dict()))
+    assert [n for n, _ in res.skipped] == [UNCOMMITTED, DAMAGED]
+    assert res.skipped[0][1] == "no commit record"
+    assert ("checksum mismatch" if damage == "data" else "commit record is not valid JSON") in res.skipped[1][1]
+    n = calls.count()
+    assert n["list_tree"] == 1 and n["listdir"] == 0, calls.calls          # one listing of the folder
+    assert n["size"] == 0 and n["exists"] == 0, calls.calls                # no HEAD per folder or file
+    # Commit records: the damaged one and the one restored, none older; each read once.
+    assert calls.reads_of(COMMIT_FILE) == [DAMAGED, GOOD], calls.calls
+    assert calls.reads_of(MANIFEST_FILE) == ([DAMAGED, GOOD] if damage == "data" else [GOOD]), calls.calls
+    mgr.close()
+
+
+def test_scan_is_one_listing_and_reads_commit_records_only_when_asked(url):
+    _populate(url, "data")
+    storage = Storage(url)
+    calls = counting(storage)
+    infos = scan(storage)
+    assert calls.count() == Counter({"refresh": 1, "list_tree": 1})
+    assert [(i.step, i.committed) for i in infos] == [(1, True), (2, True), (3, True), (4, True), (5, False)]
+    assert all(not i.commit_read for i in infos) and infos[-1].files and COMMIT_FILE not in infos[-1].files
+    newest_first = read_commits(storage, reversed(infos))
+    assert next(newest_first).name == UNCOMMITTED and calls.reads_of(COMMIT_FILE) == []
+    assert next(newest_first).commit["step"] == 4 and calls.reads_of(COMMIT_FILE) == [DAMAGED]
+    # list_checkpoints reads every record (retention and `harness ckpt list` need them) - still no HEAD.
+    calls.calls.clear()
+    assert [i.commit["loss"] for i in list_checkpoints(storage)] == [1.0, 2.0, 3.0, 4.0]
+    assert calls.count()["list_tree"] == 1 and calls.count()["size"] == 0
+
+
+def two_rank_restore(rank: int, world: int, url: str) -> dict:
+    """Runs on both ranks (run_ranks): the storage calls each rank makes while restoring."""
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+    mgr = CheckpointManager(url, timeout_s=30)
+    calls = counting(mgr.storage)
+    res = mgr.restore(models=model, optimizers=opt)
+    mgr.close()
+    return {"name": res.name, "count": dict(calls.count()), "commits": calls.reads_of(COMMIT_FILE),
+            "manifests": calls.reads_of(MANIFEST_FILE)}
+
+
+def test_other_ranks_do_not_read_commit_record_or_manifest(tmp_path):
+    url = str(tmp_path / "ck")
+    _populate(url, "data")
+    r0, r1 = run_ranks(tmp_path, two_rank_restore, 2, url=url)
+    assert r0["name"] == r1["name"] == GOOD
+    assert r0["count"]["list_tree"] == 1 and r0["commits"] == [DAMAGED, GOOD]
+    assert "list_tree" not in r1["count"] and "listdir" not in r1["count"] and "size" not in r1["count"]
+    assert r1["commits"] == [] and r1["manifests"] == []
