@@ -12,9 +12,9 @@ waits on (the next save, a final or SIGTERM save, ``wait()``/``close()``) must n
 cores. So the work is a queue of step-wise tasks: the low-priority workers take tasks while nobody waits;
 once the save is marked ``urgent``, they hand each task back at its next step boundary and threads at the
 waiter's (normal) priority finish the rest. What is left at low priority after that is at most one step
-per worker. A save is also made urgent at its ``deadline`` (the saver sets one halfway to the next save it
-expects): when training leaves no idle CPU at all, the rest competes as ordinary threads then, rather than
-being found unfinished, and waited for, by the next save.
+per worker. A save is also made urgent at its ``deadline`` (the saver sets one a quarter of the way to the
+next save it expects, ``save.HURRY_AFTER``): when training leaves no idle CPU at all, the rest competes as
+ordinary threads then, rather than being found unfinished, and waited for, by the next save.
 
 Only CPU time is given up: the snapshot copy, which training waits for before its optimizer step, is not
 done here (see :mod:`~harness.checkpoint.staging`).

@@ -16,6 +16,7 @@ from typing import IO, Any, Callable, Iterator
 import fsspec
 
 from harness.storage.backend import probe_access
+from harness.storage.direct_write import DirectWriter, open_direct
 from harness.storage.fsspec_backend import FsspecBackend
 from harness.storage.options import Tuning
 
@@ -67,7 +68,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
 
 
 class LocalBackend(FsspecBackend):
-    """fsspec's LocalFileSystem for listings and removal; our own writes, for fsync and atomic rename."""
+    """fsspec's LocalFileSystem for listings and removal; our own writes, for fsync and atomic rename.
+    Data files go through :class:`~harness.storage.direct_write.DirectWriter` (``O_DIRECT``) unless
+    ``direct`` is off (storage option ``harness_direct_io = false``)."""
+
+    def __init__(self, fs: Any, direct: bool = True) -> None:
+        super().__init__(fs)
+        self.direct = direct
 
     def check_access(self, root: str, write: bool) -> None:
         probe_access(self, root, write)
@@ -78,9 +85,17 @@ class LocalBackend(FsspecBackend):
 
     @contextlib.contextmanager
     def open_write(self, path: str) -> Iterator[IO[bytes]]:
-        with open(path, "wb", buffering=0) as f:
-            yield f
-            os.fsync(f.fileno())
+        if not self.direct:
+            with open(path, "wb", buffering=0) as f:
+                yield f
+                os.fsync(f.fileno())
+            return
+        w = DirectWriter(*open_direct(path))
+        try:
+            yield w  # type: ignore[misc] - a raw write-only file: write() and fileno()
+            w.finish()
+        finally:
+            w.close()
 
     def write(self, path: str, data: bytes) -> None:
         with self.open_write(path) as f:
@@ -101,4 +116,4 @@ class LocalBackend(FsspecBackend):
 
 def open_local(url: str, options: dict, tuning: Tuning, secrets: list[str]) -> tuple[LocalBackend, str]:
     fs, root = fsspec.core.url_to_fs(url, **options)  # file:// and relative paths made absolute
-    return LocalBackend(fs), root
+    return LocalBackend(fs, direct=tuning.direct_io), root

@@ -12,6 +12,9 @@ everywhere:
     How long one S3 operation may keep retrying before it fails. The access check uses at most 30 s.
 ``harness_multipart_threshold_mb`` (float, default: the part size)
     Objects at least this large go up as multipart uploads; smaller ones as one PUT.
+``harness_direct_io`` (bool, default true)
+    Local disk: data files are written with ``O_DIRECT`` through a small aligned buffer, bypassing the page
+    cache (see :mod:`harness.storage.local`); false: ordinary buffered writes. Other backends ignore it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ MIB = 1 << 20
 MAX_PART_BYTES = 5 << 30         # S3's limit on one part
 
 OPTION_KEYS = ("harness_part_size_mb", "harness_max_concurrency", "harness_retry_budget_s",
-               "harness_multipart_threshold_mb")
+               "harness_multipart_threshold_mb", "harness_direct_io")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Tuning:
     max_concurrency: int = 8
     retry_budget_s: float = 120.0
     multipart_threshold: int = 0     # 0: the part size
+    direct_io: bool = True           # local data files written with O_DIRECT
 
     def __post_init__(self) -> None:
         if self.part_size < 1024:
@@ -67,8 +71,12 @@ def split_options(storage_options: dict | None) -> tuple[Tuning, dict]:
         except (TypeError, ValueError):
             raise ValueError(f"storage option {key} must be a number, got {type(value).__name__}") from None
 
+    direct = raw.get("harness_direct_io", True)
+    if not isinstance(direct, bool):
+        raise ValueError(f"storage option harness_direct_io must be true or false, got {direct!r}")
     tuning = Tuning(part_size=int(num("harness_part_size_mb", float, 16.0) * MIB),
                     max_concurrency=num("harness_max_concurrency", int, 8),
                     retry_budget_s=num("harness_retry_budget_s", float, 120.0),
-                    multipart_threshold=int(num("harness_multipart_threshold_mb", float, 0.0) * MIB))
+                    multipart_threshold=int(num("harness_multipart_threshold_mb", float, 0.0) * MIB),
+                    direct_io=direct)
     return tuning, rest
