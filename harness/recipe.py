@@ -9,6 +9,7 @@ only; ``checkpoint/`` and ``storage/`` never import it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import random
 from typing import Any, Callable, Mapping
@@ -23,7 +24,7 @@ from harness.workloads import Workload, build_workload, load_entry_point
 WorkloadBuilder = Callable[[dict, dict, int], Workload]
 
 __all__ = ["WorkloadBuilder", "seed_everything", "build_optimizer", "build_scheduler", "fsdp_wrap",
-           "safe_metadata", "workload", "materialize", "initialize", "workload_from_dict"]
+           "safe_metadata", "workload", "materialize", "initialize", "workload_from_dict", "ddp_wrap"]
 
 
 def seed_everything(seed: int) -> None:
@@ -62,6 +63,17 @@ def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
                     fully_shard(block)
     fully_shard(model)
     return model
+
+
+def ddp_wrap(model: torch.nn.Module, device: torch.device, *, init_sync: bool = True) -> torch.nn.Module:
+    """DistributedDataParallel around ``model``. ``init_sync=False`` skips DDP's broadcast of rank 0's weights
+    at construction, for weights a restore or an explicit broadcast sets afterwards (the keyword exists from
+    torch 2.6; older torch broadcasts anyway, which is only slower)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    kwargs = {}
+    if not init_sync and "init_sync" in inspect.signature(ddp.__init__).parameters:
+        kwargs["init_sync"] = False
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:

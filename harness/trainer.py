@@ -141,9 +141,8 @@ class Trainer:
         else:
             # Deferred: no broadcast of rank 0's weights here; every rank restores the same ones, and a fresh
             # start broadcasts its drawn ones (resume).
-            self.model = (torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                init_sync=not self.deferred) if dist.initialized() else model)
+            self.model = (recipe.ddp_wrap(model, self.device, init_sync=not self.deferred)
+                          if dist.initialized() else model)
         self.optimizer = build_optimizer(cfg, self.model.parameters(), zero=parallel == "zero")
         self.scheduler = build_scheduler(cfg, self.optimizer)
         use_amp = cfg.train.amp and self.device.type == "cuda"
