@@ -18,6 +18,7 @@ Two ways to arm it, both used only by tests and fault campaigns:
 Points in use: ``save.data_file``, ``save.before_manifest``, ``save.after_manifest``,
 ``save.before_commit``, ``save.after_commit``, ``retention.delete``, ``train.step``, ``s3.part``
 (each multipart part handed to the uploader; info ``file`` and ``part``, e.g. ``s3.part:sigkill:part=3``),
+``discovery.read_commit`` (before a commit record is read; info ``name``: a store failing there),
 and ``restore.apply`` (as each saved state dict is loaded into its object; info ``what`` and ``name``,
 e.g. ``what=optimizer``: a hook raising torch.OutOfMemoryError there is an OOM inside load_state_dict).
 """

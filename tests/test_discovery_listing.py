@@ -17,6 +17,7 @@ from ckpt_helpers import Net, assert_bitwise, read_manifest, simple_run, snapsho
 from harness import CheckpointManager, faults
 from harness.checkpoint.discovery import list_checkpoints, read_commits, scan
 from harness.checkpoint.format import COMMIT_FILE, MANIFEST_FILE
+from harness.errors import CheckpointError, StorageError
 from harness.storage import Storage
 from sharded_helpers import run_ranks
 
@@ -159,3 +160,41 @@ def test_other_ranks_do_not_read_commit_record_or_manifest(tmp_path):
     assert r0["count"]["list_tree"] == 1 and r0["commits"] == [DAMAGED, GOOD]
     assert "list_tree" not in r1["count"] and "listdir" not in r1["count"] and "size" not in r1["count"]
     assert r1["commits"] == [] and r1["manifests"] == []
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error (injected)"),
+                                   StorageError("Input/output error (injected): s3 said 503")])
+def test_a_store_failing_on_a_commit_record_fails_the_restore_instead_of_walking_back(tmp_path, error):
+    """The commit records are read lazily, inside the walk back; a store error there (injected through the
+    fault seam as the newest record is read: an OSError, or the StorageError the S3 backend raises once its
+    retries are spent) is the store's problem, not damage: restore fails with it, on every rank alike, and
+    does not fall back to an older checkpoint; once the store answers again the newest one restores."""
+    url = str(tmp_path / "ck")
+    model, opt, sched = simple_run()
+    mgr = CheckpointManager(url, keep_last=0)
+    for step in (1, 2):
+        train_step(model, opt, sched, seed=step)
+        mgr.save(step, models=model, optimizers=opt)
+    mgr.close()
+    seen = []
+
+    def failing_store(point: str, info: dict) -> None:
+        if point == "discovery.read_commit":
+            seen.append(info["name"])
+            raise error
+    faults.install(failing_store)
+    try:
+        mgr = CheckpointManager(url)
+        with pytest.raises(Exception) as err:
+            mgr.restore(models=Net(), optimizers=opt)
+        mgr.close()
+    finally:
+        faults.install(None)
+    assert isinstance(err.value, CheckpointError), repr(err.value)  # exit 3 through the CLI
+    assert "Input/output error (injected)" in str(err.value) and "failed verification" not in str(err.value)
+    assert seen == ["step-000000002"]  # the newest only: no walk back to step 1
+    fresh = Net()
+    mgr = CheckpointManager(url)
+    res = mgr.restore(models=fresh, optimizers=torch.optim.AdamW(fresh.parameters(), lr=0.5))
+    mgr.close()
+    assert res is not None and res.step == 2 and not res.skipped  # the store recovered: nothing was damaged

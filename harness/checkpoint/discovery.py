@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from harness import faults
 from harness.checkpoint import blobs
 from harness.checkpoint.format import (COMMIT_FILE, COMMIT_SUMMARY_KEYS, MANIFEST_FILE, MAX_COMMIT_BYTES,
                                        MAX_MANIFEST_BYTES, Manifest, parse_commit, parse_manifest, parse_name)
-from harness.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
+from harness.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, StorageError
 from harness.storage import Storage
 
 
@@ -60,6 +61,8 @@ def read_commits(storage: Storage, infos: Iterable[CheckpointInfo]) -> Iterator[
                 info.commit = read_commit(storage, info.name, size)
             except FileNotFoundError:
                 info.committed = False
+            except StorageError:
+                raise  # the store failed (a StorageError is a CheckpointError too): not a damaged record
             except CheckpointError as exc:
                 info.problem = str(exc)  # a commit record exists but is damaged
             info.commit_read = True
@@ -82,6 +85,7 @@ def read_commit(storage: Storage, name: str, size: int | None = None) -> dict:
         raise FileNotFoundError(rel)
     if size > MAX_COMMIT_BYTES:
         raise CheckpointFormatError(f"{name}: commit record is {size} bytes, over the {MAX_COMMIT_BYTES} limit")
+    faults.point("discovery.read_commit", name=name)
     return parse_commit(storage.read_bytes(rel))
 
 
