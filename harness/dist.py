@@ -42,6 +42,9 @@ def require_group_if_launched(what: str) -> None:
         f"GPUs), then create {what} on every rank")
 
 
+STORE_WAIT_S = 30.0  # the longest wait_for_store_host polls before init_process_group takes over
+
+
 def wait_for_store_host(timeout_s: float, poll_s: float = 0.01) -> None:
     """On a rank other than 0, before ``init_process_group``: wait until MASTER_ADDR:MASTER_PORT accepts
     connections (a plain connect, closed at once).

@@ -94,7 +94,9 @@ def init_distributed(cfg: Config) -> torch.device:
     if want_cuda:
         torch.cuda.set_device(device)  # also what the checkpoint's CUDA RNG state refers to (harness/state.py)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.initialized():
-        dist.wait_for_store_host(cfg.dist.timeout_s)  # no connect back-off if rank 0 is not there yet
+        # No connect back-off when rank 0 is a moment late; bounded, so a rank 0 that never comes adds at
+        # most STORE_WAIT_S to init_process_group's own timeout, not a second full timeout.
+        dist.wait_for_store_host(min(cfg.dist.timeout_s, dist.STORE_WAIT_S))
         torch_dist.init_process_group(backend=backend,
                                       timeout=datetime.timedelta(seconds=cfg.dist.timeout_s),
                                       device_id=device if backend == "nccl" else None)

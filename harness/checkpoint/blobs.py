@@ -41,15 +41,21 @@ def plan_files(tensors: dict[str, torch.Tensor], max_file_bytes: int) -> list[li
     return [g for g in groups if g] or []
 
 
+def chunk_rows(nbytes: int, shape: Sequence[int], chunk_bytes: int) -> int | None:
+    """Rows per checksummed block of a shard of ``nbytes`` (blocks of whole rows of about ``chunk_bytes``);
+    None when the shard is one block."""
+    if not shape or shape[0] <= 1 or not nbytes:
+        return None
+    rows = max(1, chunk_bytes // max(1, nbytes // shape[0]))
+    return rows if rows < shape[0] else None
+
+
 def _chunk_sums(buf: memoryview, shape: Sequence[int], chunk_bytes: int) -> tuple[int | None, tuple | None]:
     """(rows per chunk, checksums) for a shard with more than one chunk of rows; (None, None) otherwise."""
-    if not shape or shape[0] <= 1 or not len(buf):
+    rows = chunk_rows(len(buf), shape, chunk_bytes)
+    if rows is None:
         return None, None
-    row = len(buf) // shape[0]
-    rows = max(1, chunk_bytes // max(1, row))
-    if rows >= shape[0]:
-        return None, None
-    step = rows * row
+    step = rows * (len(buf) // shape[0])
     return rows, tuple(checksum(buf[i:i + step]) for i in range(0, len(buf), step))
 
 
@@ -69,7 +75,7 @@ def _write_file(storage: Storage, folder: str, fname: str, keys: list[str],
             if pad:
                 f.write(b"\0" * pad)
                 pos += pad
-            _write_all(f, buf)
+            write_all(f, buf)
             extra = {}
             if shard is not None:
                 rows, sums = _chunk_sums(buf, tuple(t.shape), chunk_bytes)
@@ -81,7 +87,7 @@ def _write_file(storage: Storage, folder: str, fname: str, keys: list[str],
     return pos, entries
 
 
-def _write_all(f: IO[bytes], buf: memoryview) -> None:
+def write_all(f: IO[bytes], buf: memoryview) -> None:
     done = 0
     while done < len(buf):  # raw (unbuffered) files may write less than asked
         n = f.write(buf[done:])

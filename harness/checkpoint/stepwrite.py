@@ -19,7 +19,7 @@ import xxhash
 
 from harness import faults
 from harness.checkpoint.background import YieldingPool
-from harness.checkpoint.blobs import ALIGN, byte_view, plan_files
+from harness.checkpoint.blobs import ALIGN, byte_view, chunk_rows, plan_files, write_all
 from harness.checkpoint.codec import Shard
 from harness.checkpoint.format import TensorEntry, checksum, data_file_name, dtype_name
 from harness.storage import Storage
@@ -54,7 +54,7 @@ class FileTask:
             key, t = self._todo.pop(0)
             pad = -self.size % ALIGN
             if pad:
-                _write_all(self._f, memoryview(b"\0" * pad))
+                write_all(self._f, memoryview(b"\0" * pad))
                 self.size += pad
             self._cur = _Tensor(key, t, self.size, self.chunk_bytes)
         if self._cur.write_piece(self._f):
@@ -92,19 +92,15 @@ class _Tensor:
         self.length = len(self.buf)
         self.done = 0
         self.hasher = xxhash.xxh3_64()
-        self.rows, self.piece = None, PIECE_BYTES
-        shape = tuple(self.t.shape)
-        if self.shard is not None and shape and shape[0] > 1 and self.length:
-            row = self.length // shape[0]  # as blobs._chunk_sums: blocks of whole rows of about chunk_bytes
-            rows = max(1, chunk_bytes // max(1, row))
-            if rows < shape[0]:
-                self.rows, self.piece = rows, rows * row
+        # A shard is written one checksummed block of rows at a time (the blocks blobs' writer hashes).
+        self.rows = chunk_rows(self.length, tuple(self.t.shape), chunk_bytes) if self.shard is not None else None
+        self.piece = PIECE_BYTES if self.rows is None else self.rows * (self.length // self.t.shape[0])
         self.sums: list[str] = []
 
     def write_piece(self, f: IO[bytes]) -> bool:
         """Write and hash the next piece; True once the whole tensor is written."""
         piece = self.buf[self.done:self.done + self.piece]
-        _write_all(f, piece)
+        write_all(f, piece)
         self.hasher.update(piece)
         if self.rows is not None:
             self.sums.append(checksum(piece))
@@ -119,13 +115,6 @@ class _Tensor:
         return TensorEntry(key=self.key, dtype=dtype_name(self.t.dtype), shape=tuple(self.t.shape), file=fname,
                            offset=self.offset, length=self.length, checksum=self.hasher.hexdigest(), rank=rank,
                            **extra)
-
-
-def _write_all(f: IO[bytes], buf: memoryview) -> None:
-    done = 0
-    while done < len(buf):  # raw (unbuffered) files may write less than asked
-        n = f.write(buf[done:])
-        done += len(buf) - done if n is None else n
 
 
 def write_tensors(storage: Storage, folder: str, tensors: dict[str, "torch.Tensor | Shard"], *, rank: int,

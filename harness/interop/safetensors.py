@@ -61,7 +61,7 @@ def write_safetensors(f: IO[bytes], tensors: dict[str, torch.Tensor], metadata: 
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     for buf in [memoryview(struct.pack("<Q", len(raw))), memoryview(raw), *views]:
-        blobs._write_all(f, buf)  # unbuffered files may write less than asked
+        blobs.write_all(f, buf)  # unbuffered files may write less than asked
     return 8 + len(raw) + pos
 
 
