@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -332,20 +333,34 @@ def _timed(cmds: list[list[str]], env: dict, cwd: Path) -> float:
     return time.time() - t0
 
 
-def baselines(nproc: int, work: Path, quick: bool = False) -> dict:
-    """Startup costs without harness; ``quick`` skips the two multi-process ones (for the smoke test)."""
+def baselines(nproc: int, work: Path, quick: bool = False, repeat: int = 1) -> dict:
+    """Startup costs without harness; ``quick`` skips the two multi-process ones (for the smoke test). The
+    multi-process ones run ``repeat`` times, each figure the median (as the scenarios' totals are): a single
+    launch of torchrun varies by +-0.3 s on a shared machine."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     out: dict = {"python_import_torch_s": None, "torch_pg_bare_s": None, "torchrun_exit_s": None,
                  "torchrun_pg_ready_s": None, "torchrun_ddp_ready_s": None, "torchrun_phases": None}
     if not quick:
         out["python_import_torch_s"] = _timed([[sys.executable, "-c", "import torch"]], env, work)
-        out.update(_pg_baselines(nproc, work, env))
+        out.update(_medians([_pg_baselines(nproc, work, env) for _ in range(max(1, repeat))]))
+        out["pg_baseline_runs"] = max(1, repeat)
     imp = subprocess.run([sys.executable, "-c", IMPORT_SCRIPT], env=env, cwd=work, capture_output=True, text=True,
                          timeout=300)
     if imp.returncode:
         raise RuntimeError(f"import baseline failed: {imp.stderr[-2000:]}")
     out.update(json.loads(imp.stdout))
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def _medians(runs: list[dict]) -> dict:
+    """Key by key (nested dicts too), the median over ``runs``."""
+    out: dict = {}
+    for k, v in runs[0].items():
+        if isinstance(v, dict):
+            out[k] = _medians([r[k] for r in runs])
+        else:
+            out[k] = round(statistics.median(r[k] for r in runs), 4)
+    return out
 
 
 def _pg_baselines(nproc: int, work: Path, env: dict) -> dict:
@@ -497,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     launcher = pick_launcher(args.launcher)
     result = {"env": env_info(), "launcher": launcher, "nproc": args.nproc,
-              "baselines": baselines(args.nproc, work, args.quick_baselines),
+              "baselines": baselines(args.nproc, work, args.quick_baselines, args.repeat),
               "scenarios": []}
     moto = Moto() if "s3" in storages else None
     try:

@@ -78,9 +78,12 @@ def _report(outcome: exitcodes.Outcome, exc: BaseException) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from harness import config, trainer
+    from harness import config, prefetch
     try:
         cfg = config.load(args.config, args.overrides)
+        # Before torch is imported: the disk reads the checkpoint to resume while the interpreter starts up.
+        prefetch.start(cfg.checkpoint.dir)
+        from harness import trainer
         return trainer.train(cfg)
     except Exception as exc:
         outcome = exitcodes.classify(exc)

@@ -231,7 +231,7 @@ def _nproc(requested: str) -> int:
 
 def _check(args: LaunchArgs) -> Any:
     """Config and storage, before any worker: ConfigError (2) or StorageError (3) raise from here."""
-    from harness import config
+    from harness import config, prefetch
     from harness.storage import Storage
 
     lo, hi = _nodes(args.nnodes)
@@ -239,8 +239,11 @@ def _check(args: LaunchArgs) -> Any:
     if args.standalone and (hi > 1 or args.rdzv_endpoint):
         raise ConfigError("--standalone runs one node: it cannot go with --nnodes > 1 or --rdzv-endpoint")
     cfg = config.load(args.config, args.overrides)
+    prefetch.start(cfg.checkpoint.dir)  # before torch is imported here: the disk works while we start up
     _check_workload(cfg)
-    Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options).check_access(write=True)
+    storage = Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options)
+    storage.check_access(write=True)
+    storage.remember_access(write=True)  # the workers need not check again (see Storage.access_remembered)
     return cfg
 
 

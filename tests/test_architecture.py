@@ -24,9 +24,9 @@ MAX_FUNCTION_LINES = 80
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("harness._version", "harness.errors", "harness.exitcodes", "harness.config", "harness.faults",
               "harness.dist", "harness.state", "harness.determinism", "harness.stepsync", "harness.progress",
-              "harness.data", "harness.workloads", "harness.synthetic")),
+              "harness.data", "harness.workloads", "harness.synthetic", "harness.layout")),
     ("storage", ("harness.storage",)),
-    ("checkpoint", ("harness.checkpoint", "harness.lease")),
+    ("checkpoint", ("harness.checkpoint", "harness.lease", "harness.prefetch")),
     ("recipe", ("harness.recipe",)),
     ("interop", ("harness.interop",)),
     ("trainer", ("harness.trainer",)),

@@ -97,9 +97,9 @@ def test_two_ranks_save_restore_and_fail_together(tmp_path):
         assert res["fault"].startswith("CheckpointError:") and "rank 1" in res["fault"], res["fault"]
         assert res["visible_after_fault"] == ["step-000000005"]
     assert results[0]["rank_differs"] != results[1]["rank_differs"]  # each rank got its own RNG back
-    # Read once: rank 0 reads (and verifies) the replicated state, rank 1 gets it by broadcast and reads only
-    # its own per-rank tensors from storage.
-    assert results[0]["replicated_reads"] > 0 and results[1]["replicated_reads"] == 0
+    # One machine, one local folder: rank 1 reads (and verifies) the replicated state itself once rank 0 chose
+    # the checkpoint, from the page cache rank 0's read filled, instead of receiving it through gloo.
+    assert results[0]["replicated_reads"] > 0 and results[1]["replicated_reads"] == results[0]["replicated_reads"]
     assert results[1]["own_reads"] > 0
 
     man = read_manifest(url, "step-000000005")
@@ -114,3 +114,62 @@ def test_two_ranks_save_restore_and_fail_together(tmp_path):
     m = Net()
     res = CheckpointManager(url).restore(models=m, step=5)
     assert res.world_size == WORLD and res.position["rank"] == 0
+
+
+def restore_reads(rank: int, world: int, url: str, damage_on_rank1: bool = False) -> dict:
+    """Runs on every rank: save steps 1 and 2 (rank-specific RNG), restore into fresh objects; which keys each
+    rank read from storage, and whether it ended bitwise at the state of the step it restored."""
+    model, opt, _ = simple_run(seed=0)
+    states = {}
+    mgr = CheckpointManager(url, timeout_s=30)
+    for step in (1, 2):
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        mgr.save(step, models=model, optimizers=opt, rank_state={"r": torch.tensor([rank, step])})
+        states[step] = snapshot((model.state_dict(), opt.state_dict()))
+    mgr.close()
+
+    def flip_before_rank1_reads(point: str, info: dict) -> None:
+        """The newest checkpoint's data changes on disk after rank 0 verified it, before rank 1 reads it."""
+        if point == "restore.read" and info["rank"] == 1 and info["name"] == "step-000000002":
+            storage = Storage(url)
+            man = read_manifest(url, "step-000000002")
+            e = max((e for e in man["tensors"] if e["key"].startswith("state/")), key=lambda e: e["length"])
+            rel = f"step-000000002/{e['file']}"
+            data = bytearray(storage.read_bytes(rel))
+            data[e["offset"] + e["length"] // 2] ^= 0x40
+            storage.write_bytes(rel, bytes(data))
+
+    m2 = Net()
+    o2 = torch.optim.AdamW(m2.parameters())
+    keys: list[str] = []
+    faults.install(flip_before_rank1_reads if damage_on_rank1 else None)
+    try:
+        with recording_calls(blobs, "read_tensors", lambda a: keys.extend(e.key for e in a["entries"])), \
+                recording_calls(direct_read, "read_into", lambda a: keys.extend(e.key for e in a["entries"])):
+            res = CheckpointManager(url, timeout_s=30).restore(models=m2, optimizers=o2)
+    finally:
+        faults.install(None)
+    assert_bitwise(states[res.step], (m2.state_dict(), o2.state_dict()), f"rank {rank} state")
+    assert_bitwise({"r": torch.tensor([rank, res.step])}, res.rank_state, f"rank {rank} rank_state")
+    return {"step": res.step, "skipped": res.skipped, "replicated": sum(k.startswith("state/") for k in keys),
+            "own": sum(k.startswith(f"ranks/{rank}/") for k in keys)}
+
+
+def test_restore_from_s3_reads_replicated_state_once_and_broadcasts_it(tmp_path, s3_url):
+    """Not a local folder: rank 1 downloads only its own per-rank state; the replicated state is read (and
+    verified) once, by rank 0, and reaches rank 1 through the process group."""
+    r0, r1 = run_ranks(tmp_path, restore_reads, WORLD, timeout_s=TIMEOUT_S, url=s3_url)
+    assert r0["step"] == r1["step"] == 2
+    assert r0["replicated"] > 0 and r1["replicated"] == 0 and r1["own"] > 0
+
+
+def test_damage_found_by_a_rank_reading_the_shared_folder_walks_every_rank_back(tmp_path):
+    """One machine, local folder: rank 1 reads the replicated state itself, so it verifies it itself; a byte
+    changed on disk after rank 0 checked it is damage, found by rank 1, and every rank walks back together."""
+    r0, r1 = run_ranks(tmp_path, restore_reads, WORLD, timeout_s=TIMEOUT_S, url=str(tmp_path / "ck"),
+                       damage_on_rank1=True)
+    assert r0["step"] == r1["step"] == 1
+    for r in (r0, r1):
+        assert [n for n, _ in r["skipped"]] == ["step-000000002"] and "checksum mismatch" in r["skipped"][0][1]
+    assert r1["replicated"] == r0["replicated"] > 0  # each rank read both candidates' replicated state

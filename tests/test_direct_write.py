@@ -3,9 +3,6 @@ page cache left alone, the buffered fallback, and the storage option that turns 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import mmap
 import os
 
 import pytest
@@ -15,6 +12,7 @@ from harness import CheckpointManager
 from harness.errors import HarnessError
 from harness.storage import Storage
 from harness.storage.direct_write import ALIGN, DirectWriter, open_direct
+from page_cache import resident_fraction
 
 SIZES = [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, (4 << 20) - 1, 4 << 20, (4 << 20) + 5, 9_000_001]
 
@@ -23,30 +21,6 @@ def _write(storage: Storage, name: str, data: bytes, chunk: int = 777_777) -> No
     with storage.open_write(name) as f:
         for i in range(0, len(data), chunk):
             f.write(memoryview(data)[i:i + chunk])
-
-
-def _resident_fraction(path: str) -> float:
-    """Share of the file's pages in the page cache (mmap + mincore: looking does not fault them in)."""
-    size = os.path.getsize(path)
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    page = mmap.PAGESIZE
-    n = (size + page - 1) // page
-    vec = (ctypes.c_ubyte * n)()
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        a = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert a not in (None, ctypes.c_void_p(-1).value)
-        try:
-            assert libc.mincore(a, size, vec) == 0
-            return sum(b & 1 for b in bytes(vec)) / n
-        finally:
-            libc.munmap(a, size)
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -66,8 +40,8 @@ def test_direct_writes_leave_the_page_cache_alone(tmp_path):
     _write(buffered, "buffered.bin", os.urandom(32 << 20))
     if not open_direct(str(tmp_path / "probe"))[1]:
         pytest.skip("this filesystem has no O_DIRECT")
-    assert _resident_fraction(str(tmp_path / "buffered.bin")) > 0.5  # the reference: buffered stays cached
-    assert _resident_fraction(str(tmp_path / "direct.bin")) < 0.05
+    assert resident_fraction(str(tmp_path / "buffered.bin")) > 0.5  # the reference: buffered stays cached
+    assert resident_fraction(str(tmp_path / "direct.bin")) < 0.05
 
 
 def test_a_refused_alignment_falls_back_to_buffered_writes(tmp_path):

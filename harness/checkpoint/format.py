@@ -19,11 +19,10 @@ import xxhash
 
 from harness.checkpoint import codec
 from harness.errors import CheckpointFormatError
+from harness.layout import COMMIT_FILE, MANIFEST_FILE, ckpt_name, parse_name  # noqa: F401 - re-exported
 
 FORMAT = "harness.checkpoint"
 FORMAT_VERSION = 1
-COMMIT_FILE = "COMMIT"
-MANIFEST_FILE = "manifest.json"
 CHECKSUM_ALGORITHM = "xxh3_64"
 
 MAX_COMMIT_BYTES = 1 << 20
@@ -31,7 +30,6 @@ MAX_MANIFEST_BYTES = 64 << 20
 MAX_TENSOR_BYTES = 1 << 46  # 64 TiB: anything larger is a hostile or corrupt length
 MAX_NDIM = 32
 
-_NAME_RE = re.compile(r"^step-(\d{9,12})(?:-a(\d{1,4}))?$")
 _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEX16_RE = re.compile(r"^[0-9a-f]{16}$")
 
@@ -54,19 +52,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 def checksum(buf: Any) -> str:
     """xxh3-64 of a bytes-like object, as 16 hex digits."""
     return xxhash.xxh3_64_hexdigest(buf)
-
-
-def ckpt_name(step: int, attempt: int = 0) -> str:
-    """Folder name: lexical order is (step, attempt) order."""
-    return f"step-{step:09d}" + (f"-a{attempt}" if attempt else "")
-
-
-def parse_name(name: str) -> tuple[int, int] | None:
-    """(step, attempt) of a checkpoint folder name, or None for anything else."""
-    m = _NAME_RE.match(name)
-    if not m:
-        return None
-    return int(m.group(1)), int(m.group(2) or 0)
 
 
 def data_file_name(rank: int, index: int) -> str:

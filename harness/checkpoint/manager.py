@@ -81,9 +81,10 @@ class CheckpointManager:
 
     def _check_storage(self, write: bool) -> None:
         """Fail fast: an unwritable folder, a missing bucket, rejected credentials or a missing permission is a
-        one-line StorageError on every rank now, not at the first save. Rank 0 checks; all ranks raise."""
+        one-line StorageError on every rank now, not at the first save. Rank 0 checks; all ranks raise.
+        Skipped when ``harness launch`` checked the same storage moments ago (:meth:`Storage.access_remembered`)."""
         problem = None
-        if self.rank == 0:
+        if self.rank == 0 and not self.storage.access_remembered(write):
             try:
                 self.storage.check_access(write=write)
             except StorageError as exc:

@@ -1,0 +1,27 @@
+"""Names in a checkpoint folder: checkpoint folders ``step-NNNNNNNNN[-aN]``, the commit record, the manifest.
+
+Torch-free and dependency-free on purpose: :mod:`harness.prefetch` reads them in a restarting worker before
+torch is imported. :mod:`harness.checkpoint.format` re-exports them with the rest of the format.
+"""
+
+from __future__ import annotations
+
+import re
+
+COMMIT_FILE = "COMMIT"
+MANIFEST_FILE = "manifest.json"
+
+_NAME_RE = re.compile(r"^step-(\d{9,12})(?:-a(\d{1,4}))?$")
+
+
+def ckpt_name(step: int, attempt: int = 0) -> str:
+    """Folder name: lexical order is (step, attempt) order."""
+    return f"step-{step:09d}" + (f"-a{attempt}" if attempt else "")
+
+
+def parse_name(name: str) -> tuple[int, int] | None:
+    """(step, attempt) of a checkpoint folder name, or None for anything else."""
+    m = _NAME_RE.match(name)
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2) or 0)
