@@ -106,6 +106,15 @@ def gather(obj: Any, group: Any, dst: int = 0) -> list | None:
     return out
 
 
+def scatter(objs: list | None, group: Any, src: int = 0) -> Any:
+    """``objs[r]`` (a list on ``src``, one per rank) on each rank ``r``."""
+    if not initialized():
+        return objs[0] if objs else None
+    out = [None]
+    dist.scatter_object_list(out, objs if rank() == src else None, src=src, group=group)
+    return out[0]
+
+
 def all_ok(ok: bool, group: Any) -> bool:
     """True on every rank when every rank says ok."""
     if not initialized():

@@ -7,12 +7,14 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as tdist
 
 from ckpt_helpers import Net, assert_bitwise, draws, read_manifest, recording_calls, simple_run, snapshot
 from harness import CheckpointManager, faults
 from harness.checkpoint import blobs, direct_read
+from harness.checkpoint.restore import SHIP_BYTES
 from harness.checkpoint.discovery import list_checkpoints, verify_checkpoint
 from harness.errors import CheckpointError
 from harness.storage import Storage
@@ -116,7 +118,7 @@ def test_two_ranks_save_restore_and_fail_together(tmp_path):
     assert res.world_size == WORLD and res.position["rank"] == 0
 
 
-def restore_reads(rank: int, world: int, url: str, damage_on_rank1: bool = False) -> dict:
+def restore_reads(rank: int, world: int, url: str, damage_on_rank1: bool = False, own_bytes: int = 8) -> dict:
     """Runs on every rank: save steps 1 and 2 (rank-specific RNG), restore into fresh objects; which keys each
     rank read from storage, and whether it ended bitwise at the state of the step it restored."""
     model, opt, _ = simple_run(seed=0)
@@ -125,7 +127,8 @@ def restore_reads(rank: int, world: int, url: str, damage_on_rank1: bool = False
     for step in (1, 2):
         with torch.no_grad():
             next(model.parameters()).add_(1.0)
-        mgr.save(step, models=model, optimizers=opt, rank_state={"r": torch.tensor([rank, step])})
+        mgr.save(step, models=model, optimizers=opt, rank_state={"r": torch.tensor([rank, step]),
+                                                                 "pad": torch.full((own_bytes,), rank, dtype=torch.uint8)})
         states[step] = snapshot((model.state_dict(), opt.state_dict()))
     mgr.close()
 
@@ -151,17 +154,21 @@ def restore_reads(rank: int, world: int, url: str, damage_on_rank1: bool = False
     finally:
         faults.install(None)
     assert_bitwise(states[res.step], (m2.state_dict(), o2.state_dict()), f"rank {rank} state")
-    assert_bitwise({"r": torch.tensor([rank, res.step])}, res.rank_state, f"rank {rank} rank_state")
+    assert_bitwise({"r": torch.tensor([rank, res.step]), "pad": torch.full((own_bytes,), rank, dtype=torch.uint8)},
+                   res.rank_state, f"rank {rank} rank_state")
     return {"step": res.step, "skipped": res.skipped, "replicated": sum(k.startswith("state/") for k in keys),
             "own": sum(k.startswith(f"ranks/{rank}/") for k in keys)}
 
 
-def test_restore_from_s3_reads_replicated_state_once_and_broadcasts_it(tmp_path, s3_url):
-    """Not a local folder: rank 1 downloads only its own per-rank state; the replicated state is read (and
-    verified) once, by rank 0, and reaches rank 1 through the process group."""
-    r0, r1 = run_ranks(tmp_path, restore_reads, WORLD, timeout_s=TIMEOUT_S, url=s3_url)
+@pytest.mark.parametrize("own_bytes", [8, SHIP_BYTES + 1])
+def test_restore_from_s3_reads_replicated_state_once_and_broadcasts_it(tmp_path, s3_url, own_bytes):
+    """Not a local folder: the replicated state is read (and verified) once, by rank 0, and reaches rank 1
+    through the process group; so does rank 1's own state (RNG, cursor), which rank 0 reads to verify it
+    anyway, unless it is larger than SHIP_BYTES: then rank 1 downloads only that."""
+    r0, r1 = run_ranks(tmp_path, restore_reads, WORLD, timeout_s=TIMEOUT_S, url=s3_url, own_bytes=own_bytes)
     assert r0["step"] == r1["step"] == 2
-    assert r0["replicated"] > 0 and r1["replicated"] == 0 and r1["own"] > 0
+    assert r0["replicated"] > 0 and r1["replicated"] == 0
+    assert (r1["own"] > 0) == (own_bytes > SHIP_BYTES)  # its RNG state, "r" and "pad", from storage or not
 
 
 def test_damage_found_by_a_rank_reading_the_shared_folder_walks_every_rank_back(tmp_path):

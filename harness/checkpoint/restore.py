@@ -17,7 +17,10 @@ Two strategies:
   and copies nothing, and restore holds no second copy of the state. When every rank sees the folder as
   the same local folder of the same machine (one node, local disk), the other ranks read it themselves
   after rank 0 chose it, from the page cache rank 0's read filled: still one read of the disk, and a
-  memory copy instead of a pass through the process group (gloo moves ~1.3 GB/s on loopback).
+  memory copy instead of a pass through the process group (gloo moves ~1.3 GB/s on loopback). Elsewhere,
+  the other ranks' own state (RNG, data cursor: kilobytes), which rank 0 reads anyway to verify it, is sent
+  to each rank with the replicated state (:data:`SHIP_BYTES` at most), so a rank reads nothing from storage
+  at all during restore (on S3 that spares each rank a first connection on the restore's critical path).
 * :class:`Together` (a sharded checkpoint, or FSDP/ZeRO objects): rank 0 only opens the manifest; every
   rank reads what it needs and its share of verification; damage found by any rank walks all back.
   (It still reads into new tensors through :mod:`blobs`/:mod:`sharded`, which ``load_state_dict`` copies.)
@@ -48,6 +51,8 @@ from harness.storage import redact_url
 
 log = logging.getLogger("harness")
 
+SHIP_BYTES = 4 << 20   # rank 0 sends the other ranks their own state when all of it is this small
+
 __all__ = ["RestoreOptions", "RestoreResult", "restore"]
 
 
@@ -62,6 +67,7 @@ class Choice:
     missing_step: bool = False                  # the error is "nothing valid at the step asked for"
     problem: Problem | None = None              # rank 0 failed to choose for a reason that is not the store's
     each_reads: bool = False                    # Broadcast: every rank reads the (shared local) files itself
+    shipped: bool = False                       # Broadcast: rank 0 read the ranks' own state and sends it
     # The chosen checkpoint's manifest as rank 0 opened and checked it (raw, files, tensors; a Manifest
     # itself does not pickle): the other ranks need not read commit record and manifest again.
     manifest: tuple[dict, dict, dict] | None = None
@@ -73,6 +79,7 @@ class Prefetched:
 
     manifest: Manifest
     tensors: dict[str, torch.Tensor] | None   # None: Together (only opened; the ranks read it)
+    others: dict[int, dict[str, torch.Tensor]] | None = None   # rank 0: each other rank's own tensors
 
 
 @dataclass
@@ -94,14 +101,17 @@ class Strategy(Protocol):
 
 
 class Broadcast:
-    def __init__(self, each_reads: bool = False) -> None:
-        self.each_reads = each_reads
+    def __init__(self, each_reads: bool = False, shipped: bool = False) -> None:
+        self.each_reads, self.shipped = each_reads, shipped
         # A rank reading the files itself verifies them itself: what it finds may be damage (files changed
         # since rank 0 read them), which sends everyone back to the walk like rank 0's own finding would.
         self.damage_possible = each_reads
 
     def read(self, ctx: Ctx, name: str, manifest: Manifest, prefetched: Prefetched | None,
              targets: Targets) -> Prefetched:
+        if self.shipped:  # collective: rank 0 sends each rank its own state (nothing before it can fail)
+            own_tensors = _scatter_own(ctx, prefetched)
+            return prefetched if prefetched is not None else Prefetched(manifest, own_tensors)
         if prefetched is not None:
             return prefetched
         own = manifest.raw["ranks"][ctx.rank] if ctx.rank < manifest.world_size else None
@@ -148,7 +158,7 @@ def restore(ctx: Ctx, targets: Targets, opts: RestoreOptions) -> RestoreResult |
         if choice.name is None:
             log.info("no checkpoint in %s: starting fresh", redact_url(ctx.storage.url))
             return None
-        strategy: Strategy = Together() if choice.together else Broadcast(choice.each_reads)
+        strategy: Strategy = Together() if choice.together else Broadcast(choice.each_reads, choice.shipped)
         manifest = _manifest(choice, prefetched)
         loaded = _read_agreed(ctx, strategy, choice.name, manifest, prefetched, targets)
         if isinstance(loaded, Loaded):
@@ -203,8 +213,14 @@ class _Probe:
         tensors = direct_read.read_into(ctx.storage, name, entries, dests, threads=ctx.io_threads)
         mine = {e.key for e in entries}
         rest = [e for e in manifest.tensors.values() if e.key not in mine]  # other ranks' RNG and cursors
-        direct_read.verify_entries(ctx.storage, name, rest, threads=ctx.io_threads)
-        return Prefetched(manifest, tensors)
+        if self.each_reads or ctx.world_size == 1 or sum(e.length for e in rest) > SHIP_BYTES:
+            # verified here, read by their own ranks (from the shared page cache, or too large to send)
+            direct_read.verify_entries(ctx.storage, name, rest, threads=ctx.io_threads)
+            return Prefetched(manifest, tensors)
+        got = direct_read.read_into(ctx.storage, name, rest, {}, threads=ctx.io_threads)
+        others = {r: {k: got[k] for k in codec.tensor_refs(manifest.raw["ranks"][r])}
+                  for r in range(1, manifest.world_size)}
+        return Prefetched(manifest, tensors, others)
 
     def _must_cover(self, name: str, live: set[str]) -> None:
         # (A rank > 0 reading for itself fills the same replicated keys: this check covers its tensors too.)
@@ -244,7 +260,8 @@ def _choose(ctx: Ctx, step: int | None, probe: _Probe,
     if info is not None:
         m = prefetched.manifest
         return Choice(name=info.name, skipped=tuple(skipped), together=prefetched.tensors is None,
-                      manifest=(m.raw, m.files, m.tensors), each_reads=probe.each_reads), prefetched
+                      manifest=(m.raw, m.files, m.tensors), each_reads=probe.each_reads,
+                      shipped=prefetched.others is not None), prefetched
     if step is not None:
         return Choice(skipped=tuple(skipped), missing_step=True,
                       error=f"no valid checkpoint at step {step} in {redact_url(ctx.storage.url)}"), None
@@ -309,6 +326,15 @@ def _live_plan(manifest: Manifest, own: Any, targets: Targets) -> tuple[list, di
     keys = set(codec.tensor_refs(manifest.raw["state"])) | set(codec.tensor_refs(own))
     entries = [e for e in manifest.tensors.values() if e.key in keys]
     return entries, destinations(entries, targets.models, targets.optimizers)
+
+
+def _scatter_own(ctx: Ctx, prefetched: Prefetched | None) -> dict:
+    """Each rank's own tensors as rank 0 read them (a rank the checkpoint has no state for gets none)."""
+    objs = None
+    if ctx.rank == 0:
+        others = prefetched.others if prefetched is not None and prefetched.others is not None else {}
+        objs = [{}] + [others.get(r, {}) for r in range(1, ctx.world_size)]
+    return dist.scatter(objs, ctx.group)
 
 
 def _one_local_folder(ctx: Ctx) -> bool:
