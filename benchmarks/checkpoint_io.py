@@ -986,21 +986,25 @@ class _Methods:
         self.samples: dict[str, list[float]] = {}
         self.extra: dict[str, int] = {}  # peak extra RSS, for methods that return it
         self.resident: list[float] = []
-        self.methods: list[tuple[str, Path | None, Callable[[], Any]]] = []
+        self.methods: list[tuple[str, Path | None, Callable[[], Any], Callable[[], Any] | None]] = []
 
-    def add(self, name: str, fn: Callable[[], Any], evict: Path | None = None) -> None:
-        """``evict``: make these files cold before each run (the method is a cold one)."""
-        self.methods.append((name, evict, fn))
+    def add(self, name: str, fn: Callable[[], Any], evict: Path | None = None,
+            prepare: Callable[[], Any] | None = None) -> None:
+        """``evict``: make these files cold before each run (the method is a cold one); ``prepare``: run
+        after that, untimed."""
+        self.methods.append((name, evict, fn, prepare))
         self.samples[name] = []
 
     def run(self, repeat: int) -> None:
         for r in range(repeat):
             k = r % len(self.methods)
-            for name, evict, fn in self.methods[k:] + self.methods[:k]:
+            for name, evict, fn, prepare in self.methods[k:] + self.methods[:k]:
                 if evict is not None:
                     frac = self.b.evict(evict)["resident_frac"]
                     if frac is not None:
                         self.resident.append(frac)
+                if prepare is not None:
+                    prepare()
                 s, extra = self.b.timed(fn)
                 self.samples[name].append(s)
                 if isinstance(extra, int):  # a peak-RSS figure: keep the largest
@@ -1062,7 +1066,7 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
     load + copy into the live tensors. Peak extra host memory (RSS high-water above the start)."""
     import xxhash
 
-    from harness import CheckpointManager
+    from harness import CheckpointManager, prefetch
     from harness.checkpoint import codec
     from harness.checkpoint.destinations import destinations
     from harness.checkpoint.direct_read import ReadStats, read_into
@@ -1110,6 +1114,8 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
         cold.add("ckpt_files_read_cold", lambda: read_files_into(ckpt_files, mv), evict=d / name)
         cold.add("direct_cold", direct, evict=d / name)
         cold.add("manager_cold", manager, evict=d / name)
+        # What a relaunched worker gets: harness.prefetch read the files into the page cache at its start.
+        cold.add("manager_cold_prefetched", manager, evict=d / name, prepare=lambda: prefetch.warm(str(d)))
         cold.run(repeat)
         buf = mv = None  # free the buffer before the warm part
         raw.unlink()
