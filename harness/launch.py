@@ -239,7 +239,8 @@ def _check(args: LaunchArgs) -> Any:
     if args.standalone and (hi > 1 or args.rdzv_endpoint):
         raise ConfigError("--standalone runs one node: it cannot go with --nnodes > 1 or --rdzv-endpoint")
     cfg = config.load(args.config, args.overrides)
-    prefetch.start(cfg.checkpoint.dir)  # before torch is imported here: the disk works while we start up
+    if hi == 1:  # one machine: rank 0's (see harness.prefetch); before torch is imported here
+        prefetch.start(cfg.checkpoint.dir)
     _check_workload(cfg)
     storage = Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options)
     storage.check_access(write=True)

@@ -6,10 +6,11 @@ checkpoint only starts after that. Reading the newest committed checkpoint's fil
 (without copying anything into this process) lets the disk work while the interpreter does, so the restore
 then reads from memory.
 
-Started by ``harness launch`` as soon as it has read the config, and by every ``harness train`` process of
-local rank 0 (torchrun restarts workers without a new launcher); the second finds the pages cached and is
-cheap. Only for a local folder (an object store has no page cache to fill), by one process per machine (the
-page cache is shared), and only when the checkpoint fits comfortably in the memory the kernel
+Started by ``harness launch`` of a one-machine job as soon as it has read the config, and by the worker of
+global rank 0 (torchrun restarts workers without a new launcher; the second finds the pages cached and is
+cheap). Rank 0's machine only: that is where restore reads a replicated checkpoint (the other machines
+receive it), so a folder on a network filesystem is not read once per machine. Only for a local folder (an
+object store has no page cache to fill), and only when the checkpoint fits comfortably in the memory the kernel
 reports available (a prefetch that evicted its own start would read twice). Standard library only, on a
 daemon thread, and it never raises: it is a hint. Guessing wrong costs little: the newest committed
 checkpoint is the one restore reads first (if it is damaged, restore reads it anyway to find out).
@@ -35,9 +36,9 @@ MAX_FRACTION_OF_AVAILABLE = 0.5   # prefetch only a checkpoint under half of Mem
 
 def start(url: str) -> threading.Thread | None:
     """Begin warming the newest committed checkpoint under ``url`` (a local folder) on a daemon thread; None
-    when there is nothing to do here (not local, not local rank 0, no fadvise)."""
+    when there is nothing to do here (not local, not global rank 0, no ``sendfile``)."""
     folder = local_folder(url)
-    if folder is None or os.environ.get("LOCAL_RANK", "0") != "0" or not hasattr(os, "sendfile"):
+    if folder is None or os.environ.get("RANK", "0") != "0" or not hasattr(os, "sendfile"):
         return None
     thread = threading.Thread(target=_warm_quietly, args=(folder,), name="harness-prefetch", daemon=True)
     thread.start()

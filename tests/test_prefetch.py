@@ -64,12 +64,12 @@ def test_a_checkpoint_too_large_for_available_memory_is_left_cold(folder):
     assert _resident(_data_files(folder, "step-000000002")) < 0.05
 
 
-def test_started_on_a_thread_by_local_rank_0_for_local_folders_only(folder, monkeypatch):
+def test_started_on_a_thread_by_rank_0_for_local_folders_only(folder, monkeypatch):
     for url in ("s3://bucket/ck", "memory://ck", "simplecache::s3://bucket/ck", ""):
         assert prefetch.start(url) is None
-    monkeypatch.setenv("LOCAL_RANK", "1")  # another process on this machine warms the shared page cache
+    monkeypatch.setenv("RANK", "1")  # rank 0 reads (and warms its machine's page cache); the others receive
     assert prefetch.start(folder) is None
-    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "0")
     thread = prefetch.start("file://" + folder)
     assert thread is not None and thread.daemon
     thread.join(30)
