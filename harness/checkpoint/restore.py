@@ -23,7 +23,8 @@ Two strategies:
   at all during restore (on S3 that spares each rank a first connection on the restore's critical path).
 * :class:`Together` (a sharded checkpoint, or FSDP/ZeRO objects): rank 0 only opens the manifest; every
   rank reads what it needs and its share of verification; damage found by any rank walks all back.
-  (It still reads into new tensors through :mod:`blobs`/:mod:`sharded`, which ``load_state_dict`` copies.)
+  Sharded targets are read straight into their live tensors where a box is whole stored entries
+  (:mod:`sharded_read`, which also refuses an older candidate that would leave some of them half-read).
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ def _choose(ctx: Ctx, step: int | None, probe: _Probe,
     if step is not None:
         return Choice(skipped=tuple(skipped), missing_step=True,
                       error=f"no valid checkpoint at step {step} in {redact_url(ctx.storage.url)}"), None
-    if any(i.committed for i in matching):
+    if any(i.committed for i in matching) or passed:  # passed: committed, found damaged by a rank's read
         why = "; ".join(f"{n}: {r}" for n, r in [*passed, *skipped])
         return Choice(skipped=tuple(skipped),
                       error=f"no valid checkpoint: every committed checkpoint failed verification ({why})"), None

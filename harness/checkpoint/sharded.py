@@ -15,7 +15,10 @@ Save side (used by :mod:`harness.checkpoint.save`):
 Restore side: :func:`load` reads, per rank, only what that rank needs: the replicated tensors, the ZeRO
 entries of the parameters it owns in the NEW partition, and for DTensors the box of the global tensor its
 local shard covers (a row range of a dim-0 shard is one contiguous byte range, read and verified chunk by
-chunk). :func:`consolidate` assembles full tensors for export.
+chunk). For sharded targets the reads land straight in the live tensors where a box is whole stored
+entries (at the saving world size, every box): parameters, buffers, FSDP2 local shards and existing optimizer
+state keep their memory and restore holds no second copy of the state (:mod:`sharded_read`).
+:func:`consolidate` assembles full tensors for export.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import torch
 from harness.checkpoint import blobs, codec, kinds
 from harness.checkpoint.kinds import MODELS, OPTIMIZERS, Targets, capture_plain
 from harness.checkpoint.discovery import open_checkpoint
-from harness.checkpoint.format import DTYPES, Manifest
+from harness.checkpoint.format import Manifest
+from harness.checkpoint.sharded_read import Loader, guard, local_of
 from harness.errors import CheckpointError
 from harness.state import unwrap_model
 from harness.storage import Storage
@@ -170,54 +174,6 @@ def decode_refs(tree: Any) -> Any:
     return codec.decode(tree, Ref)
 
 
-class Loader:
-    """Collects the boxes of global tensors one rank needs, reads them (grouped by file, verified) and fills
-    them into the decoded trees."""
-
-    def __init__(self, storage: Storage, name: str, manifest: Manifest, threads: int) -> None:
-        self.storage, self.name, self.manifest, self.threads = storage, name, manifest, threads
-        self.requests: list[tuple[str, tuple, tuple, list]] = []  # key, offset, shape, request list
-
-    def global_shape(self, key: str) -> tuple[int, ...]:
-        es = self.manifest.entries(key)
-        return tuple(es[0].global_shape if es[0].global_shape is not None else es[0].shape)
-
-    def want(self, key: str, offset: tuple | None = None, shape: tuple | None = None) -> int:
-        gshape = self.global_shape(key)
-        offset = offset if offset is not None else (0,) * len(gshape)
-        shape = shape if shape is not None else gshape
-        reqs = blobs.region_requests(self.manifest.entries(key), offset, shape)
-        self.requests.append((key, tuple(offset), tuple(shape), reqs))
-        return len(self.requests) - 1
-
-    def run(self) -> list[torch.Tensor]:
-        whole = {e.ident: e for _, _, _, reqs in self.requests for e, rows, _, _ in reqs if rows is None}
-        data = blobs.read_tensors(self.storage, self.name, list(whole.values()), threads=self.threads,
-                                  assemble=False)
-        self.read_whole = set(whole)
-        out = []
-        for key, offset, shape, reqs in self.requests:
-            es = self.manifest.entries(key)
-            dtype = DTYPES[es[0].dtype]
-            if len(reqs) == 1 and reqs[0][1] is None and tuple(reqs[0][0].shape) == tuple(shape):
-                out.append(data[reqs[0][0].ident])  # the box is exactly one stored entry: no copy
-                continue
-            t = torch.empty(shape, dtype=dtype)
-            for e, rows, dst, src in reqs:
-                piece = data[e.ident] if rows is None else blobs.read_rows(self.storage, self.name, e, *rows)
-                t[dst] = piece[src]
-            out.append(t)
-        return out
-
-    def verify_rest(self, rank: int, world: int) -> None:
-        """Check the entries that this rank's share of verification covers (written by a rank r with
-        r % world == rank) and that were not read whole already: every byte of the checkpoint is verified
-        by some rank."""
-        rest = [e for e in self.manifest.tensors.values()
-                if e.rank % world == rank and e.ident not in getattr(self, "read_whole", set())]
-        blobs.read_tensors(self.storage, self.name, rest, threads=self.threads, assemble=False)
-
-
 def _local_box(t: Any) -> tuple[tuple, tuple]:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -225,30 +181,33 @@ def _local_box(t: Any) -> tuple[tuple, tuple]:
     return tuple(int(o) for o in offset), tuple(int(s) for s in shape)
 
 
-def _plan(saved: Any, template: Any, loader: Loader, fills: list, path: str) -> Any:
+def _plan(saved: Any, template: Any, loader: Loader, fills: list, path: str, live: bool = False) -> Any:
     """Walk a decoded tree, registering a read for every Ref (the local box when the template has a
-    DTensor there); returns the tree with placeholders that ``fills`` completes."""
+    DTensor there); returns the tree with placeholders that ``fills`` completes. With ``live``, the tensor
+    the template holds at a Ref's place (a DTensor's local shard) is the read's destination (in place)."""
     if isinstance(saved, Ref):
         gshape = loader.global_shape(saved.key)
+        into = local_of(template) if live else None
         if codec.is_dtensor(template):
             if tuple(template.shape) != gshape:
                 raise CheckpointError(f"tensor {path!r} ({saved.key}): checkpoint has shape {list(gshape)}, the "
                                       f"model has {list(template.shape)}")
             offset, shape = _local_box(template)
-            ticket = loader.want(saved.key, offset, shape)
+            ticket = loader.want(saved.key, offset, shape, into=into)
             holder = _Holder()
             fills.append((ticket, holder, template, saved))
             return holder
-        ticket = loader.want(saved.key)
+        ticket = loader.want(saved.key, into=into)
         holder = _Holder()
         fills.append((ticket, holder, None, saved))
         return holder
     if isinstance(saved, dict):
         sub = template if isinstance(template, dict) else {}
-        return {k: _plan(v, sub.get(k), loader, fills, f"{path}.{k}" if path else str(k)) for k, v in saved.items()}
+        return {k: _plan(v, sub.get(k), loader, fills, f"{path}.{k}" if path else str(k), live)
+                for k, v in saved.items()}
     if isinstance(saved, (list, tuple)):
         sub = template if isinstance(template, (list, tuple)) and len(template) == len(saved) else [None] * len(saved)
-        items = [_plan(v, t, loader, fills, f"{path}.{i}") for i, (v, t) in enumerate(zip(saved, sub))]
+        items = [_plan(v, t, loader, fills, f"{path}.{i}", live) for i, (v, t) in enumerate(zip(saved, sub))]
         return tuple(items) if isinstance(saved, tuple) else items
     return saved
 
@@ -272,38 +231,26 @@ class _Holder:
 def load(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: int, targets: Targets,
          threads: int = 4) -> tuple[dict, Any]:
     """This rank's view of checkpoint ``name``: (state tree with the given targets materialized, this rank's
-    own per-rank state or None). Reads only what this rank needs, plus its share of verification."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    own per-rank state or None). Reads only what this rank needs, plus its share of verification.
 
+    Sharded targets (an FSDP model, a ZeRO optimizer) are read into where possible: their parameters,
+    buffers, local shards and existing optimizer state are the destinations of the reads (see
+    :mod:`sharded_read`), and the returned tree holds those same tensors, so applying it copies nothing.
+    Replicated targets reading a sharded checkpoint get new tensors (restore's other path accounts for what
+    it reads in place; this one must not write into tensors behind its back)."""
     saved = decode_refs(manifest.raw["state"])
     ranks = manifest.raw["ranks"]
     mine = decode_refs(ranks[rank]) if rank < len(ranks) else None
     loader, fills = Loader(storage, name, manifest, threads), []
-    models = targets.models
+    live = needs_collective(targets)
     out: dict = {k.section: ({} if not k.single else None) for k in kinds.KINDS}
-    saved_models, saved_opts = saved.get("models") or {}, saved.get("optimizers") or {}
-    for n, m in models.items():
-        if n in saved_models:
-            template = get_model_state_dict(m) if is_fsdp(m) else None
-            out["models"][n] = _plan(saved_models[n], template, loader, fills, "")
-    for n, o in targets.optimizers.items():
-        if n not in saved_opts:
-            continue
-        sd = saved_opts[n]
-        template = None
-        if is_zero(o) and isinstance(sd, dict) and isinstance(sd.get("state"), dict):
-            owned = zero_owned(o)
-            sd = {**sd, "state": {k: v for k, v in sd["state"].items() if k in owned}}
-        else:
-            owner = _fsdp_model_of(o, models)
-            if owner is not None:
-                template = get_optimizer_state_dict(owner, o)
-                sd = _index_to_fqn(sd, template)
-        out["optimizers"][n] = _plan(sd, template, loader, fills, f"optimizer {n}")
+    out["models"], out["optimizers"] = _plan_targets(saved, targets, loader, fills, live)
     for k in kinds.KINDS:  # kinds without a sharded form: read whole (small: schedulers, scaler, extras)
         if k not in (MODELS, OPTIMIZERS) and saved.get(k.section) is not None:
             out[k.section] = _plan(saved[k.section], None, loader, fills, "")
     mine = _plan(mine, None, loader, fills, "") if mine is not None else None
+    loader.plan()
+    guard(targets, loader, name)
     tensors = loader.run()
     loader.verify_rest(rank, world)
     for ticket, holder, template, ref in fills:
@@ -316,6 +263,34 @@ def load(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: i
             t = t.numpy()
         holder.value = t
     return _finish(out), _finish(mine)
+
+
+def _plan_targets(saved: dict, targets: Targets, loader: Loader, fills: list, live: bool) -> tuple[dict, dict]:
+    """Register the reads of the models' and optimizers' state; with ``live``, into their live tensors."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    models, out_m, out_o = targets.models, {}, {}
+    saved_models, saved_opts = saved.get("models") or {}, saved.get("optimizers") or {}
+    for n, m in models.items():
+        if n in saved_models:
+            template = get_model_state_dict(m) if is_fsdp(m) else unwrap_model(m).state_dict() if live else None
+            out_m[n] = _plan(saved_models[n], template, loader, fills, "", live)
+    for n, o in targets.optimizers.items():
+        if n not in saved_opts:
+            continue
+        sd = saved_opts[n]
+        template = None
+        if is_zero(o) and isinstance(sd, dict) and isinstance(sd.get("state"), dict):
+            owned = zero_owned(o)
+            sd = {**sd, "state": {k: v for k, v in sd["state"].items() if k in owned}}
+            template = {"state": zero_local_state(o)} if live else None  # existing state: read into it
+        else:
+            owner = _fsdp_model_of(o, models)
+            if owner is not None:
+                template = get_optimizer_state_dict(owner, o)
+                sd = _index_to_fqn(sd, template)
+        out_o[n] = _plan(sd, template, loader, fills, f"optimizer {n}", live)
+    return out_m, out_o
 
 
 def load_zero(zero: Any, saved: dict, name: str = "optimizer") -> None:
