@@ -11,8 +11,8 @@ global rank 0 (torchrun restarts workers without a new launcher; the second find
 cheap). Rank 0's machine only: that is where restore reads a replicated checkpoint (the other machines
 receive it), so a folder on a network filesystem is not read once per machine. Only for a local folder (an
 object store has no page cache to fill), and only when the checkpoint fits comfortably in the memory the kernel
-reports available (a prefetch that evicted its own start would read twice). Standard library only, on a
-daemon thread, and it never raises: it is a hint. Guessing wrong costs little: the newest committed
+reports available (a prefetch that evicted its own start would read twice). No torch (the storage layer decides what is a
+local folder, as for the restore itself), the reading on a daemon thread, and it never raises: it is a hint. Guessing wrong costs little: the newest committed
 checkpoint is the one restore reads first (if it is damaged, restore reads it anyway to find out).
 
 How: ``sendfile`` of each file to ``/dev/null``, front to back. The kernel reads the file into the page cache
@@ -37,8 +37,10 @@ MAX_FRACTION_OF_AVAILABLE = 0.5   # prefetch only a checkpoint under half of Mem
 def start(url: str) -> threading.Thread | None:
     """Begin warming the newest committed checkpoint under ``url`` (a local folder) on a daemon thread; None
     when there is nothing to do here (not local, not global rank 0, no ``sendfile``)."""
+    if os.environ.get("RANK", "0") != "0" or not hasattr(os, "sendfile"):
+        return None
     folder = local_folder(url)
-    if folder is None or os.environ.get("RANK", "0") != "0" or not hasattr(os, "sendfile"):
+    if folder is None:
         return None
     thread = threading.Thread(target=_warm_quietly, args=(folder,), name="harness-prefetch", daemon=True)
     thread.start()
@@ -46,12 +48,18 @@ def start(url: str) -> threading.Thread | None:
 
 
 def local_folder(url: str) -> str | None:
-    """The local path of a checkpoint folder URL (a plain path or ``file://``), or None for anything else."""
-    if "::" in url:
+    """The local path of a checkpoint folder URL as restore's reader sees it (:meth:`Storage.local_path`), or
+    None for anything else. Other schemes are refused by name first: opening one would import its backend."""
+    from harness.errors import StorageError
+    from harness.storage import Storage
+    from harness.storage.backend import scheme_of
+
+    if not url or scheme_of(url) != "file":
         return None
-    if url.startswith("file://"):
-        return url[len("file://"):] or None
-    return None if "://" in url else (url or None)
+    try:
+        return Storage(url).local_path()
+    except StorageError:
+        return None
 
 
 def _warm_quietly(folder: str) -> None:

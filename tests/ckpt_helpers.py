@@ -14,9 +14,11 @@ from typing import Any, Callable, Iterator
 from unittest import mock
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
+from harness import faults
 from harness.checkpoint.format import COMMIT_FILE, MANIFEST_FILE, dumps, make_commit
 from harness.storage import Storage
 
@@ -190,3 +192,18 @@ def flip_byte(url: str, rel: str, offset: int) -> None:
     data = bytearray(st.read_bytes(rel))
     data[offset] ^= 0x40
     st.write_bytes(rel, bytes(data))
+
+
+def save_killed_before_commit(mgr: Any, step: int, **objects: Any) -> None:
+    """A save of ``step`` killed just before its commit record (through the fault seam): it leaves an
+    uncommitted folder, as a job killed at that moment would."""
+    def killed(point: str, info: dict) -> None:
+        if point == "save.before_commit" and info.get("step") == step:
+            raise faults.FaultInjected("killed before the commit record")
+    faults.install(killed)
+    try:
+        with pytest.raises(Exception, match="killed before the commit record"):
+            mgr.save(step, **objects)
+            mgr.wait()
+    finally:
+        faults.install(None)

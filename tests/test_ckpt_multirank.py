@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from ckpt_helpers import Net, assert_bitwise, draws, read_manifest, recording_calls, simple_run, snapshot
+from ckpt_helpers import (Net, assert_bitwise, draws, flip_byte, read_manifest, recording_calls, simple_run,
+                          snapshot)
 from harness import CheckpointManager, faults
 from harness.checkpoint import blobs, direct_read
 from harness.checkpoint.restore import SHIP_BYTES
@@ -135,13 +136,9 @@ def restore_reads(rank: int, world: int, url: str, damage_on_rank1: bool = False
     def flip_before_rank1_reads(point: str, info: dict) -> None:
         """The newest checkpoint's data changes on disk after rank 0 verified it, before rank 1 reads it."""
         if point == "restore.read" and info["rank"] == 1 and info["name"] == "step-000000002":
-            storage = Storage(url)
             man = read_manifest(url, "step-000000002")
             e = max((e for e in man["tensors"] if e["key"].startswith("state/")), key=lambda e: e["length"])
-            rel = f"step-000000002/{e['file']}"
-            data = bytearray(storage.read_bytes(rel))
-            data[e["offset"] + e["length"] // 2] ^= 0x40
-            storage.write_bytes(rel, bytes(data))
+            flip_byte(url, f"step-000000002/{e['file']}", e["offset"] + e["length"] // 2)
 
     m2 = Net()
     o2 = torch.optim.AdamW(m2.parameters())

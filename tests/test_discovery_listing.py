@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from ckpt_helpers import Net, assert_bitwise, read_manifest, simple_run, snapshot, train_step
+from ckpt_helpers import (Net, assert_bitwise, flip_byte, read_manifest, save_killed_before_commit, simple_run,
+                          snapshot, train_step)
 from harness import CheckpointManager, faults
 from harness.checkpoint.discovery import list_checkpoints, read_commits, scan
 from harness.checkpoint.format import COMMIT_FILE, MANIFEST_FILE
@@ -55,12 +56,8 @@ def counting(storage: Storage) -> Counting:
 
 def _flip_data(storage: Storage, name: str) -> None:
     """One byte of the largest tensor flipped: sizes agree, only its checksum can tell."""
-    man = read_manifest(storage.url, name)
-    e = max(man["tensors"], key=lambda e: e["length"])
-    rel = f"{name}/{e['file']}"
-    data = bytearray(storage.read_bytes(rel))
-    data[e["offset"] + e["length"] // 2] ^= 0x40
-    storage.write_bytes(rel, bytes(data))
+    e = max(read_manifest(storage.url, name)["tensors"], key=lambda e: e["length"])
+    flip_byte(storage.url, f"{name}/{e['file']}", e["offset"] + e["length"] // 2)
 
 
 def _populate(url: str, damage: str) -> dict:
@@ -74,16 +71,9 @@ def _populate(url: str, damage: str) -> dict:
         mgr.save(step, models=model, optimizers=opt, loss=float(step))
         saved[step] = snapshot((model.state_dict(), opt.state_dict()))
 
-    def killed(point: str, info: dict) -> None:
-        if point == "save.before_commit" and info.get("step") == 5:
-            raise faults.FaultInjected("killed before the commit record")
-    faults.install(killed)
     try:
-        with pytest.raises(Exception, match="killed before the commit record"):
-            mgr.save(5, models=model, optimizers=opt)
-            mgr.wait()
+        save_killed_before_commit(mgr, 5, models=model, optimizers=opt)
     finally:
-        faults.install(None)
         mgr.close()
     storage = Storage(url)
     if damage == "data":

@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from ckpt_helpers import Net
-from harness import CheckpointManager, faults, prefetch
+from ckpt_helpers import Net, save_killed_before_commit
+from harness import CheckpointManager, prefetch
 from page_cache import evict, resident_fraction
 
 
@@ -31,16 +31,9 @@ def folder(tmp_path) -> str:
     mgr = CheckpointManager(url, keep_last=0)
     mgr.save(1, models=model)
     mgr.save(2, models=model)
-
-    def killed(point: str, info: dict) -> None:
-        if point == "save.before_commit" and info.get("step") == 3:
-            raise faults.FaultInjected("killed before the commit record")
-    faults.install(killed)
     try:
-        with pytest.raises(Exception, match="killed before the commit record"):
-            mgr.save(3, models=model)
+        save_killed_before_commit(mgr, 3, models=model)
     finally:
-        faults.install(None)
         mgr.close()
     for path in glob.glob(os.path.join(url, "*", "*")):
         evict(path)

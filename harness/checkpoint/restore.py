@@ -134,10 +134,13 @@ class Broadcast:
 class Together:
     damage_possible = True
 
+    def __init__(self, filled: set[str]) -> None:
+        self.filled = filled  # keys this rank read in place for earlier candidates of the same restore
+
     def read(self, ctx: Ctx, name: str, manifest: Manifest, prefetched: Prefetched | None,
              targets: Targets) -> Loaded:  # rank 0 only opened it while choosing: it reads its share too
         state, mine = sharded.load(ctx.storage, name, manifest, rank=ctx.rank, world=ctx.world_size,
-                                   targets=targets, threads=ctx.io_threads)
+                                   targets=targets, threads=ctx.io_threads, filled=self.filled)
         return Loaded(manifest, state, mine)
 
     def finish(self, ctx: Ctx, got: Loaded, targets: Targets) -> Loaded:
@@ -148,7 +151,10 @@ def restore(ctx: Ctx, targets: Targets, opts: RestoreOptions) -> RestoreResult |
     """Load the newest valid checkpoint (or the one at ``opts.step``) into ``targets``; None when there is
     none at all (a first run). Collective."""
     t0 = time.perf_counter()
-    probe = _Probe(ctx, targets, sharded.needs_collective(targets), _one_local_folder(ctx))
+    sharded_targets = sharded.needs_collective(targets)
+    # (Sharded targets are always read Together: no rank needs to know whether the others share the folder.)
+    probe = _Probe(ctx, targets, sharded_targets, not sharded_targets and _one_local_folder(ctx))
+    filled_together: set[str] = set()
     skipped: list[tuple[str, str]] = []
     while True:
         choice, prefetched = _decide(ctx, opts.step, probe, skipped)
@@ -159,7 +165,8 @@ def restore(ctx: Ctx, targets: Targets, opts: RestoreOptions) -> RestoreResult |
         if choice.name is None:
             log.info("no checkpoint in %s: starting fresh", redact_url(ctx.storage.url))
             return None
-        strategy: Strategy = Together() if choice.together else Broadcast(choice.each_reads, choice.shipped)
+        strategy: Strategy = (Together(filled_together) if choice.together
+                              else Broadcast(choice.each_reads, choice.shipped))
         manifest = _manifest(choice, prefetched)
         loaded = _read_agreed(ctx, strategy, choice.name, manifest, prefetched, targets)
         if isinstance(loaded, Loaded):

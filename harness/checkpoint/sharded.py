@@ -229,7 +229,7 @@ class _Holder:
 
 
 def load(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: int, targets: Targets,
-         threads: int = 4) -> tuple[dict, Any]:
+         threads: int = 4, filled: set[str] | None = None) -> tuple[dict, Any]:
     """This rank's view of checkpoint ``name``: (state tree with the given targets materialized, this rank's
     own per-rank state or None). Reads only what this rank needs, plus its share of verification.
 
@@ -237,7 +237,8 @@ def load(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: i
     buffers, local shards and existing optimizer state are the destinations of the reads (see
     :mod:`sharded_read`), and the returned tree holds those same tensors, so applying it copies nothing.
     Replicated targets reading a sharded checkpoint get new tensors (restore's other path accounts for what
-    it reads in place; this one must not write into tensors behind its back)."""
+    it reads in place; this one must not write into tensors behind its back). ``filled``: the keys earlier
+    candidates of the same restore read in place (see :func:`sharded_read.guard`), updated here."""
     saved = decode_refs(manifest.raw["state"])
     ranks = manifest.raw["ranks"]
     mine = decode_refs(ranks[rank]) if rank < len(ranks) else None
@@ -250,7 +251,7 @@ def load(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: i
             out[k.section] = _plan(saved[k.section], None, loader, fills, "")
     mine = _plan(mine, None, loader, fills, "") if mine is not None else None
     loader.plan()
-    guard(targets, loader, name)
+    guard(filled if filled is not None else set(), loader, name)
     tensors = loader.run()
     loader.verify_rest(rank, world)
     for ticket, holder, template, ref in fills:

@@ -31,8 +31,6 @@ from harness.checkpoint.format import DTYPES, Manifest, TensorEntry
 from harness.errors import CheckpointError
 from harness.storage import Storage
 
-_FILLED = "_harness_filled_in_place"   # attribute of a restore's Targets: keys read in place so far
-
 
 class StrandedError(CheckpointError):
     """Live tensors hold part of a damaged checkpoint and the next candidate does not overwrite them all:
@@ -143,11 +141,10 @@ def _fits(r: _Request, dtype: torch.dtype) -> bool:
     return sum(math.prod(e.shape) for e, _, _, _ in r.reqs) == math.prod(r.shape)
 
 
-def guard(targets: Any, loader: Loader, name: str) -> None:
+def guard(filled: set[str], loader: Loader, name: str) -> None:
     """Before reading ``name``: refuse it when tensors an earlier candidate of this restore read in place
-    (``targets`` is one restore's) get no live destination from it; then remember what it reads in place
-    (before reading: a read that fails part way has written some of them)."""
-    filled: set[str] = targets.__dict__.setdefault(_FILLED, set())
+    (``filled``, kept by the restore across its candidates) get no live destination from it; then add what
+    it reads in place (before reading: a read that fails part way has written some of them)."""
     missing = filled - loader.destined()
     if missing:
         raise StrandedError(f"a damaged newer checkpoint was partly read into the live tensors and {name} does "
