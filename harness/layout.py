@@ -10,13 +10,14 @@ import re
 
 COMMIT_FILE = "COMMIT"
 MANIFEST_FILE = "manifest.json"
+NAME_PREFIX = "step-"  # every checkpoint folder's name starts so: discovery lists only those
 
 _NAME_RE = re.compile(r"^step-(\d{9,12})(?:-a(\d{1,4}))?$")
 
 
 def ckpt_name(step: int, attempt: int = 0) -> str:
     """Folder name: lexical order is (step, attempt) order."""
-    return f"step-{step:09d}" + (f"-a{attempt}" if attempt else "")
+    return f"{NAME_PREFIX}{step:09d}" + (f"-a{attempt}" if attempt else "")
 
 
 def parse_name(name: str) -> tuple[int, int] | None:

@@ -99,6 +99,31 @@ def test_list_tree_is_one_listing_with_sizes(store, kind):
     assert store.list_tree("nope") == {} and store.list_tree("s/top") == {}
 
 
+
+def test_list_tree_prefix_lists_only_matching_entries(store, kind, monkeypatch):
+    """Discovery lists ``step-*`` only: other things a user keeps in the checkpoint folder (a TensorBoard
+    tree, exports) are not in the answer, and are not walked: on S3 the request's Prefix is narrowed, on
+    walked stores no folder outside the prefix is listed."""
+    for rel in ("step-1/a", "step-1/sub/b", "step-2/COMMIT", "stepx", "tb/step-9/ev", "tb/deep/more/x"):
+        store.makedirs(os.path.dirname(f"s/{rel}"))
+        store.write_bytes(f"s/{rel}", b"12")
+    store.refresh()
+    want = {"step-1/a": 2, "step-1/sub/b": 2, "step-2/COMMIT": 2}
+    listed: list[str] = []
+    if kind != "s3":
+        want.update({"step-1": None, "step-1/sub": None, "step-2": None})
+        real_ls = store.backend.fs.ls
+
+        def ls(path, *args, **kwargs):  # records what the walk opens; the listing itself is the real one
+            listed.append(str(path))
+            return real_ls(path, *args, **kwargs)
+        monkeypatch.setattr(store.backend.fs, "ls", ls)
+    assert store.list_tree("s", prefix="step-") == want
+    assert kind == "s3" or any(p.endswith("step-1/sub") for p in listed), listed  # the spy saw the walk
+    assert not any("/tb" in p for p in listed), listed
+    assert store.list_tree("s", prefix="none-") == {} and store.list_tree("nope", prefix="step-") == {}
+
+
 def test_ranged_reads(store):
     data = random.Random(1).randbytes(200_003)
     with store.open_write("blob") as f:

@@ -8,7 +8,8 @@ from typing import Iterable, Iterator
 from harness import faults
 from harness.checkpoint import blobs
 from harness.checkpoint.format import (COMMIT_FILE, COMMIT_SUMMARY_KEYS, MANIFEST_FILE, MAX_COMMIT_BYTES,
-                                       MAX_MANIFEST_BYTES, Manifest, parse_commit, parse_manifest, parse_name)
+                                       MAX_MANIFEST_BYTES, NAME_PREFIX, Manifest, parse_commit, parse_manifest,
+                                       parse_name)
 from harness.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, StorageError
 from harness.storage import Storage
 
@@ -34,7 +35,7 @@ def scan(storage: Storage) -> list[CheckpointInfo]:
     that, lazily."""
     storage.refresh()
     folders: dict[str, dict[str, int]] = {}
-    for rel, size in storage.list_tree().items():
+    for rel, size in storage.list_tree(prefix=NAME_PREFIX).items():
         top, _, inner = rel.partition("/")
         if parse_name(top) is None:
             continue

@@ -19,7 +19,8 @@ import xxhash
 
 from harness.checkpoint import codec
 from harness.errors import CheckpointFormatError
-from harness.layout import COMMIT_FILE, MANIFEST_FILE, ckpt_name, parse_name  # noqa: F401 - re-exported
+from harness.layout import (COMMIT_FILE, MANIFEST_FILE, NAME_PREFIX, ckpt_name,  # noqa: F401 - re-exported
+                            parse_name)
 
 FORMAT = "harness.checkpoint"
 FORMAT_VERSION = 1

@@ -56,10 +56,12 @@ class Backend(Protocol):
     def listdir(self, path: str) -> list[str]:
         """Sorted base names of the entries of a folder; empty if it does not exist."""
 
-    def list_tree(self, path: str) -> dict[str, int | None]:
+    def list_tree(self, path: str, prefix: str = "") -> dict[str, int | None]:
         """Everything under a folder in one listing (on object stores one paginated listing of the prefix):
         each entry's path relative to ``path`` ("/"-joined) -> its size in bytes, or None for a folder
-        (object stores have none, only objects); empty if ``path`` does not exist."""
+        (object stores have none, only objects); empty if ``path`` does not exist. ``prefix``: only the
+        entries whose relative path starts with it, and only those are listed (no walk of, or listing
+        page for, anything else under ``path``)."""
 
     def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes: ...
 

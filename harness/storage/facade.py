@@ -153,12 +153,14 @@ class Storage:
         """Base names of the entries of a folder; empty if it does not exist."""
         return self.backend.listdir(self.path(rel))
 
-    def list_tree(self, rel: str = "") -> dict[str, int | None]:
+    def list_tree(self, rel: str = "", prefix: str = "") -> dict[str, int | None]:
         """Everything under a folder in one listing (on S3 one paginated ListObjectsV2 of the prefix): each
         entry's path relative to ``rel`` -> its size in bytes, or None for a folder (S3 has none, only
         objects). Empty if the folder does not exist. Discovery finds every checkpoint, whether it is
-        committed and the size of each of its files from this one call."""
-        return self.backend.list_tree(self.path(rel))
+        committed and the size of each of its files from this one call. ``prefix``: only entries whose
+        relative path starts with it are listed at all (discovery: ``step-``; other files a user keeps in
+        the folder, a TensorBoard tree say, are neither walked nor paged through)."""
+        return self.backend.list_tree(self.path(rel), prefix)
 
     def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
         return self.backend.read(self.path(rel), start, end)

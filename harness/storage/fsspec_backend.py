@@ -70,14 +70,19 @@ class FsspecBackend:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
-    def list_tree(self, path: str) -> dict[str, int | None]:
-        prefix = path.rstrip("/") + "/"
+    def list_tree(self, path: str, prefix: str = "") -> dict[str, int | None]:
+        base = path.rstrip("/") + "/"
+        top = self.fs._strip_protocol(path).rstrip("/")
         out: dict[str, int | None] = {}
-        for _, dirs, files in self.fs.walk(path, detail=True, on_error=_raise_unless_gone):
+        for where, dirs, files in self.fs.walk(path, detail=True, on_error=_raise_unless_gone):
+            if prefix and where.rstrip("/") == top:  # prune the top level: walk only what can match
+                for table in (dirs, files):
+                    for name in [n for n in table if not n.startswith(prefix)]:
+                        del table[name]
             for info in [*dirs.values(), *files.values()]:
                 full = info["name"].rstrip("/")
-                if full.startswith(prefix):
-                    out[full[len(prefix):]] = None if info["type"] == "directory" else int(info["size"])
+                if full.startswith(base):
+                    out[full[len(base):]] = None if info["type"] == "directory" else int(info["size"])
         return out
 
     def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:

@@ -69,9 +69,9 @@ class S3Backend:
     def listdir(self, path: str) -> list[str]:
         return sorted({n for n in self.client.list(path, True, 0) if n})
 
-    def list_tree(self, path: str) -> dict[str, int | None]:
+    def list_tree(self, path: str, prefix: str = "") -> dict[str, int | None]:
         out: dict[str, int | None] = {}
-        for rel, size in self.client.sizes_under(path).items():
+        for rel, size in self.client.sizes_under(path, prefix).items():
             if rel.endswith("/"):  # a "folder" marker object some tools create
                 if rel.strip("/"):
                     out[rel.rstrip("/")] = None

@@ -183,19 +183,21 @@ class S3Client:
         own = self.head(path)
         return (own["size"] if own else 0) + sum(self.sizes_under(path).values())
 
-    def sizes_under(self, path: str) -> dict[str, int]:
-        """Every object under the prefix ``path/``: its key relative to the prefix -> its size. One paginated
-        ListObjectsV2 (1,000 keys a page), no HEAD per object."""
+    def sizes_under(self, path: str, name_prefix: str = "") -> dict[str, int]:
+        """Every object under the prefix ``path/`` (and whose key after it starts with ``name_prefix``): its
+        key relative to ``path/`` -> its size. One paginated ListObjectsV2 (1,000 keys a page), no HEAD per
+        object."""
         bucket, key = self.split(path)
-        return self.sync(self._sizes_under, bucket, key)
+        return self.sync(self._sizes_under, bucket, key, name_prefix)
 
-    async def _sizes_under(self, bucket: str, key: str) -> dict[str, int]:
+    async def _sizes_under(self, bucket: str, key: str, name_prefix: str = "") -> dict[str, int]:
         prefix = key.rstrip("/") + "/" if key.strip("/") else ""
         out: dict[str, int] = {}
         token = None
         while True:
-            kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
-            r = await self.call(f"LIST {self.where(bucket, prefix)}", "list_objects_v2", **kw)
+            kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix + name_prefix,
+                                  **({"ContinuationToken": token} if token else {})}
+            r = await self.call(f"LIST {self.where(bucket, prefix + name_prefix)}", "list_objects_v2", **kw)
             for o in r.get("Contents") or []:
                 out[o["Key"][len(prefix):]] = int(o.get("Size") or 0)
             token = r.get("NextContinuationToken") if r.get("IsTruncated") else None
