@@ -198,3 +198,38 @@ def test_resume_time_benchmark_smoke(tmp_path):
     assert scenario["total_s"] >= sum(v for v in scenario["phases"].values() if v > 0) * 0.99
     assert scenario["s3_modules_loaded"] == []  # a local run never imports the S3 stack
     assert len(scenario["per_rank"]) == 2
+
+
+def test_sharded_restore_benchmark_tiny_cpu(tmp_path):
+    """benchmarks/sharded_restore.py at a tiny size: 2 real ranks (gloo), ZeRO and FSDP2 restored by harness and
+    FSDP2 by DCP, at the saving world size and across 1 <-> 2 ranks; every row verified, timed cold and warm,
+    its peak extra RSS reported. No timing or memory assertions."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sharded_restore.py"), "--size-mb", "2", "--repeat", "1",
+         "--out", str(out), "--dir", str(work)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # a hang guard, not a timing check
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    latest = out / "sharded_restore_cpu_latest.json"
+    stamped = [p for p in out.glob("sharded_restore_cpu_*.json") if p != latest]
+    assert len(stamped) == 1 and json.loads(latest.read_text()) == json.loads(stamped[0].read_text())
+    result = json.loads(latest.read_text())
+    assert result["benchmark"] == "sharded_restore" and result["env"]["torch"] == torch.__version__
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows) == ["harness_zero", "harness_fsdp", "dcp_fsdp", "harness_fsdp_2to1", "dcp_fsdp_2to1",
+                          "harness_fsdp_1to2", "dcp_fsdp_1to2"]
+    for name, r in rows.items():
+        assert r["verified"] is True, name
+        assert len(r["state_bytes_per_rank"]) == r["restored_world"] and min(r["state_bytes_per_rank"]) > 0
+        for temp in ("warm", "cold"):
+            assert r[temp]["median_s"] > 0 and len(r[temp]["seconds_all"]) == 1, (name, r)
+            assert r[temp]["peak_extra_bytes"] >= 0 and isinstance(r[temp]["within_bound"], bool)
+    assert set(rows["harness_fsdp"]["dcp_over_harness"]) == {"warm", "cold"}
+    if _has("matplotlib"):
+        assert (out / "sharded_restore_cpu_latest.png").stat().st_size > 0
+    else:
+        assert result["png_skipped"]
+    assert {p.suffix for p in out.iterdir()} <= {".json", ".png"}
+    assert not any(work.rglob("*"))  # the checkpoints are removed
+    assert "harness_fsdp_1to2" in proc.stdout  # the table was printed
