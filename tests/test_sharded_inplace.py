@@ -3,7 +3,12 @@ sharded_read.py): ZeRO's replicated model and its owned optimizer state, FSDP2's
 shards keep their memory, end bitwise equal to the saved state, and the restore's peak extra host memory is a
 small fraction of the rank's state (it was about the whole state when the shards were read into new tensors and
 copied). A damaged newest checkpoint still walks back, into the same tensors; one with nothing older to walk
-back to, or an older one that would leave some half-read tensors as they are, fails the restore instead."""
+back to, or an older one that would leave some half-read tensors as they are, fails the restore instead.
+
+At another world size (FSDP2 saved at 1 rank, restored at 2; saved at 2, restored at 3) a rank's box is row
+ranges of the stored entries: their checksummed chunks are streamed into the live tensors through a bounded
+scratch buffer (the whole entries were read at once and copied, 3x the rank's state at the peak), and a damaged
+chunk walks back like any damage."""
 
 from __future__ import annotations
 
@@ -184,3 +189,89 @@ def test_damaged_checkpoints_walk_back_into_the_same_tensors_or_fail(tmp_path, k
         assert res["skipped"] == ["step-000000002"], res
         assert "every committed checkpoint failed verification" in res["all_damaged"], res["all_damaged"]
         assert "partly read into the live tensors" in res["stranded"], res["stranded"]
+
+
+# -- another world size: boxes are row ranges of the stored entries ------------------------------------
+
+OTHER_WIDTH = 1100   # 1100 rows of 4400 B: 2 chunks of 4 MiB (953 + 147 rows), so halves straddle chunk 0
+
+
+def _full(model, opt) -> dict[str, torch.Tensor]:
+    """The whole state as full tensors (collective: every rank gathers every DTensor in the same order)."""
+    whole = (lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t)
+    out = {f"m/{k}": whole(t) for k, t in model.state_dict().items()}
+    for i, p in enumerate(model.parameters()):
+        out.update({f"o/{i}/{k}": whole(t) for k, t in opt.state[p].items()})
+    return snapshot(out)
+
+
+def save_steps(rank: int, world: int, url: str, ref: str, width: int, steps: int, chunk: int) -> dict:
+    """FSDP2 at ``world`` ranks: save ``steps`` checkpoints (``chunk``: shard_chunk_bytes), each step's full state
+    kept in ``ref``-STEP.pt for the restoring ranks to compare with."""
+    model, opt = _setup("fsdp", seed=0, width=width)
+    mgr = CheckpointManager(url, keep_last=3, shard_chunk_bytes=chunk)
+    for step in range(1, steps + 1):
+        _step(model, opt, rank, seed=10 * step)
+        mgr.save(step, models=model, optimizers=opt)
+        full = _full(model, opt)
+        if rank == 0:
+            torch.save(full, f"{ref}-{step}.pt")
+    mgr.close()
+    return {}
+
+
+def restore_other_world(rank: int, world: int, url: str, ref: str, width: int, damage: bool = False) -> dict:
+    """A fresh FSDP2 model and optimizer (state present) at this world size, scrambled, restored into: bitwise
+    equal to the saved full state, same memory, and the peak extra resident memory. With ``damage``, a byte of
+    the newest checkpoint's last chunk of its largest entry is flipped first (read straight into a live tensor
+    by the rank whose box holds it): restore walks back to the older one; both damaged, it fails."""
+    _fixed_malloc()
+    model, opt = _setup("fsdp", seed=1, width=width)
+    _step(model, opt, rank, seed=99)
+    newest = 2 if damage else 1
+    if damage:
+        _flip_last_chunk(url, "step-000000002")
+    state_bytes = sum(t.numel() * t.element_size() for t in _live("fsdp", model, opt).values())
+    res, extra, _, moved = _scrambled_restore(url, "fsdp", model, opt)
+    assert not isinstance(res, Exception) and res is not None, res
+    assert res.step == newest - damage, res
+    assert_bitwise(torch.load(f"{ref}-{res.step}.pt", weights_only=True), _full(model, opt), f"restored at {world}")
+    out = {"extra": extra, "state_bytes": state_bytes, "moved": moved, "skipped": [n for n, _ in res.skipped]}
+    if damage:
+        _flip_last_chunk(url, "step-000000001")
+        out["all_damaged"] = str(_scrambled_restore(url, "fsdp", model, opt)[0])
+    return out
+
+
+def _flip_last_chunk(url: str, name: str) -> None:
+    """Rank 0 flips a byte in the last chunk of the largest entry of ``name`` (collective)."""
+    tdist.barrier()
+    if tdist.get_rank() == 0:
+        e = max(read_manifest(url, name)["tensors"], key=lambda e: e["length"])
+        assert e.get("chunk_checksums") and len(e["chunk_checksums"]) > 1, e
+        flip_byte(url, f"{name}/{e['file']}", e["offset"] + e["length"] - 100)
+    tdist.barrier()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resettable VmHWM")
+def test_restore_at_another_world_size_streams_row_ranges_into_live_tensors(tmp_path):
+    url, ref = str(tmp_path / "ck"), str(tmp_path / "ref")
+    run_ranks(tmp_path, save_steps, 1, url=url, ref=ref, width=OTHER_WIDTH, steps=1, chunk=4 * MIB)
+    results = run_ranks(tmp_path, restore_other_world, 2, url=url, ref=ref, width=OTHER_WIDTH)
+    for r, res in enumerate(results):  # the whole entries read at once and copied held 1x (rank 0) to 3x (rank 1)
+        print(f"fsdp 1 -> 2 rank {r}: restore peak extra RSS {res['extra'] / MIB:.1f} MiB, "
+              f"state {res['state_bytes'] / MIB:.0f} MiB")
+        assert not res["moved"], f"rank {r}: replaced, not filled in place: {res['moved']}"
+        assert res["state_bytes"] >= 32 * MIB, res
+        assert res["extra"] < 0.25 * res["state_bytes"] + 16 * MIB, (r, res)
+
+
+def test_restore_2_to_3_boxes_straddle_shards_and_chunks_damage_walks_back(tmp_path):
+    """Small chunks (16 KiB: 16 rows) so 3 ranks' boxes cut through chunks and through the 2 saved shards."""
+    url, ref = str(tmp_path / "ck"), str(tmp_path / "ref")
+    run_ranks(tmp_path, save_steps, 2, url=url, ref=ref, width=256, steps=2, chunk=16 * 1024)
+    results = run_ranks(tmp_path, restore_other_world, 3, url=url, ref=ref, width=256, damage=True)
+    for res in results:
+        assert not res["moved"], res["moved"]
+        assert res["skipped"] == ["step-000000002"], res
+        assert "every committed checkpoint failed verification" in res["all_damaged"], res["all_damaged"]

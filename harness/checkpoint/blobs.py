@@ -208,11 +208,17 @@ def region_requests(entries: list[TensorEntry], offset: Sequence[int], shape: Se
 
 
 def read_rows(storage: Storage, folder: str, e: TensorEntry, r0: int, r1: int, f: IO[bytes] | None = None,
-              verify: bool = True) -> torch.Tensor:
-    """Rows r0..r1 of entry ``e`` (chunk aligned, except at the end), each chunk verified."""
+              verify: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows r0..r1 of entry ``e`` (chunk aligned, except at the end), each chunk verified; read into ``out``
+    when given (a contiguous CPU tensor of those rows' shape and the saved dtype: it holds undefined bytes
+    if this raises), else into a new tensor."""
     if e.chunk_rows is None or r0 % e.chunk_rows or (r1 % e.chunk_rows and r1 != e.shape[0]):
         raise CheckpointError(f"{folder}: rows {r0}..{r1} of {e.ident!r} are not chunk aligned")
-    t = torch.empty((r1 - r0, *e.shape[1:]), dtype=DTYPES[e.dtype])
+    shape, dtype = (r1 - r0, *e.shape[1:]), DTYPES[e.dtype]
+    if out is not None and (tuple(out.shape) != shape or out.dtype != dtype or out.device.type != "cpu"
+                            or not out.is_contiguous()):
+        raise ValueError(f"read_rows: out must be a contiguous CPU {dtype} tensor of shape {list(shape)}")
+    t = out if out is not None else torch.empty(shape, dtype=dtype)
     row = e.length // e.shape[0]
     buf = byte_view(t) if t.numel() else memoryview(bytearray())
     own = f is None
@@ -232,3 +238,9 @@ def read_rows(storage: Storage, folder: str, e: TensorEntry, r0: int, r1: int, f
                                              f"rows {c * e.chunk_rows}.. (stored {e.chunk_checksums[c]}, "
                                              f"computed {got_sum})")
     return t
+
+
+def chunk_span(e: TensorEntry, c: int) -> tuple[int, int]:
+    """The rows (first, end) of chunk ``c`` of entry ``e`` (one with chunk checksums)."""
+    return c * e.chunk_rows, min(e.shape[0], (c + 1) * e.chunk_rows)
+

@@ -15,9 +15,10 @@ Save side (used by :mod:`harness.checkpoint.save`):
 Restore side: :func:`load` reads, per rank, only what that rank needs: the replicated tensors, the ZeRO
 entries of the parameters it owns in the NEW partition, and for DTensors the box of the global tensor its
 local shard covers (a row range of a dim-0 shard is one contiguous byte range, read and verified chunk by
-chunk). For sharded targets the reads land straight in the live tensors where a box is whole stored
-entries (at the saving world size, every box): parameters, buffers, FSDP2 local shards and existing optimizer
-state keep their memory and restore holds no second copy of the state (:mod:`sharded_read`).
+chunk). For sharded targets the reads land straight in the live tensors: whole stored entries at once (at
+the saving world size, every box), row ranges at another world size chunk by chunk through a bounded
+scratch: parameters, buffers, FSDP2 local shards and existing optimizer state keep their memory and restore
+holds no second copy of the state (:mod:`sharded_read`).
 :func:`consolidate` assembles full tensors for export.
 """
 
