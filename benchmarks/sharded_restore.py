@@ -338,6 +338,8 @@ def _worker(rank: int, world: int, phase: str, a: dict, out: str) -> None:
             Path(out).write_text(json.dumps(res))
     finally:
         tdist.destroy_process_group()
+    from harness.dist import leave
+    leave(0)  # not through interpreter teardown, which a gloo thread can abort (harness.dist.leave)
 
 
 def _spawn(phase: str, world: int, a: dict) -> dict:

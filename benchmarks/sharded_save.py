@@ -59,6 +59,8 @@ def _worker(rank: int, world: int, init: str, root: str, size_mb: float, tensors
     if rank == 0:
         Path(out).write_text(json.dumps(times))
     tdist.destroy_process_group()
+    from harness.dist import leave
+    leave(0)  # not through interpreter teardown, which a gloo thread can abort (harness.dist.leave)
 
 
 def run(world: int, split: bool, size_mb: float, tensors: int, repeats: int, base: Path) -> list[float]:

@@ -1,7 +1,5 @@
 """``python -m harness`` (and so ``torchrun -m harness train ...``)."""
 
-import sys
+from harness.cli import entry
 
-from harness.cli import main
-
-sys.exit(main())
+entry()

@@ -140,6 +140,19 @@ def _closed_pipe() -> NoReturn:
     raise SystemExit(EXIT_BROKEN_PIPE)
 
 
+def entry() -> NoReturn:
+    """The process entry point (the ``harness`` script, ``python -m harness``). A ``train`` process leaves
+    through :func:`harness.dist.leave` (no interpreter teardown: it can abort a finished job, SIGABRT, when a
+    gloo thread still holds a tensor; and it takes a second or more with torch loaded). Other commands
+    exit as usual."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if _command(argv) == "train":
+        from harness.dist import leave
+        leave(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_command(argv)).parse_args(argv)

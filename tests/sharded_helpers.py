@@ -18,6 +18,8 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from torch import nn
 
+from harness.dist import leave
+
 WORKER_TIMEOUT_S = 60
 
 
@@ -72,6 +74,7 @@ def _worker(rank: int, world: int, init_file: str, scenario: str | Callable[...,
             json.dump(result, f)
     finally:
         tdist.destroy_process_group()
+    leave(0)  # not through interpreter teardown, which a gloo thread can abort (harness.dist.leave)
 
 
 def run_ranks(tmp_path, scenario: str | Callable[..., dict], world: int, timeout_s: float = 90,

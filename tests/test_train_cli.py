@@ -3,14 +3,16 @@ documented exit code; a good one runs to completion."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
 
-from trainer_helpers import (CONFIG, MAX_STEPS, base_env, committed_steps, events, final_state,
-                             standalone_cmd)
+from trainer_helpers import (CONFIG, MAX_STEPS, RUN_TIMEOUT, base_env, committed_steps, events, final_state,
+                             harness_args, standalone_cmd)
 
 
 def test_config_errors_fail_fast_with_one_line(tmp_path):
@@ -140,3 +142,36 @@ def test_exit_code_mapping():
     if hasattr(torch, "AcceleratorError"):
         assert classify(torch.AcceleratorError("x")).code == 1
     assert classify(ValueError("x")) is None and classify(RuntimeError("x")) is None
+
+
+LEAVING_WL = textwrap.dedent("""
+    import atexit, os, torch
+    from harness.workloads import SyntheticVectors, Workload
+
+    KEPT = []  # files held open to the end, as a user's logger might: only buffered until exit flushes them
+
+    def build(model_cfg, data_cfg, seed):
+        out = os.path.join(os.environ["LEAVE_OUT"], "rank" + os.environ.get("RANK", "0"))
+        KEPT.append(open(out + ".log", "w"))
+        KEPT[0].write("kept open\\n")
+        atexit.register(lambda: KEPT.append(open(out + ".atexit", "w")) or KEPT[-1].write("ran"))
+        torch.manual_seed(seed)
+        return Workload(torch.nn.Linear(4, 2), SyntheticVectors(256, 4, 2, seed), torch.nn.functional.cross_entropy)
+""")
+
+
+def test_finished_workers_leave_with_their_hooks_run_and_files_flushed(tmp_path):
+    """A `harness train` worker ends without the interpreter's teardown (harness.dist.leave: a gloo thread
+    can abort it, SIGABRT, a finished job exiting -6); what a normal exit does for user code still happens:
+    atexit hooks run and a file the workload kept open has its buffered lines on disk. Real `harness launch`,
+    2 ranks, exit code 0."""
+    (tmp_path / "leaving_wl.py").write_text(LEAVING_WL)
+    cmd = [sys.executable, "-m", "harness", "launch", "--nproc-per-node", "2", "--max-restarts", "0",
+           *harness_args(tmp_path, "train.entry='leaving_wl:build'", "train.max_steps=3")[1:]]
+    env = base_env(LEAVE_OUT=str(tmp_path))
+    env["PYTHONPATH"] += os.pathsep + str(tmp_path)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for r in (0, 1):
+        assert (tmp_path / f"rank{r}.log").read_text() == "kept open\n"
+        assert (tmp_path / f"rank{r}.atexit").read_text() == "ran"
