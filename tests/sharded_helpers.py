@@ -1,5 +1,5 @@
 """Multi-process tests (tests/test_sharded_*.py, tests/test_ckpt_multirank.py): ranks are real processes
-(torch.multiprocessing spawn, gloo on CPU, file:// rendezvous), each scenario a module-level function
+(torch.multiprocessing forkserver, gloo on CPU, file:// rendezvous), each scenario a module-level function
 ``NAME(rank, world, **kwargs) -> dict`` run on every rank by ``run_ranks``; the parent asserts on the
 results. Also the small models and batches the sharded scenarios share."""
 
@@ -56,7 +56,12 @@ def batch(step: int, rank: int, d_in: int = 8, d_out: int = 4) -> tuple[torch.Te
 
 
 def _worker(rank: int, world: int, init_file: str, scenario: str | Callable[..., dict], kwargs: dict,
-            result_file: str) -> None:
+            result_file: str, environ: dict[str, str], cwd: str) -> None:
+    # A forkserver child starts with the environment and folder the server had when it started; a rank gets
+    # the parent's of now, as a spawned one would (the S3 fixtures, for one, set AWS_* in the test process).
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     os.environ["RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world)
     torch.set_num_threads(1)
@@ -77,19 +82,35 @@ def _worker(rank: int, world: int, init_file: str, scenario: str | Callable[...,
     leave(0)  # not through interpreter teardown, which a gloo thread can abort (harness.dist.leave)
 
 
+# Imported once by the fork server, not by every rank: a spawned rank spent ~2.5 s of CPU importing torch and
+# torch._dynamo (which the first optimizer's __init__ pulls in) before its scenario began, most of a sharded
+# test's time on 2 cores. Nothing of harness is preloaded: each rank imports it fresh, as a spawned one did.
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch.distributed.optim", "torch.distributed.fsdp",
+            "torch.distributed.checkpoint.state_dict", "torch.nn.parallel"]
+
+
+def _start_method() -> str:
+    """forkserver (ranks forked from one server that imported torch once); spawn where there is none."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return "spawn"
+    mp.get_context("forkserver").set_forkserver_preload(_PRELOAD)
+    return "forkserver"
+
+
 def run_ranks(tmp_path, scenario: str | Callable[..., dict], world: int, timeout_s: float = 90,
               **kwargs) -> list[dict]:
-    """Run ``scenario(rank, world, **kwargs) -> dict`` on ``world`` spawned ranks (gloo, file:// rendezvous)
+    """Run ``scenario(rank, world, **kwargs) -> dict`` on ``world`` new processes (gloo, file:// rendezvous)
     and return each rank's dict; fail on a hang or on any rank's exception (with its traceback).
 
-    ``scenario`` is a module-level function (spawn pickles it by name, so the ranks import its module) or
+    ``scenario`` is a module-level function (pickled by name, so the ranks import its module) or
     the name of one in tests/sharded_scenarios.py. The one rank-spawning helper of the test suite."""
     name = scenario if isinstance(scenario, str) else scenario.__name__
     tag = f"{name}-{time.monotonic_ns()}"
     rdzv = tmp_path / f"rdzv-{tag}"
     result_file = str(tmp_path / f"{tag}-rank{{rank}}.json")
-    ctx = mp.start_processes(_worker, args=(world, str(rdzv), scenario, kwargs, result_file), nprocs=world,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(_worker, args=(world, str(rdzv), scenario, kwargs, result_file, dict(os.environ),
+                                            os.getcwd()),
+                             nprocs=world, join=False, start_method=_start_method())
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1):

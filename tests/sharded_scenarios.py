@@ -1,4 +1,4 @@
-"""Per-rank scenarios for tests/test_sharded_*.py (run by sharded_helpers.run_ranks in spawned ranks)."""
+"""Per-rank scenarios for tests/test_sharded_*.py (run by sharded_helpers.run_ranks in each rank's process)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -197,8 +198,8 @@ def _kill_five_times(url: str, out: Path, faults_in_order: list[str], sets: list
     assert uploads() == []
 
 
-def test_killed_mid_save_five_times_local(tmp_path):
-    _kill_five_times(str(tmp_path / "ck"), tmp_path, [
+def _local_campaign(tmp: Path) -> None:
+    _kill_five_times(str(tmp / "ck"), tmp, [
         "save.before_commit:sigkill:step=15",
         "save.data_file:sigkill:step=15",
         "save.after_manifest:sigkill:step=15",
@@ -207,13 +208,36 @@ def test_killed_mid_save_five_times_local(tmp_path):
     ])
 
 
-def test_killed_mid_save_five_times_s3(s3_server, s3_bucket, tmp_path):
-    url = f"s3://{s3_bucket}/runs/kill"
-    uploads = lambda: s3_server.uploads(s3_bucket)  # noqa: E731 - unfinished multipart uploads, via boto3
-    _kill_five_times(url, tmp_path, [
+def _s3_campaign(tmp: Path, s3_server) -> None:
+    bucket = s3_server.new_bucket()
+    url = f"s3://{bucket}/runs/kill"
+    uploads = lambda: s3_server.uploads(bucket)  # noqa: E731 - unfinished multipart uploads, via boto3
+    _kill_five_times(url, tmp, [
         "save.before_commit:sigkill:step=15",
         "s3.part:sigkill:part=2",            # mid-upload: an unfinished multipart upload stays behind
         "save.before_commit:sigkill:step=15",  # ... and the start of this run aborted it (checked below)
         "save.data_file:sigkill:step=15",
         "save.after_manifest:sigkill:step=15",
     ], S3_SETS, uploads)
+
+
+@pytest.fixture(scope="module")
+def kill_campaigns(request, s3_server, tmp_path_factory):
+    """The selected campaigns, local and S3, started at once (one thread each; each test takes its own's
+    outcome, its assertion error included). Each is a chain of six one-process runs that spend most of their
+    time starting up, on one core: side by side on two cores they take about the time of the longer one."""
+    selected = {item.name.rsplit("_", 1)[1] for item in request.session.items
+                if item.name.startswith("test_killed_mid_save_five_times_")}
+    campaigns = {"local": (_local_campaign,), "s3": (_s3_campaign, s3_server)}
+    pool = ThreadPoolExecutor(2)
+    yield {name: pool.submit(fn, tmp_path_factory.mktemp(f"kill-{name}"), *args)
+           for name, (fn, *args) in campaigns.items() if name in selected}
+    pool.shutdown(wait=True)
+
+
+def test_killed_mid_save_five_times_local(kill_campaigns):
+    kill_campaigns["local"].result()
+
+
+def test_killed_mid_save_five_times_s3(kill_campaigns):
+    kill_campaigns["s3"].result()
