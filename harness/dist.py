@@ -111,6 +111,15 @@ def gather(obj: Any, group: Any, dst: int = 0) -> list | None:
     return out
 
 
+def all_gather(obj: Any, group: Any) -> list:
+    """Every rank's ``obj``, as a list on every rank."""
+    if not initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def scatter(objs: list | None, group: Any, src: int = 0) -> Any:
     """``objs[r]`` (a list on ``src``, one per rank) on each rank ``r``."""
     if not initialized():

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from ckpt_helpers import assert_bitwise, flip_byte, read_manifest, snapshot
+from ckpt_helpers import assert_bitwise, flip_byte, read_manifest, recording_calls, snapshot
 from harness import CheckpointManager
 from harness.errors import CheckpointError
 from sharded_helpers import run_ranks
@@ -275,3 +275,35 @@ def test_restore_2_to_3_boxes_straddle_shards_and_chunks_damage_walks_back(tmp_p
         assert not res["moved"], res["moved"]
         assert res["skipped"] == ["step-000000002"], res
         assert "every committed checkpoint failed verification" in res["all_damaged"], res["all_damaged"]
+
+
+def restore_counting_reads(rank: int, world: int, url: str, ref: str, width: int) -> dict:
+    """Restore FSDP2 at ``world`` ranks, counting the data bytes this rank reads (chunk reads, whole entries,
+    verification passes): bitwise equal, and the count for the parent to add up."""
+    from harness.checkpoint import blobs, direct_read
+
+    model, opt = _setup("fsdp", seed=1, width=width)
+    _step(model, opt, rank, seed=99)
+    got = []
+    with recording_calls(blobs, "read_rows", lambda a: got.append((a["r1"] - a["r0"]) * a["e"].length
+                                                                   // a["e"].shape[0])), \
+            recording_calls(blobs, "read_entries", lambda a: got.extend(e.length for e in a["entries"])), \
+            recording_calls(direct_read, "read_into", lambda a: got.extend(e.length for e in a["entries"])), \
+            recording_calls(direct_read, "verify_entries", lambda a: got.extend(e.length for e in a["entries"])):
+        res = CheckpointManager(url).restore(models=model, optimizers=opt)
+    assert res is not None and res.step == 1, res
+    assert_bitwise(torch.load(f"{ref}-1.pt", weights_only=True), _full(model, opt), f"restored at {world}")
+    return {"read": sum(got)}
+
+
+def test_restore_at_another_world_size_verifies_each_byte_once(tmp_path):
+    """Saved at 1 rank, restored at 2: each rank reads its row ranges (verified as read), then the ranks pool
+    what they verified and the rank whose share of verification the checkpoint is (rank 0: it wrote it all)
+    reads only what no rank read. All ranks together read the data about once (chunks at a box edge: by both
+    ranks); before the pooling rank 0 read all of it a second time to verify it (1.5x)."""
+    url, ref = str(tmp_path / "ck"), str(tmp_path / "ref")
+    run_ranks(tmp_path, save_steps, 1, url=url, ref=ref, width=256, steps=1, chunk=16 * 1024)
+    data = sum(e["length"] for e in read_manifest(url, "step-000000001")["tensors"])
+    results = run_ranks(tmp_path, restore_counting_reads, 2, url=url, ref=ref, width=256)
+    total = sum(r["read"] for r in results)
+    assert data <= total <= 1.1 * data, (total, data, [r["read"] for r in results])

@@ -47,6 +47,7 @@ from harness.checkpoint.errors import Problem, Severity, agree, is_resource_erro
 from harness.checkpoint.format import DTYPES, Manifest
 from harness.checkpoint.kinds import Targets
 from harness.checkpoint.load import decode_state
+from harness.checkpoint.sharded_read import Verified
 from harness.errors import CheckpointError, NoCheckpointError
 from harness.storage import redact_url
 
@@ -132,16 +133,27 @@ class Broadcast:
 
 
 class Together:
+    """Sharded checkpoints: every rank reads its own boxes; then (second agreed phase, :meth:`settle`) the
+    ranks pool what their reads verified and each checks what is left of its share, so no byte is read
+    twice for verification (at another world size a rank's boxes cover chunks another rank wrote)."""
+
     damage_possible = True
 
     def __init__(self, filled: set[str]) -> None:
         self.filled = filled  # keys this rank read in place for earlier candidates of the same restore
 
     def read(self, ctx: Ctx, name: str, manifest: Manifest, prefetched: Prefetched | None,
-             targets: Targets) -> Loaded:  # rank 0 only opened it while choosing: it reads its share too
-        state, mine = sharded.load(ctx.storage, name, manifest, rank=ctx.rank, world=ctx.world_size,
-                                   targets=targets, threads=ctx.io_threads, filled=self.filled)
-        return Loaded(manifest, state, mine)
+             targets: Targets) -> sharded.Reading:  # rank 0 only opened it while choosing: it reads its share too
+        return sharded.read(ctx.storage, name, manifest, rank=ctx.rank, world=ctx.world_size, targets=targets,
+                            threads=ctx.io_threads, filled=self.filled)
+
+    def pool(self, ctx: Ctx, got: sharded.Reading) -> Verified:
+        """Collective (every rank, after the reads agreed): what all ranks' reads verified."""
+        return Verified.union(dist.all_gather(got.verified(), ctx.group))
+
+    def settle(self, ctx: Ctx, got: sharded.Reading, everyone: Verified) -> Loaded:
+        state, mine = got.finish(everyone)
+        return Loaded(got.loader.manifest, state, mine)
 
     def finish(self, ctx: Ctx, got: Loaded, targets: Targets) -> Loaded:
         return got
@@ -293,18 +305,32 @@ def _read_agreed(ctx: Ctx, strategy: Strategy, name: str, manifest: Manifest, pr
                  targets: Targets) -> Loaded | Problem:
     """Every rank reads its part; all agree. A DAMAGED verdict is returned (walk back); a resource failure
     is re-raised with its type on every rank; any other failure is a CheckpointError on every rank."""
+    def first() -> Any:
+        faults.point("restore.read", name=name, rank=ctx.rank)
+        return strategy.read(ctx, name, manifest, prefetched, targets)
+
+    got, damaged = _agreed(ctx, name, strategy.damage_possible, first)
+    if damaged is None and isinstance(strategy, Together):  # the same on every rank: all are here
+        everyone = strategy.pool(ctx, got)
+        got, damaged = _agreed(ctx, name, True, lambda: strategy.settle(ctx, got, everyone))
+    return damaged if damaged is not None else strategy.finish(ctx, got, targets)
+
+
+def _agreed(ctx: Ctx, name: str, damage_possible: bool, step: Any) -> tuple[Any, Problem | None]:
+    """Run ``step`` on every rank and agree on the outcome: (its result, None) when all succeeded, (None, the
+    DAMAGED verdict) to walk back; a resource failure is re-raised with its type on every rank, any other
+    failure is a CheckpointError on every rank."""
     got, problem, own = None, None, None
     try:
-        faults.point("restore.read", name=name, rank=ctx.rank)
-        got = strategy.read(ctx, name, manifest, prefetched, targets)
+        got = step()
     except Exception as exc:  # noqa: BLE001 - every rank must learn that one failed, or others hang later
-        own, problem = exc, problem_of(exc, ctx.rank, damage_possible=strategy.damage_possible)
+        own, problem = exc, problem_of(exc, ctx.rank, damage_possible=damage_possible)
         log.error("rank %d could not load %s: %s", ctx.rank, name, problem.why)
     verdict = agree(problem, ctx.group)
     if verdict is None:
-        return strategy.finish(ctx, got, targets)
+        return got, None
     if verdict.severity is Severity.DAMAGED:
-        return verdict
+        return None, verdict
     if verdict.severity is Severity.RESOURCE:
         raise_resource(verdict, own)
     raise CheckpointError(f"restore of {name} failed: {verdict.why}") from own

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -34,7 +35,7 @@ from harness.checkpoint import blobs, codec, kinds
 from harness.checkpoint.kinds import MODELS, OPTIMIZERS, Targets, capture_plain
 from harness.checkpoint.discovery import open_checkpoint
 from harness.checkpoint.format import Manifest
-from harness.checkpoint.sharded_read import Loader, guard, local_of
+from harness.checkpoint.sharded_read import Loader, Verified, guard, local_of
 from harness.errors import CheckpointError
 from harness.state import unwrap_model
 from harness.storage import Storage
@@ -229,10 +230,50 @@ class _Holder:
     value: Any = None
 
 
+@dataclass
+class Reading:
+    """One rank's reads of a sharded checkpoint, before the rest of its share of verification
+    (:meth:`finish`); :meth:`verified` is what its reads checked already, for the ranks to pool."""
+
+    loader: Loader
+    tensors: list
+    fills: list
+    out: dict
+    mine: Any
+    rank: int
+    world: int
+
+    def verified(self) -> Verified:
+        return self.loader.verified()
+
+    def finish(self, everyone: Verified | None = None) -> tuple[dict, Any]:
+        """Verify what no rank's reads verified (``everyone``: every rank's :meth:`verified` pooled; None: this
+        rank's own) of this rank's share, then (state tree, own per-rank state) as :func:`load` returns."""
+        self.loader.verify_rest(self.rank, self.world, everyone)
+        for ticket, holder, template, ref in self.fills:
+            t = self.tensors[ticket]
+            if template is not None:
+                from torch.distributed.tensor import DTensor
+                t = DTensor.from_local(t.to(template.device), template.device_mesh, template.placements,
+                                       run_check=False, shape=template.shape, stride=template.stride())
+            elif ref.ndarray:
+                t = t.numpy()
+            holder.value = t
+        return _finish(self.out), _finish(self.mine)
+
+
 def load(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: int, targets: Targets,
          threads: int = 4, filled: set[str] | None = None) -> tuple[dict, Any]:
     """This rank's view of checkpoint ``name``: (state tree with the given targets materialized, this rank's
-    own per-rank state or None). Reads only what this rank needs, plus its share of verification.
+    own per-rank state or None). Reads only what this rank needs, plus its share of verification
+    (:func:`read` then :meth:`Reading.finish`; restore pools what the ranks verified between the two)."""
+    return read(storage, name, manifest, rank=rank, world=world, targets=targets, threads=threads,
+                filled=filled).finish()
+
+
+def read(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: int, targets: Targets,
+         threads: int = 4, filled: set[str] | None = None) -> Reading:
+    """Read what this rank needs of checkpoint ``name`` (verified as read); :meth:`Reading.finish` completes it.
 
     Sharded targets (an FSDP model, a ZeRO optimizer) are read into where possible: their parameters,
     buffers, local shards and existing optimizer state are the destinations of the reads (see
@@ -253,18 +294,7 @@ def load(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: i
     mine = _plan(mine, None, loader, fills, "") if mine is not None else None
     loader.plan()
     guard(filled if filled is not None else set(), loader, name)
-    tensors = loader.run()
-    loader.verify_rest(rank, world)
-    for ticket, holder, template, ref in fills:
-        t = tensors[ticket]
-        if template is not None:
-            from torch.distributed.tensor import DTensor
-            t = DTensor.from_local(t.to(template.device), template.device_mesh, template.placements,
-                                   run_check=False, shape=template.shape, stride=template.stride())
-        elif ref.ndarray:
-            t = t.numpy()
-        holder.value = t
-    return _finish(out), _finish(mine)
+    return Reading(loader, loader.run(), fills, out, mine, rank, world)
 
 
 def _plan_targets(saved: dict, targets: Targets, loader: Loader, fills: list, live: bool) -> tuple[dict, dict]:

@@ -64,6 +64,23 @@ class _Use:
     src: tuple
 
 
+@dataclass
+class Verified:
+    """Entries (idents) read whole and verified, and the verified chunks of entries read in part."""
+    whole: set[str] = field(default_factory=set)
+    chunks: dict[str, set[int]] = field(default_factory=dict)
+
+    @staticmethod
+    def union(parts: list[Verified]) -> Verified:
+        out = Verified()
+        for v in parts:
+            out.whole |= v.whole
+            for ident, cs in v.chunks.items():
+                out.chunks.setdefault(ident, set()).update(cs)
+        out.chunks = {k: v for k, v in out.chunks.items() if k not in out.whole}
+        return out
+
+
 SCRATCH_BYTES = 32 << 20   # scratch of all reading threads together (one larger entry or chunk runs alone)
 
 
@@ -176,15 +193,21 @@ class Loader:
             if len(done) == len(e.chunk_checksums):
                 self.read_whole.add(e.ident)
 
-    def verify_rest(self, rank: int, world: int) -> None:
+    def verified(self) -> Verified:
+        """What this rank's reads verified: entries read whole, and chunks of entries read in part."""
+        return Verified(set(self.read_whole), {k: set(v) for k, v in self.chunks.items() if k not in self.read_whole})
+
+    def verify_rest(self, rank: int, world: int, everyone: Verified | None = None) -> None:
         """Check the entries that this rank's share of verification covers (written by a rank r with
-        r % world == rank) and that were not read whole already: every byte of the checkpoint is verified
-        by some rank. Read through a bounded scratch buffer, kept nowhere; of an entry this rank read some
-        chunks of, only the other chunks."""
-        rest = [e for e in self.manifest.tensors.values() if e.rank % world == rank and e.ident not in self.read_whole]
-        part = [e for e in rest if self.chunks.get(e.ident)]
-        self._read_parts([(e, sorted(set(range(len(e.chunk_checksums))) - self.chunks[e.ident]), []) for e in part])
-        whole = [e for e in rest if not self.chunks.get(e.ident)]
+        r % world == rank) and that no rank's reads verified (``everyone``: the union of every rank's
+        :meth:`verified`; None: this rank's own): every byte of the checkpoint is verified by some rank, once.
+        Read through a bounded scratch buffer, kept nowhere; of an entry read in part, only the other chunks."""
+        done = everyone if everyone is not None else self.verified()
+        rest = [e for e in self.manifest.tensors.values() if e.rank % world == rank and e.ident not in done.whole]
+        part = [(e, sorted(set(range(len(e.chunk_checksums))) - done.chunks[e.ident]))
+                for e in rest if done.chunks.get(e.ident)]
+        self._read_parts([(e, need, []) for e, need in part if need])
+        whole = [e for e in rest if not done.chunks.get(e.ident)]
         direct_read.verify_entries(self.storage, self.name, whole, threads=self.threads)
 
 
