@@ -22,6 +22,7 @@ from torch import nn
 
 from ckpt_helpers import assert_bitwise, flip_byte, read_manifest, recording_calls, snapshot
 from harness import CheckpointManager
+from harness.storage import Storage
 from harness.errors import CheckpointError
 from sharded_helpers import run_ranks
 
@@ -284,8 +285,9 @@ def restore_counting_reads(rank: int, world: int, url: str, ref: str, width: int
 
     model, opt = _setup("fsdp", seed=1, width=width)
     _step(model, opt, rank, seed=99)
-    got = []
-    with recording_calls(blobs, "read_rows", lambda a: got.append((a["r1"] - a["r0"]) * a["e"].length
+    got, opened = [], []
+    with recording_calls(Storage, "open_read", lambda a: opened.append(a["rel"])), \
+            recording_calls(blobs, "read_rows", lambda a: got.append((a["r1"] - a["r0"]) * a["e"].length
                                                                    // a["e"].shape[0])), \
             recording_calls(blobs, "read_entries", lambda a: got.extend(e.length for e in a["entries"])), \
             recording_calls(direct_read, "read_into", lambda a: got.extend(e.length for e in a["entries"])), \
@@ -293,17 +295,32 @@ def restore_counting_reads(rank: int, world: int, url: str, ref: str, width: int
         res = CheckpointManager(url).restore(models=model, optimizers=opt)
     assert res is not None and res.step == 1, res
     assert_bitwise(torch.load(f"{ref}-1.pt", weights_only=True), _full(model, opt), f"restored at {world}")
-    return {"read": sum(got)}
+    return {"read": sum(got), "opened": opened}
 
 
 def test_restore_at_another_world_size_verifies_each_byte_once(tmp_path):
     """Saved at 1 rank, restored at 2: each rank reads its row ranges (verified as read), then the ranks pool
     what they verified and the rank whose share of verification the checkpoint is (rank 0: it wrote it all)
     reads only what no rank read. All ranks together read the data about once (chunks at a box edge: by both
-    ranks); before the pooling rank 0 read all of it a second time to verify it (1.5x)."""
+    ranks); before the pooling rank 0 read all of it a second time to verify it (1.5x). Each rank opens the
+    data file once per reading thread, not once per entry."""
     url, ref = str(tmp_path / "ck"), str(tmp_path / "ref")
     run_ranks(tmp_path, save_steps, 1, url=url, ref=ref, width=256, steps=1, chunk=16 * 1024)
     data = sum(e["length"] for e in read_manifest(url, "step-000000001")["tensors"])
     results = run_ranks(tmp_path, restore_counting_reads, 2, url=url, ref=ref, width=256)
     total = sum(r["read"] for r in results)
     assert data <= total <= 1.1 * data, (total, data, [r["read"] for r in results])
+    # One open of the data file per reading thread, not one per entry (on S3 each open is a HEAD): 49 entries,
+    # the 1-rank checkpoint's one data file, 4 I/O threads; was 36-37 opens per rank.
+    for r in results:
+        assert len(r["opened"]) <= 4 + 2, r["opened"]
+
+
+def test_restore_at_another_world_size_from_s3(s3_url, tmp_path):
+    """The same streamed row ranges from S3 (moto over HTTP): FSDP2 saved at 2 ranks with small chunks,
+    restored at 3, bitwise; each rank opens each data file (a HEAD) once per reading thread at most."""
+    ref = str(tmp_path / "ref")
+    run_ranks(tmp_path, save_steps, 2, url=s3_url, ref=ref, width=64, steps=1, chunk=4096)
+    results = run_ranks(tmp_path, restore_counting_reads, 3, url=s3_url, ref=ref, width=64)
+    for r in results:
+        assert r["read"] > 0 and len(r["opened"]) <= 2 * (4 + 2), r["opened"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import math
 from typing import IO, Sequence
 
@@ -128,10 +129,11 @@ def read_exactly(f: IO[bytes], buf: memoryview, offset: int, what: str) -> None:
 
 
 def read_entries(storage: Storage, folder: str, fname: str, entries: list[TensorEntry],
-                 verify: bool = True) -> dict[str, torch.Tensor]:
-    """Read (and check) the given entries of one data file, in offset order, opening it once."""
+                 verify: bool = True, f: IO[bytes] | None = None) -> dict[str, torch.Tensor]:
+    """Read (and check) the given entries of one data file, in offset order, opening it once (``f``: the
+    file already open, left open)."""
     out: dict[str, torch.Tensor] = {}
-    with storage.open_read(f"{folder}/{fname}") as f:
+    with (contextlib.nullcontext(f) if f is not None else storage.open_read(f"{folder}/{fname}")) as f:
         for e in sorted(entries, key=lambda e: e.offset):
             t = torch.empty(e.shape, dtype=DTYPES[e.dtype])
             buf = byte_view(t) if e.length else memoryview(bytearray())

@@ -172,11 +172,11 @@ class Loader:
         fails, every task has stopped before this raises (nothing writes into a live tensor afterwards)."""
         if not jobs:
             return
-        jobs = sorted(jobs, key=lambda j: (j[0].file, j[0].offset))
         budget, stop, errors = Budget(SCRATCH_BYTES), threading.Event(), []
         n = direct_read.local_streams(self.threads) if is_local(self.storage) else self.threads
-        with cf.ThreadPoolExecutor(max_workers=max(1, min(n, len(jobs))), thread_name_prefix="harness-read") as pool:
-            futures = [pool.submit(_read_entry, self.storage, self.name, *job, budget, stop) for job in jobs]
+        groups = _by_file(jobs, n)
+        with cf.ThreadPoolExecutor(max_workers=max(1, min(n, len(groups))), thread_name_prefix="harness-read") as pool:
+            futures = [pool.submit(_read_group, self.storage, self.name, group, budget, stop) for group in groups]
             for fut in cf.as_completed(futures):
                 if fut.exception() is not None:
                     stop.set()
@@ -219,22 +219,44 @@ def _needed(e: TensorEntry, uses: list[_Use]) -> list[int] | None:
     return sorted({c for u in uses for c in range(u.src[0].start // rows, -(-u.src[0].stop // rows))})
 
 
+def _by_file(jobs: list, n: int) -> list[list]:
+    """The jobs as tasks of one data file each, in offset order (a task opens its file once: on S3 an open
+    is a HEAD), a file's jobs split into up to ``n`` / files runs so that a few files still keep ``n``
+    threads busy."""
+    files: dict[str, list] = {}
+    for job in sorted(jobs, key=lambda j: (j[0].file, j[0].offset)):
+        files.setdefault(job[0].file, []).append(job)
+    per_file = max(1, -(-n // max(1, len(files))))
+    groups = []
+    for fjobs in files.values():
+        size = -(-len(fjobs) // min(per_file, len(fjobs)))
+        groups += [fjobs[i:i + size] for i in range(0, len(fjobs), size)]
+    return groups
+
+
+def _read_group(storage: Storage, folder: str, group: list, budget: Budget, stop: threading.Event) -> None:
+    """Read a task's entries (all in one data file) through one open handle."""
+    with storage.open_read(f"{folder}/{group[0][0].file}") as f:
+        for e, need, uses in group:
+            _read_entry(storage, folder, e, need, uses, budget, stop, f)
+
+
 def _read_entry(storage: Storage, folder: str, e: TensorEntry, need: list[int] | None, uses: list[_Use],
-                budget: Budget, stop: threading.Event) -> None:
-    """Read entry ``e`` into its uses: the chunks ``need``, each verified before its rows are copied out of
-    the scratch (or read straight into a use's memory when the chunk is one contiguous piece of it, verified
-    there); or, with ``need`` None, the whole entry into a staging tensor, verified, then copied."""
+                budget: Budget, stop: threading.Event, f: Any) -> None:
+    """Read entry ``e`` (its file open as ``f``) into its uses: the chunks ``need``, each verified before its
+    rows are copied out of the scratch (or read straight into a use's memory when the chunk is one contiguous
+    piece of it, verified there); or, with ``need`` None, the whole entry into a staging tensor, verified,
+    then copied."""
     if stop.is_set():
         raise Aborted()
     if need is None:
         with budget.hold(e.length), torch.no_grad():
-            staging = blobs.read_entries(storage, folder, e.file, [e])[e.ident]
+            staging = blobs.read_entries(storage, folder, e.file, [e], f=f)[e.ident]
             for u in uses:
                 u.dest[u.dst] = staging[u.src]
         return
     dtype, row = DTYPES[e.dtype], e.length // e.shape[0]
-    with budget.hold(min(e.length, e.chunk_rows * row)), torch.no_grad(), \
-            storage.open_read(f"{folder}/{e.file}") as f:
+    with budget.hold(min(e.length, e.chunk_rows * row)), torch.no_grad():
         scratch = None
         for c in need:
             if stop.is_set():
