@@ -42,7 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from _results import write_results  # noqa: E402  (benchmarks/ is the script's folder)
+from _memory import peak_rss_during  # noqa: E402
+from _results import pyplot, save_figure, write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 GB = 1e9  # sizes and bandwidths are decimal: GB = 1e9 bytes, GB/s = 1e9 bytes per second
 CHUNK = 64 << 20
@@ -760,12 +761,9 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], env: dict, path: Path) -> str | None:
     """Bar chart: GB/s per method, save and load (cold, warm) side by side. Returns a skip reason or None."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        return f"matplotlib not installed ({exc}); pip install matplotlib"
+    plt, skip = pyplot()
+    if plt is None:
+        return skip
     by = {r["method"]: r for r in rows}
     cats = [("disk limit", "disk_write_fsync", "disk_read_cold", "disk_read_warm"),
             ("harness", "harness_save_sync", "harness_restore_cold", "harness_restore_warm"),
@@ -808,10 +806,7 @@ def plot(rows: list[dict], env: dict, path: Path) -> str | None:
     ax.set_title(f"Checkpoint I/O: {env['state_bytes'] / GB:.2f} GB {env['state']} state on {env['device_name']} "
                  f"({env['date'][:10]}, median of {env['repeat']})", fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+    return save_figure(plt, fig, path)
 
 
 def environment(args: argparse.Namespace, device: torch.device, work: Path) -> dict:
@@ -904,41 +899,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # through harness.checkpoint.direct_read) and the bare reader, cold and warm, with peak extra RSS, beside the
 # references the targets are ratios of. Reported as result["direct_restore"], so the row table stays as it is.
 # ---------------------------------------------------------------------------------------------------------
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def peak_rss_during(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """(fn(), peak resident bytes above the resident size before it). Exact where /proc/self/clear_refs
-    resets the high-water mark (Linux >= 4.0); otherwise sampled every 2 ms from a thread."""
-    before = _rss_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        exact = _rss_kb("VmHWM") <= before + 1024
-    except OSError:
-        exact = False
-    peak = [before]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.002):
-            peak[0] = max(peak[0], _rss_kb("VmRSS"))
-
-    sampler = None if exact else threading.Thread(target=sample, daemon=True)
-    if sampler:
-        sampler.start()
-    try:
-        r = fn()
-    finally:
-        stop.set()
-        if sampler:
-            sampler.join()
-    hwm = _rss_kb("VmHWM") if exact else max(peak[0], _rss_kb("VmRSS"))
-    return r, max(0, hwm - before) * 1024
-
 
 def _with_threads(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
     """``fn`` run with torch's intra-op pool at ``n`` threads (``copy_`` of a large tensor is parallel)."""

@@ -40,7 +40,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _results import write_results  # noqa: E402
+from _results import pyplot, save_figure, write_results  # noqa: E402
 
 PROBE = REPO / "benchmarks" / "_resume_probe"
 CONFIG = REPO / "configs" / "quickstart.toml"
@@ -457,12 +457,9 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        return f"matplotlib unavailable: {exc}"
+    plt, skip = pyplot()
+    if plt is None:
+        return skip
     scen = [s for s in result["scenarios"] if "error" not in s]
     if not scen:
         return "no scenario completed"
@@ -482,10 +479,7 @@ def plot(result: dict, path: Path) -> str | None:
     ax.set_xlabel("seconds from relaunch to the first training step")
     ax.set_title(f"time to resume after SIGKILL ({result['nproc']} ranks, {result['launcher']})")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: never over the axis
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return None
+    return save_figure(plt, fig, path, bbox_inches="tight")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,8 +47,6 @@ Writes sharded_restore_cpu_<stamp>.{json,png} and sharded_restore_cpu_latest.{js
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import datetime
 import json
 import math
@@ -73,8 +71,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from _results import write_results  # noqa: E402  (benchmarks/ is the script's folder)
-from checkpoint_io import Bench, list_files, peak_rss_during, sum_resident  # noqa: E402
+from _results import pyplot, save_figure, write_results  # noqa: E402  (benchmarks/ is the script's folder)
+from _memory import fixed_malloc, peak_rss_during  # noqa: E402
+from checkpoint_io import Bench, list_files, sum_resident  # noqa: E402
 
 MIB = 1 << 20
 BOUND_FLOOR = 256 * MIB  # issue 14: peak extra host memory <= max(largest tensor, 256 MiB)
@@ -104,9 +103,10 @@ def _width(size_mb: float, layers: int) -> int:
     return max(2, int((math.sqrt(1 + 4 * per_layer) - 1) / 2))
 
 
-def _build(kind: str, width: int, layers: int, rank: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The model and its optimizer, one AdamW step taken (every optimizer tensor exists)."""
-    torch.manual_seed(0)
+def build_sharded(kind: str, width: int, layers: int, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``layers`` square Linear layers and AdamW, sharded: ``kind`` "zero" (DDP + ZeroRedundancyOptimizer) or
+    "fsdp" (``fully_shard`` per layer). Also the model of tests/test_sharded_inplace.py."""
+    torch.manual_seed(seed)
     model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
     if kind == "zero":
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -121,6 +121,12 @@ def _build(kind: str, width: int, layers: int, rank: int) -> tuple[nn.Module, to
             fully_shard(layer)
         fully_shard(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, opt
+
+
+def _build(kind: str, width: int, layers: int, rank: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """:func:`build_sharded`, one AdamW step taken (every optimizer tensor exists)."""
+    model, opt = build_sharded(kind, width, layers)
     x = torch.randn(4, width, generator=torch.Generator().manual_seed(1 + rank))
     opt.zero_grad()
     model(x).square().mean().backward()
@@ -170,15 +176,6 @@ def _sizes(kind: str, model: nn.Module, opt: Any) -> dict[str, int]:
     live = _live(kind, model, opt)
     return {"state_bytes": sum(_local(t).numel() * _local(t).element_size() for t in live.values()),
             "largest_tensor_bytes": max(t.numel() * t.element_size() for t in live.values())}
-
-
-def _fixed_malloc() -> None:
-    """Every large allocation its own mmap, returned on free (glibc's dynamic threshold otherwise keeps freed
-    memory in the heap, where a later allocation reuses it unseen by the high-water mark)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 * 1024)   # M_MMAP_THRESHOLD (fixed: no dynamic adjustment)
-        libc.mallopt(-1, 256 * 1024)   # M_TRIM_THRESHOLD
 
 
 # -- saving and restoring ------------------------------------------------------------------------------------
@@ -327,7 +324,7 @@ PHASES = {"save1": _phase_save1, "two": _phase_two, "restore1": _phase_restore1}
 
 def _worker(rank: int, world: int, phase: str, a: dict, out: str) -> None:
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
-    _fixed_malloc()
+    fixed_malloc()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # DCP's and FSDP's notices would bury the log
     tdist.init_process_group("gloo", init_method=f"file://{a['root']}/rdzv-{phase}", rank=rank, world_size=world,
@@ -403,12 +400,9 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], env: dict, path: Path) -> str | None:
     """Two panels per row: restore seconds (warm, cold) and peak extra RSS beside the rank's state."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        return f"matplotlib not installed ({exc}); pip install matplotlib"
+    plt, skip = pyplot()
+    if plt is None:
+        return skip
     names = [f"{r['row']}\n{r['saved_world']}->{r['restored_world']}" for r in rows]
     xs = range(len(rows))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
@@ -434,10 +428,7 @@ def plot(rows: list[dict], env: dict, path: Path) -> str | None:
         ax.set_xticks(list(xs), names, fontsize=7, rotation=30, ha="right")
     fig.suptitle(f"Sharded restore, {env['size_mb']:.0f} MB state (params + AdamW), gloo on CPU, "
                  f"{env['date'][:10]}, median of {env['repeat']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+    return save_figure(plt, fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from _results import write_results  # noqa: E402
+from _results import pyplot, save_figure, write_results  # noqa: E402
 from harness import config as hconfig  # noqa: E402
 from harness.trainer import Trainer  # noqa: E402
 
@@ -518,12 +518,9 @@ def targets_text(ts: list[dict]) -> str:
 def plot(rows: list[dict], env: dict, path: Path) -> str | None:
     """Left: every step's time per mode, checkpoint steps marked. Right: mean step time, blocking per checkpoint
     and restart-to-first-step per mode. Returns a skip reason or None."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        return f"matplotlib not installed ({exc}); pip install matplotlib"
+    plt, skip = pyplot()
+    if plt is None:
+        return skip
     colors = {"none": "#7f7f7f", "sync": "#c00000", "async": "#4472c4", "dcp": "#ed7d31", "dcp_best": "#70ad47"}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     for r in rows:
@@ -553,10 +550,7 @@ def plot(rows: list[dict], env: dict, path: Path) -> str | None:
     ck = next((r["checkpoint_bytes"] for r in rows if r.get("checkpoint_bytes")), 0)
     fig.suptitle(f"Checkpoint overhead in training on {env['device_name']}, checkpoint {ck / MB:.0f} MB every "
                  f"{env['every']} steps ({env['date'][:10]})\n{env['workload']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+    return save_figure(plt, fig, path)
 
 
 def environment(args: argparse.Namespace, device: str, work: Path) -> dict:

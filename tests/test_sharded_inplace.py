@@ -12,13 +12,13 @@ chunk walks back like any damage."""
 
 from __future__ import annotations
 
-import ctypes
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as tdist
-from torch import nn
 
 from ckpt_helpers import assert_bitwise, flip_byte, read_manifest, recording_calls, snapshot
 from harness import CheckpointManager
@@ -26,52 +26,16 @@ from harness.storage import Storage
 from harness.errors import CheckpointError
 from sharded_helpers import run_ranks
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmark's model and probe
+from _memory import fixed_malloc, peak_rss_during  # noqa: E402
+from sharded_restore import build_sharded  # noqa: E402
+
 WIDTH, LAYERS = 1024, 6   # 6 x 4 MiB of fp32 weights: ZeRO 24 + 24 MiB, FSDP2 12 + 24 MiB per rank
 MIB = 1 << 20
 
 
-def _fixed_malloc() -> None:
-    """Every large allocation its own mmap, returned on free (glibc's dynamic threshold otherwise keeps freed
-    memory in the heap, where a later allocation reuses it unseen by the high-water mark)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 * 1024)   # M_MMAP_THRESHOLD (fixed: no dynamic adjustment)
-        libc.mallopt(-1, 256 * 1024)   # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def _kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _peak_extra(fn):
-    """(fn(), bytes the resident set peaked above where it was before fn); the high-water mark is reset first."""
-    before = _kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    out = fn()
-    return out, max(0, _kb("VmHWM") - before) * 1024
-
-
 def _setup(kind: str, seed: int, width: int = WIDTH):
-    torch.manual_seed(seed)
-    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(LAYERS)])
-    if kind == "zero":
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model)
-        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3)
-    else:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model:
-            fully_shard(layer)
-        fully_shard(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return model, opt
+    return build_sharded(kind, width, LAYERS, seed)
 
 
 def _step(model, opt, rank: int, seed: int) -> None:
@@ -116,7 +80,7 @@ def _scrambled_restore(url: str, kind: str, model, opt) -> tuple:
     ptrs = {k: t.data_ptr() for k, t in live.items()}
     mgr = CheckpointManager(url)
     try:
-        res, extra = _peak_extra(lambda: mgr.restore(models=model, optimizers=opt))
+        res, extra = peak_rss_during(lambda: mgr.restore(models=model, optimizers=opt))
     except CheckpointError as exc:
         res, extra = exc, 0
     mgr.close()
@@ -127,7 +91,7 @@ def _scrambled_restore(url: str, kind: str, model, opt) -> tuple:
 def inplace_restore(rank: int, world: int, url: str, kind: str) -> dict:
     """Train, save, scramble the live tensors, restore into them: same memory, bitwise equal to the saved
     state, and the peak extra resident memory of the restore."""
-    _fixed_malloc()
+    fixed_malloc()
     model, opt = _setup(kind, seed=0)
     _step(model, opt, rank, seed=10)
     mgr = CheckpointManager(url)
@@ -226,7 +190,7 @@ def restore_other_world(rank: int, world: int, url: str, ref: str, width: int, d
     equal to the saved full state, same memory, and the peak extra resident memory. With ``damage``, a byte of
     the newest checkpoint's last chunk of its largest entry is flipped first (read straight into a live tensor
     by the rank whose box holds it): restore walks back to the older one; both damaged, it fails."""
-    _fixed_malloc()
+    fixed_malloc()
     model, opt = _setup("fsdp", seed=1, width=width)
     _step(model, opt, rank, seed=99)
     newest = 2 if damage else 1

@@ -167,9 +167,10 @@ class Loader:
         return out
 
     def _read_parts(self, jobs: list[tuple[TensorEntry, list[int] | None, list[_Use]]]) -> None:
-        """Read each job's entry (the chunks listed; None: the whole entry) into its uses, one task per entry
-        on a few threads, scratch bounded by :data:`SCRATCH_BYTES`; records what was verified. When a read
-        fails, every task has stopped before this raises (nothing writes into a live tensor afterwards)."""
+        """Read each job's entry (the chunks listed; None: the whole entry) into its uses, on a few threads
+        (tasks of one data file each: :func:`_by_file`), scratch bounded by :data:`SCRATCH_BYTES`; records what
+        was verified. When a read fails, every task has stopped before this raises (nothing writes into a live
+        tensor afterwards)."""
         if not jobs:
             return
         budget, stop, errors = Budget(SCRATCH_BYTES), threading.Event(), []
