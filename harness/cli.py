@@ -141,13 +141,13 @@ def _closed_pipe() -> NoReturn:
 
 
 def entry() -> NoReturn:
-    """The process entry point (the ``harness`` script, ``python -m harness``). A ``train`` process leaves
-    through :func:`harness.dist.leave` (no interpreter teardown: it can abort a finished job, SIGABRT, when a
-    gloo thread still holds a tensor; and it takes ~0.7 s with torch loaded). Other commands exit as
-    usual."""
+    """The process entry point (the ``harness`` script, ``python -m harness``). ``train`` and ``launch`` leave
+    through :func:`harness.dist.leave` (no interpreter teardown: in a worker it can abort a finished job,
+    SIGABRT, when a gloo thread still holds a tensor; in both it takes ~0.4-0.7 s with torch loaded, time a
+    scheduler waits for the exit code). Other commands exit as usual."""
     argv = sys.argv[1:]
     code = main(argv)
-    if _command(argv) == "train":
+    if _command(argv) in ("train", "launch"):
         from harness.dist import leave
         leave(code)
     sys.exit(code)

@@ -85,6 +85,8 @@ class Stopper:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if not self.armed:  # the agent has returned: the outcome is decided (close() ignores these from now on)
+            return
         if self.signum:
             if not self.permanent:
                 print(f"harness launch: got {exitcodes.signal_name(signum)} while stopping on "
@@ -125,8 +127,16 @@ class Stopper:
         return None
 
     def close(self) -> None:
+        """The agent has returned and the exit code is decided: from here on the handled signals are ignored.
+        Why not keep a handler: CPython's teardown resets Python-level handlers to the default action, so a
+        second SIGTERM/SIGUSR1 (a scheduler repeating itself, SLURM signalling every process of the step)
+        arriving in the 0.4 s of teardown would kill the launcher by that signal (-15, -10) instead of the
+        documented exit code. SIG_IGN holds to the end; SIGKILL still ends a teardown that hangs."""
         self._stop.set()
         self.armed = False
+        if threading.current_thread() is threading.main_thread():
+            for sig in HANDLED:
+                signal.signal(sig, signal.SIG_IGN)
 
 
 class _TorchLogFilter(logging.Filter):

@@ -6,6 +6,7 @@ agents (two launchers, c10d rendezvous on loopback)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -114,7 +115,18 @@ def test_signal_to_launcher_commits_and_exits_128_plus_n(sig, code, runner, tmp_
     os.kill(proc.pid, sig)
     time.sleep(0.2)
     os.kill(proc.pid, sig)  # a repeated signal must not make the agent abandon the workers' checkpoint
-    assert proc.wait(90) == code, proc.tail()
+    # ... nor, once the launcher has decided its exit code, replace that code by death by the signal: keep
+    # signalling from its verdict line to its exit (interpreter teardown would reset the handlers to SIG_DFL).
+    deadline = time.monotonic() + 90
+    while "harness launch: stopped by" not in proc.log() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sent = 0
+    while proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+            sent += 1
+        time.sleep(0.005)
+    assert proc.wait(90) == code, (sent, proc.tail())
     _preempted_at(tmp_path, at, sig.name)
     log = proc.log()
     assert log.count(f"exiting with {code} so the scheduler requeues") == 2, log[-3000:]
