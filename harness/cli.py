@@ -142,13 +142,13 @@ def _closed_pipe() -> NoReturn:
 
 def entry() -> NoReturn:
     """The process entry point (the ``harness`` script, ``python -m harness``). ``train`` and ``launch`` leave
-    through :func:`harness.dist.leave` (no interpreter teardown: in a worker it can abort a finished job,
+    through :func:`harness.exiting.leave` (no interpreter teardown: in a worker it can abort a finished job,
     SIGABRT, when a gloo thread still holds a tensor; in both it takes ~0.4-0.7 s with torch loaded, time a
     scheduler waits for the exit code). Other commands exit as usual."""
     argv = sys.argv[1:]
     code = main(argv)
     if _command(argv) in ("train", "launch"):
-        from harness.dist import leave
+        from harness.exiting import leave  # no torch: the launcher may leave while torch is still importing
         leave(code)
     sys.exit(code)
 

@@ -12,7 +12,9 @@ What torchrun leaves to its caller, and this module adds:
 * Signals keep their meaning. torchrun exits 1 when it is signalled; here the first SIGTERM/SIGUSR1/SIGINT
   is handed to the agent, which forwards it to the workers (they commit a checkpoint and exit 128+N), and the
   launcher exits 128+N. A second signal during that shutdown is ignored: torch would otherwise abandon the
-  workers' save half way.
+  workers' save half way. A signal during the checks before the agent (torch still importing, a slow
+  object store) ends the launch at once with 128+N, and once the exit code is decided signals are ignored
+  (see ``Stopper``).
 * One line per problem: torch's own log records below ERROR and its failure table stay out of the way
   unless HARNESS_DEBUG=1.
 
@@ -72,32 +74,46 @@ def report_permanent(outcome: Outcome) -> bool:
 
 @dataclass
 class Stopper:
-    """Signal handling and permanent-error watching for one launch."""
+    """Signal handling and permanent-error watching for one launch, in three phases:
+
+    * ``checking`` (config, storage): a signal is only recorded; the main thread, waiting for the checks on
+      a helper thread (see :func:`_prepare`), sees it and exits 128+N at once. A handler must not raise
+      here: the exception lands wherever the main thread is, e.g. inside ``import torch`` (a half-imported
+      torch: SystemError, even SIGSEGV) or inside storage code that reports any exception as unusable
+      storage (exit 3, never retried: a preemption during startup would end the job for good).
+    * ``agent``: the first signal raises torch's ``SignalException``, as torch's own handler does; the agent
+      forwards it to the workers, waits for their checkpoint and re-raises.
+    * ``done`` (:meth:`close`): the exit code is decided, signals are ignored."""
 
     folder: str
     signum: int = 0                      # the first signal (or the self-stop), 0 while running
     permanent: Outcome | None = None     # a permanent error a worker recorded
-    armed: bool = True                   # False once the agent has returned: signals are only recorded
+    phase: str = "checking"              # checking -> agent -> done
+    _raise: Any = None                   # torch's SignalException, imported by arm() (never in the handler)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def install(self) -> None:
         for sig in HANDLED:
             signal.signal(sig, self._handle)
 
+    def arm(self) -> None:
+        """Enter the agent phase (torch's launcher modules are imported by now)."""
+        from torch.distributed.elastic.multiprocessing import SignalException
+        self._raise, self.phase = SignalException, "agent"
+
     def _handle(self, signum: int, frame: Any) -> None:
-        if not self.armed:  # the agent has returned: the outcome is decided (close() ignores these from now on)
+        if self.phase == "done":  # close() ignores signals; one may still be on its way to this handler
             return
         if self.signum:
-            if not self.permanent:
+            if not self.permanent and self.phase == "agent":
                 print(f"harness launch: got {exitcodes.signal_name(signum)} while stopping on "
                       f"{exitcodes.signal_name(self.signum)}; waiting for the workers' checkpoint", file=sys.stderr)
             return
         self.signum = signum
-        if self.armed:
-            from torch.distributed.elastic.multiprocessing import SignalException
+        if self.phase == "agent":
             # Exactly what torch's own handler raises: the agent forwards the signal to its workers, waits for
             # them (shutdown timeout), and re-raises.
-            raise SignalException(f"harness launch got {exitcodes.signal_name(signum)}", sigval=signal.Signals(signum))
+            raise self._raise(f"harness launch got {exitcodes.signal_name(signum)}", sigval=signal.Signals(signum))
 
     def watch(self) -> None:
         threading.Thread(target=self._watch, name="harness-launch-watch", daemon=True).start()
@@ -133,7 +149,7 @@ class Stopper:
         arriving in the 0.4 s of teardown would kill the launcher by that signal (-15, -10) instead of the
         documented exit code. SIG_IGN holds to the end; SIGKILL still ends a teardown that hangs."""
         self._stop.set()
-        self.armed = False
+        self.phase = "done"
         if threading.current_thread() is threading.main_thread():
             for sig in HANDLED:
                 signal.signal(sig, signal.SIG_IGN)
@@ -350,9 +366,42 @@ def _outcome(stopper: Stopper) -> int:
     return code
 
 
-def run_launch(ns: argparse.Namespace) -> int:
+def _prepare(args: LaunchArgs, stopper: Stopper) -> Any:
+    """The checks before any worker (config, workload, storage) and torch's launcher imports, on a helper
+    thread, the main thread waiting for them or for a signal (see :class:`Stopper`). Returns the config, or
+    the exit code when the checks failed or a signal came first (the helper is then left behind: it is a
+    daemon, and the process leaves without waiting for it)."""
     from harness.errors import StorageError
 
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["cfg"] = _check(args)
+            _setup_logging()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            box["exc"] = exc
+
+    helper = threading.Thread(target=run, name="harness-launch-check", daemon=True)
+    helper.start()
+    while helper.is_alive() and not stopper.signum:
+        helper.join(POLL_S)
+    if stopper.signum:
+        code = exitcodes.signal_code(stopper.signum)
+        print(f"harness launch: stopped by {exitcodes.signal_name(stopper.signum)} before any worker started; "
+              f"exit {code} (retryable: a restart resumes)", file=sys.stderr)
+        return code
+    exc = box.get("exc")
+    if isinstance(exc, (ConfigError, StorageError)):
+        outcome = exitcodes.classify(exc)
+        exitcodes.print_line(outcome, exc)
+        return outcome.code
+    if exc is not None:
+        raise exc
+    return box["cfg"]
+
+
+def run_launch(ns: argparse.Namespace) -> int:
     try:
         restarts = _count(ns.max_restarts, "--max-restarts", 0)
     except ConfigError as exc:
@@ -364,16 +413,15 @@ def run_launch(ns: argparse.Namespace) -> int:
     stopper = Stopper(folder)
     stopper.install()  # from here on, a signal means "stop, exit 128+N"
     try:
-        try:
-            cfg = _check(args)
-        except (ConfigError, StorageError) as exc:
-            outcome = exitcodes.classify(exc)
-            exitcodes.print_line(outcome, exc)
-            return outcome.code
+        cfg = _prepare(args, stopper)
+        if isinstance(cfg, int):
+            return cfg
         from torch.distributed.elastic.multiprocessing import SignalException
-        _setup_logging()
-        stopper.watch()
         try:
+            stopper.arm()
+            if stopper.signum:  # came between the checks and arm(): the agent never started
+                return _outcome(stopper)
+            stopper.watch()
             return _agent(args, cfg, stopper)
         except SignalException as exc:  # ours (first signal, or the stop for a permanent error), or torch's
             stopper.close()
@@ -387,11 +435,6 @@ def run_launch(ns: argparse.Namespace) -> int:
                 raise
             print(f"harness launch: {type(exc).__name__}: {exc}; exit {exitcodes.EXIT_ERROR}", file=sys.stderr)
             return exitcodes.EXIT_ERROR
-    except Exception as exc:  # a signal before the agent started (raised by Stopper._handle)
-        if type(exc).__name__ == "SignalException" and stopper.signum:
-            stopper.close()
-            return _outcome(stopper)
-        raise
     finally:
         stopper.close()
         shutil.rmtree(folder, ignore_errors=True)

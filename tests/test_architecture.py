@@ -23,7 +23,7 @@ MAX_FUNCTION_LINES = 80
 # A name stands for the module and, for a package, everything in it. Keep in step with docs/architecture.md.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("harness._version", "harness.errors", "harness.exitcodes", "harness.config", "harness.faults",
-              "harness.dist", "harness.state", "harness.determinism", "harness.stepsync", "harness.progress",
+              "harness.dist", "harness.exiting", "harness.state", "harness.determinism", "harness.stepsync", "harness.progress",
               "harness.data", "harness.workloads", "harness.synthetic", "harness.layout")),
     ("storage", ("harness.storage",)),
     ("checkpoint", ("harness.checkpoint", "harness.lease", "harness.prefetch")),

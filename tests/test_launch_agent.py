@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -131,6 +132,75 @@ def test_signal_to_launcher_commits_and_exits_128_plus_n(sig, code, runner, tmp_
     log = proc.log()
     assert log.count(f"exiting with {code} so the scheduler requeues") == 2, log[-3000:]
     assert "Traceback" not in log and "ChildFailedError" not in log, log[-3000:]
+
+
+def _handles(pid: int, sig: int) -> bool:
+    """True once process ``pid`` has a handler for ``sig`` (the SigCgt mask of /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return bool(mask >> (sig - 1) & 1)
+
+
+def _signal_after_handler(proc: subprocess.Popen, sig: int, delay: float) -> None:
+    deadline = time.monotonic() + 60
+    while not _handles(proc.pid, sig) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    time.sleep(delay)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, sig)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to see when the handler is in")
+def test_signal_while_the_launcher_starts_exits_128_plus_n(tmp_path):
+    """SIGTERM from the moment the launcher handles it, while it imports torch and checks config and storage
+    (five launchers at once, signalled at spread moments): 143, one line, no traceback. A handler that raised
+    there broke `import torch` half way: exit 1 with SystemError or AttributeError, once SIGSEGV."""
+    delays = (0.0, 0.15, 0.3, 0.5, 0.8)
+    procs = []
+    for i in range(len(delays)):
+        (tmp_path / f"d{i}").mkdir()
+        procs.append(subprocess.Popen(launch_cmd(tmp_path / f"d{i}", max_restarts=3), env=base_env(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    signallers = [threading.Thread(target=_signal_after_handler, args=(p, signal.SIGTERM, d))
+                  for p, d in zip(procs, delays)]
+    for t in signallers:
+        t.start()
+    for delay, proc in zip(delays, procs):
+        _, err = proc.communicate(timeout=120)
+        verdicts = [ln for ln in err.splitlines() if ln.startswith("harness launch:")]
+        assert proc.returncode == 143, (delay, proc.returncode, err[-3000:])
+        assert len(verdicts) == 1 and "stopped by SIGTERM" in verdicts[0], (delay, err[-3000:])
+        assert "Traceback" not in err, (delay, err[-3000:])
+    for t in signallers:
+        t.join()
+
+
+def test_signal_during_a_stalled_storage_check_exits_128_plus_n(tmp_path, fault_proxy):
+    """The launcher's storage check waits on an object store that does not answer (every request stalls):
+    SIGTERM then ends the launch at once with 143 (retryable), not after the check's 30 s retry budget, and
+    not with 3 (the check used to report the interrupted call as unusable storage: never retried)."""
+    fault_proxy.stall_s = 60
+    fault_proxy.configure(1.0, seed=1, kinds={"stall": 1})
+    cmd = launch_cmd(tmp_path, "checkpoint.dir='s3://stalled-bucket/run'", max_restarts=3)
+    proc = subprocess.Popen(cmd, env=base_env(AWS_ENDPOINT_URL=fault_proxy.url), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not fault_proxy.counts["stall"] and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fault_proxy.counts["stall"], proc.communicate(timeout=30)[1][-3000:]
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - t0
+    assert proc.returncode == 143, (proc.returncode, err[-3000:])
+    lines = err.strip().splitlines()
+    assert lines == ["harness launch: stopped by SIGTERM before any worker started; exit 143 (retryable: "
+                     "a restart resumes)"], err[-3000:]
+    assert took < 10, took
+    assert not (tmp_path / "metrics.jsonl").exists()  # no worker ran
 
 
 # -- a worker dies: the agent restarts the group, the job ends 0, bitwise equal ----------------------------
