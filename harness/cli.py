@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
 from typing import Any, NoReturn
@@ -146,6 +147,10 @@ def entry() -> NoReturn:
     SIGABRT, when a gloo thread still holds a tensor; in both it takes ~0.4-0.7 s with torch loaded, time a
     scheduler waits for the exit code). Other commands exit as usual."""
     argv = sys.argv[1:]
+    if _command(argv) in ("train", "launch"):
+        # Until the command's own handler is in, Ctrl-C ends the process quietly, as SIGTERM does: not with a
+        # KeyboardInterrupt traceback from whatever import was running (the agent forwards it to every worker).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     code = main(argv)
     if _command(argv) in ("train", "launch"):
         from harness.exiting import leave  # no torch: the launcher may leave while torch is still importing

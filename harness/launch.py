@@ -112,8 +112,11 @@ class Stopper:
         self.signum = signum
         if self.phase == "agent":
             # Exactly what torch's own handler raises: the agent forwards the signal to its workers, waits for
-            # them (shutdown timeout), and re-raises.
-            raise self._raise(f"harness launch got {exitcodes.signal_name(signum)}", sigval=signal.Signals(signum))
+            # them (shutdown timeout), and re-raises. A Ctrl-C reaches them as SIGTERM (same meaning to a
+            # worker: commit, exit): a worker still starting has Python's SIGINT handler, which would print a
+            # KeyboardInterrupt traceback from its interpreter's start; SIGTERM ends it quietly there.
+            forward = signal.SIGTERM if signum == signal.SIGINT else signal.Signals(signum)
+            raise self._raise(f"harness launch got {exitcodes.signal_name(signum)}", sigval=forward)
 
     def watch(self) -> None:
         threading.Thread(target=self._watch, name="harness-launch-watch", daemon=True).start()

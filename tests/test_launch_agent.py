@@ -144,9 +144,24 @@ def _handles(pid: int, sig: int) -> bool:
     return bool(mask >> (sig - 1) & 1)
 
 
-def _signal_after_handler(proc: subprocess.Popen, sig: int, delay: float) -> None:
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _signal_after_handler(proc: subprocess.Popen, sig: int, delay: float, workers: bool) -> None:
+    """``delay`` s after the launcher's handlers are in (SIGUSR1 is the last it installs; Python itself
+    catches SIGINT from its start, so SIGINT's own mask bit says nothing), or after its two workers exist
+    (``workers``: they are still starting, before their own handlers), send ``sig``."""
     deadline = time.monotonic() + 60
-    while not _handles(proc.pid, sig) and proc.poll() is None and time.monotonic() < deadline:
+
+    def ready() -> bool:
+        return len(_children(proc.pid)) >= 2 if workers else _handles(proc.pid, signal.SIGUSR1)
+
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     time.sleep(delay)
     with contextlib.suppress(ProcessLookupError):
@@ -154,25 +169,26 @@ def _signal_after_handler(proc: subprocess.Popen, sig: int, delay: float) -> Non
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to see when the handler is in")
-def test_signal_while_the_launcher_starts_exits_128_plus_n(tmp_path):
-    """SIGTERM from the moment the launcher handles it, while it imports torch and checks config and storage
-    (five launchers at once, signalled at spread moments): 143, one line, no traceback. A handler that raised
-    there broke `import torch` half way: exit 1 with SystemError or AttributeError, once SIGSEGV."""
-    delays = (0.0, 0.15, 0.3, 0.5, 0.8)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_while_the_launcher_starts_exits_128_plus_n(sig, tmp_path):
+    """A signal from the moment the launcher handles it, while it imports torch and checks config and storage,
+    or its workers start (five launchers at once, signalled at spread moments): 128+N, one line, no traceback.
+    A handler that raised there broke `import torch` half way: exit 1 with SystemError or AttributeError, once
+    SIGSEGV; a Ctrl-C forwarded to starting workers printed their KeyboardInterrupt tracebacks."""
+    delays = ((0.0, False), (0.3, False), (0.8, False), (0.0, True), (0.5, True))  # (s, after workers exist)
     procs = []
     for i in range(len(delays)):
         (tmp_path / f"d{i}").mkdir()
         procs.append(subprocess.Popen(launch_cmd(tmp_path / f"d{i}", max_restarts=3), env=base_env(),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    signallers = [threading.Thread(target=_signal_after_handler, args=(p, signal.SIGTERM, d))
-                  for p, d in zip(procs, delays)]
+    signallers = [threading.Thread(target=_signal_after_handler, args=(p, sig, *d)) for p, d in zip(procs, delays)]
     for t in signallers:
         t.start()
     for delay, proc in zip(delays, procs):
         _, err = proc.communicate(timeout=120)
         verdicts = [ln for ln in err.splitlines() if ln.startswith("harness launch:")]
-        assert proc.returncode == 143, (delay, proc.returncode, err[-3000:])
-        assert len(verdicts) == 1 and "stopped by SIGTERM" in verdicts[0], (delay, err[-3000:])
+        assert proc.returncode == 128 + sig, (delay, proc.returncode, err[-3000:])
+        assert len(verdicts) == 1 and f"stopped by {sig.name}" in verdicts[0], (delay, err[-3000:])
         assert "Traceback" not in err, (delay, err[-3000:])
     for t in signallers:
         t.join()
