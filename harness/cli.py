@@ -85,7 +85,7 @@ def run_train(args: argparse.Namespace) -> int:
         # Before torch is imported: the disk reads the checkpoint to resume while the interpreter starts up.
         prefetch.start(cfg.checkpoint.dir)
         from harness import trainer
-        return trainer.train(cfg)
+        return trainer.train(cfg, exit_after=True)
     except Exception as exc:
         outcome = exitcodes.classify(exc)
         if outcome is None:
@@ -153,6 +153,10 @@ def entry() -> NoReturn:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     code = main(argv)
     if _command(argv) in ("train", "launch"):
+        # The exit code is decided: a signal from here on (a scheduler repeating SIGTERM) must not replace it
+        # by death by that signal while atexit hooks run and files are flushed.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         from harness.exiting import leave  # no torch: the launcher may leave while torch is still importing
         leave(code)
     sys.exit(code)

@@ -106,9 +106,10 @@ def init_distributed(cfg: Config) -> torch.device:
 class Trainer:
     """One rank's training run. ``run()`` returns the process exit code."""
 
-    def __init__(self, cfg: Config, builder: WorkloadBuilder | None = None) -> None:
+    def __init__(self, cfg: Config, builder: WorkloadBuilder | None = None, exit_after: bool = False) -> None:
         self.cfg = cfg
         self.builder = builder
+        self.exit_after = exit_after  # the process ends with this run (harness train): see close()
         self.flag = PreemptionFlag()
         self.step = 0
         self.epoch = 0
@@ -357,16 +358,19 @@ class Trainer:
                 torch_dist.destroy_process_group()
         finally:
             # Handlers go last, so a signal during the final wait and teardown is recorded, not fatal. After a
-            # preemption we are leaving with 128+signal: further ones are ignored (SIG_IGN also holds through
-            # interpreter teardown, which takes seconds with torch loaded), so a second SIGTERM (torchrun tearing
-            # down the ranks that exit later) cannot turn the documented exit code into death by signal (-15).
-            if self.preempted:
+            # preemption we are leaving with 128+signal, and a process that ends with the run (exit_after)
+            # leaves with its code: further signals are ignored (SIG_IGN also holds through atexit hooks and
+            # teardown), so a second SIGTERM (torchrun tearing down the ranks that exit later, a scheduler
+            # repeating itself) cannot turn the documented exit code into death by signal (-15).
+            if self.preempted or self.exit_after:
                 for sig in HANDLED_SIGNALS:
                     signal.signal(sig, signal.SIG_IGN)
             else:
                 self.flag.uninstall()
 
 
-def train(cfg: Config, builder: WorkloadBuilder | None = None) -> int:
-    """Run training with a config; ``builder(model_cfg, data_cfg, seed) -> Workload`` plugs in user code."""
-    return Trainer(cfg, builder).run()
+def train(cfg: Config, builder: WorkloadBuilder | None = None, *, exit_after: bool = False) -> int:
+    """Run training with a config; ``builder(model_cfg, data_cfg, seed) -> Workload`` plugs in user code.
+    ``exit_after``: the process ends with the returned code (as ``harness train``): signals stay ignored once
+    the run is over, instead of the previous handlers coming back."""
+    return Trainer(cfg, builder, exit_after).run()

@@ -3,7 +3,9 @@ documented exit code; a good one runs to completion."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -62,6 +64,26 @@ def test_standalone_quickstart_runs_to_completion(runner, tmp_path):
     assert [e["step"] for e in events(tmp_path, "done")] == [MAX_STEPS]
     final = final_state(tmp_path / "ck")
     assert final.raw["world_size"] == 1 and final.raw["step"] == MAX_STEPS
+
+
+def test_signals_after_the_run_finished_do_not_change_its_exit_code(runner, tmp_path):
+    """A finished run's exit code is decided: SIGTERM sent over and over from the moment it logs "training
+    finished" until it has exited (a scheduler repeating itself) leaves it 0, not death by SIGTERM (the
+    trainer gives back the default handler on its way out; the process then still runs atexit hooks and
+    flushes files)."""
+    proc = runner.start("standalone", standalone_cmd(tmp_path))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while "training finished at step" not in proc.log() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sent = 0
+    while proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+            sent += 1
+        time.sleep(0.003)
+    assert proc.wait() == 0, (sent, proc.tail())
+    assert sent, "the run ended before it could be signalled"
+    assert [e["step"] for e in events(tmp_path, "done")] == [MAX_STEPS]
 
 
 def test_version():
