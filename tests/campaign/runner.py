@@ -394,9 +394,17 @@ def trial_process(seed: int, tmp: Path, ref, kind: str | None = None) -> str:
                 detail = f"kill -9 tree after {delay:.2f}s"
             elif kind == "kill9-rank":
                 rank = rng.choice([0, 1])
-                os.kill(first.worker_of_rank(rank), signal.SIGKILL)
-                first.wait(120)
-                detail = f"kill -9 rank {rank} after {delay:.2f}s rc={first.rc}"
+                try:
+                    victim = first.worker_of_rank(rank)
+                except AssertionError:  # the workers have finished; only the agent is still on its way out
+                    victim = None
+                if victim is None:
+                    first.wait(120)
+                    detail = f"{kind} after {delay:.2f}s: workers already ended rc={first.rc}"
+                else:
+                    os.kill(victim, signal.SIGKILL)
+                    first.wait(120)
+                    detail = f"kill -9 rank {rank} after {delay:.2f}s rc={first.rc}"
             else:
                 os.kill(first.pid, signal.SIGTERM)
                 first.wait(120)
