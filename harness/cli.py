@@ -147,9 +147,10 @@ def entry() -> NoReturn:
     SIGABRT, when a gloo thread still holds a tensor; in both it takes ~0.4-0.7 s with torch loaded, time a
     scheduler waits for the exit code). Other commands exit as usual."""
     argv = sys.argv[1:]
-    if _command(argv) in ("train", "launch"):
+    if _command(argv) in ("train", "launch") and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         # Until the command's own handler is in, Ctrl-C ends the process quietly, as SIGTERM does: not with a
-        # KeyboardInterrupt traceback from whatever import was running (the agent forwards it to every worker).
+        # KeyboardInterrupt traceback from whatever import was running. (Python's own handler only: a SIGINT
+        # the process was started ignoring, a background job of a script, stays ignored.)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     code = main(argv)
     if _command(argv) in ("train", "launch"):

@@ -47,7 +47,7 @@ STOP_WAIT_S = 20.0               # a worker waits at most this long for the laun
 POLL_S = 0.05
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # torch's handler stays on these (its default set, less the ones the launcher handles itself).
-TORCH_SIGNALS = "SIGHUP,SIGQUIT"
+TORCH_SIGNALS = (signal.SIGHUP, signal.SIGQUIT)
 
 
 # -- worker side ---------------------------------------------------------------------------------------
@@ -307,7 +307,14 @@ def _launch_config(args: LaunchArgs, cfg: Any, folder: str) -> Any:
         rdzv_backend="c10d", rdzv_endpoint="localhost:0" if standalone else args.rdzv_endpoint,
         max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
         logs_specs=DefaultLogsSpecs(log_dir=os.path.join(folder, "logs")),
-        signals_to_handle=TORCH_SIGNALS, shutdown_timeout=shutdown)
+        signals_to_handle=_torch_signals(), shutdown_timeout=shutdown)
+
+
+def _torch_signals() -> str:
+    """The signals torch's agent handler takes (it stops the workers without a checkpoint, exit 1), less any
+    this process was started ignoring: ``nohup harness launch ...`` must survive the terminal's SIGHUP (torch
+    would install its handler over the inherited SIG_IGN; the workers inherit the SIG_IGN)."""
+    return ",".join(s.name for s in TORCH_SIGNALS if signal.getsignal(s) != signal.SIG_IGN)
 
 
 def _worker_env(folder: str, nproc: int) -> None:

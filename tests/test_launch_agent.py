@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -217,6 +218,21 @@ def test_signal_during_a_stalled_storage_check_exits_128_plus_n(tmp_path, fault_
                      "a restart resumes)"], err[-3000:]
     assert took < 10, took
     assert not (tmp_path / "metrics.jsonl").exists()  # no worker ran
+
+
+@pytest.mark.skipif(shutil.which("nohup") is None, reason="needs coreutils' nohup")
+def test_nohup_launch_survives_the_terminal_hangup(runner, tmp_path):
+    """`nohup harness launch ...`: SIGHUP to the launcher and its workers (closing the terminal) changes
+    nothing, the run finishes with 0. torch's agent used to put its handler over nohup's SIG_IGN and stop the
+    workers without a checkpoint: exit 1."""
+    proc = runner.start("launch", ["nohup", *launch_cmd(tmp_path, SLOW)])
+    _past_first_checkpoint(proc, tmp_path)
+    hung_up = [proc.pid, *proc.workers()]
+    for pid in hung_up:
+        os.kill(pid, signal.SIGHUP)
+    assert proc.wait(120) == 0, proc.tail()
+    assert len(hung_up) == 3, hung_up
+    assert [e["step"] for e in events(tmp_path, "done")] == [MAX_STEPS]
 
 
 # -- a worker dies: the agent restarts the group, the job ends 0, bitwise equal ----------------------------
