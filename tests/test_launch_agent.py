@@ -185,14 +185,19 @@ def test_signal_while_the_launcher_starts_exits_128_plus_n(sig, tmp_path):
     signallers = [threading.Thread(target=_signal_after_handler, args=(p, sig, *d)) for p, d in zip(procs, delays)]
     for t in signallers:
         t.start()
-    for delay, proc in zip(delays, procs):
-        _, err = proc.communicate(timeout=120)
-        verdicts = [ln for ln in err.splitlines() if ln.startswith("harness launch:")]
-        assert proc.returncode == 128 + sig, (delay, proc.returncode, err[-3000:])
-        assert len(verdicts) == 1 and f"stopped by {sig.name}" in verdicts[0], (delay, err[-3000:])
-        assert "Traceback" not in err, (delay, err[-3000:])
-    for t in signallers:
-        t.join()
+    try:
+        for delay, proc in zip(delays, procs):
+            _, err = proc.communicate(timeout=120)
+            verdicts = [ln for ln in err.splitlines() if ln.startswith("harness launch:")]
+            assert proc.returncode == 128 + sig, (delay, proc.returncode, err[-3000:])
+            assert len(verdicts) == 1 and f"stopped by {sig.name}" in verdicts[0], (delay, err[-3000:])
+            assert "Traceback" not in err, (delay, err[-3000:])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for t in signallers:
+            t.join()
 
 
 def test_signal_during_a_stalled_storage_check_exits_128_plus_n(tmp_path, fault_proxy):
@@ -204,14 +209,18 @@ def test_signal_during_a_stalled_storage_check_exits_128_plus_n(tmp_path, fault_
     cmd = launch_cmd(tmp_path, "checkpoint.dir='s3://stalled-bucket/run'", max_restarts=3)
     proc = subprocess.Popen(cmd, env=base_env(AWS_ENDPOINT_URL=fault_proxy.url), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not fault_proxy.counts["stall"] and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert fault_proxy.counts["stall"], proc.communicate(timeout=30)[1][-3000:]
-    t0 = time.monotonic()
-    os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    took = time.monotonic() - t0
+    try:
+        deadline = time.monotonic() + 60
+        while not fault_proxy.counts["stall"] and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fault_proxy.counts["stall"], f"no request reached the store (exit {proc.poll()})"
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 143, (proc.returncode, err[-3000:])
     lines = err.strip().splitlines()
     assert lines == ["harness launch: stopped by SIGTERM before any worker started; exit 143 (retryable: "
