@@ -78,6 +78,20 @@ def _report(outcome: exitcodes.Outcome, exc: BaseException) -> None:
     exitcodes.print_line(outcome)
 
 
+STOP_CODES = {exitcodes.signal_code(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+
+
+def _report_stop(code: int) -> None:
+    """Under ``harness launch``: tell the launcher that this worker stopped with a committed checkpoint on a
+    signal (every rank stops together: the signal reached any rank of the job, on any node), so that its agent
+    ends the job with that code instead of restarting the workers (``--max-restarts``). Without it, the node
+    whose launcher was not signalled restarted its workers into a rendezvous the stopped node never joins."""
+    from harness.launch import report_permanent
+    name = exitcodes.signal_name(code - exitcodes.EXIT_SIGNAL_BASE)
+    report_permanent(exitcodes.Outcome(code, f"harness launch: workers stopped on {name} after committing a "
+                                             f"checkpoint; exit {code} (retryable: a restart resumes)"))
+
+
 def run_train(args: argparse.Namespace) -> int:
     from harness import config, prefetch
     try:
@@ -85,7 +99,10 @@ def run_train(args: argparse.Namespace) -> int:
         # Before torch is imported: the disk reads the checkpoint to resume while the interpreter starts up.
         prefetch.start(cfg.checkpoint.dir)
         from harness import trainer
-        return trainer.train(cfg, exit_after=True)
+        code = trainer.train(cfg, exit_after=True)
+        if code in STOP_CODES:
+            _report_stop(code)
+        return code
     except Exception as exc:
         outcome = exitcodes.classify(exc)
         if outcome is None:

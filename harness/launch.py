@@ -53,8 +53,9 @@ TORCH_SIGNALS = (signal.SIGHUP, signal.SIGQUIT)
 # -- worker side ---------------------------------------------------------------------------------------
 
 def report_permanent(outcome: Outcome) -> bool:
-    """In a worker of ``harness launch``: record a permanent error for the launcher and wait until it stops the
-    job (so the agent never restarts the group for it). Returns False when not under ``harness launch``."""
+    """In a worker of ``harness launch``: record an outcome that ends the job (a permanent error, or a stop on a
+    signal with the checkpoint committed) for the launcher and wait until it stops the job (so the agent never
+    restarts the group for it). Returns False when not under ``harness launch``."""
     folder = os.environ.get(LAUNCH_DIR_ENV)
     if not folder or not os.path.isdir(folder):
         return False
@@ -89,6 +90,7 @@ class Stopper:
     signum: int = 0                      # the first signal (or the self-stop), 0 while running
     permanent: Outcome | None = None     # a permanent error a worker recorded
     phase: str = "checking"              # checking -> agent -> done
+    self_stop: bool = False              # signum is the launcher's own SIGTERM, sent to stop for a worker's record
     _raise: Any = None                   # torch's SignalException, imported by arm() (never in the handler)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -126,6 +128,7 @@ class Stopper:
             if self.permanent is None:
                 self.permanent = self._read_error()
                 if self.permanent is not None and not self.signum:
+                    self.self_stop = True
                     os.kill(os.getpid(), signal.SIGTERM)  # the agent's shutdown path, in the main thread
             if self.permanent is not None and self.signum:
                 # The agent is stopping: workers waiting in report_permanent may leave now.
@@ -362,10 +365,13 @@ def _agent(args: LaunchArgs, cfg: Any, stopper: Stopper) -> int:
 
 
 def _outcome(stopper: Stopper) -> int:
-    """After the agent stopped: a permanent error wins (a save that failed during a signal stop included)."""
-    if stopper.permanent is not None:
-        print(stopper.permanent.line, file=sys.stderr)
-        return stopper.permanent.code
+    """After the agent stopped: a permanent error wins (a save that failed during a signal stop included). A
+    worker's record of a stop on a signal speaks for the job when the signal reached it through another node
+    (this launcher was not signalled itself); otherwise this launcher's own signal gives the code."""
+    record, own_signal = stopper.permanent, stopper.signum and not stopper.self_stop
+    if record is not None and not (own_signal and record.code >= exitcodes.EXIT_SIGNAL_BASE):
+        print(record.line, file=sys.stderr)
+        return record.code
     name = exitcodes.signal_name(stopper.signum)
     if stopper.signum not in HANDLED:  # SIGHUP/SIGQUIT, torch's: workers are stopped without a checkpoint
         print(f"harness launch: stopped by {name}, workers ended without a checkpoint; exit {exitcodes.EXIT_ERROR}",
