@@ -70,15 +70,12 @@ def _report(outcome: exitcodes.Outcome, exc: BaseException) -> None:
     if exitcodes.debug():
         traceback.print_exception(exc, file=sys.stderr)
     if outcome.permanent:
-        from harness.launch import report_permanent
-        if report_permanent(outcome):
+        from harness.launch import report_outcome
+        if report_outcome(outcome):
             return
         if os.environ.get("RANK", "0") != "0" and not exitcodes.debug():
             return
     exitcodes.print_line(outcome)
-
-
-STOP_CODES = {exitcodes.signal_code(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
 
 
 def _report_stop(code: int) -> None:
@@ -86,9 +83,9 @@ def _report_stop(code: int) -> None:
     signal (every rank stops together: the signal reached any rank of the job, on any node), so that its agent
     ends the job with that code instead of restarting the workers (``--max-restarts``). Without it, the node
     whose launcher was not signalled restarted its workers into a rendezvous the stopped node never joins."""
-    from harness.launch import report_permanent
+    from harness.launch import report_outcome
     name = exitcodes.signal_name(code - exitcodes.EXIT_SIGNAL_BASE)
-    report_permanent(exitcodes.Outcome(code, f"harness launch: workers stopped on {name} after committing a "
+    report_outcome(exitcodes.Outcome(code, f"harness launch: workers stopped on {name} after committing a "
                                              f"checkpoint; exit {code} (retryable: a restart resumes)"))
 
 
@@ -100,7 +97,7 @@ def run_train(args: argparse.Namespace) -> int:
         prefetch.start(cfg.checkpoint.dir)
         from harness import trainer
         code = trainer.train(cfg, exit_after=True)
-        if code in STOP_CODES:
+        if exitcodes.stopped(code):
             _report_stop(code)
         return code
     except Exception as exc:
@@ -172,8 +169,9 @@ def entry() -> NoReturn:
     code = main(argv)
     if _command(argv) in ("train", "launch"):
         # The exit code is decided: a signal from here on (a scheduler repeating SIGTERM) must not replace it
-        # by death by that signal while atexit hooks run and files are flushed.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        # by death by that signal while atexit hooks run and files are flushed. (The trainer and the launcher
+        # ignore them already once their run is over; this covers the paths that never installed a handler.)
+        for sig in exitcodes.STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         from harness.exiting import leave  # no torch: the launcher may leave while torch is still importing
         leave(code)

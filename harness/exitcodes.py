@@ -22,6 +22,14 @@ EXIT_SIGNAL_BASE = 128  # 128+N: stopped by signal N after committing a checkpoi
 
 # Permanent codes: a launcher stops the whole job on them instead of restarting its workers.
 PERMANENT = (EXIT_CONFIG, EXIT_CHECKPOINT)
+# The signals that mean "commit a checkpoint, then exit 128+N" (in this order the launcher installs its handlers:
+# SIGUSR1 last). Any other signal stops a job without a checkpoint.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def stopped(code: int) -> bool:
+    """True for 128+N of a stop signal: stopped on that signal after committing a checkpoint."""
+    return code in {EXIT_SIGNAL_BASE + int(s) for s in STOP_SIGNALS}
 
 TABLE = """\
 exit codes (harness launch; harness train in one process):

@@ -18,7 +18,7 @@ What torchrun leaves to its caller, and this module adds:
 * One line per problem: torch's own log records below ERROR and its failure table stay out of the way
   unless HARNESS_DEBUG=1.
 
-The worker side of the protocol (``report_permanent``) is called by ``harness train`` (harness/cli.py).
+The worker side of the protocol (``report_outcome``) is called by ``harness train`` (harness/cli.py).
 """
 
 from __future__ import annotations
@@ -45,26 +45,30 @@ LAUNCH_DIR_ENV = "HARNESS_LAUNCH_DIR"
 STOPPING_FILE = "stopping"       # written by the launcher once the agent is stopping: waiting workers may exit
 STOP_WAIT_S = 20.0               # a worker waits at most this long for the launcher to stop the job
 POLL_S = 0.05
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+HANDLED = exitcodes.STOP_SIGNALS
 # torch's handler stays on these (its default set, less the ones the launcher handles itself).
 TORCH_SIGNALS = (signal.SIGHUP, signal.SIGQUIT)
 
 
 # -- worker side ---------------------------------------------------------------------------------------
 
-def report_permanent(outcome: Outcome) -> bool:
+def report_outcome(outcome: Outcome) -> bool:
     """In a worker of ``harness launch``: record an outcome that ends the job (a permanent error, or a stop on a
     signal with the checkpoint committed) for the launcher and wait until it stops the job (so the agent never
-    restarts the group for it). Returns False when not under ``harness launch``."""
+    restarts the group for it). Returns False when not under ``harness launch``, or when the record cannot be
+    written (the caller then says it itself; the agent may restart the group, which resumes, loses nothing)."""
     folder = os.environ.get(LAUNCH_DIR_ENV)
     if not folder or not os.path.isdir(folder):
         return False
     rank = os.environ.get("RANK", "0")
     record = {"code": outcome.code, "line": outcome.line, "rank": int(rank), "pid": os.getpid()}
     tmp = os.path.join(folder, f".error-{rank}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, os.path.join(folder, f"error-{rank}.json"))  # the launcher never sees half a record
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, os.path.join(folder, f"error-{rank}.json"))  # the launcher never sees half a record
+    except OSError:  # a full or vanished /tmp must not turn the outcome into another error
+        return False
     deadline = time.monotonic() + STOP_WAIT_S
     while time.monotonic() < deadline and not os.path.exists(os.path.join(folder, STOPPING_FILE)):
         time.sleep(POLL_S)
@@ -88,7 +92,7 @@ class Stopper:
 
     folder: str
     signum: int = 0                      # the first signal (or the self-stop), 0 while running
-    permanent: Outcome | None = None     # a permanent error a worker recorded
+    record: Outcome | None = None        # what a worker recorded: a permanent error, or a stop on a signal
     phase: str = "checking"              # checking -> agent -> done
     self_stop: bool = False              # signum is the launcher's own SIGTERM, sent to stop for a worker's record
     _raise: Any = None                   # torch's SignalException, imported by arm() (never in the handler)
@@ -107,7 +111,7 @@ class Stopper:
         if self.phase == "done":  # close() ignores signals; one may still be on its way to this handler
             return
         if self.signum:
-            if not self.permanent and self.phase == "agent":
+            if not self.record and self.phase == "agent":
                 print(f"harness launch: got {exitcodes.signal_name(signum)} while stopping on "
                       f"{exitcodes.signal_name(self.signum)}; waiting for the workers' checkpoint", file=sys.stderr)
             return
@@ -125,13 +129,13 @@ class Stopper:
 
     def _watch(self) -> None:
         while not self._stop.wait(POLL_S):
-            if self.permanent is None:
-                self.permanent = self._read_error()
-                if self.permanent is not None and not self.signum:
+            if self.record is None:
+                self.record = self._read_error()
+                if self.record is not None and not self.signum:
                     self.self_stop = True
                     os.kill(os.getpid(), signal.SIGTERM)  # the agent's shutdown path, in the main thread
-            if self.permanent is not None and self.signum:
-                # The agent is stopping: workers waiting in report_permanent may leave now.
+            if self.record is not None and self.signum:
+                # The agent is stopping: workers waiting in report_outcome may leave now.
                 open(os.path.join(self.folder, STOPPING_FILE), "a").close()
 
     def _read_error(self) -> Outcome | None:
@@ -334,7 +338,7 @@ def _worker_env(folder: str, nproc: int) -> None:
 def _failed(exc: Any, max_restarts: int) -> int:
     """The agent gave up (restarts spent). Workers that all committed on the same signal keep 128+N."""
     codes = sorted({f.exitcode for f in exc.failures.values()})
-    if len(codes) == 1 and codes[0] in [exitcodes.signal_code(s) for s in HANDLED]:
+    if len(codes) == 1 and exitcodes.stopped(codes[0]):
         print(f"harness launch: workers stopped on {exitcodes.signal_name(codes[0] - 128)} after committing; "
               f"exit {codes[0]}", file=sys.stderr)
         return codes[0]
@@ -359,16 +363,16 @@ def _agent(args: LaunchArgs, cfg: Any, stopper: Stopper) -> int:
         elastic_launch(launch_cfg, sys.executable)(*argv)
     except ChildFailedError as exc:
         stopper.close()
-        return _outcome(stopper) if stopper.permanent else _failed(exc, args.max_restarts)
+        return _outcome(stopper) if stopper.record else _failed(exc, args.max_restarts)
     stopper.close()
-    return _outcome(stopper) if stopper.permanent else exitcodes.EXIT_OK
+    return _outcome(stopper) if stopper.record else exitcodes.EXIT_OK
 
 
 def _outcome(stopper: Stopper) -> int:
     """After the agent stopped: a permanent error wins (a save that failed during a signal stop included). A
     worker's record of a stop on a signal speaks for the job when the signal reached it through another node
     (this launcher was not signalled itself); otherwise this launcher's own signal gives the code."""
-    record, own_signal = stopper.permanent, stopper.signum and not stopper.self_stop
+    record, own_signal = stopper.record, stopper.signum and not stopper.self_stop
     if record is not None and not (own_signal and record.code >= exitcodes.EXIT_SIGNAL_BASE):
         print(record.line, file=sys.stderr)
         return record.code
@@ -445,7 +449,7 @@ def run_launch(ns: argparse.Namespace) -> int:
             return _outcome(stopper)
         except Exception as exc:  # noqa: BLE001 - rendezvous timeouts and the like: one line, retryable
             stopper.close()
-            if stopper.permanent is not None or stopper.signum:
+            if stopper.record is not None or stopper.signum:
                 return _outcome(stopper)
             if exitcodes.debug():
                 raise

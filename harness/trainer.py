@@ -30,11 +30,12 @@ from harness.stepsync import StepStats, StopVote
 from harness.storage import redact_url
 # One meaning per exit code, for `harness train` and `harness launch` alike: harness/exitcodes.py, which also maps
 # an exception to its code (ConfigError 2, CheckpointError/StorageError 3, OOM/accelerator/communication 1).
+from harness import exitcodes
 from harness.exitcodes import EXIT_ERROR, EXIT_OK
 
 log = logging.getLogger("harness")
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+HANDLED_SIGNALS = exitcodes.STOP_SIGNALS
 
 
 class PreemptionFlag:

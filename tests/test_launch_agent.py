@@ -108,6 +108,20 @@ def test_folder_held_by_another_job_exits_3_without_restart(runner, tmp_path):
     assert not events(tmp_path, "start") and not committed_steps(ck)
 
 
+def test_a_worker_that_cannot_write_its_record_keeps_its_outcome(tmp_path, monkeypatch):
+    """report_outcome on a launch folder it cannot write into (here the record's name is taken by a folder):
+    False at once, no exception, so the worker still prints its line and exits with its own code."""
+    from harness.exitcodes import Outcome
+    from harness.launch import LAUNCH_DIR_ENV, report_outcome
+
+    (tmp_path / "error-0.json").mkdir()
+    monkeypatch.setenv(LAUNCH_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    t0 = time.monotonic()
+    assert report_outcome(Outcome(143, "stopped")) is False
+    assert time.monotonic() - t0 < 1.0  # did not wait for a launcher that never saw a record
+
+
 # -- signals to the launcher ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)], ids=["SIGTERM", "SIGUSR1"])
