@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness import exitcodes
+from harness import exitcodes, rejoin
 from harness.errors import ConfigError
 from harness.exitcodes import Outcome
 
@@ -198,6 +198,7 @@ class LaunchArgs:
     monitor_interval: float
     config: str
     overrides: list[str]
+    rejoin_s: float = rejoin.REJOIN_S  # keep starting the agent this long after a lost rendezvous
 
 
 def _env_default(name: str, fallback: str) -> str:
@@ -359,8 +360,9 @@ def _agent(args: LaunchArgs, cfg: Any, stopper: Stopper) -> int:
     argv = ["-u", "-m", "harness", "train", "--config", args.config]
     for s in args.overrides:
         argv += ["--set", s]
-    try:
-        elastic_launch(launch_cfg, sys.executable)(*argv)
+    try:  # started again while the rendezvous host is lost (harness/rejoin.py)
+        rejoin.run_agent(lambda: elastic_launch(launch_cfg, sys.executable)(*argv), args.rdzv_endpoint,
+                         args.rejoin_s, lambda: bool(stopper.signum) or stopper.record is not None)
     except ChildFailedError as exc:
         stopper.close()
         return _outcome(stopper) if stopper.record else _failed(exc, args.max_restarts)
@@ -424,11 +426,12 @@ def _prepare(args: LaunchArgs, stopper: Stopper) -> Any:
 def run_launch(ns: argparse.Namespace) -> int:
     try:
         restarts = _count(ns.max_restarts, "--max-restarts", 0)
+        rejoin_s = rejoin.window()
     except ConfigError as exc:
         exitcodes.print_line(exitcodes.classify(exc), exc)
         return exitcodes.EXIT_CONFIG
     args = LaunchArgs(ns.nnodes, ns.nproc_per_node, ns.rdzv_endpoint, ns.rdzv_id, restarts, ns.standalone,
-                      ns.monitor_interval, ns.config, ns.overrides)
+                      ns.monitor_interval, ns.config, ns.overrides, rejoin_s)
     folder = tempfile.mkdtemp(prefix="harness-launch-")
     stopper = Stopper(folder)
     stopper.install()  # from here on, a signal means "stop, exit 128+N"
@@ -453,7 +456,8 @@ def run_launch(ns: argparse.Namespace) -> int:
                 return _outcome(stopper)
             if exitcodes.debug():
                 raise
-            print(f"harness launch: {type(exc).__name__}: {exc}; exit {exitcodes.EXIT_ERROR}", file=sys.stderr)
+            why = rejoin.describe(exc, args.rdzv_endpoint, args.rejoin_s)
+            print(f"harness launch: {why}; exit {exitcodes.EXIT_ERROR}", file=sys.stderr)
             return exitcodes.EXIT_ERROR
     finally:
         stopper.close()

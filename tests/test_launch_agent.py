@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from trainer_helpers import (MAX_STEPS, SLOW, assert_same_final, base_env, committed_steps, events, free_port,
-                             harness_args, last_logged_step, resumed_from, wait_until)
+from trainer_helpers import (EVERY, MAX_STEPS, SLOW, assert_same_final, base_env, committed_steps, events, free_port,
+                             harness_args, kill_tree, last_logged_step, resumed_from, wait_gone, wait_until)
 
 MID = 30  # act once rank 0 has logged this step: past the first checkpoint (25), well before the end
 
@@ -297,4 +297,40 @@ def test_two_agents_stop_on_sigterm_with_143_and_finish_with_0(signalled, runner
     nodes = [runner.start(f"rerun{i}", cmd) for i, cmd in enumerate(cmds)]
     assert [node.wait(120) for node in nodes] == [0, 0], [n.tail() for n in nodes]
     assert sorted(s for n in nodes for s in resumed_from(n.log())) == [step, step]
+    assert_same_final(tmp_path, ref)
+
+
+def _listening(port: int) -> bool:
+    """Whether something on this machine listens on TCP ``port`` (from /proc: no connection is made)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("lost", ["other", "host"])
+def test_a_lost_node_is_replaced_and_the_job_ends_bitwise_equal(lost, runner, tmp_path, ref):
+    """A node dies whole (SIGKILL to its launcher and workers: a machine lost, a pod evicted) and the scheduler
+    starts the same command again, as Kubernetes recreates a pod. The surviving launcher must neither exit nor
+    hang: it restarts its workers and waits for the node to come back, and the job ends 0 on both, bitwise
+    equal to the reference. When the lost node hosted the rendezvous store, torch's agent fails at once
+    (RendezvousConnectionError: torchrun exits 1, which Kubeflow's ExitCode policy never retries, so the job
+    ended); the launcher starts its agent again instead (harness/rejoin.py)."""
+    port = free_port()
+    cmd = launch_cmd(tmp_path, SLOW, nproc=1, nnodes=2, endpoint=f"127.0.0.1:{port}", max_restarts=3)
+    host = runner.start("node0", cmd)
+    wait_until("the rendezvous store", lambda: _listening(port), [host], timeout=60)
+    other = runner.start("node1", cmd)  # the store is taken: this node is a client of node0's
+    at = _past_first_checkpoint(host, tmp_path)
+    victim, survivor = (other, host) if lost == "other" else (host, other)
+    wait_gone(kill_tree(victim))
+    sign = "will restart worker group" if lost == "other" else "cannot reach the rendezvous at 127.0.0.1"
+    wait_until("the survivor's restart", lambda: sign in survivor.log(), [survivor])
+    nodes = [survivor, runner.start("replacement", cmd)]
+    assert [node.wait(150) for node in nodes] == [0, 0], [n.tail() for n in nodes]
+    resumed = sorted(s for n in nodes for s in resumed_from(n.log()))
+    assert len(resumed) == 2 and resumed[0] == resumed[1] >= at - at % EVERY, (resumed, at)
     assert_same_final(tmp_path, ref)

@@ -1,0 +1,94 @@
+"""A lost rendezvous host, ridden out: ``harness launch`` on several nodes starts its agent again.
+
+torchrun's c10d rendezvous keeps its store in the launcher of one node, the host of ``--rdzv-endpoint``. When
+that node is lost (a machine down, a pod evicted), the agent of every other node fails with
+``RendezvousConnectionError`` and torchrun exits 1 at once. Under Kubeflow's ``restartPolicy: ExitCode`` (it
+retries only 130, 137, 138 and 143) that ends the whole job, while the operator is already bringing the lost
+pod back. The same happens when a node starts long before the host (an image pull on a fresh machine): torch's
+store client gives up after 60 s.
+
+So, with an endpoint, this launcher starts its agent again after such a failure, for up to
+``HARNESS_RDZV_REJOIN_S`` seconds (default 600, torch's own rendezvous join timeout) after the first one. The
+new agent reaches the store of the node that took the host's place (or hosts the store itself, when the
+endpoint names this machine), its workers rejoin, and the job resumes from its last checkpoint. Each new agent
+has the full ``--max-restarts``: it takes a lost host to get one. When the window ends, the failure is
+reported as before (exit 1). A later loss, after an agent that ran (it reached its store), has a new window.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Callable
+
+from harness.errors import ConfigError
+
+REJOIN_ENV = "HARNESS_RDZV_REJOIN_S"
+REJOIN_S = 600.0
+PAUSE_S = 2.0  # between agents: a refused or unresolvable endpoint fails at once, the store client waits 60 s
+# An agent that ran this long before failing had reached its store (torch's store client gives up after 60 s):
+# its failure is a new loss, with a window of its own.
+REACHED_S = 120.0
+
+
+def window() -> float:
+    """Seconds to keep starting the agent again after the first lost rendezvous (``HARNESS_RDZV_REJOIN_S``)."""
+    raw = os.environ.get(REJOIN_ENV, "").strip()
+    if not raw:
+        return REJOIN_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise ConfigError(f"{REJOIN_ENV}={raw!r}: expected a number of seconds >= 0")
+    return value
+
+
+def run_agent(launch: Callable[[], None], endpoint: str, seconds: float,
+              stopping: Callable[[], bool] = lambda: False) -> None:
+    """``launch()`` (one elastic agent, to its end), started again while it fails to reach the rendezvous
+    at ``endpoint``, until ``seconds`` after the first such failure. No endpoint (one standalone node, whose
+    launcher hosts the store itself): once. A signal (torch's ``SignalException``) ends the wait at once, and
+    a launcher that is ``stopping`` (signalled, or a worker recorded its outcome: every node is stopping, so
+    the host is gone for good) is not started again."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+
+    deadline = None
+    while True:
+        started = time.monotonic()
+        try:
+            launch()
+            return
+        except RendezvousConnectionError as exc:
+            now = time.monotonic()
+            if deadline is None or now - started > REACHED_S:  # a new loss (days later, say): a new window
+                deadline = now + seconds
+            if not endpoint or now + PAUSE_S > deadline or stopping():
+                raise
+            print(f"harness launch: cannot reach the rendezvous at {endpoint} ({_cause(exc)}); starting the "
+                  f"agent again, for {deadline - now:.0f} s more", file=sys.stderr, flush=True)
+            time.sleep(PAUSE_S)
+            if stopping():
+                raise
+
+
+def describe(exc: Exception, endpoint: str, seconds: float) -> str:
+    """What went wrong outside the workers, in words a user of several nodes can act on."""
+    what = f"{type(exc).__name__}: {exc}"
+    kind = type(exc).__name__
+    where = endpoint or "this node"
+    if kind == "RendezvousConnectionError" and endpoint:
+        return (f"lost the rendezvous at {where}, and no node took the place of its host within {seconds:.0f} s "
+                f"({what})")
+    if kind == "RendezvousTimeoutError":
+        return f"not enough nodes joined the rendezvous at {where} in time ({what})"
+    return what
+
+
+def _cause(exc: BaseException) -> str:
+    """The store's own words (the exception torch chains under its generic message)."""
+    inner = exc.__cause__ or exc.__context__
+    text = str(inner or exc).strip().splitlines()
+    return (text[0] if text else type(inner or exc).__name__)[:200]

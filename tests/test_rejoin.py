@@ -1,0 +1,128 @@
+"""harness/rejoin.py: how long ``harness launch`` keeps starting its agent after a lost rendezvous, and what it
+says. The lost-host run end to end (real launchers, a node SIGKILLed and replaced) is in test_launch_agent.py."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
+
+from harness import rejoin
+from harness.errors import ConfigError
+from trainer_helpers import REPO, base_env
+
+
+def _lost(after: int):
+    """A launch that cannot reach its store ``after`` times, the way torch raises it (chained cause)."""
+    calls = []
+
+    def launch() -> None:
+        calls.append(1)
+        if len(calls) <= after:
+            try:
+                raise RuntimeError("Failed to recv, got 0 bytes. Connection was likely closed.\nframe #0: ...")
+            except RuntimeError as inner:
+                raise RendezvousConnectionError("The connection to the C10d store has failed.") from inner
+    return launch, calls
+
+
+def test_the_agent_is_started_again_until_it_reaches_the_rendezvous(monkeypatch, capsys):
+    monkeypatch.setattr(rejoin, "PAUSE_S", 0.01)
+    launch, calls = _lost(after=2)
+    rejoin.run_agent(launch, "node0:29400", seconds=60)
+    assert len(calls) == 3
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("harness launch: cannot reach the rendezvous at node0:29400 "
+                                                   "(Failed to recv, got 0 bytes.") for line in lines), lines
+
+
+def test_the_window_ends_the_wait(monkeypatch):
+    monkeypatch.setattr(rejoin, "PAUSE_S", 0.05)
+    launch, calls = _lost(after=10**6)
+    with pytest.raises(RendezvousConnectionError):
+        rejoin.run_agent(launch, "node0:29400", seconds=0.3)
+    assert 3 <= len(calls) <= 8, len(calls)  # one every PAUSE_S for the window, then the error as it was
+
+
+def test_a_later_loss_has_a_window_of_its_own(monkeypatch):
+    """An agent that ran past REACHED_S had reached its store: its failure starts a new window."""
+    monkeypatch.setattr(rejoin, "PAUSE_S", 0.01)
+    monkeypatch.setattr(rejoin, "REACHED_S", 0.2)
+    calls = []
+
+    def launch() -> None:  # fails at once, runs "long" (0.3 s), fails at once again, then succeeds
+        calls.append(1)
+        if len(calls) == 2:
+            time.sleep(0.3)
+        if len(calls) <= 3:
+            raise RendezvousConnectionError("lost")
+    rejoin.run_agent(launch, "node0:29400", seconds=0.25)  # without the new window: over after the 2nd
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("endpoint, seconds", [("", 600), ("node0:29400", 0)])
+def test_no_wait_without_an_endpoint_or_a_window(endpoint, seconds):
+    launch, calls = _lost(after=1)
+    with pytest.raises(RendezvousConnectionError):
+        rejoin.run_agent(launch, endpoint, seconds)
+    assert len(calls) == 1
+
+
+def test_a_stopping_launcher_is_not_started_again(monkeypatch):
+    """Signalled, or a worker recorded its outcome (every node is stopping): the host is gone for good."""
+    monkeypatch.setattr(rejoin, "PAUSE_S", 0.01)
+    for flips_after in (1, 2):  # stopping when the failure comes / during the pause
+        launch, calls = _lost(after=10**6)
+        checks = []
+
+        def stopping() -> bool:
+            checks.append(1)
+            return len(checks) >= flips_after
+        with pytest.raises(RendezvousConnectionError):
+            rejoin.run_agent(launch, "node0:29400", 600, stopping)
+        assert len(calls) == 1, flips_after
+
+
+def test_other_failures_are_not_retried():
+    calls = []
+
+    def launch() -> None:
+        calls.append(1)
+        raise RendezvousTimeoutError("not enough nodes")
+    with pytest.raises(RendezvousTimeoutError):
+        rejoin.run_agent(launch, "node0:29400", 600)
+    assert len(calls) == 1
+
+
+def test_describe_names_the_endpoint_and_the_window():
+    lost = RendezvousConnectionError("The connection to the C10d store has failed.")
+    assert rejoin.describe(lost, "node0:29400", 600).startswith(
+        "lost the rendezvous at node0:29400, and no node took the place of its host within 600 s")
+    assert rejoin.describe(RendezvousTimeoutError("x"), "node0:29400", 600).startswith(
+        "not enough nodes joined the rendezvous at node0:29400 in time")
+    assert rejoin.describe(ValueError("bad"), "", 600) == "ValueError: bad"
+
+
+@pytest.mark.parametrize("raw, expected", [("", 600.0), ("0", 0.0), ("90", 90.0), ("abc", None), ("-1", None),
+                                           ("nan", None)])
+def test_window_from_the_environment(raw, expected, monkeypatch):
+    monkeypatch.setenv(rejoin.REJOIN_ENV, raw)
+    if expected is None:
+        with pytest.raises(ConfigError, match=rejoin.REJOIN_ENV):
+            rejoin.window()
+    else:
+        assert rejoin.window() == expected and not math.isnan(rejoin.window())
+
+
+def test_a_bad_window_is_a_config_error_before_anything_starts(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "harness", "launch", "--nproc-per-node", "1", "--config",
+                          "configs/quickstart.toml", "--set", f"checkpoint.dir={tmp_path / 'ck'}"],
+                         cwd=REPO, env=base_env(**{rejoin.REJOIN_ENV: "soon"}), capture_output=True, text=True,
+                         timeout=60)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and rejoin.REJOIN_ENV in lines[0], out.stderr
+    assert not (tmp_path / "ck").exists()
