@@ -27,3 +27,15 @@ class NoCheckpointError(CheckpointError):
 
 class StorageError(CheckpointError):
     """The storage backend failed or is unreachable (permissions, missing bucket, full disk)."""
+
+
+GLOO_TRANSPORT = "gloo/transport/"
+
+
+def is_transport_failure(exc: BaseException) -> bool:
+    """A failure of gloo's transport: a lost peer ("Connection reset by peer", "Connection closed by peer") or
+    a collective that timed out. torch's gloo backend raises these as a plain RuntimeError whose message names
+    gloo's transport source file (NCCL and the store raise ``torch.distributed.DistError`` subclasses).
+    The checkpoint layer's process group is gloo even on GPUs, so this is how a lost peer looks there too: a
+    communication failure, retryable, never a bad checkpoint."""
+    return isinstance(exc, RuntimeError) and GLOO_TRANSPORT in str(exc)

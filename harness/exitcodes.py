@@ -12,7 +12,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-from harness.errors import CheckpointError, ConfigError
+from harness.errors import CheckpointError, ConfigError, is_transport_failure
 
 EXIT_OK = 0
 EXIT_ERROR = 1          # anything else (a bug, a crashed peer, out of memory): retry a bounded number of times
@@ -65,7 +65,7 @@ def _resource_kind(exc: BaseException) -> str | None:
     if accelerator_error is not None and isinstance(exc, accelerator_error):
         return "accelerator error"
     dist_error = getattr(torch.distributed, "DistError", None)
-    if dist_error is not None and isinstance(exc, dist_error):
+    if (dist_error is not None and isinstance(exc, dist_error)) or is_transport_failure(exc):
         return "communication error"
     return None
 

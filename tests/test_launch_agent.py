@@ -329,6 +329,9 @@ def test_a_lost_node_is_replaced_and_the_job_ends_bitwise_equal(lost, runner, tm
     wait_gone(kill_tree(victim))
     sign = "will restart worker group" if lost == "other" else "cannot reach the rendezvous at 127.0.0.1"
     wait_until("the survivor's restart", lambda: sign in survivor.log(), [survivor])
+    # Its worker saw the lost peer as gloo's RuntimeError: one line, not a traceback (harness/errors.py).
+    assert "harness: communication error (retryable, exit 1): RuntimeError: " in survivor.log(), survivor.tail()
+    assert "Traceback" not in survivor.log(), survivor.tail()
     nodes = [survivor, runner.start("replacement", cmd)]
     assert [node.wait(150) for node in nodes] == [0, 0], [n.tail() for n in nodes]
     resumed = sorted(s for n in nodes for s in resumed_from(n.log()))

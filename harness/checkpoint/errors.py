@@ -16,7 +16,8 @@ from typing import Any, NoReturn
 import torch
 
 from harness import dist
-from harness.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, StorageError
+from harness.errors import (CheckpointCorruptError, CheckpointError, CheckpointFormatError, StorageError,
+                            is_transport_failure)
 
 
 def _resource_types() -> tuple[type[BaseException], ...]:
@@ -30,12 +31,13 @@ def _resource_types() -> tuple[type[BaseException], ...]:
 
 
 RESOURCE_ERRORS = _resource_types()
+_DIST_NETWORK = getattr(torch.distributed, "DistNetworkError", None) if torch.distributed.is_available() else None
 
 
 def is_resource_error(exc: BaseException) -> bool:
     """A failure of resources or communication (device or host memory, the accelerator, the process group,
     the network), not of a checkpoint: retryable, never a reason to call a checkpoint damaged."""
-    return isinstance(exc, RESOURCE_ERRORS)
+    return isinstance(exc, RESOURCE_ERRORS) or is_transport_failure(exc)
 
 
 def _qualname(cls: type) -> str:
@@ -69,8 +71,10 @@ def problem_of(exc: BaseException, rank: int, *, damage_possible: bool = True) -
     """Classify one rank's failure. ``damage_possible``: whether bad content can show up at this stage (the
     ranks reading a sharded checkpoint together), rather than having been ruled out by rank 0's verification."""
     if is_resource_error(exc):
+        # gloo's lost peer is a plain RuntimeError: the other ranks rebuild it as the DistError it stands for
+        cls = _DIST_NETWORK if is_transport_failure(exc) and _DIST_NETWORK is not None else type(exc)
         return Problem(Severity.RESOURCE, f"rank {rank}: {type(exc).__name__}: {exc}", rank,
-                       tuple(_qualname(c) for c in type(exc).__mro__))
+                       tuple(_qualname(c) for c in cls.__mro__))
     if damage_possible and not isinstance(exc, StorageError) and isinstance(
             exc, (CheckpointCorruptError, CheckpointFormatError, OSError, EOFError)):
         return Problem(Severity.DAMAGED, f"rank {rank}: {exc}", rank)

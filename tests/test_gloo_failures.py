@@ -1,0 +1,61 @@
+"""A lost or stalled peer under gloo (the checkpoint layer's group, and the whole job on CPU) is a plain
+RuntimeError naming gloo's transport. It must read as a communication failure: retryable exit 1 in one line
+(not an unexpected error with a traceback), a resource problem in the checkpoint layer (never "this checkpoint
+cannot be loaded", exit 3). Real gloo ranks produce the errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from trainer_helpers import REPO, base_env, free_port
+
+
+@pytest.fixture(scope="module")
+def real_errors():
+    procs = {mode: subprocess.Popen([sys.executable, str(REPO / "tests" / "gloo_failure_worker.py"), mode,
+                                     str(free_port())], cwd=REPO, env=base_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for mode in ("die", "slow")}
+    out = {}
+    for mode, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        assert len(lines) == 1, (mode, stdout, stderr[-3000:])
+        out[mode] = json.loads(lines[0])
+    return out
+
+
+@pytest.mark.parametrize("mode, words", [("die", ("by peer",)), ("slow", ("Timed out",))])
+def test_a_lost_or_stalled_gloo_peer_is_a_retryable_communication_error(real_errors, mode, words):
+    got = real_errors[mode]
+    assert got["type"] == "RuntimeError" and "gloo/transport/" in got["message"], got
+    assert any(w in got["message"] for w in words), got
+    assert got["resource"] and got["severity"] == "resource", got
+    assert got["code"] == 1 and got["line"].startswith("harness: communication error (retryable, exit 1): "), got
+    assert "\n" not in got["line"]
+
+
+def test_other_runtime_errors_stay_unexpected():
+    from harness.checkpoint.errors import is_resource_error
+    from harness.exitcodes import classify
+
+    plain = RuntimeError("size mismatch for weight")
+    assert classify(plain) is None and not is_resource_error(plain)
+    assert classify(ValueError("gloo/transport/ in a ValueError is not gloo's")) is None
+
+
+def test_peers_rebuild_a_lost_gloo_peer_as_a_dist_error():
+    """Rank 1's gloo RuntimeError, reported to rank 0, is re-raised there as DistNetworkError (one line, 1)."""
+    import torch
+
+    from harness.checkpoint.errors import problem_of, raise_resource
+    from harness.exitcodes import classify
+
+    problem = problem_of(RuntimeError("[x/gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"), 1)
+    with pytest.raises(torch.distributed.DistNetworkError) as caught:
+        raise_resource(problem, None)
+    assert classify(caught.value).line.startswith("harness: communication error (retryable, exit 1): ")
