@@ -24,6 +24,7 @@ The worker side of the protocol (``report_outcome``) is called by ``harness trai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from harness import exitcodes, rejoin
 from harness.errors import ConfigError
@@ -45,6 +46,7 @@ LAUNCH_DIR_ENV = "HARNESS_LAUNCH_DIR"
 STOPPING_FILE = "stopping"       # written by the launcher once the agent is stopping: waiting workers may exit
 STOP_WAIT_S = 20.0               # a worker waits at most this long for the launcher to stop the job
 POLL_S = 0.05
+CPP_LOG_ENV = "TORCH_CPP_LOG_LEVEL"
 HANDLED = exitcodes.STOP_SIGNALS
 # torch's handler stays on these (its default set, less the ones the launcher handles itself).
 TORCH_SIGNALS = (signal.SIGHUP, signal.SIGQUIT)
@@ -318,6 +320,22 @@ def _launch_config(args: LaunchArgs, cfg: Any, folder: str) -> Any:
         signals_to_handle=_torch_signals(), shutdown_timeout=shutdown)
 
 
+@contextlib.contextmanager
+def _quiet_cpp_warnings() -> Iterator[None]:
+    """torch imported with its C++ log level at ERROR, in this process only: the agent's store client logs
+    each broken connection to a lost rendezvous host as a warning with 30 lines of C++ frames, and this
+    launcher says what happened in one line (torch reads TORCH_CPP_LOG_LEVEL once, as it loads). The workers
+    inherit the user's environment as it was. HARNESS_DEBUG=1 or a level set by the user: left alone."""
+    if exitcodes.debug() or CPP_LOG_ENV in os.environ:
+        yield
+        return
+    os.environ[CPP_LOG_ENV] = "ERROR"
+    try:
+        yield
+    finally:
+        os.environ.pop(CPP_LOG_ENV, None)
+
+
 def _torch_signals() -> str:
     """The signals torch's agent handler takes (it stops the workers without a checkpoint, exit 1), less any
     this process was started ignoring: ``nohup harness launch ...`` must survive the terminal's SIGHUP (torch
@@ -436,7 +454,8 @@ def run_launch(ns: argparse.Namespace) -> int:
     stopper = Stopper(folder)
     stopper.install()  # from here on, a signal means "stop, exit 128+N"
     try:
-        cfg = _prepare(args, stopper)
+        with _quiet_cpp_warnings():
+            cfg = _prepare(args, stopper)
         if isinstance(cfg, int):
             return cfg
         from torch.distributed.elastic.multiprocessing import SignalException

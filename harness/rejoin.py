@@ -12,7 +12,8 @@ So, with an endpoint, this launcher starts its agent again after such a failure,
 new agent reaches the store of the node that took the host's place (or hosts the store itself, when the
 endpoint names this machine), its workers rejoin, and the job resumes from its last checkpoint. Each new agent
 has the full ``--max-restarts``: it takes a lost host to get one. When the window ends, the failure is
-reported as before (exit 1). A later loss, after an agent that ran (it reached its store), has a new window.
+reported as before (exit 1). A later loss, after an agent that ran longer than the window (so it had
+reached its store), has a window of its own.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from harness.errors import ConfigError
 REJOIN_ENV = "HARNESS_RDZV_REJOIN_S"
 REJOIN_S = 600.0
 PAUSE_S = 2.0  # between agents: a refused or unresolvable endpoint fails at once, the store client waits 60 s
-# An agent that ran this long before failing had reached its store (torch's store client gives up after 60 s):
-# its failure is a new loss, with a window of its own.
-REACHED_S = 120.0
+# An agent that ran longer than the window, and at least this long, before failing had reached its store: its
+# failure is a new loss, with a window of its own. (torch's store client alone can take 2.5 minutes to give up:
+# two 60 s connection attempts and a pause.)
+REACHED_S = 300.0
 
 
 def window() -> float:
@@ -63,7 +65,7 @@ def run_agent(launch: Callable[[], None], endpoint: str, seconds: float,
             return
         except RendezvousConnectionError as exc:
             now = time.monotonic()
-            if deadline is None or now - started > REACHED_S:  # a new loss (days later, say): a new window
+            if deadline is None or now - started > max(seconds, REACHED_S):  # a new loss (days later, say)
                 deadline = now + seconds
             if not endpoint or now + PAUSE_S > deadline or stopping():
                 raise

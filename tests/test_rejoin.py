@@ -49,7 +49,7 @@ def test_the_window_ends_the_wait(monkeypatch):
 
 
 def test_a_later_loss_has_a_window_of_its_own(monkeypatch):
-    """An agent that ran past REACHED_S had reached its store: its failure starts a new window."""
+    """An agent that ran longer than the window (and REACHED_S) had reached its store: a new window."""
     monkeypatch.setattr(rejoin, "PAUSE_S", 0.01)
     monkeypatch.setattr(rejoin, "REACHED_S", 0.2)
     calls = []
@@ -62,6 +62,22 @@ def test_a_later_loss_has_a_window_of_its_own(monkeypatch):
             raise RendezvousConnectionError("lost")
     rejoin.run_agent(launch, "node0:29400", seconds=0.25)  # without the new window: over after the 2nd
     assert len(calls) == 4
+
+
+def test_slow_failures_to_connect_do_not_extend_the_window(monkeypatch):
+    """Each agent fails only after a while (torch's store client tries for 2.5 minutes): still one window."""
+    monkeypatch.setattr(rejoin, "PAUSE_S", 0.01)
+    monkeypatch.setattr(rejoin, "REACHED_S", 0.05)
+    calls = []
+
+    def launch() -> None:
+        calls.append(1)
+        time.sleep(0.1)  # longer than REACHED_S, shorter than the window
+        raise RendezvousConnectionError("lost")
+    start = time.monotonic()
+    with pytest.raises(RendezvousConnectionError):
+        rejoin.run_agent(launch, "node0:29400", seconds=0.5)
+    assert time.monotonic() - start < 2 and len(calls) <= 7, len(calls)
 
 
 @pytest.mark.parametrize("endpoint, seconds", [("", 600), ("node0:29400", 0)])
