@@ -151,6 +151,10 @@ def test_k8s_manifest():
     assert c["name"] == "pytorch"
     assert c["command"] == ["harness", "launch"]
     assert has(c["args"], "--config", "configs/s3.toml")
+    # run id = the job's name (per job, stable across pod restarts): the lease tells two jobs apart
+    assert has(c["args"], "--rdzv-id", "$(HARNESS_JOB_NAME)")
+    (name,) = [e for e in c["env"] if e["name"] == "HARNESS_JOB_NAME"]
+    assert name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['training.kubeflow.org/job-name']"
     assert c["envFrom"][0]["secretRef"]["name"]
     assert any(p["name"] == "pytorchjob-port" for p in c["ports"])
 
