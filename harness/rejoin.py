@@ -27,7 +27,9 @@ from harness.errors import ConfigError
 
 REJOIN_ENV = "HARNESS_RDZV_REJOIN_S"
 REJOIN_S = 600.0
-PAUSE_S = 2.0  # between agents: a refused or unresolvable endpoint fails at once, the store client waits 60 s
+# Between agents: 2 s, doubling to 30 s. A refused or unresolvable endpoint (the host's pod deleted, its DNS
+# name gone) can fail at once; the pause keeps that to a line every 30 s, not every 2.
+PAUSE_S, MAX_PAUSE_S = 2.0, 30.0
 # An agent that ran longer than the window, and at least this long, before failing had reached its store: its
 # failure is a new loss, with a window of its own. (torch's store client alone can take 2.5 minutes to give up:
 # two 60 s connection attempts and a pause.)
@@ -57,7 +59,7 @@ def run_agent(launch: Callable[[], None], endpoint: str, seconds: float,
     the host is gone for good) is not started again."""
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
-    deadline = None
+    deadline, pause = None, PAUSE_S
     while True:
         started = time.monotonic()
         try:
@@ -66,12 +68,14 @@ def run_agent(launch: Callable[[], None], endpoint: str, seconds: float,
         except RendezvousConnectionError as exc:
             now = time.monotonic()
             if deadline is None or now - started > max(seconds, REACHED_S):  # a new loss (days later, say)
-                deadline = now + seconds
-            if not endpoint or now + PAUSE_S > deadline or stopping():
+                deadline, pause = now + seconds, PAUSE_S
+            if not endpoint or now >= deadline or stopping():
                 raise
+            pause = min(pause, deadline - now)
             print(f"harness launch: cannot reach the rendezvous at {endpoint} ({_cause(exc)}); starting the "
-                  f"agent again, for {deadline - now:.0f} s more", file=sys.stderr, flush=True)
-            time.sleep(PAUSE_S)
+                  f"agent again in {pause:.0f} s (for {deadline - now:.0f} s more)", file=sys.stderr, flush=True)
+            time.sleep(pause)
+            pause = min(2 * pause, MAX_PAUSE_S)
             if stopping():
                 raise
 

@@ -40,6 +40,15 @@ def test_the_agent_is_started_again_until_it_reaches_the_rendezvous(monkeypatch,
                                                    "(Failed to recv, got 0 bytes.") for line in lines), lines
 
 
+def test_the_pause_doubles_up_to_a_cap(monkeypatch):
+    """An endpoint that fails at once (its DNS name gone with the pod) costs a line every 30 s, not every 2."""
+    slept = []
+    monkeypatch.setattr(rejoin.time, "sleep", slept.append)
+    launch, calls = _lost(after=8)
+    rejoin.run_agent(launch, "node0:29400", seconds=600)
+    assert slept == [2, 4, 8, 16, 30, 30, 30, 30] and len(calls) == 9
+
+
 def test_the_window_ends_the_wait(monkeypatch):
     monkeypatch.setattr(rejoin, "PAUSE_S", 0.05)
     launch, calls = _lost(after=10**6)
