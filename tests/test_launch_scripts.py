@@ -147,6 +147,7 @@ def test_k8s_manifest():
     assert elastic["minReplicas"] <= worker["replicas"] <= elastic["maxReplicas"]
     pod = worker["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > 25 + 30   # grace period + the agent's shutdown margin
+    assert pod["shareProcessNamespace"] is True  # PID 1 is the pause process, which reaps orphans
     (c,) = pod["containers"]
     assert c["name"] == "pytorch"
     assert c["command"] == ["harness", "launch"]
