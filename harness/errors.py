@@ -39,3 +39,13 @@ def is_transport_failure(exc: BaseException) -> bool:
     The checkpoint layer's process group is gloo even on GPUs, so this is how a lost peer looks there too: a
     communication failure, retryable, never a bad checkpoint."""
     return isinstance(exc, RuntimeError) and GLOO_TRANSPORT in str(exc)
+
+
+CUDA_ERROR_PREFIXES = ("CUDA error: ", "CUDA driver error: ")
+
+
+def is_accelerator_failure(exc: BaseException) -> bool:
+    """A failed CUDA call before torch 2.8, which raises ``torch.AcceleratorError`` for these and a plain
+    RuntimeError ("CUDA error: an illegal memory access was encountered", "... uncorrectable ECC error",
+    "CUDA error: out of memory" from a library handle) before it; ``torch>=2.4`` is supported."""
+    return isinstance(exc, RuntimeError) and str(exc).lstrip().startswith(CUDA_ERROR_PREFIXES)

@@ -12,7 +12,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-from harness.errors import CheckpointError, ConfigError, is_transport_failure
+from harness.errors import CheckpointError, ConfigError, is_accelerator_failure, is_transport_failure
 
 EXIT_OK = 0
 EXIT_ERROR = 1          # anything else (a bug, a crashed peer, out of memory): retry a bounded number of times
@@ -62,7 +62,7 @@ def _resource_kind(exc: BaseException) -> str | None:
     if isinstance(exc, torch.OutOfMemoryError):
         return "out of memory"
     accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
+    if (accelerator_error is not None and isinstance(exc, accelerator_error)) or is_accelerator_failure(exc):
         return "accelerator error"
     dist_error = getattr(torch.distributed, "DistError", None)
     if (dist_error is not None and isinstance(exc, dist_error)) or is_transport_failure(exc):

@@ -1,7 +1,8 @@
-"""A lost or stalled peer under gloo (the checkpoint layer's group, and the whole job on CPU) is a plain
-RuntimeError naming gloo's transport. It must read as a communication failure: retryable exit 1 in one line
-(not an unexpected error with a traceback), a resource problem in the checkpoint layer (never "this checkpoint
-cannot be loaded", exit 3). Real gloo ranks produce the errors."""
+"""Failures of resources that torch raises as a plain RuntimeError must still read as what they are: retryable
+exit 1 in one line (not an unexpected error with a traceback), a resource problem in the checkpoint layer
+(never "this checkpoint cannot be loaded", exit 3). A lost or stalled peer under gloo (the checkpoint layer's
+group, and the whole job on CPU) names gloo's transport: real gloo ranks produce those errors here. A failed
+CUDA call before torch 2.8 starts with "CUDA error: "."""
 
 from __future__ import annotations
 
@@ -59,3 +60,18 @@ def test_peers_rebuild_a_lost_gloo_peer_as_a_dist_error():
     with pytest.raises(torch.distributed.DistNetworkError) as caught:
         raise_resource(problem, None)
     assert classify(caught.value).line.startswith("harness: communication error (retryable, exit 1): ")
+
+
+@pytest.mark.parametrize("message", ["CUDA error: an illegal memory access was encountered\nCompile with ...",
+                                     "CUDA error: uncorrectable ECC error encountered",
+                                     "CUDA driver error: unknown error"])
+def test_a_cuda_error_before_torch_2_8_is_an_accelerator_error(message):
+    """torch < 2.8 (supported: torch>=2.4) raises a failed CUDA call as a plain RuntimeError with this prefix
+    (2.8 on: torch.AcceleratorError). Either way: one line, exit 1, a resource problem, never exit 3."""
+    from harness.checkpoint.errors import is_resource_error, problem_of
+    from harness.exitcodes import classify
+
+    exc = RuntimeError(message)
+    assert classify(exc).line.startswith("harness: accelerator error (retryable, exit 1): RuntimeError: CUDA ")
+    assert is_resource_error(exc) and problem_of(exc, 0).severity.value == "resource"
+    assert classify(RuntimeError("expected CUDA error: handled")) is None  # the prefix, not the words anywhere
