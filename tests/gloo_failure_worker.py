@@ -1,4 +1,4 @@
-"""Two real gloo ranks (spawned by tests/test_gloo_failures.py); rank 1 dies (``die``) or stalls past the
+"""Two real gloo ranks (spawned by tests/test_resource_failures.py); rank 1 dies (``die``) or stalls past the
 group's timeout (``slow``), and rank 0 prints, as JSON, how harness classifies the exception its next
 collective raises: the error a lost or stalled peer really produces, not one written by hand."""
 
