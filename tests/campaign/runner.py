@@ -57,7 +57,7 @@ from harness.storage import Storage  # noqa: E402
 SAVE_POINTS = ["save.data_file", "save.before_manifest", "save.after_manifest", "save.before_commit",
                "save.after_commit", "retention.delete"]
 DAMAGES = ["flip", "truncate", "delete"]
-PROCESS_KINDS = ["kill9-tree", "kill9-rank", "sigterm", "fault"]
+PROCESS_KINDS = ["kill9-tree", "kill9-rank", "sigterm", "fault", "node-loss"]
 PROCESS_FAULT_POINTS = ["train.step", "save.data_file", "save.before_manifest", "save.after_manifest",
                         "save.before_commit", "save.after_commit", "retention.delete"]
 
@@ -361,6 +361,50 @@ def _covers_data(storage: Storage, name: str, rel: str, what: str) -> bool:
 
 # -- process trials ------------------------------------------------------------------------------------
 
+def _launch_node_cmd(run_dir: Path, port: int, *sets: str) -> list[str]:
+    import trainer_helpers as th
+    return [sys.executable, "-m", "harness", "launch", "--nproc-per-node", "1", "--nnodes", "2", "--max-restarts",
+            "3", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"campaign-{port}",
+            *th.harness_args(run_dir, *sets)[1:]]
+
+
+def _listening(port: int) -> bool:
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = [line.split() for line in f.readlines()[1:]]
+        except OSError:
+            continue
+        if any(r[3] == "0A" and int(r[1].rsplit(":", 1)[1], 16) == port for r in rows):
+            return True
+    return False
+
+
+def trial_node_loss(rng: random.Random, runner, run_dir: Path) -> str:
+    """Two `harness launch` nodes; one (the rendezvous host or not) is SIGKILLed whole at a random moment after
+    the first commit and the same command started again: both must end 0 (checked against the reference by
+    the caller). The survivor restarts its workers (or, host lost, its agent: harness/rejoin.py)."""
+    import trainer_helpers as th
+    port = th.free_port()
+    cmd = _launch_node_cmd(run_dir, port, th.SLOW)
+    nodes = [runner.start("node0", cmd)]
+    th.wait_until("the rendezvous store", lambda: _listening(port), nodes, timeout=60)
+    nodes.append(runner.start("node1", cmd))
+    th.wait_until("first commit", lambda: th.committed_steps(run_dir / "ck"), nodes, timeout=180)
+    delay, which = rng.uniform(0.0, 1.5), rng.choice([0, 1])  # well before the end (~2.5 s of steps left)
+    time.sleep(delay)
+    if any(n.poll() is not None for n in nodes):
+        rcs = [n.wait(120) for n in nodes]
+        check(rcs == [0, 0], f"node-loss: a node ended before the kill: {rcs}:\n{nodes[0].tail(20)}")
+        return f"node-loss after {delay:.2f}s: run already ended"
+    th.wait_gone(th.kill_tree(nodes[which]))
+    time.sleep(rng.uniform(0.0, 2.0))  # the replacement comes a little later, like a recreated pod
+    survivor, replacement = nodes[1 - which], runner.start("replacement", cmd)
+    rcs = [survivor.wait(240), replacement.wait(240)]
+    check(rcs == [0, 0], f"node-loss of node{which} after {delay:.2f}s: exit {rcs}:\n{survivor.tail(30)}")
+    return f"node-loss of node{which} ({'host' if which == 0 else 'other'}) after {delay:.2f}s"
+
+
 def trial_process(seed: int, tmp: Path, ref, kind: str | None = None) -> str:
     import trainer_helpers as th
     rng = random.Random(seed)
@@ -369,6 +413,13 @@ def trial_process(seed: int, tmp: Path, ref, kind: str | None = None) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     runner = th.Runner(run_dir)
     try:
+        if kind == "node-loss":
+            detail = trial_node_loss(rng, runner, run_dir)
+            try:
+                th.assert_same_final(run_dir, ref)
+            except AssertionError as exc:
+                raise TrialFailure(f"{detail}: final state differs from the reference: {exc}") from None
+            return detail
         if kind == "fault":
             point = rng.choice(PROCESS_FAULT_POINTS)
             if point == "train.step":
