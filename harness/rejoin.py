@@ -86,8 +86,9 @@ def describe(exc: Exception, endpoint: str, seconds: float) -> str:
     kind = type(exc).__name__
     where = endpoint or "this node"
     if kind == "RendezvousConnectionError" and endpoint:
-        return (f"lost the rendezvous at {where}, and no node took the place of its host within {seconds:.0f} s "
-                f"({what})")
+        waited = (f"no node hosted it within {seconds:.0f} s (its host is lost or never started)" if seconds
+                  else f"{REJOIN_ENV}=0: not waiting for a host")
+        return f"cannot reach the rendezvous at {where}, and {waited} ({what})"
     if kind == "RendezvousTimeoutError":
         return f"not enough nodes joined the rendezvous at {where} in time ({what})"
     return what

@@ -126,7 +126,8 @@ def test_other_failures_are_not_retried():
 def test_describe_names_the_endpoint_and_the_window():
     lost = RendezvousConnectionError("The connection to the C10d store has failed.")
     assert rejoin.describe(lost, "node0:29400", 600).startswith(
-        "lost the rendezvous at node0:29400, and no node took the place of its host within 600 s")
+        "cannot reach the rendezvous at node0:29400, and no node hosted it within 600 s (its host is lost or never")
+    assert "HARNESS_RDZV_REJOIN_S=0: not waiting" in rejoin.describe(lost, "node0:29400", 0)
     assert rejoin.describe(RendezvousTimeoutError("x"), "node0:29400", 600).startswith(
         "not enough nodes joined the rendezvous at node0:29400 in time")
     assert rejoin.describe(ValueError("bad"), "", 600) == "ValueError: bad"
