@@ -20,7 +20,8 @@ import time
 import pytest
 
 from trainer_helpers import (EVERY, MAX_STEPS, SLOW, assert_same_final, base_env, committed_steps, events, free_port,
-                             harness_args, kill_tree, last_logged_step, resumed_from, wait_gone, wait_until)
+                             harness_args, kill_tree, last_logged_step, listening, resumed_from, wait_gone,
+                             wait_until)
 
 MID = 30  # act once rank 0 has logged this step: past the first checkpoint (25), well before the end
 
@@ -300,17 +301,6 @@ def test_two_agents_stop_on_sigterm_with_143_and_finish_with_0(signalled, runner
     assert_same_final(tmp_path, ref)
 
 
-def _listening(port: int) -> bool:
-    """Whether something on this machine listens on TCP ``port`` (from /proc: no connection is made)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            for line in f.readlines()[1:]:
-                local, state = line.split()[1], line.split()[3]
-                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                    return True
-    return False
-
-
 @pytest.mark.parametrize("lost", ["other", "host"])
 def test_a_lost_node_is_replaced_and_the_job_ends_bitwise_equal(lost, runner, tmp_path, ref):
     """A node dies whole (SIGKILL to its launcher and workers: a machine lost, a pod evicted) and the scheduler
@@ -322,7 +312,7 @@ def test_a_lost_node_is_replaced_and_the_job_ends_bitwise_equal(lost, runner, tm
     port = free_port()
     cmd = launch_cmd(tmp_path, SLOW, nproc=1, nnodes=2, endpoint=f"127.0.0.1:{port}", max_restarts=3)
     host = runner.start("node0", cmd)
-    wait_until("the rendezvous store", lambda: _listening(port), [host], timeout=60)
+    wait_until("the rendezvous store", lambda: listening(port), [host], timeout=60)
     other = runner.start("node1", cmd)  # the store is taken: this node is a client of node0's
     at = _past_first_checkpoint(host, tmp_path)
     victim, survivor = (other, host) if lost == "other" else (host, other)

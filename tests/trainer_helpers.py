@@ -58,6 +58,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    """Whether something on this machine listens on TCP ``port`` (from /proc: no connection is made)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = [line.split() for line in f.readlines()[1:]]
+        except OSError:
+            continue
+        if any(r[3] == "0A" and int(r[1].rsplit(":", 1)[1], 16) == port for r in rows):
+            return True
+    return False
+
+
 def harness_args(tmp: Path, *sets: str, config: str | None = CONFIG) -> list[str]:
     """``harness train`` arguments writing checkpoints to tmp/ck and metrics to tmp/metrics.jsonl."""
     args = ["train"]

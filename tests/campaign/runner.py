@@ -368,18 +368,6 @@ def _launch_node_cmd(run_dir: Path, port: int, *sets: str) -> list[str]:
             *th.harness_args(run_dir, *sets)[1:]]
 
 
-def _listening(port: int) -> bool:
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = [line.split() for line in f.readlines()[1:]]
-        except OSError:
-            continue
-        if any(r[3] == "0A" and int(r[1].rsplit(":", 1)[1], 16) == port for r in rows):
-            return True
-    return False
-
-
 def trial_node_loss(rng: random.Random, runner, run_dir: Path) -> str:
     """Two `harness launch` nodes; one (the rendezvous host or not) is SIGKILLed whole at a random moment after
     the first commit and the same command started again: both must end 0 (checked against the reference by
@@ -388,7 +376,7 @@ def trial_node_loss(rng: random.Random, runner, run_dir: Path) -> str:
     port = th.free_port()
     cmd = _launch_node_cmd(run_dir, port, th.SLOW)
     nodes = [runner.start("node0", cmd)]
-    th.wait_until("the rendezvous store", lambda: _listening(port), nodes, timeout=60)
+    th.wait_until("the rendezvous store", lambda: th.listening(port), nodes, timeout=60)
     nodes.append(runner.start("node1", cmd))
     th.wait_until("first commit", lambda: th.committed_steps(run_dir / "ck"), nodes, timeout=180)
     delay, which = rng.uniform(0.0, 1.5), rng.choice([0, 1])  # well before the end (~2.5 s of steps left)
