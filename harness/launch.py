@@ -38,7 +38,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from harness import exitcodes, rejoin
+from harness import exitcodes, rendezvous
 from harness.errors import ConfigError
 from harness.exitcodes import Outcome
 
@@ -200,7 +200,8 @@ class LaunchArgs:
     monitor_interval: float
     config: str
     overrides: list[str]
-    rejoin_s: float = rejoin.REJOIN_S  # keep starting the agent this long after a lost rendezvous
+    rejoin_s: float = rendezvous.REJOIN_S  # keep starting the agent this long after a lost rendezvous
+    rdzv_conf: dict[str, str] = field(default_factory=dict)  # --rdzv-conf, parsed
 
 
 def _env_default(name: str, fallback: str) -> str:
@@ -227,6 +228,9 @@ def add_launch_parser(sub: Any) -> None:
                    help="c10d rendezvous endpoint (default: standalone on one node)")
     p.add_argument("--rdzv-id", default=_env_default("RDZV_ID", ""), metavar="ID",
                    help="job id, the same on every node (default: random with --standalone, else 'harness')")
+    p.add_argument("--rdzv-conf", default=_env_default("RDZV_CONF", ""), metavar="KEY=VALUE,...",
+                   help="c10d rendezvous settings, as for torchrun: join_timeout (default 600 s), "
+                        "last_call_timeout, close_timeout, read_timeout, ...")
     p.add_argument("--max-restarts", default=_env_default("MAX_RESTARTS", "3"), metavar="K",
                    help="worker-group restarts by the agent before it gives up (default 3); permanent errors "
                         "(exit 2, 3) are never restarted")
@@ -315,6 +319,7 @@ def _launch_config(args: LaunchArgs, cfg: Any, folder: str) -> Any:
         min_nodes=lo, max_nodes=hi, nproc_per_node=_nproc(args.nproc_per_node),
         run_id=args.rdzv_id or (str(uuid.uuid4()) if standalone else "harness"),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0" if standalone else args.rdzv_endpoint,
+        rdzv_configs=dict(args.rdzv_conf),
         max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
         logs_specs=DefaultLogsSpecs(log_dir=os.path.join(folder, "logs")),
         signals_to_handle=_torch_signals(), shutdown_timeout=shutdown)
@@ -378,8 +383,8 @@ def _agent(args: LaunchArgs, cfg: Any, stopper: Stopper) -> int:
     argv = ["-u", "-m", "harness", "train", "--config", args.config]
     for s in args.overrides:
         argv += ["--set", s]
-    try:  # started again while the rendezvous host is lost (harness/rejoin.py)
-        rejoin.run_agent(lambda: elastic_launch(launch_cfg, sys.executable)(*argv), args.rdzv_endpoint,
+    try:  # started again while the rendezvous host is lost (harness/rendezvous.py)
+        rendezvous.run_agent(lambda: elastic_launch(launch_cfg, sys.executable)(*argv), args.rdzv_endpoint,
                          args.rejoin_s, lambda: bool(stopper.signum) or stopper.record is not None)
     except ChildFailedError as exc:
         stopper.close()
@@ -444,12 +449,12 @@ def _prepare(args: LaunchArgs, stopper: Stopper) -> Any:
 def run_launch(ns: argparse.Namespace) -> int:
     try:
         restarts = _count(ns.max_restarts, "--max-restarts", 0)
-        rejoin_s = rejoin.window()
+        rejoin_s, rdzv_conf = rendezvous.window(), rendezvous.parse_conf(ns.rdzv_conf)
     except ConfigError as exc:
         exitcodes.print_line(exitcodes.classify(exc), exc)
         return exitcodes.EXIT_CONFIG
     args = LaunchArgs(ns.nnodes, ns.nproc_per_node, ns.rdzv_endpoint, ns.rdzv_id, restarts, ns.standalone,
-                      ns.monitor_interval, ns.config, ns.overrides, rejoin_s)
+                      ns.monitor_interval, ns.config, ns.overrides, rejoin_s, rdzv_conf)
     folder = tempfile.mkdtemp(prefix="harness-launch-")
     stopper = Stopper(folder)
     stopper.install()  # from here on, a signal means "stop, exit 128+N"
@@ -475,7 +480,7 @@ def run_launch(ns: argparse.Namespace) -> int:
                 return _outcome(stopper)
             if exitcodes.debug():
                 raise
-            why = rejoin.describe(exc, args.rdzv_endpoint, args.rejoin_s)
+            why = rendezvous.describe(exc, args.rdzv_endpoint, args.rejoin_s)
             print(f"harness launch: {why}; exit {exitcodes.EXIT_ERROR}", file=sys.stderr)
             return exitcodes.EXIT_ERROR
     finally:

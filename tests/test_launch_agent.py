@@ -308,7 +308,7 @@ def test_a_lost_node_is_replaced_and_the_job_ends_bitwise_equal(lost, runner, tm
     hang: it restarts its workers and waits for the node to come back, and the job ends 0 on both, bitwise
     equal to the reference. When the lost node hosted the rendezvous store, torch's agent fails at once
     (RendezvousConnectionError: torchrun exits 1, which Kubeflow's ExitCode policy never retries, so the job
-    ended); the launcher starts its agent again instead (harness/rejoin.py)."""
+    ended); the launcher starts its agent again instead (harness/rendezvous.py)."""
     port = free_port()
     cmd = launch_cmd(tmp_path, SLOW, nproc=1, nnodes=2, endpoint=f"127.0.0.1:{port}", max_restarts=3)
     host = runner.start("node0", cmd)
@@ -328,3 +328,21 @@ def test_a_lost_node_is_replaced_and_the_job_ends_bitwise_equal(lost, runner, tm
     resumed = sorted(s for n in nodes for s in resumed_from(n.log()))
     assert len(resumed) == 2 and resumed[0] == resumed[1] >= at - at % EVERY, (resumed, at)
     assert_same_final(tmp_path, ref)
+
+
+def test_a_lost_node_never_replaced_ends_the_survivor_after_the_join_timeout(runner, tmp_path):
+    """--rdzv-conf reaches torch's rendezvous (join_timeout=5 instead of 600): a lost node that never comes
+    back ends the survivor with exit 1 and one line saying so, seconds later, not after ten minutes."""
+    port = free_port()
+    cmd = launch_cmd(tmp_path, SLOW, nproc=1, nnodes=2, endpoint=f"127.0.0.1:{port}", max_restarts=3)
+    cmd[cmd.index("--max-restarts"):cmd.index("--max-restarts")] = ["--rdzv-conf", "join_timeout=5"]
+    host = runner.start("node0", cmd)
+    wait_until("the rendezvous store", lambda: listening(port), [host], timeout=60)
+    other = runner.start("node1", cmd)
+    _past_first_checkpoint(host, tmp_path)
+    wait_gone(kill_tree(other))
+    started = time.monotonic()
+    assert host.wait(90) == 1, host.tail()
+    line = host.log().strip().splitlines()[-1]
+    assert line.startswith(f"harness launch: not enough nodes joined the rendezvous at 127.0.0.1:{port} in time"), line
+    assert line.endswith("exit 1") and time.monotonic() - started < 60, (line, time.monotonic() - started)

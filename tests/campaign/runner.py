@@ -371,7 +371,7 @@ def _launch_node_cmd(run_dir: Path, port: int, *sets: str) -> list[str]:
 def trial_node_loss(rng: random.Random, runner, run_dir: Path) -> str:
     """Two `harness launch` nodes; one (the rendezvous host or not) is SIGKILLed whole at a random moment after
     the first commit and the same command started again: both must end 0 (checked against the reference by
-    the caller). The survivor restarts its workers (or, host lost, its agent: harness/rejoin.py)."""
+    the caller). The survivor restarts its workers (or, host lost, its agent: harness/rendezvous.py)."""
     import trainer_helpers as th
     port = th.free_port()
     cmd = _launch_node_cmd(run_dir, port, th.SLOW)

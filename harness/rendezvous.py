@@ -1,11 +1,17 @@
-"""A lost rendezvous host, ridden out: ``harness launch`` on several nodes starts its agent again.
+"""The c10d rendezvous of ``harness launch``: its settings (``--rdzv-conf``), and a lost host ridden out.
 
-torchrun's c10d rendezvous keeps its store in the launcher of one node, the host of ``--rdzv-endpoint``. When
-that node is lost (a machine down, a pod evicted), the agent of every other node fails with
-``RendezvousConnectionError`` and torchrun exits 1 at once. Under Kubeflow's ``restartPolicy: ExitCode`` (it
-retries only 130, 137, 138 and 143) that ends the whole job, while the operator is already bringing the lost
+**Settings.** ``--rdzv-conf KEY=VALUE,...`` (default ``PET_RDZV_CONF``, which the Kubeflow operator fills from
+``elasticPolicy.rdzvConf``) goes to the agent as torchrun's does: ``join_timeout`` (600 s: how long a node waits
+for the others, e.g. a replacement node still being provisioned), ``last_call_timeout``, ``close_timeout``,
+``read_timeout`` (60 s: the store client's connect and read timeout), ``keep_alive_interval``, ... A value that
+is not a number where torch expects one is a config error (exit 2) before any worker, not an agent crash.
+
+**A lost host.** torchrun's c10d rendezvous keeps its store in the launcher of one node, the host of
+``--rdzv-endpoint``. When that node is lost (a machine down, a pod evicted), the agent of every other node fails
+with ``RendezvousConnectionError`` and torchrun exits 1 at once. Under Kubeflow's ``restartPolicy: ExitCode``
+(it retries only 130, 137, 138 and 143) that ends the whole job, while the operator is already bringing the lost
 pod back. The same happens when a node starts long before the host (an image pull on a fresh machine): torch's
-store client gives up after 60 s.
+store client gives up after ``read_timeout``.
 
 So, with an endpoint, this launcher starts its agent again after such a failure, for up to
 ``HARNESS_RDZV_REJOIN_S`` seconds (default 600, torch's own rendezvous join timeout) after the first one. The
@@ -34,6 +40,31 @@ PAUSE_S, MAX_PAUSE_S = 2.0, 30.0
 # failure is a new loss, with a window of its own. (torch's store client alone can take 2.5 minutes to give up:
 # two 60 s connection attempts and a pause.)
 REACHED_S = 300.0
+
+
+# torch's c10d rendezvous settings that must be whole numbers (seconds or counts); others pass through as text.
+NUMERIC_CONF = ("join_timeout", "last_call_timeout", "close_timeout", "read_timeout", "timeout",
+                "keep_alive_interval", "keep_alive_max_attempt", "heartbeat")
+
+
+def parse_conf(text: str) -> dict[str, str]:
+    """``KEY=VALUE,...`` as torchrun's ``--rdzv-conf`` takes it; ConfigError for a malformed one."""
+    conf: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = (x.strip() for x in item.partition("="))
+        if not sep or not key or not value:
+            raise ConfigError(f"--rdzv-conf {text!r}: expected KEY=VALUE[,KEY=VALUE...], got {item!r}")
+        if key in NUMERIC_CONF:  # torch reads them with int()
+            try:
+                ok = int(value) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"--rdzv-conf {key}={value!r}: expected a whole number > 0")
+        conf[key] = value
+    return conf
 
 
 def window() -> float:

@@ -1,5 +1,6 @@
-"""harness/rejoin.py: how long ``harness launch`` keeps starting its agent after a lost rendezvous, and what it
-says. The lost-host run end to end (real launchers, a node SIGKILLed and replaced) is in test_launch_agent.py."""
+"""harness/rendezvous.py: ``--rdzv-conf`` as torchrun takes it, how long ``harness launch`` keeps starting its
+agent after a lost rendezvous, and what it says. End to end (real launchers: a node SIGKILLed and replaced, or
+never replaced under join_timeout=5) in test_launch_agent.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 import pytest
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
 
-from harness import rejoin
+from harness import rendezvous
 from harness.errors import ConfigError
 from trainer_helpers import REPO, base_env
 
@@ -31,9 +32,9 @@ def _lost(after: int):
 
 
 def test_the_agent_is_started_again_until_it_reaches_the_rendezvous(monkeypatch, capsys):
-    monkeypatch.setattr(rejoin, "PAUSE_S", 0.01)
+    monkeypatch.setattr(rendezvous, "PAUSE_S", 0.01)
     launch, calls = _lost(after=2)
-    rejoin.run_agent(launch, "node0:29400", seconds=60)
+    rendezvous.run_agent(launch, "node0:29400", seconds=60)
     assert len(calls) == 3
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("harness launch: cannot reach the rendezvous at node0:29400 "
@@ -43,24 +44,24 @@ def test_the_agent_is_started_again_until_it_reaches_the_rendezvous(monkeypatch,
 def test_the_pause_doubles_up_to_a_cap(monkeypatch):
     """An endpoint that fails at once (its DNS name gone with the pod) costs a line every 30 s, not every 2."""
     slept = []
-    monkeypatch.setattr(rejoin.time, "sleep", slept.append)
+    monkeypatch.setattr(rendezvous.time, "sleep", slept.append)
     launch, calls = _lost(after=8)
-    rejoin.run_agent(launch, "node0:29400", seconds=600)
+    rendezvous.run_agent(launch, "node0:29400", seconds=600)
     assert slept == [2, 4, 8, 16, 30, 30, 30, 30] and len(calls) == 9
 
 
 def test_the_window_ends_the_wait(monkeypatch):
-    monkeypatch.setattr(rejoin, "PAUSE_S", 0.05)
+    monkeypatch.setattr(rendezvous, "PAUSE_S", 0.05)
     launch, calls = _lost(after=10**6)
     with pytest.raises(RendezvousConnectionError):
-        rejoin.run_agent(launch, "node0:29400", seconds=0.3)
+        rendezvous.run_agent(launch, "node0:29400", seconds=0.3)
     assert 3 <= len(calls) <= 8, len(calls)  # one every PAUSE_S for the window, then the error as it was
 
 
 def test_a_later_loss_has_a_window_of_its_own(monkeypatch):
     """An agent that ran longer than the window (and REACHED_S) had reached its store: a new window."""
-    monkeypatch.setattr(rejoin, "PAUSE_S", 0.01)
-    monkeypatch.setattr(rejoin, "REACHED_S", 0.2)
+    monkeypatch.setattr(rendezvous, "PAUSE_S", 0.01)
+    monkeypatch.setattr(rendezvous, "REACHED_S", 0.2)
     calls = []
 
     def launch() -> None:  # fails at once, runs "long" (0.3 s), fails at once again, then succeeds
@@ -69,14 +70,14 @@ def test_a_later_loss_has_a_window_of_its_own(monkeypatch):
             time.sleep(0.3)
         if len(calls) <= 3:
             raise RendezvousConnectionError("lost")
-    rejoin.run_agent(launch, "node0:29400", seconds=0.25)  # without the new window: over after the 2nd
+    rendezvous.run_agent(launch, "node0:29400", seconds=0.25)  # without the new window: over after the 2nd
     assert len(calls) == 4
 
 
 def test_slow_failures_to_connect_do_not_extend_the_window(monkeypatch):
     """Each agent fails only after a while (torch's store client tries for 2.5 minutes): still one window."""
-    monkeypatch.setattr(rejoin, "PAUSE_S", 0.01)
-    monkeypatch.setattr(rejoin, "REACHED_S", 0.05)
+    monkeypatch.setattr(rendezvous, "PAUSE_S", 0.01)
+    monkeypatch.setattr(rendezvous, "REACHED_S", 0.05)
     calls = []
 
     def launch() -> None:
@@ -85,7 +86,7 @@ def test_slow_failures_to_connect_do_not_extend_the_window(monkeypatch):
         raise RendezvousConnectionError("lost")
     start = time.monotonic()
     with pytest.raises(RendezvousConnectionError):
-        rejoin.run_agent(launch, "node0:29400", seconds=0.5)
+        rendezvous.run_agent(launch, "node0:29400", seconds=0.5)
     assert time.monotonic() - start < 2 and len(calls) <= 7, len(calls)
 
 
@@ -93,13 +94,13 @@ def test_slow_failures_to_connect_do_not_extend_the_window(monkeypatch):
 def test_no_wait_without_an_endpoint_or_a_window(endpoint, seconds):
     launch, calls = _lost(after=1)
     with pytest.raises(RendezvousConnectionError):
-        rejoin.run_agent(launch, endpoint, seconds)
+        rendezvous.run_agent(launch, endpoint, seconds)
     assert len(calls) == 1
 
 
 def test_a_stopping_launcher_is_not_started_again(monkeypatch):
     """Signalled, or a worker recorded its outcome (every node is stopping): the host is gone for good."""
-    monkeypatch.setattr(rejoin, "PAUSE_S", 0.01)
+    monkeypatch.setattr(rendezvous, "PAUSE_S", 0.01)
     for flips_after in (1, 2):  # stopping when the failure comes / during the pause
         launch, calls = _lost(after=10**6)
         checks = []
@@ -108,7 +109,7 @@ def test_a_stopping_launcher_is_not_started_again(monkeypatch):
             checks.append(1)
             return len(checks) >= flips_after
         with pytest.raises(RendezvousConnectionError):
-            rejoin.run_agent(launch, "node0:29400", 600, stopping)
+            rendezvous.run_agent(launch, "node0:29400", 600, stopping)
         assert len(calls) == 1, flips_after
 
 
@@ -119,36 +120,65 @@ def test_other_failures_are_not_retried():
         calls.append(1)
         raise RendezvousTimeoutError("not enough nodes")
     with pytest.raises(RendezvousTimeoutError):
-        rejoin.run_agent(launch, "node0:29400", 600)
+        rendezvous.run_agent(launch, "node0:29400", 600)
     assert len(calls) == 1
 
 
 def test_describe_names_the_endpoint_and_the_window():
     lost = RendezvousConnectionError("The connection to the C10d store has failed.")
-    assert rejoin.describe(lost, "node0:29400", 600).startswith(
+    assert rendezvous.describe(lost, "node0:29400", 600).startswith(
         "cannot reach the rendezvous at node0:29400, and no node hosted it within 600 s (its host is lost or never")
-    assert "HARNESS_RDZV_REJOIN_S=0: not waiting" in rejoin.describe(lost, "node0:29400", 0)
-    assert rejoin.describe(RendezvousTimeoutError("x"), "node0:29400", 600).startswith(
+    assert "HARNESS_RDZV_REJOIN_S=0: not waiting" in rendezvous.describe(lost, "node0:29400", 0)
+    assert rendezvous.describe(RendezvousTimeoutError("x"), "node0:29400", 600).startswith(
         "not enough nodes joined the rendezvous at node0:29400 in time")
-    assert rejoin.describe(ValueError("bad"), "", 600) == "ValueError: bad"
+    assert rendezvous.describe(ValueError("bad"), "", 600) == "ValueError: bad"
 
 
 @pytest.mark.parametrize("raw, expected", [("", 600.0), ("0", 0.0), ("90", 90.0), ("abc", None), ("-1", None),
                                            ("nan", None)])
 def test_window_from_the_environment(raw, expected, monkeypatch):
-    monkeypatch.setenv(rejoin.REJOIN_ENV, raw)
+    monkeypatch.setenv(rendezvous.REJOIN_ENV, raw)
     if expected is None:
-        with pytest.raises(ConfigError, match=rejoin.REJOIN_ENV):
-            rejoin.window()
+        with pytest.raises(ConfigError, match=rendezvous.REJOIN_ENV):
+            rendezvous.window()
     else:
-        assert rejoin.window() == expected and not math.isnan(rejoin.window())
+        assert rendezvous.window() == expected and not math.isnan(rendezvous.window())
 
 
 def test_a_bad_window_is_a_config_error_before_anything_starts(tmp_path):
     out = subprocess.run([sys.executable, "-m", "harness", "launch", "--nproc-per-node", "1", "--config",
                           "configs/quickstart.toml", "--set", f"checkpoint.dir={tmp_path / 'ck'}"],
-                         cwd=REPO, env=base_env(**{rejoin.REJOIN_ENV: "soon"}), capture_output=True, text=True,
+                         cwd=REPO, env=base_env(**{rendezvous.REJOIN_ENV: "soon"}), capture_output=True, text=True,
                          timeout=60)
     lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1 and rejoin.REJOIN_ENV in lines[0], out.stderr
+    assert out.returncode == 2 and len(lines) == 1 and rendezvous.REJOIN_ENV in lines[0], out.stderr
+    assert not (tmp_path / "ck").exists()
+
+
+def test_rdzv_conf_is_parsed_as_torchrun_takes_it():
+    assert rendezvous.parse_conf("") == {}
+    assert rendezvous.parse_conf("join_timeout=1800, last_call_timeout=30,is_host=false") == {
+        "join_timeout": "1800", "last_call_timeout": "30", "is_host": "false"}
+
+
+@pytest.mark.parametrize("text", ["join_timeout", "join_timeout=", "=5", "join_timeout=soon", "read_timeout=1.5",
+                                  "join_timeout=0", "close_timeout=-3"])
+def test_a_malformed_rdzv_conf_is_a_config_error(text):
+    with pytest.raises(ConfigError, match="--rdzv-conf"):
+        rendezvous.parse_conf(text)
+
+
+@pytest.mark.parametrize("how", ["flag", "PET_RDZV_CONF"])
+def test_a_bad_rdzv_conf_exits_2_before_anything_starts(how, tmp_path):
+    """From the flag or from the operator's PET_RDZV_CONF (Kubeflow's elasticPolicy.rdzvConf): exit 2, one line."""
+    cmd = [sys.executable, "-m", "harness", "launch", "--nproc-per-node", "1", "--config", "configs/quickstart.toml",
+           "--set", f"checkpoint.dir={tmp_path / 'ck'}"]
+    env = base_env()
+    if how == "flag":
+        cmd += ["--rdzv-conf", "join_timeout=ten"]
+    else:
+        env["PET_RDZV_CONF"] = "join_timeout=ten"
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "join_timeout='ten'" in lines[0], out.stderr
     assert not (tmp_path / "ck").exists()
