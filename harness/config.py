@@ -133,7 +133,8 @@ _NON_NEGATIVE = {("checkpoint", "keep_last"), ("checkpoint", "keep_best"), ("tra
                  ("train", "seed")}
 
 
-def _suggest(name: str, options: list[str]) -> str:
+def suggest(name: str, options: list[str]) -> str:
+    """The hint after an unknown name: the closest known one, else all of them (config keys, --rdzv-conf)."""
     close = difflib.get_close_matches(name, options, n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(options)})"
 
@@ -157,7 +158,7 @@ def _section(name: str, cls: type, raw: Any) -> Any:
         attr = _ALIASES.get((name, key), key)
         if attr not in fields:
             shown = [next((k for (s, k), a in _ALIASES.items() if s == name and a == f), f) for f in fields]
-            raise ConfigError(f"unknown config key '{name}.{key}'" + _suggest(key, shown))
+            raise ConfigError(f"unknown config key '{name}.{key}'" + suggest(key, shown))
         kwargs[attr] = _check_value(name, key, _check_type(f"{name}.{key}", value, hints[attr]))
     return cls(**kwargs)
 
@@ -179,7 +180,7 @@ def from_dict(raw: dict) -> Config:
     kwargs = {}
     for name, value in raw.items():
         if name not in sections:
-            raise ConfigError(f"unknown config section [{name}]" + _suggest(name, list(sections)))
+            raise ConfigError(f"unknown config section [{name}]" + suggest(name, list(sections)))
         if name in ("model", "data"):
             default = getattr(Config(), name)["name"]
             if not isinstance(value, dict) or not isinstance(value.get("name", default), str):

@@ -126,6 +126,10 @@ class Stopper:
             forward = signal.SIGTERM if signum == signal.SIGINT else signal.Signals(signum)
             raise self._raise(f"harness launch got {exitcodes.signal_name(signum)}", sigval=forward)
 
+    def stopping(self) -> bool:
+        """Signalled, or a worker recorded an outcome that ends the job."""
+        return bool(self.signum) or self.record is not None
+
     def watch(self) -> None:
         threading.Thread(target=self._watch, name="harness-launch-watch", daemon=True).start()
 
@@ -385,7 +389,7 @@ def _agent(args: LaunchArgs, cfg: Any, stopper: Stopper) -> int:
         argv += ["--set", s]
     try:  # started again while the rendezvous host is lost (harness/rendezvous.py)
         rendezvous.run_agent(lambda: elastic_launch(launch_cfg, sys.executable)(*argv), args.rdzv_endpoint,
-                         args.rejoin_s, lambda: bool(stopper.signum) or stopper.record is not None)
+                             args.rejoin_s, stopper.stopping)
     except ChildFailedError as exc:
         stopper.close()
         return _outcome(stopper) if stopper.record else _failed(exc, args.max_restarts)
@@ -476,7 +480,7 @@ def run_launch(ns: argparse.Namespace) -> int:
             return _outcome(stopper)
         except Exception as exc:  # noqa: BLE001 - rendezvous timeouts and the like: one line, retryable
             stopper.close()
-            if stopper.record is not None or stopper.signum:
+            if stopper.stopping():
                 return _outcome(stopper)
             if exitcodes.debug():
                 raise

@@ -29,6 +29,7 @@ import sys
 import time
 from typing import Callable
 
+from harness.config import suggest
 from harness.errors import ConfigError
 
 REJOIN_ENV = "HARNESS_RDZV_REJOIN_S"
@@ -42,9 +43,11 @@ PAUSE_S, MAX_PAUSE_S = 2.0, 30.0
 REACHED_S = 300.0
 
 
-# torch's c10d rendezvous settings that must be whole numbers (seconds or counts); others pass through as text.
-NUMERIC_CONF = ("join_timeout", "last_call_timeout", "close_timeout", "read_timeout", "timeout",
-                "keep_alive_interval", "keep_alive_max_attempt", "heartbeat")
+# torch's c10d rendezvous settings (its c10d backend, dynamic handler and launcher read no others): the whole
+# numbers (seconds or counts), then the rest. An unknown key is refused: torch would ignore a typo silently.
+NUMERIC_CONF = ("join_timeout", "last_call_timeout", "close_timeout", "heartbeat_timeout", "read_timeout",
+                "keep_alive_interval", "keep_alive_max_attempt", "timeout")
+KNOWN_CONF = (*NUMERIC_CONF, "is_host", "store_type")
 
 
 def parse_conf(text: str) -> dict[str, str]:
@@ -56,13 +59,10 @@ def parse_conf(text: str) -> dict[str, str]:
         key, sep, value = (x.strip() for x in item.partition("="))
         if not sep or not key or not value:
             raise ConfigError(f"--rdzv-conf {text!r}: expected KEY=VALUE[,KEY=VALUE...], got {item!r}")
-        if key in NUMERIC_CONF:  # torch reads them with int()
-            try:
-                ok = int(value) > 0
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ConfigError(f"--rdzv-conf {key}={value!r}: expected a whole number > 0")
+        if key not in KNOWN_CONF:
+            raise ConfigError(f"--rdzv-conf: unknown key {key!r}" + suggest(key, list(KNOWN_CONF)))
+        if key in NUMERIC_CONF and not (value.isdigit() and int(value) > 0):  # torch reads them with int()
+            raise ConfigError(f"--rdzv-conf {key}={value!r}: expected a whole number > 0")
         conf[key] = value
     return conf
 
@@ -113,16 +113,15 @@ def run_agent(launch: Callable[[], None], endpoint: str, seconds: float,
 
 def describe(exc: Exception, endpoint: str, seconds: float) -> str:
     """What went wrong outside the workers, in words a user of several nodes can act on."""
-    what = f"{type(exc).__name__}: {exc}"
-    kind = type(exc).__name__
-    where = endpoint or "this node"
+    kind, where = type(exc).__name__, endpoint or "this node"
     if kind == "RendezvousConnectionError" and endpoint:
         waited = (f"no node hosted it within {seconds:.0f} s (its host is lost or never started)" if seconds
                   else f"{REJOIN_ENV}=0: not waiting for a host")
-        return f"cannot reach the rendezvous at {where}, and {waited} ({what})"
+        return f"cannot reach the rendezvous at {where}, and {waited} ({_cause(exc)})"
     if kind == "RendezvousTimeoutError":
-        return f"not enough nodes joined the rendezvous at {where} in time ({what})"
-    return what
+        return (f"not enough nodes joined the rendezvous at {where} in time (--rdzv-conf join_timeout=SECONDS, "
+                f"default 600; {kind}: {exc})")
+    return f"{kind}: {exc}"
 
 
 def _cause(exc: BaseException) -> str:

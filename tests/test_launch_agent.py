@@ -13,25 +13,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from trainer_helpers import (EVERY, MAX_STEPS, SLOW, assert_same_final, base_env, committed_steps, events, free_port,
-                             harness_args, kill_tree, last_logged_step, listening, resumed_from, wait_gone,
-                             wait_until)
+                             kill_tree, last_logged_step, launch_cmd, listening, resumed_from, wait_gone, wait_until)
 
 MID = 30  # act once rank 0 has logged this step: past the first checkpoint (25), well before the end
-
-
-def launch_cmd(tmp, *sets, nproc=2, nnodes=1, endpoint=None, rdzv_id=None, max_restarts=0):
-    cmd = [sys.executable, "-m", "harness", "launch", "--nproc-per-node", str(nproc), "--nnodes", str(nnodes),
-           "--max-restarts", str(max_restarts)]
-    if endpoint:
-        cmd += ["--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id or f"launch-test-{endpoint}"]
-    return cmd + harness_args(tmp, *sets)[1:]  # harness_args starts with "train"
 
 
 def run_quick(cmd, timeout=60, **env):

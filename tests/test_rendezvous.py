@@ -145,16 +145,6 @@ def test_window_from_the_environment(raw, expected, monkeypatch):
         assert rendezvous.window() == expected and not math.isnan(rendezvous.window())
 
 
-def test_a_bad_window_is_a_config_error_before_anything_starts(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "harness", "launch", "--nproc-per-node", "1", "--config",
-                          "configs/quickstart.toml", "--set", f"checkpoint.dir={tmp_path / 'ck'}"],
-                         cwd=REPO, env=base_env(**{rendezvous.REJOIN_ENV: "soon"}), capture_output=True, text=True,
-                         timeout=60)
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1 and rendezvous.REJOIN_ENV in lines[0], out.stderr
-    assert not (tmp_path / "ck").exists()
-
-
 def test_rdzv_conf_is_parsed_as_torchrun_takes_it():
     assert rendezvous.parse_conf("") == {}
     assert rendezvous.parse_conf("join_timeout=1800, last_call_timeout=30,is_host=false") == {
@@ -162,23 +152,28 @@ def test_rdzv_conf_is_parsed_as_torchrun_takes_it():
 
 
 @pytest.mark.parametrize("text", ["join_timeout", "join_timeout=", "=5", "join_timeout=soon", "read_timeout=1.5",
-                                  "join_timeout=0", "close_timeout=-3"])
+                                  "join_timeout=0", "close_timeout=-3", "join_timout=1800"])
 def test_a_malformed_rdzv_conf_is_a_config_error(text):
     with pytest.raises(ConfigError, match="--rdzv-conf"):
         rendezvous.parse_conf(text)
 
 
-@pytest.mark.parametrize("how", ["flag", "PET_RDZV_CONF"])
-def test_a_bad_rdzv_conf_exits_2_before_anything_starts(how, tmp_path):
-    """From the flag or from the operator's PET_RDZV_CONF (Kubeflow's elasticPolicy.rdzvConf): exit 2, one line."""
+def test_a_mistyped_rdzv_conf_key_is_named_with_the_right_one():
+    """torch would ignore an unknown key: the join timeout the user meant to raise would silently stay 600 s."""
+    with pytest.raises(ConfigError, match="unknown key 'join_timout' \\(did you mean 'join_timeout'\\?\\)"):
+        rendezvous.parse_conf("join_timout=1800")
+
+
+@pytest.mark.parametrize("env, flags, named", [
+    ({rendezvous.REJOIN_ENV: "soon"}, [], rendezvous.REJOIN_ENV),
+    ({}, ["--rdzv-conf", "join_timeout=ten"], "join_timeout='ten'"),
+    ({"PET_RDZV_CONF": "join_timeout=ten"}, [], "join_timeout='ten'"),  # the operator's elasticPolicy.rdzvConf
+])
+def test_a_bad_rendezvous_setting_exits_2_before_anything_starts(env, flags, named, tmp_path):
+    """HARNESS_RDZV_REJOIN_S, --rdzv-conf or PET_RDZV_CONF: exit 2, one line naming it, nothing started."""
     cmd = [sys.executable, "-m", "harness", "launch", "--nproc-per-node", "1", "--config", "configs/quickstart.toml",
-           "--set", f"checkpoint.dir={tmp_path / 'ck'}"]
-    env = base_env()
-    if how == "flag":
-        cmd += ["--rdzv-conf", "join_timeout=ten"]
-    else:
-        env["PET_RDZV_CONF"] = "join_timeout=ten"
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+           "--set", f"checkpoint.dir={tmp_path / 'ck'}", *flags]
+    out = subprocess.run(cmd, cwd=REPO, env=base_env(**env), capture_output=True, text=True, timeout=60)
     lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1 and "join_timeout='ten'" in lines[0], out.stderr
+    assert out.returncode == 2 and len(lines) == 1 and named in lines[0], out.stderr
     assert not (tmp_path / "ck").exists()

@@ -81,6 +81,16 @@ def harness_args(tmp: Path, *sets: str, config: str | None = CONFIG) -> list[str
     return args
 
 
+def launch_cmd(tmp: Path, *sets: str, nproc: int = 2, nnodes: int | str = 1, endpoint: str | None = None,
+               rdzv_id: str | None = None, max_restarts: int = 0) -> list[str]:
+    """``harness launch`` on the test config (one node of ``nnodes`` when ``endpoint`` is given)."""
+    cmd = [sys.executable, "-m", "harness", "launch", "--nproc-per-node", str(nproc), "--nnodes", str(nnodes),
+           "--max-restarts", str(max_restarts)]
+    if endpoint:
+        cmd += ["--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id or f"launch-test-{endpoint}"]
+    return cmd + harness_args(tmp, *sets)[1:]  # harness_args starts with "train"
+
+
 def standalone_cmd(tmp: Path, *sets: str, config: str | None = CONFIG) -> list[str]:
     return [sys.executable, "-m", "harness", *harness_args(tmp, *sets, config=config)]
 

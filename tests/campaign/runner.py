@@ -361,20 +361,13 @@ def _covers_data(storage: Storage, name: str, rel: str, what: str) -> bool:
 
 # -- process trials ------------------------------------------------------------------------------------
 
-def _launch_node_cmd(run_dir: Path, port: int, *sets: str) -> list[str]:
-    import trainer_helpers as th
-    return [sys.executable, "-m", "harness", "launch", "--nproc-per-node", "1", "--nnodes", "2", "--max-restarts",
-            "3", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"campaign-{port}",
-            *th.harness_args(run_dir, *sets)[1:]]
-
-
 def trial_node_loss(rng: random.Random, runner, run_dir: Path) -> str:
     """Two `harness launch` nodes; one (the rendezvous host or not) is SIGKILLed whole at a random moment after
     the first commit and the same command started again: both must end 0 (checked against the reference by
     the caller). The survivor restarts its workers (or, host lost, its agent: harness/rendezvous.py)."""
     import trainer_helpers as th
     port = th.free_port()
-    cmd = _launch_node_cmd(run_dir, port, th.SLOW)
+    cmd = th.launch_cmd(run_dir, th.SLOW, nproc=1, nnodes=2, endpoint=f"127.0.0.1:{port}", max_restarts=3)
     nodes = [runner.start("node0", cmd)]
     th.wait_until("the rendezvous store", lambda: th.listening(port), nodes, timeout=60)
     nodes.append(runner.start("node1", cmd))
