@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the GPU machine runs a copied checkout, never pip-installed
+    sys.path.insert(0, str(REPO))
 GPT = REPO / "configs" / "gpt_small.toml"
 QUICK = REPO / "configs" / "quickstart.toml"
 RANK_WRAPPER = REPO / "benchmarks" / "gpu_check_rank.sh"

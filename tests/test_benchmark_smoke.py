@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from uninstalled_env import uninstalled_env
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "checkpoint_io.py"
@@ -49,7 +49,7 @@ def _must_run() -> set[str]:
 def test_checkpoint_io_benchmark_tiny_cpu(tmp_path):
     out = tmp_path / "out"
     work = tmp_path / "work"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = uninstalled_env()  # as documented: run from a checkout, installed or not
     proc = subprocess.run(
         # --restore-repeat 1, not the default 5: the interleaved restore section still runs every method once;
         # each round costs ~13 gc.collect() calls of ~0.14 s with torch loaded (no timing is asserted here).
@@ -124,7 +124,7 @@ def test_train_overhead_benchmark_tiny_cpu(tmp_path):
     Checks the report's rows and consistency, never timings."""
     out = tmp_path / "out"
     work = tmp_path / "work"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = uninstalled_env()  # as documented: run from a checkout, installed or not
     steps, every = 5, 2
     proc = subprocess.run(
         [sys.executable, str(TRAIN_SCRIPT), "--device", "cpu", "--d-model", "32", "--n-layers", "1",
@@ -185,7 +185,7 @@ def test_resume_time_benchmark_smoke(tmp_path):
     """benchmarks/resume_time.py end to end on the quickstart state, local storage only: a 2-rank job is
     SIGKILLed after its first checkpoint and relaunched; every phase is reported and the relaunch restored."""
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = uninstalled_env()  # as documented: run from a checkout, installed or not
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "resume_time.py"), "--storage", "local", "--size-gb", "0",
          "--launcher", "launch", "--quick-baselines", "--out", str(out), "--dir", str(tmp_path / "work")],
@@ -209,7 +209,7 @@ def test_sharded_restore_benchmark_tiny_cpu(tmp_path):
     FSDP2 by DCP, at the saving world size and across 1 <-> 2 ranks; every row verified, timed cold and warm,
     its peak extra RSS reported. No timing or memory assertions."""
     out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = uninstalled_env()  # as documented: run from a checkout, installed or not
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "sharded_restore.py"), "--size-mb", "2", "--repeat", "1",
          "--out", str(out), "--dir", str(work)],

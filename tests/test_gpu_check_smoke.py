@@ -1,20 +1,22 @@
 """benchmarks/gpu_check.sh --cpu-smoke: the prepared GPU check's CPU-runnable parts run end to end (tiny sizes,
-gloo, device cpu), so the script still works when a GPU machine is finally at hand. No timing assertions."""
+gloo, device cpu), so the script still works when a GPU machine is finally at hand. No timing assertions.
+It runs as on that machine: the checkout not pip-installed (tests/uninstalled_env.py hides this one's install)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from uninstalled_env import assert_hidden, uninstalled_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_cpu_smoke(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable,
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = uninstalled_env(PYTHON=sys.executable)
+    assert_hidden(env, tmp_path)  # before the fix, every two_ranks part failed: "No module named 'harness'"
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--out", str(tmp_path),
                            "--modes", "fsdp"],  # ddp and zero: tests/test_sharded_trainer.py
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # a hang guard
