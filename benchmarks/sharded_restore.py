@@ -115,8 +115,8 @@ def build_sharded(kind: str, width: int, layers: int, seed: int = 0) -> tuple[nn
         model = DDP(model)
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3)
     else:
-        from torch.distributed.fsdp import fully_shard
-
+        from harness import torchcompat
+        fully_shard = torchcompat.fully_shard()  # public from torch 2.6; 2.5's path
         for layer in model:
             fully_shard(layer)
         fully_shard(model)

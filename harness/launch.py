@@ -38,7 +38,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from harness import exitcodes, rendezvous
+from harness import exitcodes, rendezvous, torchcompat
 from harness.errors import ConfigError
 from harness.exitcodes import Outcome
 
@@ -319,14 +319,14 @@ def _launch_config(args: LaunchArgs, cfg: Any, folder: str) -> Any:
     standalone = hi == 1 and not args.rdzv_endpoint
     # The workers must outlive their checkpoint: the agent SIGKILLs them this long after forwarding a signal.
     shutdown = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 0)) or int(cfg.checkpoint.grace_period_s) + 30
-    return LaunchConfig(
+    return LaunchConfig(**torchcompat.launch_config_fields(LaunchConfig, cfg.checkpoint.grace_period_s, dict(
         min_nodes=lo, max_nodes=hi, nproc_per_node=_nproc(args.nproc_per_node),
         run_id=args.rdzv_id or (str(uuid.uuid4()) if standalone else "harness"),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0" if standalone else args.rdzv_endpoint,
         rdzv_configs=dict(args.rdzv_conf),
         max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
         logs_specs=DefaultLogsSpecs(log_dir=os.path.join(folder, "logs")),
-        signals_to_handle=_torch_signals(), shutdown_timeout=shutdown)
+        signals_to_handle=_torch_signals(), shutdown_timeout=shutdown)))
 
 
 @contextlib.contextmanager

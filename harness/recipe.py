@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from harness import torchcompat
 from harness.config import Config
 from harness.errors import ConfigError, HarnessError
 from harness.workloads import Workload, build_workload, load_entry_point
@@ -54,8 +55,7 @@ def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2: fully_shard each block (each child holding parameters of the root's ModuleList/Sequential
     containers: GPT's ``blocks``, the MLP's layers), then the root, which keeps the rest (embeddings, a
     head tied to them)."""
-    from torch.distributed.fsdp import fully_shard
-
+    fully_shard = torchcompat.fully_shard()  # a ConfigError (exit 2) on a torch too old for it
     for child in model.children():
         if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
             for block in child.children():

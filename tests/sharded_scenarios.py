@@ -147,8 +147,8 @@ def zero_mismatch(rank: int, world: int, url: str) -> dict:
 # -- FSDP2 ----------------------------------------------------------------------------------------------
 
 def _fsdp_setup(seed: int, width: int = 13, shard: bool = True):
-    from torch.distributed.fsdp import fully_shard
-
+    from harness import torchcompat
+    fully_shard = torchcompat.fully_shard()  # public from torch 2.6; 2.5's path
     torch.manual_seed(seed)
     model = FNet(width)
     if shard:

@@ -11,21 +11,10 @@ from ckpt_helpers import read_manifest
 from harness.checkpoint.discovery import verify_checkpoint
 from harness.storage import Storage
 from sharded_helpers import run_ranks
+from torch_features import needs_fsdp
 
 
-def _fsdp_available() -> str | None:
-    try:
-        import torch.distributed as tdist
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict  # noqa: F401
-    except ImportError as exc:
-        return f"FSDP2 is not available in this torch: {exc}"
-    if not tdist.is_available() or not tdist.is_gloo_available():
-        return "torch.distributed with gloo is not available"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_fsdp_available() is not None, reason=str(_fsdp_available()))
+pytestmark = needs_fsdp
 
 CHUNK = 64  # bytes: small chunks so that restores at another world size read row ranges
 

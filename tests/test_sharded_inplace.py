@@ -29,6 +29,7 @@ from sharded_helpers import run_ranks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the benchmark's model and probe
 from _memory import fixed_malloc, peak_rss_during  # noqa: E402
 from sharded_restore import build_sharded  # noqa: E402
+from torch_features import needs_fsdp
 
 WIDTH, LAYERS = 1024, 6   # 6 x 4 MiB of fp32 weights: ZeRO 24 + 24 MiB, FSDP2 12 + 24 MiB per rank
 MIB = 1 << 20
@@ -135,7 +136,7 @@ def walk_back(rank: int, world: int, url: str, kind: str) -> dict:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resettable VmHWM")
-@pytest.mark.parametrize("kind", ["zero", "fsdp"])
+@pytest.mark.parametrize("kind", ["zero", pytest.param("fsdp", marks=needs_fsdp)])
 def test_same_world_restore_fills_live_tensors_with_little_extra_memory(tmp_path, kind):
     results = run_ranks(tmp_path, inplace_restore, 2, url=str(tmp_path / "ck"), kind=kind)
     for r, res in enumerate(results):  # (shown with -s: the figures issue 14 asks for)
@@ -146,7 +147,7 @@ def test_same_world_restore_fills_live_tensors_with_little_extra_memory(tmp_path
         assert res["extra"] < 0.25 * res["state_bytes"] + 16 * MIB, (r, res)
 
 
-@pytest.mark.parametrize("kind", ["zero", "fsdp"])
+@pytest.mark.parametrize("kind", ["zero", pytest.param("fsdp", marks=needs_fsdp)])
 def test_damaged_checkpoints_walk_back_into_the_same_tensors_or_fail(tmp_path, kind):
     results = run_ranks(tmp_path, walk_back, 2, url=str(tmp_path / "ck"), kind=kind)
     for res in results:
@@ -219,6 +220,7 @@ def _flip_last_chunk(url: str, name: str) -> None:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resettable VmHWM")
+@needs_fsdp
 def test_restore_at_another_world_size_streams_row_ranges_into_live_tensors(tmp_path):
     url, ref = str(tmp_path / "ck"), str(tmp_path / "ref")
     run_ranks(tmp_path, save_steps, 1, url=url, ref=ref, width=OTHER_WIDTH, steps=1, chunk=4 * MIB)
@@ -231,6 +233,7 @@ def test_restore_at_another_world_size_streams_row_ranges_into_live_tensors(tmp_
         assert res["extra"] < 0.25 * res["state_bytes"] + 16 * MIB, (r, res)
 
 
+@needs_fsdp
 def test_restore_2_to_3_boxes_straddle_shards_and_chunks_damage_walks_back(tmp_path):
     """Small chunks (16 KiB: 16 rows) so 3 ranks' boxes cut through chunks and through the 2 saved shards."""
     url, ref = str(tmp_path / "ck"), str(tmp_path / "ref")
@@ -262,6 +265,7 @@ def restore_counting_reads(rank: int, world: int, url: str, ref: str, width: int
     return {"read": sum(got), "opened": opened}
 
 
+@needs_fsdp
 def test_restore_at_another_world_size_verifies_each_byte_once(tmp_path):
     """Saved at 1 rank, restored at 2: each rank reads its row ranges (verified as read), then the ranks pool
     what they verified and the rank whose share of verification the checkpoint is (rank 0: it wrote it all)
@@ -280,6 +284,7 @@ def test_restore_at_another_world_size_verifies_each_byte_once(tmp_path):
         assert len(r["opened"]) <= 4 + 2, r["opened"]
 
 
+@needs_fsdp
 def test_restore_at_another_world_size_from_s3(s3_url, tmp_path):
     """The same streamed row ranges from S3 (moto over HTTP): FSDP2 saved at 2 ranks with small chunks,
     restored at 3, bitwise; each rank opens each data file (a HEAD) once per reading thread at most."""
