@@ -58,6 +58,8 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("host_copy", "limits", "copy", "host memcpy of the state's size into a preallocated buffer"),
     ("d2h_pinned", "limits", "copy", "device->host copy into pinned memory (cuda only)"),
     ("d2h_pageable", "limits", "copy", "device->host copy into pageable memory (cuda only)"),
+    ("h2d_pinned", "limits", "copy", "host->device copy from pinned memory (cuda only): issue 14's GPU warm "
+                                     "restore reference"),
     ("harness_save_sync", "harness", "save", "CheckpointManager.save, async_save=False (durable on return)"),
     ("harness_save_async_first", "harness", "save", "CheckpointManager.save, async_save=True, first save of the "
                                                       "run (allocates the host snapshot buffer): blocking until "
@@ -446,11 +448,14 @@ def run_device_copies(b: Bench, nbytes: int) -> None:
             host.copy_(src)
             s, _ = b.timed(lambda: host.copy_(src))
             b.add(name, bytes=src.nbytes, seconds=s)
+            if pin:  # the same pinned buffer back to the device: what a warm restore to the GPU is bound by
+                s, _ = b.timed(lambda: src.copy_(host))
+                b.add("h2d_pinned", bytes=src.nbytes, seconds=s)
             del host
         del src
         torch.cuda.empty_cache()
     else:
-        b.skip(["d2h_pinned", "d2h_pageable"], "device is cpu: there is no device-to-host copy")
+        b.skip(["d2h_pinned", "d2h_pageable", "h2d_pinned"], "device is cpu: there is no device-host copy")
 
 
 def run_harness(b: Bench, work: Path, model: nn.Module, opt: torch.optim.Optimizer, nbytes: int,
@@ -585,7 +590,8 @@ def run_dcp_async(b: Bench, work: Path, payload: Callable[[], dict], nbytes: int
     def one(name: str, d: Path, stager: Any) -> None:
         b.sync()
         t0 = time.perf_counter()
-        resp = dcp.async_save(payload(), checkpoint_id=str(d), async_stager=stager, **nd)
+        staged_by = {} if stager is None else {"async_stager": stager}  # torch 2.4's async_save: no such argument
+        resp = dcp.async_save(payload(), checkpoint_id=str(d), **staged_by, **nd)
         returned = time.perf_counter() - t0
         staged = getattr(resp, "staging_completion", None)
         if staged is not None:
@@ -604,27 +610,21 @@ def run_dcp_async(b: Bench, work: Path, payload: Callable[[], dict], nbytes: int
         finally:
             shutil.rmtree(d, ignore_errors=True)
     names = ["dcp_async_best_first", "dcp_async_best"]
-    try:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-    except ImportError as exc:
-        b.skip(names, f"torch {torch.__version__} has no DefaultStager/StagingOptions: {exc}")
+    from _dcp_best import BestStager, unavailable
+    if why := unavailable():
+        b.skip(names, why)
         return
-    if b.device.type == "cuda":
-        options = StagingOptions()  # pinned, shared memory, async staging, non-blocking copies
-    else:  # DCP refuses non-blocking copies (and cannot pin) without an accelerator: the best it allows here
-        options = StagingOptions(use_pinned_memory=False, use_shared_memory=True, use_async_staging=True,
-                                 use_non_blocking_copy=False)
-    b.notes["dcp_async_best"] = b.notes["dcp_async_best_first"] = f"StagingOptions{vars(options)}"
-    stager = DefaultStager(options)  # one stager for the run, as a trainer keeps it: its buffers are reused
-    try:
+    best = BestStager(b.device)
+    b.notes["dcp_async_best"] = b.notes["dcp_async_best_first"] = best.note
+    try:  # one stager for the run, as a trainer keeps it (its buffers reused), where torch allows it
         for i, name in enumerate(names):
             d = work / f"dcp_best_{i}"
             try:
-                one(name, d, stager)
+                one(name, d, best.next())
             finally:
                 shutil.rmtree(d, ignore_errors=True)
     finally:
-        stager.close()
+        best.close()
 
 
 def run_safetensors(b: Bench, work: Path, model: nn.Module, opt: torch.optim.Optimizer, nbytes: int) -> None:
@@ -795,8 +795,8 @@ def plot(rows: list[dict], env: dict, path: Path) -> str | None:
                     f"(total {r['seconds']:.2f} s)", ha="center", va="bottom", fontsize=8, color="#c00000")
         elif r is not None and not r.get("GBps"):
             ax.text(ci, ymax * 0.02, "skipped", ha="center", va="bottom", fontsize=8, rotation=90)
-    floors = [f"{n}: {by[n]['GBps']:.1f} GB/s" for n in ("host_copy", "d2h_pinned", "d2h_pageable")
-              if by.get(n, {}).get("GBps")]
+    floors = [f"{n}: {by[n]['GBps']:.1f} GB/s"
+              for n in ("host_copy", "d2h_pinned", "d2h_pageable", "h2d_pinned") if by.get(n, {}).get("GBps")]
     if floors:
         ax.text(0.01, 0.98, "copy limits (not drawn)\n" + "\n".join(floors), transform=ax.transAxes,
                 ha="left", va="top", fontsize=8, bbox={"boxstyle": "round", "fc": "white", "ec": "0.7"})
@@ -1143,6 +1143,7 @@ def _restore_summary(b: Bench, cold: _Methods, warm: _Methods, stats: list, nbyt
     out["safetensors_load_plus_apply_warm_s"] = None if st is None else round(st + apply_s, 4)
     out["torch_load_plus_apply_warm_s"] = None if tl is None else round(tl + apply_s, 4)
     out["disk_read_cold_s"] = disk  # the limits row (not interleaved); the targets use one_file_read_cold
+    out["h2d_pinned_s"] = row_median("h2d_pinned")  # None on CPU; the GPU's warm reference
     # The floor of a warm restore: every byte moved once from the page cache into the tensors and hashed
     # once, by `cpus` threads: no faster than a memcpy with all of them, nor than (copy + hash) / cpus.
     c1, c2, h1 = out["memcpy_1t_s"], out["memcpy_2t_s"], out["xxh3_1t_s"]
@@ -1173,6 +1174,9 @@ def _restore_targets(out: dict, largest: int) -> dict:
         t["best_safetensors_half_over_warm_floor (< 1: 2x is below the memcpy floor)"] = round(
             best / 2 / out["warm_floor_s"], 3)
     t["warm_over_warm_floor"] = round(mgr_warm / out["warm_floor_s"], 3)
+    if out.get("h2d_pinned_s"):  # GPU: the state's bytes, read + verified + copied to the device, against a
+        # bare pinned host-to-device copy of as many bytes
+        t["warm_vs_pinned_h2d (>= 0.8, GPU)"] = round(out["h2d_pinned_s"] / mgr_warm, 3)
     return t
 
 

@@ -14,7 +14,7 @@ time limit, and a part that no longer fits the budget is reported as not run:
    accepts two ranks on one device), rank 1 SIGKILLed mid-run, then resumed from that folder at 2 ranks and,
    from a copy, at 1 rank: both finish, resuming from the committed step, and the final checkpoint verifies.
 4. ``benchmarks``: ``checkpoint_io.py --size-gb 8 --device cuda`` and ``train_overhead.py --device cuda``, then
-   the issue's targets, PASS/FAIL each.
+   the targets of issues 13, 14 and 15 that a GPU run judges, PASS/FAIL (n/a where one does not apply) each.
 
 Writes ``gpu_check_<cuda|cpu-smoke>_<stamp>.json``, the same as ``_latest.json`` and a short
 ``gpu_check_<...>_latest.txt`` under ``--out`` (default benchmarks/results). Exit 0 when every part that ran
@@ -250,17 +250,34 @@ def benchmarks(c: Check) -> dict:
         rc_io, rc_ov = f_io.result()[0], f_ov.result()[0]
     dev = "cpu" if c.smoke else "cuda"
     targets = evaluate_targets(out / f"checkpoint_io_{dev}_latest.json", out / f"train_overhead_{dev}_latest.json")
-    met = all(t["pass"] for t in targets)
+    met = all(t["pass"] is not False for t in targets)  # None: does not apply to this run
     ok = rc_io == 0 and rc_ov == 0 and (met or c.smoke)  # tiny CPU sizes say nothing about the targets
     return {"ok": ok, "rc_checkpoint_io": rc_io, "rc_train_overhead": rc_ov, "targets": targets,
             "note": ("targets (informational at smoke sizes): " if c.smoke else "targets: ")
-            + ", ".join(f"{t['target']} {'PASS' if t['pass'] else 'FAIL'}" for t in targets)}
+            + ", ".join(f"#{t['issue']} {t['target']} {verdict(t['pass'])}" for t in targets)}
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else "PASS" if ok else "FAIL"
 
 
 def evaluate_targets(io_json: Path, ov_json: Path) -> list[dict]:
-    """The issue's targets, from the benchmarks' result files."""
-    rows = {r["method"]: r for r in json.loads(io_json.read_text())["rows"]} if io_json.is_file() else {}
-    ov = {r["mode"]: r for r in json.loads(ov_json.read_text())["rows"]} if ov_json.is_file() else {}
+    """The targets of issues 13, 14 and 15 that a GPU run judges, from the benchmarks' result files; ``pass``
+    None where a target does not apply to this run (the benchmark says so)."""
+    io = json.loads(io_json.read_text()) if io_json.is_file() else {}
+    ov = json.loads(ov_json.read_text()) if ov_json.is_file() else {}
+    return [*_issue13(io, ov), *_issue14(io), *_issue15(ov)]
+
+
+def _judged(issue: int, name: str, v: float | None, lim: float, op: str) -> dict:
+    holds = {">=": lambda: v >= lim, "<=": lambda: v <= lim, "<": lambda: v < lim}[op]
+    return {"issue": issue, "target": name, "value": None if v is None else round(v, 4), "limit": lim, "op": op,
+            "pass": v is not None and holds()}
+
+
+def _issue13(io: dict, ov: dict) -> list[dict]:
+    rows = {r["method"]: r for r in io.get("rows", [])}
+    ov_rows = {r["mode"]: r for r in ov.get("rows", [])}
 
     def gbps(name: str) -> float | None:
         return rows.get(name, {}).get("GBps")
@@ -269,19 +286,38 @@ def evaluate_targets(io_json: Path, ov_json: Path) -> list[dict]:
         return a / b if a and b else None
 
     disk_w = max(filter(None, [gbps("disk_write_fsync"), gbps("disk_write_fsync_par")]), default=None)
-    blocking = rows.get("harness_save_async", {}).get("blocking_s")
-    overhead = ov.get("async", {}).get("overhead_pct")
-    out = [
+    return [_judged(13, *t) for t in [
         ("durable save >= 90% of the disk's write+fsync", ratio(gbps("harness_save_sync"), disk_w), 0.90, ">="),
-        ("async blocking <= 0.25 s (steady state)", blocking, 0.25, "<="),
+        ("async blocking <= 0.25 s (steady state)", rows.get("harness_save_async", {}).get("blocking_s"), 0.25,
+         "<="),
         ("cold restore >= 95% of the disk's read", ratio(gbps("harness_restore_cold"), gbps("disk_read_cold")),
          0.95, ">="),
         ("warm restore >= 2x safetensors' warm load",
          ratio(gbps("harness_restore_warm"), gbps("safetensors_load_warm")), 2.0, ">="),
-        ("async checkpoint every 50 steps <= 2% of step time", overhead, 2.0, "<="),
-    ]
-    return [{"target": name, "value": None if v is None else round(v, 4), "limit": lim, "op": op,
-             "pass": v is not None and (v >= lim if op == ">=" else v <= lim)} for name, v, lim, op in out]
+        ("async checkpoint every 50 steps <= 2% of step time", ov_rows.get("async", {}).get("overhead_pct"), 2.0,
+         "<="),
+    ]]
+
+
+# Issue 14 on a GPU: CheckpointManager.restore (interleaved restore section of checkpoint_io.py) against the
+# disk's cold read and a pinned host-to-device copy of the state, and its peak extra host memory.
+ISSUE14 = [("cold restore >= 95% of the disk's cold read (restore section)", "cold_vs_disk_cold_read (>= 0.95)",
+            0.95, ">="),
+           ("warm restore >= 80% of pinned host-to-device bandwidth", "warm_vs_pinned_h2d (>= 0.8, GPU)", 0.8,
+            ">="),
+           ("peak extra host memory <= max(largest tensor, 256 MiB)", "peak_extra_over_max(largest, 256MiB) (<= 1)",
+            1.0, "<=")]
+
+
+def _issue14(io: dict) -> list[dict]:
+    got = (io.get("direct_restore") or {}).get("targets") or {}
+    return [_judged(14, name, got.get(key), lim, op) for name, key, lim, op in ISSUE14]
+
+
+def _issue15(ov: dict) -> list[dict]:
+    """train_overhead.py's own verdicts (stall against the copy and DCP at its best, staging, step cost)."""
+    return [{"issue": 15, "target": t["target"], "value": None if t["value"] is None else round(t["value"], 4),
+             "limit": t["limit"], "op": t.get("op", ""), "pass": t["ok"]} for t in ov.get("targets", [])]
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -304,7 +340,7 @@ def summary(result: dict) -> str:
         mark = "PASS" if p["ok"] else "FAIL" if p["ok"] is False else "n/a "
         lines.append(f"  {mark} {p['part']}: {p.get('note', '')}")
         for t in p.get("targets", []):
-            lines.append(f"       {'PASS' if t['pass'] else 'FAIL'} {t['target']}: {t['value']} "
+            lines.append(f"       {verdict(t['pass']):<4} #{t['issue']} {t['target']}: {t['value']} "
                          f"(limit {t['op']} {t['limit']})")
     return "\n".join(lines) + "\n"
 

@@ -5,7 +5,16 @@
 # Other options (--out, --budget-s, --parts, --modes, --keep): benchmarks/gpu_check.py --help.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+# The first of python3/python that has torch (the GPU machine's image: python3; a bare `python` may lack it).
+if [ -z "${PYTHON:-}" ]; then
+    for candidate in python3 python; do
+        if command -v "$candidate" >/dev/null && "$candidate" -c "import torch" 2>/dev/null; then
+            PYTHON="$(command -v "$candidate")"
+            break
+        fi
+    done
+fi
+: "${PYTHON:?no python3 or python with torch found: set PYTHON}"
 export PYTHON
 # A hard stop a little past the script's own budget, so a hang can never hold the machine.
 exec timeout --kill-after=15 480 "$PYTHON" benchmarks/gpu_check.py "$@"
