@@ -370,8 +370,18 @@ class Trainer:
                 self.flag.uninstall()
 
 
+# Trainers of processes that end with their run (exit_after), kept until harness.dist.leave ends the process
+# with os._exit: never torn down. Why: dropping a trainer frees its process groups, and torch 2.4's
+# ~ProcessGroupGloo joins gloo's worker threads while holding the GIL, which a worker needs to free a finished
+# broadcast's tensors: a deadlock (finished workers that never exit; 1 run in 5-8 on a busy machine).
+_LEAVING: list[Trainer] = []
+
+
 def train(cfg: Config, builder: WorkloadBuilder | None = None, *, exit_after: bool = False) -> int:
     """Run training with a config; ``builder(model_cfg, data_cfg, seed) -> Workload`` plugs in user code.
     ``exit_after``: the process ends with the returned code (as ``harness train``): signals stay ignored once
-    the run is over, instead of the previous handlers coming back."""
-    return Trainer(cfg, builder, exit_after).run()
+    the run is over, instead of the previous handlers coming back, and the trainer is never torn down."""
+    trainer = Trainer(cfg, builder, exit_after)
+    if exit_after:
+        _LEAVING.append(trainer)
+    return trainer.run()

@@ -197,3 +197,27 @@ def test_finished_workers_leave_with_their_hooks_run_and_files_flushed(tmp_path)
     for r in (0, 1):
         assert (tmp_path / f"rank{r}.log").read_text() == "kept open\n"
         assert (tmp_path / f"rank{r}.atexit").read_text() == "ran"
+
+
+KEPT = """
+import gc, sys, weakref
+from harness import config, trainer
+cfg = config.load(sys.argv[1], [f"checkpoint.dir={sys.argv[2]}", "train.max_steps=3", "checkpoint.every_steps=2"])
+code = trainer.train(cfg, exit_after=sys.argv[3] == "1")
+gc.collect()
+print(code, [type(t).__name__ for t in trainer._LEAVING])
+"""
+
+
+@pytest.mark.parametrize("exit_after", [True, False])
+def test_a_trainer_that_ends_its_process_is_never_torn_down(tmp_path, exit_after):
+    """``train(exit_after=True)`` (what ``harness train`` runs) keeps its trainer, and so its process groups,
+    until ``harness.dist.leave`` ends the process without teardown. Dropping it freed the groups, and torch
+    2.4's ~ProcessGroupGloo joins gloo's threads holding the GIL one of them needs: finished workers hung
+    (seen with torch 2.4.1 in 2 of 13 two-rank runs on a busy machine, py-spy --native: std::thread::join in
+    ~ProcessGroupGloo against a worker thread waiting for the GIL in ~AsyncBroadcastWork; 0 in 14 after).
+    A library caller's trainer (``exit_after=False``) is released as before."""
+    proc = subprocess.run([sys.executable, "-c", KEPT, CONFIG, str(tmp_path / "ck"), "1" if exit_after else "0"],
+                          env=base_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[-2] == ("0 ['Trainer']" if exit_after else "0 []"), proc.stdout
