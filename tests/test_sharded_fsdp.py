@@ -34,6 +34,7 @@ def test_fsdp_save_at_2_writes_local_shards(saved2):
         assert res["visible"] == ["step-000000003"]
     man = read_manifest(url, "step-000000003")
     assert man["sharding"] == "fsdp" and man["world_size"] == 2
+    assert man["model_classes"]["model"].endswith("sharded_helpers.FNet")  # its own class, not FSDPFNet
     shards = [e for e in man["tensors"] if "global_shape" in e]
     w = [e for e in shards if e["key"] == "state/models/model/blocks.0.weight"]
     assert sorted((e["rank"], e["global_offset"], e["shape"]) for e in w) == [(0, [0, 0], [7, 8]), (1, [7, 0], [6, 8])]
