@@ -113,3 +113,23 @@ def test_launch_config_check_and_import_harness_stay_light():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "refused: d_model=64 must be divisible by n_heads=3" in out.stdout, out.stdout
+
+
+def test_a_plain_model_saves_and_restores_without_torchs_sharding_stack(tmp_path):
+    """Saving or restoring a model that holds no DTensor imports no torch.distributed.checkpoint.state_dict
+    (and so no DTensor, FSDP or torch.fx): in a process with no optimizer, as load_for_inference or an export
+    script, that import made the first save 0.7 s instead of 0.015 s."""
+    code = (
+        "import sys, torch, harness\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))\n"
+        f"mgr = harness.CheckpointManager({str(tmp_path / 'ck')!r}, async_save=False)\n"
+        "mgr.save(1, models=m)\n"
+        "assert mgr.restore(models=m).step == 1\n"
+        "mgr.close()\n"
+        "heavy = [n for n in ('torch.distributed.checkpoint.state_dict', 'torch.distributed.tensor',\n"
+        "                     'torch.distributed.fsdp') if n in sys.modules]\n"
+        "print('heavy:', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "heavy: []" in out.stdout, out.stdout

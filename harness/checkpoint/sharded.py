@@ -70,6 +70,20 @@ def _fsdp_model_of(opt: Any, models: dict[str, Any]) -> Any | None:
     raise CheckpointError("an optimizer over DTensor parameters needs its FSDP model passed in models=")
 
 
+def _model_state(model: Any) -> dict:
+    """A model's state dict; an FSDP model's through torch.distributed.checkpoint.state_dict, imported only
+    then: in a process with no optimizer (torch._dynamo not loaded) that import costs ~0.7 s."""
+    if not is_fsdp(model):
+        return unwrap_model(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(model)
+
+
+def _fsdp_optimizer_state(owner: Any, opt: Any) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(owner, opt)
+
+
 def needs_collective(targets: Targets) -> bool:
     """Whether saving or restoring these objects needs every rank (sharded targets)."""
     return any(is_fsdp(m) for m in targets.models.values()) or any(is_zero(o) for o in targets.optimizers.values())
@@ -81,12 +95,9 @@ def capture(targets: Targets) -> tuple[dict, dict[str, dict], str]:
     """The state to save, split into (replicated-layout tree, {optimizer name: this rank's ZeRO state by
     global index}, sharding kind). DTensors stay in the tree (the encoder turns them into shards).
     Collective when an FSDP model or a ZeRO optimizer is present (all ranks call it)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     models = targets.models
     fsdp = any(is_fsdp(m) for m in models.values())
-    model_sd = {n: (get_model_state_dict(m) if is_fsdp(m) else unwrap_model(m).state_dict())
-                for n, m in models.items()}
+    model_sd = {n: _model_state(m) for n, m in models.items()}
     opt_sd, zero_parts = {}, {}
     for n, o in targets.optimizers.items():
         if is_zero(o):
@@ -94,7 +105,7 @@ def capture(targets: Targets) -> tuple[dict, dict[str, dict], str]:
             zero_parts[n] = zero_local_state(o)
             continue
         owner = _fsdp_model_of(o, models)
-        opt_sd[n] = get_optimizer_state_dict(owner, o) if owner is not None else o.state_dict()
+        opt_sd[n] = _fsdp_optimizer_state(owner, o) if owner is not None else o.state_dict()
     state = {k.section: (model_sd if k is MODELS else opt_sd if k is OPTIMIZERS else capture_plain(k, targets.of(k)))
              for k in kinds.KINDS}
     kind = FSDP if fsdp else (ZERO if zero_parts else REPLICATED)
@@ -299,13 +310,11 @@ def read(storage: Storage, name: str, manifest: Manifest, *, rank: int, world: i
 
 def _plan_targets(saved: dict, targets: Targets, loader: Loader, fills: list, live: bool) -> tuple[dict, dict]:
     """Register the reads of the models' and optimizers' state; with ``live``, into their live tensors."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     models, out_m, out_o = targets.models, {}, {}
     saved_models, saved_opts = saved.get("models") or {}, saved.get("optimizers") or {}
     for n, m in models.items():
         if n in saved_models:
-            template = get_model_state_dict(m) if is_fsdp(m) else unwrap_model(m).state_dict() if live else None
+            template = _model_state(m) if is_fsdp(m) or live else None
             out_m[n] = _plan(saved_models[n], template, loader, fills, "", live)
     for n, o in targets.optimizers.items():
         if n not in saved_opts:
@@ -319,7 +328,7 @@ def _plan_targets(saved: dict, targets: Targets, loader: Loader, fills: list, li
         else:
             owner = _fsdp_model_of(o, models)
             if owner is not None:
-                template = get_optimizer_state_dict(owner, o)
+                template = _fsdp_optimizer_state(owner, o)
                 sd = _index_to_fqn(sd, template)
         out_o[n] = _plan(sd, template, loader, fills, f"optimizer {n}", live)
     return out_m, out_o
