@@ -116,7 +116,7 @@ def build_sharded(kind: str, width: int, layers: int, seed: int = 0) -> tuple[nn
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3)
     else:
         from harness import torchcompat
-        fully_shard = torchcompat.fully_shard()  # public from torch 2.6; 2.5's path
+        fully_shard = torchcompat.fully_shard()  # torch >= 2.6, else a ConfigError
         for layer in model:
             fully_shard(layer)
         fully_shard(model)

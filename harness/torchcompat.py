@@ -34,29 +34,28 @@ def launch_config_fields(launch_config: type, grace_period_s: float, wanted: dic
 
 
 def fsdp_unsupported() -> str | None:
-    """Why this torch cannot run ``train.parallel = "fsdp"``, or None: harness reads and writes sharded state
-    through the public DTensor API (``torch.distributed.tensor``: DTensor, Shard, Replicate; torch 2.5+)."""
+    """Why this torch cannot run ``train.parallel = "fsdp"``, or None. harness needs FSDP2's public
+    ``torch.distributed.fsdp.fully_shard`` (torch 2.6+) and the public DTensor API it reads and writes sharded
+    state through: torch 2.5 keeps fully_shard private and refuses it without CUDA ("FSDP requires CUDA for
+    streams"), torch 2.4 has no public DTensor either."""
     import torch
     import torch.distributed as dist
 
     if not dist.is_available():
         return f"torch {torch.__version__} was built without torch.distributed"
+    import torch.distributed.fsdp as fsdp
     import torch.distributed.tensor as dtensor
 
-    if not hasattr(dtensor, "DTensor"):  # torch 2.4: DTensor lives in the private torch.distributed._tensor
-        return (f'train.parallel = "fsdp" needs torch >= 2.5 (the public DTensor API that sharded checkpoints '
-                f'use); this is torch {torch.__version__}: use "ddp" or "zero", or a newer torch')
+    if not hasattr(fsdp, "fully_shard") or not hasattr(dtensor, "DTensor"):
+        return (f'train.parallel = "fsdp" needs torch >= 2.6 (FSDP2\'s public fully_shard and DTensor, on CPU '
+                f'and GPU); this is torch {torch.__version__}: use "ddp" or "zero", or a newer torch')
     return None
 
 
 def fully_shard() -> Any:
-    """FSDP2's ``fully_shard`` (public in ``torch.distributed.fsdp`` from torch 2.6, in
-    ``torch.distributed._composable.fsdp`` before), or a ConfigError where :func:`fsdp_unsupported` says why."""
+    """FSDP2's ``fully_shard``, or a ConfigError (exit 2, one line) where :func:`fsdp_unsupported` says why."""
     why = fsdp_unsupported()
     if why:
         raise ConfigError(why)
-    try:
-        from torch.distributed.fsdp import fully_shard as fn
-    except ImportError:  # torch 2.5
-        from torch.distributed._composable.fsdp import fully_shard as fn
+    from torch.distributed.fsdp import fully_shard as fn
     return fn

@@ -148,7 +148,7 @@ def zero_mismatch(rank: int, world: int, url: str) -> dict:
 
 def _fsdp_setup(seed: int, width: int = 13, shard: bool = True):
     from harness import torchcompat
-    fully_shard = torchcompat.fully_shard()  # public from torch 2.6; 2.5's path
+    fully_shard = torchcompat.fully_shard()  # torch >= 2.6, else a ConfigError
     torch.manual_seed(seed)
     model = FNet(width)
     if shard:

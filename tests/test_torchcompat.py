@@ -68,17 +68,18 @@ def test_a_grace_period_torch_would_cut_short_is_warned_about_once(grace, warned
 
 @needs_fsdp
 def test_fully_shard_is_fsdp2s_on_this_torch():
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:  # torch 2.5
-        from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard
+
     assert torchcompat.fully_shard() is fully_shard
 
 
-def test_a_torch_without_public_dtensor_refuses_fsdp_as_a_config_error(monkeypatch):
-    """torch 2.4: ``torch.distributed.tensor`` holds only tensor parallelism, DTensor is private. The trainer's
-    fsdp_wrap then raises a ConfigError (exit 2, one line; seen on torch 2.4.1 as "harness: config error:
-    train.parallel = "fsdp" needs torch >= 2.5 ..."), where it raised an ImportError traceback on every rank."""
+@pytest.mark.parametrize("hidden", ["tensor", "fsdp"])
+def test_a_torch_without_public_fsdp2_refuses_fsdp_as_a_config_error(monkeypatch, hidden):
+    """torch 2.4 has no public DTensor (``torch.distributed.tensor`` holds only tensor parallelism) and no
+    public fully_shard; torch 2.5 has DTensor but keeps fully_shard private, where it refuses to run without
+    CUDA ("FSDP requires CUDA for streams"). The trainer's fsdp_wrap then raises a ConfigError (exit 2, one
+    line; seen on torch 2.4.1 as 'harness: config error: train.parallel = "fsdp" needs torch >= 2.6 ...'),
+    where it raised an ImportError traceback (2.4) or a RuntimeError (2.5, CPU) on every rank, restarted."""
     import types
 
     import torch.distributed
@@ -86,10 +87,11 @@ def test_a_torch_without_public_dtensor_refuses_fsdp_as_a_config_error(monkeypat
     from harness import exitcodes
     from harness.errors import ConfigError
 
-    monkeypatch.setattr(torch.distributed, "tensor", types.ModuleType("torch.distributed.tensor"))
-    monkeypatch.setitem(sys.modules, "torch.distributed.tensor", torch.distributed.tensor)
+    stub = types.ModuleType(f"torch.distributed.{hidden}")  # that module as the older torch has it
+    monkeypatch.setattr(torch.distributed, hidden, stub)
+    monkeypatch.setitem(sys.modules, f"torch.distributed.{hidden}", stub)
     why = torchcompat.fsdp_unsupported()
-    assert why and 'train.parallel = "fsdp" needs torch >= 2.5' in why and '"ddp" or "zero"' in why
+    assert why and 'train.parallel = "fsdp" needs torch >= 2.6' in why and '"ddp" or "zero"' in why
     with pytest.raises(ConfigError) as exc:
         torchcompat.fully_shard()
     assert str(exc.value) == why and exitcodes.classify(exc.value).code == exitcodes.EXIT_CONFIG
