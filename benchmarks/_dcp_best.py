@@ -24,6 +24,17 @@ def unavailable() -> str | None:
     return None
 
 
+def single_process() -> dict[str, bool]:
+    """The keyword that tells DCP's save, load and async_save there is no process group (``no_dist=True``); {}
+    on a torch whose calls lack it (2.4: they fall back to one process by themselves when none exists)."""
+    import inspect
+
+    import torch.distributed.checkpoint as dcp
+
+    calls = (dcp.save, dcp.load, getattr(dcp, "async_save", None))
+    return {"no_dist": True} if all(f is None or "no_dist" in inspect.signature(f).parameters for f in calls) else {}
+
+
 def options(device: torch.device) -> Any:
     """DCP's recommended staging for training on ``device``."""
     from torch.distributed.checkpoint.staging import StagingOptions

@@ -548,11 +548,8 @@ def run_dcp(b: Bench, work: Path, model: nn.Module, opt: torch.optim.Optimizer, 
                f"torch.distributed.checkpoint unavailable: {exc!r}")
         return
     # One process and no process group: DCP runs with no_dist=True (no collectives, no gloo group needed).
-    nd = {} if dist.is_available() and dist.is_initialized() else {"no_dist": True}
-    import inspect
-    for fn in (dcp.save, dcp.load, getattr(dcp, "async_save", None)):
-        if fn is not None and "no_dist" not in inspect.signature(fn).parameters:
-            nd = {}  # old torch: DCP falls back to no-dist by itself when no process group exists
+    from _dcp_best import single_process
+    nd = {} if dist.is_available() and dist.is_initialized() else single_process()
 
     def payload() -> dict:
         return {"model": model.state_dict(), "optim": opt.state_dict()}

@@ -317,7 +317,7 @@ def _issue14(io: dict) -> list[dict]:
 def _issue15(ov: dict) -> list[dict]:
     """train_overhead.py's own verdicts (stall against the copy and DCP at its best, staging, step cost)."""
     return [{"issue": 15, "target": t["target"], "value": None if t["value"] is None else round(t["value"], 4),
-             "limit": t["limit"], "op": t.get("op", ""), "pass": t["ok"]} for t in ov.get("targets", [])]
+             "limit": t["limit"], "op": t["op"], "pass": t["ok"]} for t in ov.get("targets", [])]
 
 
 # -- report ----------------------------------------------------------------------------------------------

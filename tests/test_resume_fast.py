@@ -93,6 +93,13 @@ def test_resume_draws_no_weights_and_a_fresh_start_draws_todays(tmp_path):
         again.close()
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (what it imports is what a new process would); it must exit 0."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
 def test_launch_config_check_and_import_harness_stay_light():
     """The launcher's check builds the GPT workload deferred (no torch._dynamo import, which drawing on the meta
     device costs); a bad option is still a ConfigError; `import harness` loads no torch."""
@@ -110,8 +117,7 @@ def test_launch_config_check_and_import_harness_stay_light():
         "except ConfigError as exc:\n"
         "    print('refused:', exc)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = _python(code)
     assert "refused: d_model=64 must be divisible by n_heads=3" in out.stdout, out.stdout
 
 
@@ -130,6 +136,5 @@ def test_a_plain_model_saves_and_restores_without_torchs_sharding_stack(tmp_path
         "                     'torch.distributed.fsdp') if n in sys.modules]\n"
         "print('heavy:', heavy)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = _python(code)
     assert "heavy: []" in out.stdout, out.stdout
