@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -385,7 +386,7 @@ def run_limits(b: Bench, work: Path, nbytes: int, io_threads: int) -> None:
 
 
 def run_disk_and_memcpy(b: Bench, work: Path, nbytes: int, io_threads: int) -> None:
-    buf = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256)  # incompressible, no zero pages
+    buf = incompressible(nbytes)
     mv = memoryview(buf.numpy())
     d = work / "limits"
     d.mkdir(parents=True, exist_ok=True)
@@ -438,6 +439,17 @@ def run_disk_and_memcpy(b: Bench, work: Path, nbytes: int, io_threads: int) -> N
     dst.copy_(buf)  # fault the pages in: this row is the memcpy, not first-touch page faults
     s, _ = b.timed(lambda: dst.copy_(buf))
     b.add("host_copy", bytes=nbytes, seconds=s)
+
+
+def incompressible(nbytes: int, block: int = 64 << 20) -> torch.Tensor:
+    """``nbytes`` of random bytes (no zero pages, nothing a disk or filesystem could compress), made by
+    repeating one random block: ``random_`` over the whole buffer took ~45 s for 8 GB on the GPU machine."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    seed = torch.empty(min(block, nbytes), dtype=torch.uint8).random_(0, 256)
+    for start in range(0, nbytes, seed.numel()):
+        n = min(seed.numel(), nbytes - start)
+        buf[start:start + n].copy_(seed[:n])
+    return buf
 
 
 def run_device_copies(b: Bench, nbytes: int) -> None:
@@ -1001,7 +1013,7 @@ def _one_file(work: Path, nbytes: int) -> tuple[Path, torch.Tensor]:
     d = work / "restore_limits"
     d.mkdir(parents=True, exist_ok=True)
     p = d / "raw.bin"
-    buf = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256)
+    buf = incompressible(nbytes)
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         write_all(fd, memoryview(buf.numpy()))
@@ -1177,6 +1189,35 @@ def _restore_targets(out: dict, largest: int) -> dict:
     return t
 
 
+class Stopped(BaseException):
+    """SIGTERM arrived (gpu_check's time limit): not an Exception, so no group's error handling swallows it."""
+
+
+def _raise_stopped(signum: int, _frame: Any) -> None:
+    raise Stopped(f"stopped by signal {signum} (the caller's time limit)")
+
+
+def _run_groups(b: Bench, args: argparse.Namespace, runners: list, groups: list[str],
+                device: torch.device) -> None:
+    for rep in range(args.repeat):
+        for group, names, fn in runners:
+            if group not in groups:
+                b.skip(names, "not selected (--groups)")
+                continue
+            log(f"repeat {rep + 1}/{args.repeat}: {group}")
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
+                msg = f"failed: {type(exc).__name__}: {exc}"
+                log(f"{group}: {msg}\n{traceback.format_exc()}")
+                for n in names:
+                    if n not in b.samples:
+                        b.errors.setdefault(n, msg)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -1219,24 +1260,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     t_all = time.perf_counter()
     direct = None
+    stopped = None
+    signal.signal(signal.SIGTERM, _raise_stopped)  # a caller's time limit: write what was measured
     try:
-        for rep in range(args.repeat):
-            for group, names, fn in runners:
-                if group not in groups:
-                    b.skip(names, "not selected (--groups)")
-                    continue
-                log(f"repeat {rep + 1}/{args.repeat}: {group}")
-                try:
-                    fn()
-                except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
-                    msg = f"failed: {type(exc).__name__}: {exc}"
-                    log(f"{group}: {msg}\n{traceback.format_exc()}")
-                    for n in names:
-                        if n not in b.samples:
-                            b.errors.setdefault(n, msg)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        _run_groups(b, args, runners, groups, device)
         if "harness" in groups:  # issue 14: restore through direct_read, after the rows it is compared with
             try:
                 direct = run_direct_restore(b, base, model, opt, nbytes, args.max_file_mb << 20, args.io_threads,
@@ -1244,7 +1271,11 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - report it; the rows above stand on their own
                 direct = {"error": f"{type(exc).__name__}: {exc}"}
                 log(f"direct restore failed:\n{traceback.format_exc()}")
+    except Stopped as exc:
+        stopped = str(exc)
+        log(f"{stopped}: writing the results measured so far")
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
     elapsed = time.perf_counter() - t_all
@@ -1263,7 +1294,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_resident_frac_after_evict": max(res_fracs) if res_fracs else None,
         "evictions": len(b.eviction),
     }
-    result = {"benchmark": "checkpoint_io", "env": env, "cold": cold, "rows": rows,
+    result = {"benchmark": "checkpoint_io", "env": env, "cold": cold, "rows": rows, "stopped": stopped,
               "definitions": {
                   "GBps": "bytes of state (unique tensor storage of model + optimizer, 1e9 bytes = 1 GB) / seconds",
                   "durable": "every save row includes fsync of each file written and of its folder",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -276,3 +277,29 @@ def test_dcp_best_stager_saves_twice_reused_or_not(tmp_path):
         finally:
             best.close()
         assert (stagers[0] is stagers[1]) == best.reuse
+
+
+def test_checkpoint_io_stopped_by_sigterm_writes_what_it_measured(tmp_path):
+    """gpu_check stops a benchmark at its time limit with SIGTERM: the rows measured so far must still reach the
+    JSON (on the H200 a run stopped in the restore section used to lose all of them)."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--size-gb", "0.005", "--device", "cpu", "--groups", "limits,harness",
+         "--restore-repeat", "200", "--out", str(out), "--dir", str(tmp_path / "work")],
+        cwd=REPO, env=uninstalled_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # the group loop logs its skips last: the restore section (~2 s a round) follows
+            if "skipped safetensors_save" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    res = json.loads((out / "checkpoint_io_cpu_latest.json").read_text())
+    assert res["stopped"] and "signal 15" in res["stopped"]
+    by = {r["method"]: r for r in res["rows"]}
+    for name in ("disk_write_fsync", "harness_save_sync", "harness_restore_warm", "harness_save_async"):
+        assert by[name]["seconds"] > 0, by[name]
+    assert by["torch_save"]["skipped"].startswith("not selected")
+    assert res["direct_restore"] is None  # stopped inside it: no half-measured medians

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -310,6 +311,7 @@ def test_step_loop_makes_no_host_sync_between_log_steps(tmp_path):
         "train.batch_size=4", 'train.device="cuda"', "train.max_steps=20", "train.log_every=10",
         "checkpoint.every_steps=1000", f"checkpoint.dir={tmp_path / 'ck'}"])
     syncs: list[int] = []
+    where: dict[int, list[str]] = {}
 
     class Watched(Trainer):
         def loop(self) -> int:
@@ -318,12 +320,22 @@ def test_step_loop_makes_no_host_sync_between_log_steps(tmp_path):
 
             def record(message, category, *args, **kwargs):
                 if "synchronizing" in str(message).lower():
+                    if not armed:
+                        return
                     syncs.append(self.step)
+                    # where, for the failure message: this repo's frames that led to the sync
+                    where.setdefault(self.step, [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}"
+                                                 for f in traceback.extract_stack()[:-1]
+                                                 if "harness" in f.filename or "site-packages" not in f.filename])
                 else:
                     show(message, category, *args, **kwargs)
 
             warnings.showwarning = record
+            armed = False
             torch.cuda.set_sync_debug_mode("warn")
+            # Seen on the H200 (torch 2.11): the call that turns the check on reports one sync itself (the test's
+            # own frame, step 0, before the loop). Only what follows is the loop's.
+            armed = True
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("always")
@@ -335,4 +347,5 @@ def test_step_loop_makes_no_host_sync_between_log_steps(tmp_path):
 
     assert Watched(cfg).run() == 0
     assert syncs, "sync debug mode reported nothing: the check did not run"
-    assert set(syncs) <= {10, 20}, f"host syncs at steps {sorted(set(syncs))}; only log steps 10 and 20 may sync"
+    extra = {step: where[step][-12:] for step in sorted(set(syncs) - {10, 20})}
+    assert not extra, f"host syncs at steps {sorted(set(syncs))}; only log steps 10 and 20 may sync: {extra}"
