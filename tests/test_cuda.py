@@ -7,12 +7,15 @@ benchmarks/gpu_check.sh.
 - an OOM while restoring is a retryable failure (exit 1), not a damaged checkpoint (exit 3);
 - the optimizer state is on the GPU after a restore; GPU-saved loads on CPU and back;
 - the CUDA RNG saved is the rank's own device's;
-- the step loop makes no host sync between log steps (torch.cuda.set_sync_debug_mode).
+- the step loop makes no host sync between log steps (torch.cuda.set_sync_debug_mode);
+- a restore into CUDA tensors from several reading threads, each with its pinned ring and stream, is exact and
+  names a corrupt entry.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -349,3 +352,36 @@ def test_step_loop_makes_no_host_sync_between_log_steps(tmp_path):
     assert syncs, "sync debug mode reported nothing: the check did not run"
     extra = {step: where[step][-12:] for step in sorted(set(syncs) - {10, 20})}
     assert not extra, f"host syncs at steps {sorted(set(syncs))}; only log steps 10 and 20 may sync: {extra}"
+
+
+def test_cuda_destinations_from_several_threads(tmp_path):
+    """Four reading threads, each with its ring and stream, fill one device: every byte, and a corrupt entry in
+    the middle is named with no copy still running."""
+    from harness.checkpoint import direct_cuda
+    from harness.checkpoint.destinations import destinations
+    from harness.checkpoint.direct_read import ReadStats, local_streams, read_into
+    from harness.checkpoint.discovery import list_checkpoints, open_checkpoint
+    from harness.errors import CheckpointCorruptError
+    from harness.storage import Storage
+
+    torch.manual_seed(0)
+    big = nn.ParameterList([nn.Parameter(torch.randn(3_000_000 + 4099 * i)) for i in range(6)])
+    mgr = CheckpointManager(str(tmp_path / "ck"), io_threads=4, max_file_bytes=8 << 20)
+    mgr.save(1, models={"model": big})
+    mgr.close()
+    storage = Storage(str(tmp_path / "ck"))
+    name = list_checkpoints(storage)[-1].name
+    entries = [e for e in open_checkpoint(storage, name).tensors.values() if e.key.startswith("state/")]
+    fresh = nn.ParameterList([nn.Parameter(torch.zeros_like(p)) for p in big]).to(DEV)
+    stats = ReadStats()
+    read_into(storage, name, entries, destinations(entries, {"model": fresh}, {}), threads=4, stats=stats)
+    assert all(torch.equal(p.cpu(), q) for p, q in zip(fresh, big))
+    rings = min(local_streams(4), len(entries))  # one ring per reading thread
+    assert stats.peak_extra_bytes == rings * direct_cuda.RING_SLOTS * direct_cuda.RING_SLOT_BYTES
+    victim = max(entries, key=lambda e: e.length)
+    data = bytearray(storage.read_bytes(f"{name}/{victim.file}"))
+    data[victim.offset + victim.length // 2] ^= 0x5A
+    storage.write_bytes(f"{name}/{victim.file}", bytes(data))
+    with pytest.raises(CheckpointCorruptError, match=re.escape(repr(victim.key))):
+        read_into(storage, name, entries, destinations(entries, {"model": fresh}, {}), threads=4)
+    torch.cuda.synchronize()

@@ -3,12 +3,14 @@ was saved, in place, verified on the same pass, on local disk and memory://."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
 
 from harness import CheckpointManager
-from harness.checkpoint import blobs, direct_read
+from harness.checkpoint import blobs, direct_cuda, direct_io, direct_read
 from harness.checkpoint.destinations import destinations
 from harness.checkpoint.direct_read import ReadStats, read_into, verify_entries
 from harness.checkpoint.discovery import list_checkpoints, open_checkpoint
@@ -294,6 +296,94 @@ def test_cuda_destinations_through_the_pinned_ring(saved):
     _flip(storage, name, e, at=5)
     with pytest.raises(CheckpointCorruptError, match="big.weight"):
         read_into(storage, name, [e], {e.key: strided})
+
+
+class HostRing:
+    """direct_cuda.fill_run's ring with plain host buffers and immediate copies: the pinned ring needs a GPU, the
+    reading, hashing, slot and block arithmetic and error paths around it do not."""
+
+    def __init__(self, slots: int = 2, slot_bytes: int = 300_001) -> None:
+        self.slot_bytes = slot_bytes
+        self.bufs = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(slots)]
+        self.host = [memoryview(b.numpy()) for b in self.bufs]
+        self._next = 0
+        self.drained = 0
+
+    def take(self) -> int:
+        slot, self._next = self._next, (self._next + 1) % len(self.bufs)
+        return slot
+
+    def copy_out(self, slot: int, n: int, dst: torch.Tensor) -> None:
+        dst.copy_(self.bufs[slot][:n])
+
+    def convert(self, view: torch.Tensor, staged: torch.Tensor) -> None:
+        with torch.no_grad():
+            view.copy_(staged)
+
+    def drain(self) -> None:
+        self.drained += 1
+
+
+def _fill(storage, name, run, ring, stop=None):
+    with direct_io.Reader(storage, name) as reader:
+        return direct_cuda.fill_run(reader, run, ring, True, stop or threading.Event())
+
+
+def test_cuda_fill_run_slots_blocks_and_conversions(saved, monkeypatch):
+    """The CUDA reading thread's loop, on host buffers: entries over several slots (a slot not a multiple of the
+    block), a destination of another dtype and a strided one (both staged, then converted), every byte."""
+    storage, name, manifest, model, opt = saved
+    monkeypatch.setattr(direct_cuda, "LOCAL_BLOCK_BYTES", 65_536)
+    entries = _entries(manifest)
+    fresh = Model()
+    dests = destinations(entries, {"model": fresh}, {})
+    wide = torch.zeros(8, 4, dtype=torch.float64)  # another dtype: staged on the device, then converted
+    strided = torch.zeros(40000, 16)[:, ::2]       # not contiguous: the same
+    dests["state/models/model/a.weight"], dests["state/models/model/big.weight"] = wide, strided
+    targets, _ = direct_read.plan_targets(entries, dests, "cpu", ReadStats())
+    ring = HostRing()
+    reads, nbytes = _fill(storage, name, [(t.entry, t.view) for t in targets], ring)
+    assert nbytes == sum(e.length for e in entries) and ring.drained == 1
+    block = 65_536 if direct_io.is_local(storage) else ring.slot_bytes
+    assert reads == sum(-(-min(ring.slot_bytes, e.length - a) // block)
+                        for e in entries for a in range(0, e.length, ring.slot_bytes))
+    sd = model.state_dict()
+    assert torch.equal(wide, sd["a.weight"].double()) and _raw(strided.contiguous()) == _raw(sd["big.weight"])
+    for k, t in fresh.state_dict().items():
+        if k not in ("a.weight", "big.weight"):
+            assert _raw(t) == _raw(sd[k]), k
+
+
+def test_cuda_fill_run_corrupt_byte_and_stop(saved):
+    storage, name, manifest, _, _ = saved
+    e = manifest.tensors["state/models/model/big.weight"]
+    ring = HostRing()
+    stop = threading.Event()
+    stop.set()  # another thread failed: this one stops before its next read, and still drains its ring
+    with pytest.raises(direct_io.Aborted):
+        _fill(storage, name, [(e, torch.empty(e.shape))], ring, stop)
+    assert ring.drained == 1
+    _flip(storage, name, e, at=e.length - 3)  # in the last slot: caught when the entry's hash is complete
+    with pytest.raises(CheckpointCorruptError, match="big.weight"):
+        _fill(storage, name, [(e, torch.empty(e.shape))], ring)
+    assert ring.drained == 2
+
+
+def test_cuda_runs_share_out_every_destination(saved):
+    """One ring and thread per share: local shares are contiguous in file order; object stores get at most
+    ``threads`` shares of about equal bytes."""
+    storage, name, manifest, _, _ = saved
+    targets, _ = direct_read.plan_targets(_entries(manifest), {}, "cpu", ReadStats())
+    order = sorted(targets, key=lambda t: (t.entry.file, t.entry.offset))
+    for threads in (1, 2, 3):
+        runs = direct_read.plan_cuda_runs(targets, threads, local=True)
+        assert len(runs) == min(direct_read.local_streams(threads), len(targets))
+        assert [e for run in runs for e, _ in run] == [t.entry for t in order]
+        remote = direct_read.plan_cuda_runs(targets, threads, local=False)
+        assert len(remote) == min(threads, len(targets))
+        assert sorted(e.key for run in remote for e, _ in run) == sorted(t.entry.key for t in targets)
+        loads = [sum(e.length for e, _ in run) for run in remote]
+        assert max(loads) - min(loads) <= max(t.entry.length for t in targets)
 
 
 def test_s3_reads_into_live_tensors_and_finds_damage(_master, s3_url):

@@ -14,12 +14,14 @@ and the bytes land there directly:
   per thread (see :func:`plan_runs`); object stores by ``threads`` tasks, largest read first;
 - any other destination (non-contiguous, another dtype, another device type) gets a staging buffer that is
   verified before it is copied in, so a corrupt entry never reaches such a destination;
-- a CUDA destination is filled through a small ring of pinned host buffers: read -> checksum -> host-to-device
-  copy on a side stream, an event per slot so a slot is reused only once its copy is done;
+- CUDA destinations are shared out like the host runs (:func:`plan_cuda_runs`), and each share is filled by
+  a thread of its own through a small ring of pinned host buffers: read -> checksum -> host-to-device copy on
+  the ring's side stream, an event per slot so a slot is reused only once its copy is done;
 - an entry without a destination (optimizer state that does not exist yet) is allocated once, at its saved
   shape and dtype, on the device the caller gives.
 
-Extra host memory at any moment is at most max(largest staged tensor, ``memory_budget``) plus the CUDA ring.
+Extra host memory at any moment is at most max(largest staged tensor, ``memory_budget``) plus the CUDA rings
+(24 MiB of pinned memory per CUDA reading thread).
 
 Contract on failure: a checksum mismatch raises :class:`CheckpointCorruptError` naming file and key; a
 truncated file also raises it; storage failures raise what the storage raises. When :func:`read_into` raises,
@@ -32,7 +34,6 @@ success, every destination holds bytes whose checksum matched.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from typing import Mapping, Sequence, Union
 import torch
 import xxhash
 
-from harness.checkpoint.direct_cuda import RING_SLOT_BYTES, read_to_cuda
+from harness.checkpoint import direct_cuda
 from harness.checkpoint.direct_io import MAX_IOV, Aborted, Budget, Reader, byte_view, check_digest
 from harness.checkpoint.format import DTYPES, TensorEntry
 from harness.errors import CheckpointCorruptError, CheckpointError
@@ -106,26 +107,34 @@ def read_into(storage: Storage, folder: str, entries: Sequence[TensorEntry], des
     host = [t for t in targets if t.view is None or t.view.device.type != "cuda"]
     cuda = [t for t in targets if t.view is not None and t.view.device.type == "cuda"]
     budget = Budget(memory_budget)
+    device = direct_cuda.cuda_device([t.view for t in cuda]) if cuda else None
     with Reader(storage, folder) as reader:
         stop = threading.Event()
         jobs = plan_jobs(host, coalesce=coalesce)
         runs = plan_runs(jobs, threads, reader.local)
-        pool = cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(runs))), thread_name_prefix="harness-read")
+        cuda_runs = plan_cuda_runs(cuda, threads, reader.local)
+        rings = direct_cuda.open_rings(device, len(cuda_runs)) if cuda_runs else []
+        pool = cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(runs)) + len(cuda_runs)),
+                                     thread_name_prefix="harness-read")
         futures: list[cf.Future] = []
         try:
-            futures = [pool.submit(_run_jobs, reader, run, budget, verify, stop) for run in runs]
-            ring_bytes = read_to_cuda(reader, [(t.entry, t.view) for t in cuda], verify, stop) if cuda else 0
-        except BaseException as exc:
-            _abort(pool, futures, stop, exc)
-        try:
-            _collect(pool, futures, stop, stats)
+            try:
+                # the CUDA shares first: each gets a thread of its own at once, the host runs share the rest
+                futures = [pool.submit(direct_cuda.fill_run, reader, run, ring, verify, stop)
+                           for run, ring in zip(cuda_runs, rings)]
+                futures += [pool.submit(_run_jobs, reader, run, budget, verify, stop) for run in runs]
+            except BaseException as exc:
+                _abort(pool, futures, stop, exc)
+            try:
+                _collect(pool, futures, stop, stats)
+            finally:
+                pool.shutdown(wait=True)
         finally:
-            pool.shutdown(wait=True)
+            if rings:
+                direct_cuda.close_rings(rings, device)
     stats.tensors += len(targets)
     stats.coalesced += sum(len(j.targets) for j in jobs if len(j.targets) > 1)
-    stats.reads += sum(math.ceil(t.entry.length / RING_SLOT_BYTES) for t in cuda)
-    stats.bytes += sum(t.entry.length for t in cuda)
-    stats.peak_extra_bytes = max(stats.peak_extra_bytes, budget.peak + ring_bytes)
+    stats.peak_extra_bytes = max(stats.peak_extra_bytes, budget.peak + sum(r.nbytes for r in rings))
     return out
 
 
@@ -266,6 +275,20 @@ def plan_runs(jobs: Sequence[_Job], threads: int, local: bool) -> list[list[_Job
         runs[-1].append(j)
         done += j.end - j.offset
     return runs
+
+
+def plan_cuda_runs(targets: Sequence[_Target], threads: int, local: bool) -> list[list[tuple[TensorEntry, torch.Tensor]]]:
+    """The CUDA destinations each reading thread fills, in order (one ring per thread): local files in contiguous
+    shares as :func:`plan_runs`; elsewhere at most ``threads`` lists, largest entries first, each to the list
+    with the fewest bytes so far."""
+    jobs = [_Job(t.entry.file, t.entry.offset, t.entry.offset + t.entry.length, [t]) for t in targets]
+    runs = plan_runs(sorted(jobs, key=lambda j: (j.file, j.offset)), threads, local)
+    if not local and len(runs) > threads:
+        lists: list[list[_Job]] = [[] for _ in range(max(1, threads))]
+        for run in runs:  # already largest first
+            min(lists, key=lambda js: sum(j.end - j.offset for j in js)).extend(run)
+        runs = [js for js in lists if js]
+    return [[(t.entry, t.view) for j in run for t in j.targets] for run in runs]
 
 
 # -- reading ---------------------------------------------------------------------------------------------
