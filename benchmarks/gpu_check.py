@@ -306,7 +306,8 @@ def _issue13(io: dict, ov: dict) -> list[dict]:
 
     disk_w = max(filter(None, [gbps("disk_write_fsync"), gbps("disk_write_fsync_par")]), default=None)
     return [_judged(13, *t) for t in [
-        ("durable save >= 90% of the disk's write+fsync", ratio(gbps("harness_save_sync"), disk_w), 0.90, ">="),
+        ("durable save (steady state) >= 90% of the disk's write+fsync", ratio(gbps("harness_save_sync"), disk_w),
+         0.90, ">="),
         ("async blocking <= 0.25 s (steady state)", rows.get("harness_save_async", {}).get("blocking_s"), 0.25,
          "<="),
         ("cold restore >= 95% of the disk's read", ratio(gbps("harness_restore_cold"), gbps("disk_read_cold")),

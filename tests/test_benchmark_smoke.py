@@ -22,8 +22,8 @@ SCRIPT = REPO / "benchmarks" / "checkpoint_io.py"
 ROWS = [
     "disk_write_fsync", "disk_write_fsync_par", "disk_read_cold", "disk_read_warm", "host_copy",
     "d2h_pinned", "d2h_pageable", "h2d_pinned",
-    "harness_save_sync", "harness_save_async_first", "harness_save_async", "harness_restore_cold",
-    "harness_restore_warm", "torch_save", "torch_load_cold", "torch_load_warm",
+    "harness_save_sync_first", "harness_save_sync", "harness_save_async_first", "harness_save_async",
+    "harness_restore_cold", "harness_restore_warm", "torch_save", "torch_load_cold", "torch_load_warm",
     "dcp_save", "dcp_async_save_first", "dcp_async_save", "dcp_async_best_first", "dcp_async_best",
     "dcp_load_cold", "dcp_load_warm",
     "safetensors_save", "safetensors_load_cold", "safetensors_load_warm",
@@ -37,7 +37,8 @@ def _has(module: str) -> bool:
 def _must_run() -> set[str]:
     """Rows that have no legitimate reason to be skipped on a CPU machine with this environment."""
     rows = {"disk_write_fsync", "disk_write_fsync_par", "disk_read_cold", "disk_read_warm", "host_copy",
-            "harness_save_sync", "harness_save_async_first", "harness_save_async", "harness_restore_cold",
+            "harness_save_sync_first", "harness_save_sync", "harness_save_async_first", "harness_save_async",
+            "harness_restore_cold",
             "harness_restore_warm",
             "torch_save", "torch_load_cold", "torch_load_warm"}
     if torch.distributed.is_available():
