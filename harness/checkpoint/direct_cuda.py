@@ -39,7 +39,6 @@ class Ring:
     """Pinned host buffers cycled in order; each slot's event marks the end of the copy out of it."""
 
     def __init__(self, device: torch.device, slots: int = RING_SLOTS, slot_bytes: int = RING_SLOT_BYTES) -> None:
-        self.device = device
         self.slot_bytes = slot_bytes
         self.bufs = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
         self.host = [memoryview(b.numpy()) for b in self.bufs]
@@ -78,8 +77,6 @@ class Ring:
 
 def cuda_device(views: Sequence[torch.Tensor]) -> torch.device:
     """The one CUDA device every destination is on (a read fills one device: a rank's)."""
-    if not torch.cuda.is_available():
-        raise CheckpointError("CUDA destinations given but CUDA is not available")
     devices = {v.device for v in views}
     if len(devices) != 1:
         raise CheckpointError(f"CUDA destinations on several devices in one read: {sorted(map(str, devices))}")
@@ -88,20 +85,13 @@ def cuda_device(views: Sequence[torch.Tensor]) -> torch.device:
 
 def open_rings(device: torch.device, n: int) -> list[Ring]:
     """``n`` rings, allocated by the calling thread; their streams start after the work queued so far on its
-    current stream (the destinations may still be in use there)."""
+    current stream (the destinations may still be in use there). Nothing closes them: each :func:`fill_run`
+    drains its ring before it returns or raises, so once its thread has ended no copy is left in flight."""
     rings = [Ring(device) for _ in range(n)]
     current = torch.cuda.current_stream(device)
     for ring in rings:
         ring.stream.wait_stream(current)
     return rings
-
-
-def close_rings(rings: Sequence[Ring], device: torch.device) -> None:
-    """Every copy has finished (each ring drained), and the caller's stream is ordered after them."""
-    current = torch.cuda.current_stream(device)
-    for ring in rings:
-        ring.drain()
-        current.wait_stream(ring.stream)
 
 
 def fill_run(reader: Reader, run: Sequence[tuple[TensorEntry, torch.Tensor]], ring: RingLike, verify: bool,

@@ -118,20 +118,16 @@ def read_into(storage: Storage, folder: str, entries: Sequence[TensorEntry], des
                                      thread_name_prefix="harness-read")
         futures: list[cf.Future] = []
         try:
-            try:
-                # the CUDA shares first: each gets a thread of its own at once, the host runs share the rest
-                futures = [pool.submit(direct_cuda.fill_run, reader, run, ring, verify, stop)
-                           for run, ring in zip(cuda_runs, rings)]
-                futures += [pool.submit(_run_jobs, reader, run, budget, verify, stop) for run in runs]
-            except BaseException as exc:
-                _abort(pool, futures, stop, exc)
-            try:
-                _collect(pool, futures, stop, stats)
-            finally:
-                pool.shutdown(wait=True)
+            # the CUDA shares first: each gets a thread of its own at once, the host runs share the rest
+            futures = [pool.submit(direct_cuda.fill_run, reader, run, ring, verify, stop)
+                       for run, ring in zip(cuda_runs, rings)]
+            futures += [pool.submit(_run_jobs, reader, run, budget, verify, stop) for run in runs]
+        except BaseException as exc:
+            _abort(pool, futures, stop, exc)
+        try:
+            _collect(pool, futures, stop, stats)
         finally:
-            if rings:
-                direct_cuda.close_rings(rings, device)
+            pool.shutdown(wait=True)  # every fill_run has drained its ring: no copy to a destination in flight
     stats.tensors += len(targets)
     stats.coalesced += sum(len(j.targets) for j in jobs if len(j.targets) > 1)
     stats.peak_extra_bytes = max(stats.peak_extra_bytes, budget.peak + sum(r.nbytes for r in rings))
@@ -277,7 +273,8 @@ def plan_runs(jobs: Sequence[_Job], threads: int, local: bool) -> list[list[_Job
     return runs
 
 
-def plan_cuda_runs(targets: Sequence[_Target], threads: int, local: bool) -> list[list[tuple[TensorEntry, torch.Tensor]]]:
+def plan_cuda_runs(targets: Sequence[_Target], threads: int,
+                   local: bool) -> list[list[tuple[TensorEntry, torch.Tensor]]]:
     """The CUDA destinations each reading thread fills, in order (one ring per thread): local files in contiguous
     shares as :func:`plan_runs`; elsewhere at most ``threads`` lists, largest entries first, each to the list
     with the fewest bytes so far."""
