@@ -878,6 +878,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="repeat every measurement N times; report the median")
     p.add_argument("--restore-repeat", type=int, default=None,
                    help="repeats of the interleaved restore section (issue 14's targets); default max(5, --repeat)")
+    p.add_argument("--restore-threads", default=None,
+                   help="restore section: also time CheckpointManager.restore warm with these io_threads "
+                        "(comma-separated; default on cuda: 8,16 where the machine has that many CPUs, on cpu: "
+                        "none): whether more reading threads bring a warm GPU restore nearer a pinned copy")
     p.add_argument("--layers", type=int, default=4, help="synthetic: number of square Linear layers")
     p.add_argument("--io-threads", type=int, default=4, help="harness io_threads (and the parallel disk write)")
     p.add_argument("--max-file-mb", type=int, default=None,
@@ -1031,15 +1035,24 @@ def _one_file(work: Path, nbytes: int) -> tuple[Path, torch.Tensor]:
     return p, buf
 
 
+def restore_threads(arg: str | None, device: torch.device) -> list[int]:
+    """The extra io_threads the warm restore is timed with (``--restore-threads``)."""
+    if arg is not None:
+        return [int(x) for x in arg.split(",") if x.strip()]
+    return [n for n in (8, 16) if n <= _cpus()] if device.type == "cuda" else []
+
+
 def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.Optimizer, nbytes: int,
-                       max_file_bytes: int, io_threads: int, repeat: int = 5) -> dict:
+                       max_file_bytes: int, io_threads: int, repeat: int = 5,
+                       more_threads: list[int] | None = None) -> dict:
     """Restore through direct_read (read + verify straight into the model's and optimizer's tensors, then
     load_state_dict, which finds them in place) cold and warm, beside CheckpointManager.restore and the
     references issue 14's targets are ratios of, all interleaved (see :class:`_Methods`), ``repeat`` times,
     medians reported. Cold references: a cold read of one file of the state's size (the disk's limit) and a
     cold read of the checkpoint's own files (same files, same bytes, one thread front to back). Warm
     references: memcpy of the state with 1 and with 2 threads, xxh3 of it, memcpy + xxh3, and safetensors
-    load + copy into the live tensors. Peak extra host memory (RSS high-water above the start)."""
+    load + copy into the live tensors. Peak extra host memory (RSS high-water above the start).
+    ``more_threads``: the warm manager restore again with each of these io_threads (manager_warm_t<N>)."""
     import xxhash
 
     from harness import CheckpointManager, prefetch
@@ -1055,6 +1068,7 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
     stats: list[ReadStats] = []
     st_dir = work / "safetensors_copy"
     raw = None
+    readers: list[CheckpointManager] = []
     try:
         mgr.save(1, models=model, optimizers=opt)
         storage = mgr.storage
@@ -1077,8 +1091,8 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
             stats.append(st)
             return extra
 
-        def manager() -> int:
-            res, extra = peak_rss_during(lambda: mgr.restore(models=model, optimizers=opt))
+        def manager(m: CheckpointManager = mgr) -> int:
+            res, extra = peak_rss_during(lambda: m.restore(models=model, optimizers=opt))
             assert res is not None and res.step == 1, res
             return extra
 
@@ -1106,6 +1120,9 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
         warm = _Methods(b)
         warm.add("direct_warm", direct)
         warm.add("manager_warm", manager)
+        for n in more_threads or []:
+            readers.append(CheckpointManager(str(d), read_only=True, io_threads=n))
+            warm.add(f"manager_warm_t{n}", lambda m=readers[-1]: manager(m))
         warm.add("memcpy_plus_checksum", lambda: (dst.copy_(src), xxhash.xxh3_64_hexdigest(dst_mv)))
         warm.add("memcpy_1t", _with_threads(1, lambda: dst.copy_(src)))
         warm.add("memcpy_2t", _with_threads(min(2, cpus), lambda: dst.copy_(src)))
@@ -1116,7 +1133,8 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
         warm.run(repeat)
         src = dst = dst_mv = None
     finally:
-        mgr.close()
+        for m in [mgr, *readers]:
+            m.close()
         shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(st_dir, ignore_errors=True)
         if raw is not None:
@@ -1193,6 +1211,9 @@ def _restore_targets(out: dict, largest: int) -> dict:
     if out.get("h2d_pinned_s"):  # GPU: the state's bytes, read + verified + copied to the device, against a
         # bare pinned host-to-device copy of as many bytes
         t["warm_vs_pinned_h2d (>= 0.8, GPU)"] = round(out["h2d_pinned_s"] / mgr_warm, 3)
+        for key in sorted(k for k in out if k.startswith("manager_warm_t") and k.endswith("_s") and out[k]):
+            n = key.removeprefix("manager_warm_t").removesuffix("_s")  # informational: more reading threads
+            t[f"warm_vs_pinned_h2d at io_threads={n}"] = round(out["h2d_pinned_s"] / out[key], 3)
     return t
 
 
@@ -1274,7 +1295,8 @@ def main(argv: list[str] | None = None) -> int:
         if "harness" in groups:  # issue 14: restore through direct_read, after the rows it is compared with
             try:
                 direct = run_direct_restore(b, base, model, opt, nbytes, args.max_file_mb << 20, args.io_threads,
-                                            args.restore_repeat or max(5, args.repeat))
+                                            args.restore_repeat or max(5, args.repeat),
+                                            restore_threads(args.restore_threads, device))
             except Exception as exc:  # noqa: BLE001 - report it; the rows above stand on their own
                 direct = {"error": f"{type(exc).__name__}: {exc}"}
                 log(f"direct restore failed:\n{traceback.format_exc()}")
@@ -1326,7 +1348,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "files, same bytes); memcpy_1t/_2t: copy_ of the state with 1/2 torch threads; "
                                     "xxh3_1t: its checksum; warm_floor_s: max(memcpy_2t, (memcpy_1t + xxh3_1t) / "
                                     "cpus), what a warm restore that copies and hashes every byte once cannot "
-                                    "beat; disk_read_cold_s: the limits row (not interleaved)"}}
+                                    "beat; disk_read_cold_s: the limits row (not interleaved); manager_warm_t<N>: "
+                                    "the warm manager restore with io_threads=N (--restore-threads)"}}
 
     print()
     print(f"checkpoint I/O: {fmt_bytes(nbytes)} {args.state} state on {env['device_name']} ({device.type}), "

@@ -13,8 +13,10 @@ time limit, and a part that no longer fits the budget is reported as not run:
 3. ``two_ranks_<ddp|zero|fsdp>``: two ranks on the one GPU (NCCL, a distinct ``NCCL_HOSTID`` per rank so NCCL
    accepts two ranks on one device), rank 1 SIGKILLed mid-run, then resumed from that folder at 2 ranks and,
    from a copy, at 1 rank: both finish, resuming from the committed step, and the final checkpoint verifies.
-4. ``benchmarks``: ``checkpoint_io.py --size-gb 8 --device cuda`` and ``train_overhead.py --device cuda``, then
-   the targets of issues 13, 14 and 15 that a GPU run judges, PASS/FAIL (n/a where one does not apply) each.
+4. ``benchmarks``: ``writer_contention.py --device cuda`` (what a background write takes from a loop of kernel
+   launches; informational), ``train_overhead.py --device cuda`` and ``checkpoint_io.py --size-gb 8 --device
+   cuda``, then the targets of issues 13, 14 and 15 that a GPU run judges, PASS/FAIL (n/a where one does not
+   apply) each.
 
 Writes ``gpu_check_<cuda|cpu-smoke>_<stamp>.json``, the same as ``_latest.json`` and a short
 ``gpu_check_<...>_latest.txt`` under ``--out`` (default benchmarks/results). Exit 0 when every part that ran
@@ -249,21 +251,27 @@ def benchmarks(c: Check) -> dict:
         ov = ["--device", "cpu", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "16",
               "--vocab-size", "128", "--batch-size", "2", "--steps", "6", "--every", "3", "--warmup", "1",
               "--modes", "none,async"]
+        wc = ["--device", "cpu", "--size-gb", "0.01", "--rounds", "1", "--idle-s", "0.2"]
     else:
         io = ["--size-gb", "8", "--device", "cuda", "--restore-repeat", str(c.args.restore_repeat)]
         # DCP's defaults are measured by checkpoint_io; here only the modes the targets compare (time budget).
         # Batch 32, not gpt_small's 16: on the H200 a batch-16 forward+backward (0.023 s) was shorter than the
         # snapshot's copy (0.028 s), where issue 15's stall target does not apply.
-        ov = ["--device", "cuda", "--steps", "110", "--every", "50", "--warmup", "5", "--batch-size", "32",
+        # 160 steps: the checkpoint at 100 is a steady one with its whole interval (steps 100-149) in the run,
+        # the window its background write's cost is judged on (at 110 steps the H200 run saw only 10 of them).
+        ov = ["--device", "cuda", "--steps", "160", "--every", "50", "--warmup", "5", "--batch-size", "32",
               "--modes", "none,async,dcp_best"]
+        wc = ["--device", "cuda", "--size-gb", "2", "--rounds", "3"]
     groups = "limits,harness,dcp,safetensors" if c.smoke else c.args.io_groups
     bench_dir = ["--dir", str(c.work / "bench")]
     io_cmd = [sys.executable, "benchmarks/checkpoint_io.py", *io, "--groups", groups, "--out", str(out), *bench_dir]
     ov_cmd = [sys.executable, "benchmarks/train_overhead.py", *ov, "--recovery-modes", "async", "--out", str(out),
               *bench_dir]
-    # On the GPU one after the other (they measure the machine), the short one first: checkpoint_io takes what
+    wc_cmd = [sys.executable, "benchmarks/writer_contention.py", *wc, "--out", str(out), *bench_dir]
+    # On the GPU one after the other (they measure the machine), the short ones first: checkpoint_io takes what
     # is left and, stopped at the limit, still writes what it measured. At smoke sizes they share the machine.
     started = time.time()
+    rc_wc = c.run(wc_cmd, "writer_contention", 60)[0]  # what a background write takes from kernel launches
     with ThreadPoolExecutor(2 if c.smoke else 1) as pool:
         f_ov = pool.submit(c.run, ov_cmd, "train_overhead", 150)
         f_io = pool.submit(c.run, io_cmd, "checkpoint_io", 400)
@@ -272,10 +280,21 @@ def benchmarks(c: Check) -> dict:
     targets = evaluate_targets(out / f"checkpoint_io_{dev}_latest.json", out / f"train_overhead_{dev}_latest.json",
                                since=started)
     met = all(t["pass"] is not False for t in targets)  # None: does not apply to this run
-    ok = rc_io == 0 and rc_ov == 0 and (met or c.smoke)  # tiny CPU sizes say nothing about the targets
-    return {"ok": ok, "rc_checkpoint_io": rc_io, "rc_train_overhead": rc_ov, "targets": targets,
+    ok = rc_io == 0 and rc_ov == 0 and rc_wc == 0 and (met or c.smoke)  # tiny CPU sizes: no target applies
+    return {"ok": ok, "rc_checkpoint_io": rc_io, "rc_train_overhead": rc_ov, "rc_writer_contention": rc_wc,
+            "writer_contention": contention(out / f"writer_contention_{dev}_latest.json", since=started),
+            "targets": targets,
             "note": ("targets (informational at smoke sizes): " if c.smoke else "targets: ")
             + ", ".join(f"#{t['issue']} {t['target']} {verdict(t['pass'])}" for t in targets)}
+
+
+def contention(path: Path, since: float) -> dict | None:
+    """writer_contention.py's medians per mode (informational: no issue sets a target on it), if this run
+    wrote them."""
+    if not path.exists() or path.stat().st_mtime < since:
+        return None
+    rows = json.loads(path.read_text())["rows"]
+    return {r["mode"]: {k: round(r[k], 4) for k in ("rate_fraction", "lost_s", "write_s")} for r in rows}
 
 
 def verdict(ok: bool | None) -> str:
@@ -346,7 +365,8 @@ def _issue15(ov: dict) -> list[dict]:
 # -- report ----------------------------------------------------------------------------------------------
 
 LOGS_OF = {"cuda_tests": ("cuda_tests",), "gpt_deterministic": ("gpt_",), "benchmarks": ("checkpoint_io",
-                                                                                           "train_overhead")}
+                                                                                           "train_overhead",
+                                                                                           "writer_contention")}
 
 
 def failed_logs(parts: list[dict], logs: dict[str, str]) -> dict[str, str]:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch_features import DCP_BEST, needs_dcp_best, needs_fsdp
 from uninstalled_env import uninstalled_env
@@ -164,8 +166,12 @@ def test_train_overhead_benchmark_tiny_cpu(tmp_path):
         r = rows[mode]
         assert r["checkpoint_steps"] == [2, 4] and r["checkpoints"] == 2  # the final save (step 5) is not counted
         assert len(r["blocked_s_all"]) == 2 and all(b >= 0 for b in r["blocked_s_all"])
+        median = statistics.median(r["step_times_s"][1:])  # past the one warm-up step
         for c in r["per_checkpoint"]:  # stall = time in save() + time at the next wait point
             assert c["stall_s"] == c["save_s"] + c["wait_s"] and c["staged_s"] is not None and c["staged_s"] >= 0
+            # the whole interval after the checkpoint: steps k .. k+every-1 less every median steps
+            window = r["step_times_s"][c["step"] - 1:c["step"] - 1 + every]
+            assert c["window_cost_s"] == pytest.approx(sum(window) - every * median, abs=1e-4)
         assert r["final_save_s"] is not None
     assert rows["async"]["copy_s"] > 0
     assert {t["target"].split(" (")[0] for t in result["targets"]} >= {
@@ -186,6 +192,29 @@ def test_train_overhead_benchmark_tiny_cpu(tmp_path):
     assert {p.suffix for p in out.iterdir()} <= {".json", ".png"}
     assert not any(p.is_file() for p in work.rglob("*"))  # checkpoints and metrics removed
     assert "overhead %" in proc.stdout  # the table was printed
+
+
+def test_writer_contention_benchmark_tiny_cpu(tmp_path):
+    """benchmarks/writer_contention.py at a tiny state: both modes measured each round, interleaved; the
+    report's figures consistent with its samples, never timings."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "writer_contention.py"), "--device", "cpu", "--size-gb", "0.01",
+         "--rounds", "2", "--idle-s", "0.1", "--out", str(out), "--dir", str(tmp_path / "work")],
+        cwd=REPO, env=uninstalled_env(), capture_output=True, text=True, timeout=300)  # a hang guard
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    result = json.loads((out / "writer_contention_cpu_latest.json").read_text())
+    assert result["benchmark"] == "writer_contention" and result["state_bytes"] > 0
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert list(rows) == ["gil_free", "gil_held"]
+    for r in rows.values():
+        assert len(r["samples"]) == 2
+        for s in r["samples"]:
+            assert s["idle_ops_per_s"] > 0 and s["busy_ops_per_s"] > 0 and s["write_s"] > 0
+            assert s["rate_fraction"] == pytest.approx(s["busy_ops_per_s"] / s["idle_ops_per_s"])
+        assert r["rate_fraction"] == pytest.approx(statistics.median(s["rate_fraction"] for s in r["samples"]))
+    assert "gil_held" in proc.stdout  # the table was printed
+    assert not list((tmp_path / "work").iterdir())  # the checkpoint folder went with the run
 
 
 def test_resume_time_benchmark_smoke(tmp_path):

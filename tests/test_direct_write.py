@@ -11,6 +11,7 @@ import torch
 from harness import CheckpointManager
 from harness.errors import HarnessError
 from harness.storage import Storage
+from harness.storage import direct_write
 from harness.storage.direct_write import ALIGN, DirectWriter, open_direct
 from page_cache import resident_fraction
 
@@ -29,6 +30,27 @@ def test_every_size_is_written_exactly(tmp_path, size):
     assert storage.backend.direct
     data = os.urandom(size)
     _write(storage, "f.bin", data)
+    assert (tmp_path / "f.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("gil_free_min", [1, 64 << 10, 1 << 62])  # numpy's copy always, by size, never
+def test_either_copy_into_the_block_writes_the_same_bytes(tmp_path, monkeypatch, gil_free_min):
+    """Pieces above ``GIL_FREE_COPY_MIN`` are copied by numpy (the GIL released), smaller ones by a slice
+    assignment: mixed sizes, read-only and writable sources, pieces that straddle a block's end."""
+    monkeypatch.setattr(direct_write, "GIL_FREE_COPY_MIN", gil_free_min)
+    data = os.urandom(3 * (4 << 20) + 12_345)
+    fd, direct = open_direct(str(tmp_path / "f.bin"))
+    w = DirectWriter(fd, direct)
+    pos = 0
+    try:
+        for n in (1, 70_000, (4 << 20) - 3, 64 << 10, 10, 5 << 20):
+            piece = memoryview(data)[pos:pos + n]
+            w.write(piece if n % 2 else bytearray(piece))  # bytes slices are read-only, bytearrays writable
+            pos += n
+        w.write(memoryview(data)[pos:])
+        w.finish()
+    finally:
+        w.close()
     assert (tmp_path / "f.bin").read_bytes() == data
 
 
