@@ -17,7 +17,7 @@ Modes (``--modes``), interleaved over ``--rounds``:
 
 * ``gil_free``: harness as it is: the copy into the O_DIRECT block is numpy's memcpy, which releases the GIL;
 * ``gil_held``: the same with that copy made by a memoryview slice assignment, which holds the GIL
-  (``direct_write.GIL_FREE_COPY_MIN`` raised above every piece): the A/B of that choice.
+  (``bytecopy.GIL_FREE_COPY_MIN`` raised above every piece): the A/B of that choice.
 
     python benchmarks/writer_contention.py --size-gb 0.5 --rounds 5 --out benchmarks/results
     python benchmarks/writer_contention.py --device cuda --size-gb 2 --rounds 3 --dir /local_nvme/bench
@@ -49,9 +49,9 @@ from checkpoint_io import build_state, state_tensors, unique_bytes  # noqa: E402
 from train_overhead import environment  # noqa: E402
 
 from harness import CheckpointManager  # noqa: E402
-from harness.storage import direct_write  # noqa: E402
+from harness.storage import bytecopy  # noqa: E402
 
-MODES = {"gil_free": direct_write.GIL_FREE_COPY_MIN, "gil_held": 1 << 62}
+MODES = {"gil_free": bytecopy.GIL_FREE_COPY_MIN, "gil_held": 1 << 62}
 OPS_PER_ITER = 50
 
 
@@ -102,13 +102,13 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         for rnd in range(args.rounds):
             for mode in modes:
                 step += 1
-                direct_write.GIL_FREE_COPY_MIN = MODES[mode]
+                bytecopy.GIL_FREE_COPY_MIN = MODES[mode]
                 s = one_checkpoint(mgr, model, opt, step, x, args.idle_s)
                 samples[mode].append(s)
                 log(f"round {rnd + 1} {mode}: loop at {s['rate_fraction']:.3f} of its idle rate for "
                     f"{s['write_s']:.2f} s of writing")
     finally:
-        direct_write.GIL_FREE_COPY_MIN = MODES["gil_free"]
+        bytecopy.GIL_FREE_COPY_MIN = MODES["gil_free"]
         mgr.close()
     rows = [summarize(m, samples[m]) for m in modes]
     return {"benchmark": "writer_contention", "state": desc, "state_bytes": nbytes, "rows": rows}

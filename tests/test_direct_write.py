@@ -11,7 +11,7 @@ import torch
 from harness import CheckpointManager
 from harness.errors import HarnessError
 from harness.storage import Storage
-from harness.storage import direct_write
+from harness.storage import bytecopy
 from harness.storage.direct_write import ALIGN, DirectWriter, open_direct
 from page_cache import resident_fraction
 
@@ -37,7 +37,7 @@ def test_every_size_is_written_exactly(tmp_path, size):
 def test_either_copy_into_the_block_writes_the_same_bytes(tmp_path, monkeypatch, gil_free_min):
     """Pieces above ``GIL_FREE_COPY_MIN`` are copied by numpy (the GIL released), smaller ones by a slice
     assignment: mixed sizes, read-only and writable sources, pieces that straddle a block's end."""
-    monkeypatch.setattr(direct_write, "GIL_FREE_COPY_MIN", gil_free_min)
+    monkeypatch.setattr(bytecopy, "GIL_FREE_COPY_MIN", gil_free_min)
     data = os.urandom(3 * (4 << 20) + 12_345)
     fd, direct = open_direct(str(tmp_path / "f.bin"))
     w = DirectWriter(fd, direct)

@@ -6,12 +6,8 @@ makes it durable then writes it back; on a CPU-bound training machine that costs
 bytes are worth. Measured on the 2-core machine, 635 MB written and fsync'd beside a 2-thread matmul loop:
 buffered 1.1-1.5 s of the writer's CPU and +0.8-1.3 s on the training steps that ran meanwhile; O_DIRECT
 0.06 s of CPU, no visible cost to the steps, and 4-5x sooner on disk. The copy into the aligned buffer is
-one memcpy of a few MB at a time (it stays in cache for the caller's checksum of the same piece), made by
-numpy, which releases the GIL for it: a memoryview slice assignment holds the GIL through the memcpy, and a
-training loop that launches kernels from Python then waits for it. Measured on the 2-core machine, a loop of
-small torch ops while four writers put 512 MB to disk: 0.5-0.8 of its idle rate with the slice copy, 0.9-1.1
-with numpy's (``benchmarks/writer_contention.py``). Pieces under ``GIL_FREE_COPY_MIN`` keep the slice copy,
-whose fixed cost is lower.
+one memcpy of a few MB at a time (it stays in cache for the caller's checksum of the same piece), made
+without holding the GIL (:mod:`~harness.storage.bytecopy`).
 
 ``O_DIRECT`` wants the file offset, the memory address and the length of every write aligned (4 KiB covers
 the disks in use). Full blocks are written as they fill; the last one is padded with zeros to the
@@ -28,11 +24,10 @@ import fcntl
 import mmap
 import os
 
-import numpy as np
+from harness.storage.bytecopy import copy_into
 
 ALIGN = 4096
 BLOCK_BYTES = 4 << 20
-GIL_FREE_COPY_MIN = 64 << 10  # bytes; smaller copies hold the GIL for less than numpy's call costs
 
 
 def open_direct(path: str) -> tuple[int, bool]:
@@ -56,7 +51,6 @@ class DirectWriter:
         self.fd, self.direct = fd, direct
         self._buf = mmap.mmap(-1, block)       # anonymous: page-aligned
         self._mv = memoryview(self._buf)
-        self._arr = np.frombuffer(self._buf, dtype=np.uint8)  # the same bytes, for copies without the GIL
         self._fill = 0                         # bytes waiting in the block
         self._pos = 0                          # bytes already written to the file (whole blocks)
         self.closed = False
@@ -67,13 +61,9 @@ class DirectWriter:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         src = memoryview(data).cast("B")
         n, i = len(src), 0
-        arr = np.frombuffer(src, dtype=np.uint8) if n >= GIL_FREE_COPY_MIN else None
         while i < n:
             k = min(len(self._mv) - self._fill, n - i)
-            if arr is not None and k >= GIL_FREE_COPY_MIN:
-                np.copyto(self._arr[self._fill:self._fill + k], arr[i:i + k])  # memcpy, GIL released
-            else:
-                self._mv[self._fill:self._fill + k] = src[i:i + k]
+            copy_into(self._buf, self._fill, src[i:i + k])
             self._fill += k
             i += k
             if self._fill == len(self._mv):
@@ -97,7 +87,6 @@ class DirectWriter:
         if not self.closed:
             self.closed = True
             self._mv.release()
-            del self._arr  # the last export of the map: close() refuses while one is alive
             self._buf.close()
             os.close(self.fd)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from harness import faults
 from harness.errors import StorageError
+from harness.storage.bytecopy import copy_into
 from harness.storage.errors import StorageOpError
 from harness.storage.options import MAX_PART_BYTES
 from harness.storage.s3.body import Fresh
@@ -83,7 +84,7 @@ class S3Writer:
             if self._buf is None:
                 self._buf, self._fill = bytearray(self._capacity()), 0
             take = min(len(mv), len(self._buf) - self._fill)
-            self._buf[self._fill:self._fill + take] = mv[:take]
+            copy_into(self._buf, self._fill, mv[:take])  # the GIL released: training goes on meanwhile
             self._fill += take
             mv = mv[take:]
             if self._fill == len(self._buf):
