@@ -115,3 +115,26 @@ def test_snapshot_views_hold_every_dtype_and_shape_and_follow_layout_changes():
     assert snap.views["f"] is not first and snap.allocations == 1  # new layout: one new buffer, the old freed
     snap.release()
     assert snap.nbytes == 0 and snap.views == {}
+
+
+@pytest.mark.parametrize("size, threads", [(0, 1), (1, 1), (4097, 1), ((3 << 20) + 5, 3)])
+def test_a_buffer_to_pin_is_written_through_before_it_is_locked(monkeypatch, size, threads):
+    """Before a new snapshot buffer is page-locked (GPU sources), every page is written, split over threads
+    (each span a contiguous share, together the whole buffer), so the locking finds the pages present."""
+    from harness.checkpoint import snapshot as snap
+
+    monkeypatch.setattr(snap, "PREFAULT_MIN_CHUNK", 1 << 20)
+    monkeypatch.setattr(snap, "_cpus", lambda: threads)
+    buf = torch.empty(size, dtype=torch.uint8).fill_(0xAB)
+    spans = []
+    real = snap.ctypes.memset
+    monkeypatch.setattr(snap.ctypes, "memset", lambda a, v, n: (spans.append((a - buf.data_ptr(), n)),
+                                                                 real(a, v, n))[1])
+    snap._prefault(buf)
+    assert not buf.any()  # every byte written (zeros)
+    assert len(spans) == (threads if size else 0)
+    pos = 0
+    for a, n in sorted(spans):  # back to back, no gap, no overlap
+        assert a == pos
+        pos += n
+    assert pos == size

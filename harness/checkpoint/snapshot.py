@@ -19,7 +19,10 @@ returns once the copies are scheduled, and the copies overlap the next step (:mo
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import ctypes
 import logging
+import os
 from typing import Any, Callable
 
 import torch
@@ -57,6 +60,36 @@ def plan(layout: Layout) -> tuple[dict[str, int], int]:
         offsets[key] = pos
         pos += _bytes_of(dtype, shape)
     return offsets, pos
+
+
+PREFAULT_THREADS = 8          # most threads that write a new buffer's pages before it is page-locked
+PREFAULT_MIN_CHUNK = 64 << 20  # bytes per thread at least: below that one thread is as quick
+
+
+def _prefault(buf: torch.Tensor) -> None:
+    """Write every page of a new buffer, from several threads, before it is page-locked. Why: page-locking
+    memory nobody has touched yet faults each page in, one after another on the locking thread (the first save
+    of 8 GB from the H200 spent 2.4 s in it, 1.3 GB 0.47 s); pages already present are only locked. PyTorch's
+    host allocator does the same with ``pinned_use_cuda_host_register`` and ``pinned_num_register_threads``.
+    ``ctypes.memset`` runs without the GIL, so the threads fault pages in parallel."""
+    size = buf.numel()
+    if not size:
+        return
+    n = max(1, min(PREFAULT_THREADS, _cpus(), size // PREFAULT_MIN_CHUNK))
+    step = -(-size // n)
+    spans = [(buf.data_ptr() + a, min(step, size - a)) for a in range(0, size, step)]
+    if n == 1:
+        ctypes.memset(spans[0][0], 0, spans[0][1])
+        return
+    with cf.ThreadPoolExecutor(n, thread_name_prefix="harness-prefault") as pool:
+        list(pool.map(lambda span: ctypes.memset(span[0], 0, span[1]), spans))
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _page_lock(buf: torch.Tensor) -> bool:
@@ -167,6 +200,8 @@ class Snapshot:
         offsets, size = plan(layout)
         buf = torch.empty(size, dtype=torch.uint8)
         self._pin_asked = pin  # asked, even if the driver refused: not asked again every save
+        if pin:
+            _prefault(buf)
         self.pinned = pin and _page_lock(buf)
         self._views = {key: buf[offsets[key]:offsets[key] + _bytes_of(dtype, shape)].view(dtype).view(shape)
                        for key, dtype, shape in layout}
