@@ -1069,6 +1069,7 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
     st_dir = work / "safetensors_copy"
     raw = None
     readers: list[CheckpointManager] = []
+    cuda_phases: list[dict] = []
     try:
         mgr.save(1, models=model, optimizers=opt)
         storage = mgr.storage
@@ -1076,7 +1077,7 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
         ckpt_files = sorted(list_files(d / name))
         out["ckpt_files"] = len(ckpt_files)  # each file costs a readahead restart on the disk
 
-        def direct() -> int:
+        def direct(phase: str) -> int:
             st = ReadStats()
 
             def restore() -> None:
@@ -1089,6 +1090,9 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
                 opt.load_state_dict(state["optimizers"]["optimizer"])
             _, extra = peak_rss_during(restore)
             stats.append(st)
+            if st.cuda_threads:  # where the GPU path's reading threads spent their time, per run
+                cuda_phases.append({"run": phase, "threads": st.cuda_threads,
+                                    **{k: round(v, 4) for k, v in st.cuda_phases.items()}})
             return extra
 
         def manager(m: CheckpointManager = mgr) -> int:
@@ -1102,7 +1106,7 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
         cold = _Methods(b)
         cold.add("one_file_read_cold", lambda: read_all_path(raw, mv), evict=raw)
         cold.add("ckpt_files_read_cold", lambda: read_files_into(ckpt_files, mv), evict=d / name)
-        cold.add("direct_cold", direct, evict=d / name)
+        cold.add("direct_cold", lambda: direct("cold"), evict=d / name)
         cold.add("manager_cold", manager, evict=d / name)
         # What a relaunched worker gets: harness.prefetch read the files into the page cache at its start.
         cold.add("manager_cold_prefetched", manager, evict=d / name, prepare=lambda: prefetch.warm(str(d)))
@@ -1118,7 +1122,7 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
         dst_mv = memoryview(dst.numpy())
         cpus = _cpus()
         warm = _Methods(b)
-        warm.add("direct_warm", direct)
+        warm.add("direct_warm", lambda: direct("warm"))
         warm.add("manager_warm", manager)
         for n in more_threads or []:
             readers.append(CheckpointManager(str(d), read_only=True, io_threads=n))
@@ -1140,6 +1144,8 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
         if raw is not None:
             shutil.rmtree(raw.parent, ignore_errors=True)
     out.update(_restore_summary(b, cold, warm, stats, nbytes, cpus))
+    if cuda_phases:  # thread-seconds summed over the reading threads: read, hash, slot wait (copies), other
+        out["direct_cuda_phases"] = cuda_phases
     largest = max(t.numel() * t.element_size() for t in state_tensors(model, opt))
     out["targets"] = _restore_targets(out, largest)
     log(f"direct restore: {out}")
@@ -1349,7 +1355,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "xxh3_1t: its checksum; warm_floor_s: max(memcpy_2t, (memcpy_1t + xxh3_1t) / "
                                     "cpus), what a warm restore that copies and hashes every byte once cannot "
                                     "beat; disk_read_cold_s: the limits row (not interleaved); manager_warm_t<N>: "
-                                    "the warm manager restore with io_threads=N (--restore-threads)"}}
+                                    "the warm manager restore with io_threads=N (--restore-threads); direct_cuda_phases: per direct "
+                                    "run to a GPU, the reading threads' seconds summed over them: read (pread), "
+                                    "hash (xxh3), slot_wait (a pinned slot's copy to the device not done yet), "
+                                    "other, total"}}
 
     print()
     print(f"checkpoint I/O: {fmt_bytes(nbytes)} {args.state} state on {env['device_name']} ({device.type}), "

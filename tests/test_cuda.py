@@ -378,6 +378,7 @@ def test_cuda_destinations_from_several_threads(tmp_path):
     assert all(torch.equal(p.cpu(), q) for p, q in zip(fresh, big))
     rings = min(local_streams(4), len(entries))  # one ring per reading thread
     assert stats.peak_extra_bytes == rings * direct_cuda.RING_SLOTS * direct_cuda.RING_SLOT_BYTES
+    assert stats.cuda_threads == rings and stats.cuda_phases["read"] > 0 and stats.cuda_phases["hash"] > 0
     victim = max(entries, key=lambda e: e.length)
     data = bytearray(storage.read_bytes(f"{name}/{victim.file}"))
     data[victim.offset + victim.length // 2] ^= 0x5A

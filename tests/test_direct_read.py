@@ -4,6 +4,7 @@ was saved, in place, verified on the same pass, on local disk and memory://."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -367,6 +368,26 @@ def test_cuda_fill_run_corrupt_byte_and_stop(saved):
     with pytest.raises(CheckpointCorruptError, match="big.weight"):
         _fill(storage, name, [(e, torch.empty(e.shape))], ring)
     assert ring.drained == 2
+
+
+def test_cuda_fill_run_says_where_its_time_went(saved):
+    """Phases: a ring whose slots come back late (copies to the device still running) shows it as slot wait;
+    read, hash and slot wait never add up to more than the thread's total."""
+    storage, name, manifest, _, _ = saved
+    e = manifest.tensors["state/models/model/big.weight"]
+
+    class SlowRing(HostRing):
+        def take(self) -> int:
+            time.sleep(0.01)
+            return super().take()
+
+    ring, phases = SlowRing(), direct_cuda.Phases()
+    with direct_io.Reader(storage, name) as reader:
+        direct_cuda.fill_run(reader, [(e, torch.empty(e.shape))], ring, True, threading.Event(), phases)
+    slots = -(-e.length // ring.slot_bytes)
+    got = phases.seconds()
+    assert got["slot_wait"] >= 0.01 * slots and got["read"] > 0 and got["hash"] > 0
+    assert got["read"] + got["hash"] + got["slot_wait"] + got["other"] == pytest.approx(got["total"])
 
 
 def test_cuda_runs_share_out_every_destination(saved):

@@ -11,6 +11,8 @@ host buffers on a CPU machine)."""
 from __future__ import annotations
 
 import threading
+import time
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
@@ -75,6 +77,22 @@ class Ring:
         self.stream.synchronize()
 
 
+@dataclass
+class Phases:
+    """Where one reading thread's time went (``time.perf_counter`` seconds): so a slow GPU restore says whether
+    it waited for the disk or page cache (read), the checksum (hash) or the copies to the device (slot: waiting
+    for a ring slot to come back)."""
+
+    read: float = 0.0
+    hash: float = 0.0
+    slot: float = 0.0
+    total: float = 0.0
+
+    def seconds(self) -> dict[str, float]:
+        return {"read": self.read, "hash": self.hash, "slot_wait": self.slot,
+                "other": max(0.0, self.total - self.read - self.hash - self.slot), "total": self.total}
+
+
 def cuda_device(views: Sequence[torch.Tensor]) -> torch.device:
     """The one CUDA device every destination is on (a read fills one device: a rank's)."""
     devices = {v.device for v in views}
@@ -95,14 +113,17 @@ def open_rings(device: torch.device, n: int) -> list[Ring]:
 
 
 def fill_run(reader: Reader, run: Sequence[tuple[TensorEntry, torch.Tensor]], ring: RingLike, verify: bool,
-             stop: threading.Event) -> tuple[int, int]:
+             stop: threading.Event, phases: Phases | None = None) -> tuple[int, int]:
     """Fill the destinations of ``run`` in order, in the calling thread, through ``ring``: each slot is read
     (locally in 1 MiB blocks, each hashed while it is still in cache), then its copy to the device is queued,
-    and the next slot is read meanwhile. Returns (read calls, bytes). Every copy it queued has finished when it
-    returns or raises."""
+    and the next slot is read meanwhile. Returns (read calls, bytes); ``phases`` gets where the time went.
+    Every copy it queued has finished when it returns or raises."""
     keep: list[torch.Tensor] = []  # device staging tensors stay alive until the ring is drained
     reads = nbytes = 0
     block = LOCAL_BLOCK_BYTES if reader.local else ring.slot_bytes
+    ph = phases if phases is not None else Phases()
+    clock = time.perf_counter
+    start = clock()
     try:
         for e, view in run:
             same = view.dtype == DTYPES[e.dtype] and view.is_contiguous()
@@ -112,15 +133,22 @@ def fill_run(reader: Reader, run: Sequence[tuple[TensorEntry, torch.Tensor]], ri
             h = xxhash.xxh3_64()
             for a in range(0, e.length, ring.slot_bytes):
                 n = min(ring.slot_bytes, e.length - a)
+                t0 = clock()
                 slot = ring.take()
+                t1 = clock()
+                ph.slot += t1 - t0
                 for b in range(0, n, block):
                     if stop.is_set():
                         raise Aborted()
                     part = ring.host[slot][b:min(n, b + block)]
                     reader.read(e.file, e.offset + a + b, [part], e.ident)
                     reads += 1
+                    t2 = clock()
+                    ph.read += t2 - t1
                     if verify:
                         h.update(part)
+                    t1 = clock()
+                    ph.hash += t1 - t2
                 ring.copy_out(slot, n, flat[a:a + n])
             if verify:
                 check_digest(e, h.hexdigest(), reader.where(e.file))
@@ -128,5 +156,8 @@ def fill_run(reader: Reader, run: Sequence[tuple[TensorEntry, torch.Tensor]], ri
                 ring.convert(view, dst)
             nbytes += e.length
     finally:
+        t0 = clock()
         ring.drain()
+        ph.slot += clock() - t0  # the last copies: waited for like a slot
+        ph.total += clock() - start
     return reads, nbytes

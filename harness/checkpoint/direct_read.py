@@ -74,6 +74,8 @@ class ReadStats:
     staged: int = 0                 # entries that went through a staging buffer
     allocated: int = 0              # entries that had no destination
     peak_extra_bytes: int = 0       # staging + scratch high-water mark, plus the CUDA ring if one was used
+    cuda_threads: int = 0           # threads that filled CUDA destinations, and their seconds summed over them:
+    cuda_phases: dict[str, float] = field(default_factory=dict)  # read, hash, slot wait (copy), the rest
 
 
 @dataclass
@@ -114,13 +116,14 @@ def read_into(storage: Storage, folder: str, entries: Sequence[TensorEntry], des
         runs = plan_runs(jobs, threads, reader.local)
         cuda_runs = plan_cuda_runs(cuda, threads, reader.local)
         rings = direct_cuda.open_rings(device, len(cuda_runs)) if cuda_runs else []
+        phases = [direct_cuda.Phases() for _ in cuda_runs]
         pool = cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(runs)) + len(cuda_runs)),
                                      thread_name_prefix="harness-read")
         futures: list[cf.Future] = []
         try:
             # the CUDA shares first: each gets a thread of its own at once, the host runs share the rest
-            futures = [pool.submit(direct_cuda.fill_run, reader, run, ring, verify, stop)
-                       for run, ring in zip(cuda_runs, rings)]
+            futures = [pool.submit(direct_cuda.fill_run, reader, run, ring, verify, stop, ph)
+                       for run, ring, ph in zip(cuda_runs, rings, phases)]
             futures += [pool.submit(_run_jobs, reader, run, budget, verify, stop) for run in runs]
         except BaseException as exc:
             _abort(pool, futures, stop, exc)
@@ -129,6 +132,10 @@ def read_into(storage: Storage, folder: str, entries: Sequence[TensorEntry], des
         finally:
             pool.shutdown(wait=True)  # every fill_run has drained its ring: no copy to a destination in flight
     stats.tensors += len(targets)
+    stats.cuda_threads += len(cuda_runs)
+    for ph in phases:
+        for name, secs in ph.seconds().items():
+            stats.cuda_phases[name] = stats.cuda_phases.get(name, 0.0) + secs
     stats.coalesced += sum(len(j.targets) for j in jobs if len(j.targets) > 1)
     stats.peak_extra_bytes = max(stats.peak_extra_bytes, budget.peak + sum(r.nbytes for r in rings))
     return out
