@@ -330,11 +330,13 @@ def _fill(storage, name, run, ring, stop=None):
         return direct_cuda.fill_run(reader, run, ring, True, stop or threading.Event())
 
 
-def test_cuda_fill_run_slots_blocks_and_conversions(saved, monkeypatch):
+# a slot read in blocks (the default), and in one read (checkpoint_io's _slot_reads row)
+@pytest.mark.parametrize("block", [65_536, 300_001])
+def test_cuda_fill_run_slots_blocks_and_conversions(saved, monkeypatch, block):
     """The CUDA reading thread's loop, on host buffers: entries over several slots (a slot not a multiple of the
     block), a destination of another dtype and a strided one (both staged, then converted), every byte."""
     storage, name, manifest, model, opt = saved
-    monkeypatch.setattr(direct_cuda, "LOCAL_BLOCK_BYTES", 65_536)
+    monkeypatch.setattr(direct_cuda, "LOCAL_BLOCK_BYTES", block)
     entries = _entries(manifest)
     fresh = Model()
     dests = destinations(entries, {"model": fresh}, {})
@@ -345,7 +347,7 @@ def test_cuda_fill_run_slots_blocks_and_conversions(saved, monkeypatch):
     ring = HostRing()
     reads, nbytes = _fill(storage, name, [(t.entry, t.view) for t in targets], ring)
     assert nbytes == sum(e.length for e in entries) and ring.drained == 1
-    block = 65_536 if direct_io.is_local(storage) else ring.slot_bytes
+    block = block if direct_io.is_local(storage) else ring.slot_bytes
     assert reads == sum(-(-min(ring.slot_bytes, e.length - a) // block)
                         for e in entries for a in range(0, e.length, ring.slot_bytes))
     sd = model.state_dict()
