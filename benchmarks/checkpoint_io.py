@@ -1376,9 +1376,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "xxh3_1t: its checksum; warm_floor_s: max(memcpy_2t, (memcpy_1t + xxh3_1t) / "
                                     "cpus), what a warm restore that copies and hashes every byte once cannot "
                                     "beat; disk_read_cold_s: the limits row (not interleaved); manager_warm_t<N>: "
-                                    "the warm manager restore with io_threads=N (--restore-threads), _slot_reads: the same at the most threads, "
-                                    "each 8 MiB pinned slot read by one call and hashed after (1 MiB blocks "
-                                    "otherwise); direct_cuda_phases: per direct "
+                                    "the warm manager restore with io_threads=N (--restore-threads), _slot_reads: the same "
+                                    "at the most threads, each 8 MiB pinned slot read by one call and hashed "
+                                    "after (1 MiB blocks otherwise); direct_cuda_phases: per direct "
                                     "run to a GPU, the reading threads' seconds summed over them: read (pread), "
                                     "hash (xxh3), slot_wait (a pinned slot's copy to the device not done yet), "
                                     "other, total"}}

@@ -86,9 +86,10 @@ def _prefault(buf: torch.Tensor) -> None:
 
 
 def _cpus() -> int:
+    """CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
+    except (AttributeError, OSError):  # not Linux
         return os.cpu_count() or 1
 
 

@@ -4,8 +4,8 @@ A memoryview or bytearray slice assignment is a memcpy made while holding the GI
 that stops the training thread for as long as the copy takes, and a GPU training step is mostly that thread
 launching kernels from Python: measured on the 2-core machine, a loop of small torch ops kept 0.48-0.73 of
 its idle rate while four writers copied 0.5 GB through slice assignments, and 0.81-0.87 with numpy's copy,
-which releases the GIL (``benchmarks/writer_contention.py``, three runs). Pieces under ``GIL_FREE_COPY_MIN`` keep the slice
-assignment: they hold the GIL for less than numpy's call costs.
+which releases the GIL (``benchmarks/writer_contention.py``, three runs). Pieces under ``GIL_FREE_COPY_MIN``
+keep the slice assignment: they hold the GIL for less than numpy's call costs.
 """
 
 from __future__ import annotations
