@@ -22,7 +22,8 @@ Modes (``--modes``), interleaved over ``--rounds``:
     python benchmarks/writer_contention.py --size-gb 0.5 --rounds 5 --out benchmarks/results
     python benchmarks/writer_contention.py --device cuda --size-gb 2 --rounds 3 --dir /local_nvme/bench
 
-Writes ``writer_contention_<device>_<stamp>.json``/``.png`` (and ``_latest``) under ``--out``, the table on stdout.
+Writes ``writer_contention_<device>_<stamp>.json``/``.png`` (and ``_latest``; ``<device>_matmul`` with ``--loop
+matmul``) under ``--out``, the table on stdout.
 """
 
 from __future__ import annotations
@@ -60,12 +61,18 @@ def log(msg: str) -> None:
 
 
 def launch_loop(x: torch.Tensor, until: Any) -> tuple[int, float]:
-    """Small in-place ops on ``x`` until ``until()`` is true (checked every OPS_PER_ITER ops): (ops, seconds)."""
+    """In-place ops on ``x`` until ``until()`` is true (checked every OPS_PER_ITER ops): (ops, seconds). A tiny
+    ``x`` (``--loop launch``): Python and dispatch, a GPU step's kernel launches; a square matrix (``--loop
+    matmul``): ``x @ x`` into ``x``'s twin, compute on torch's intra-op threads, a CPU training step."""
     n, t0 = 0, time.perf_counter()
+    out = torch.empty_like(x) if x.dim() == 2 else None
     while not until():
-        for _ in range(OPS_PER_ITER):
-            x.add_(1)
-        n += OPS_PER_ITER
+        for _ in range(OPS_PER_ITER if out is None else 1):
+            if out is None:
+                x.add_(1)
+            else:
+                torch.mm(x, x, out=out)
+        n += OPS_PER_ITER if out is None else 1
     if x.is_cuda:
         torch.cuda.synchronize(x.device)  # the launches queued, run: a rate of work done, not of calls made
     return n, time.perf_counter() - t0
@@ -91,7 +98,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     device = torch.device(args.device)
     model, opt, desc = build_state("synthetic", args.size_gb, args.layers, device)
     nbytes = unique_bytes(state_tensors(model, opt))
-    x = torch.zeros(16, device=device)
+    x = torch.zeros(16, device=device) if args.loop == "launch" else torch.rand(args.matmul_n, args.matmul_n,
+                                                                                  device=device)
     modes = args.modes.split(",")
     samples: dict[str, list[dict]] = {m: [] for m in modes}
     mgr = CheckpointManager(str(work / "ckpt"), async_save=True, keep_last=1, io_threads=args.io_threads)
@@ -111,7 +119,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         bytecopy.GIL_FREE_COPY_MIN = MODES["gil_free"]
         mgr.close()
     rows = [summarize(m, samples[m]) for m in modes]
-    return {"benchmark": "writer_contention", "state": desc, "state_bytes": nbytes, "rows": rows}
+    return {"benchmark": "writer_contention", "loop": args.loop, "state": desc, "state_bytes": nbytes,
+            "rows": rows}
 
 
 def summarize(mode: str, samples: list[dict]) -> dict:
@@ -156,6 +165,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--idle-s", type=float, default=1.0, help="the loop alone before each save (default 1.0)")
     p.add_argument("--modes", default="gil_free,gil_held")
+    p.add_argument("--loop", choices=["launch", "matmul"], default="launch",
+                   help="launch: tiny ops (a GPU step's kernel launches, default); matmul: --matmul-n square "
+                        "matmuls on torch's threads (a CPU training step)")
+    p.add_argument("--matmul-n", type=int, default=512)
     p.add_argument("--io-threads", type=int, default=4)
     p.add_argument("--dir", default=None, help="where the temporary checkpoint folder goes")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
@@ -182,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    write_results(out, f"writer_contention_{args.device}", stamp, result, lambda path: plot(result, path))
+    prefix = f"writer_contention_{args.device}" + ("" if args.loop == "launch" else f"_{args.loop}")
+    write_results(out, prefix, stamp, result, lambda path: plot(result, path))
     print(table(result))
     return 0
 

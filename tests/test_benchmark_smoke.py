@@ -194,17 +194,20 @@ def test_train_overhead_benchmark_tiny_cpu(tmp_path):
     assert "overhead %" in proc.stdout  # the table was printed
 
 
-def test_writer_contention_benchmark_tiny_cpu(tmp_path):
+@pytest.mark.parametrize("loop", ["launch", "matmul"])
+def test_writer_contention_benchmark_tiny_cpu(tmp_path, loop):
     """benchmarks/writer_contention.py at a tiny state: both modes measured each round, interleaved; the
     report's figures consistent with its samples, never timings."""
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "writer_contention.py"), "--device", "cpu", "--size-gb", "0.01",
-         "--rounds", "2", "--idle-s", "0.1", "--out", str(out), "--dir", str(tmp_path / "work")],
+         "--rounds", "2", "--idle-s", "0.1", "--loop", loop, "--matmul-n", "64", "--out", str(out),
+         "--dir", str(tmp_path / "work")],
         cwd=REPO, env=uninstalled_env(), capture_output=True, text=True, timeout=300)  # a hang guard
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    result = json.loads((out / "writer_contention_cpu_latest.json").read_text())
-    assert result["benchmark"] == "writer_contention" and result["state_bytes"] > 0
+    name = "writer_contention_cpu" + ("" if loop == "launch" else "_matmul")
+    result = json.loads((out / f"{name}_latest.json").read_text())
+    assert result["benchmark"] == "writer_contention" and result["loop"] == loop and result["state_bytes"] > 0
     rows = {r["mode"]: r for r in result["rows"]}
     assert list(rows) == ["gil_free", "gil_held"]
     for r in rows.values():
