@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import Any, NoReturn
 
-from harness import exitcodes
+from harness import exitcodes, faults
 from harness.errors import HarnessError
 
 log = logging.getLogger("harness")
@@ -99,6 +99,10 @@ def run_train(args: argparse.Namespace) -> int:
         code = trainer.train(cfg, exit_after=True)
         if exitcodes.stopped(code):
             _report_stop(code)
+        elif code == exitcodes.EXIT_OK:
+            from harness.launch import report_finished
+            report_finished()
+            faults.point("train.finished", rank=int(os.environ.get("RANK", "0")))
         return code
     except Exception as exc:
         outcome = exitcodes.classify(exc)

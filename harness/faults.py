@@ -16,7 +16,8 @@ Two ways to arm it, both used only by tests and fault campaigns:
   ``--max-restarts``) then runs through the same point unharmed.
 
 Points in use: ``save.data_file``, ``save.before_manifest``, ``save.after_manifest``,
-``save.before_commit``, ``save.after_commit``, ``retention.delete``, ``train.step``, ``s3.part``
+``save.before_commit``, ``save.after_commit``, ``retention.delete``, ``train.step``, ``train.finished``
+(``harness train`` after a run that reached its end, final checkpoint committed; info ``rank``), ``s3.part``
 (each multipart part handed to the uploader; info ``file`` and ``part``, e.g. ``s3.part:sigkill:part=3``),
 ``discovery.read_commit`` (before a commit record is read; info ``name``: a store failing there),
 ``restore.read`` (each rank, before it reads its part of the checkpoint rank 0 chose; info ``name``),

@@ -44,6 +44,7 @@ from harness.exitcodes import Outcome
 
 LAUNCH_DIR_ENV = "HARNESS_LAUNCH_DIR"
 STOPPING_FILE = "stopping"       # written by the launcher once the agent is stopping: waiting workers may exit
+FINISHED_PREFIX = "finished-"    # + RANK: written by a worker whose training ran to its end
 STOP_WAIT_S = 20.0               # a worker waits at most this long for the launcher to stop the job
 POLL_S = 0.05
 CPP_LOG_ENV = "TORCH_CPP_LOG_LEVEL"
@@ -77,6 +78,16 @@ def report_outcome(outcome: Outcome) -> bool:
     return True
 
 
+def report_finished() -> None:
+    """In a worker of ``harness launch``: say that this rank's training ran to its end (final checkpoint
+    committed). A signal the launcher gets while the workers are leaving then does not turn a finished job
+    into a retryable stop: 128+N would have the scheduler requeue a job that only finds itself done."""
+    folder = os.environ.get(LAUNCH_DIR_ENV)
+    if folder and os.path.isdir(folder):
+        with contextlib.suppress(OSError):  # without it the launcher keeps the signal's code: a requeue, no loss
+            open(os.path.join(folder, f"{FINISHED_PREFIX}{os.environ.get('RANK', '0')}"), "w").close()
+
+
 # -- launcher side -------------------------------------------------------------------------------------
 
 @dataclass
@@ -97,6 +108,7 @@ class Stopper:
     record: Outcome | None = None        # what a worker recorded: a permanent error, or a stop on a signal
     phase: str = "checking"              # checking -> agent -> done
     self_stop: bool = False              # signum is the launcher's own SIGTERM, sent to stop for a worker's record
+    workers: int = 0                     # worker processes this launcher starts (per restart), once known
     _raise: Any = None                   # torch's SignalException, imported by arm() (never in the handler)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -143,6 +155,14 @@ class Stopper:
             if self.record is not None and self.signum:
                 # The agent is stopping: workers waiting in report_outcome may leave now.
                 open(os.path.join(self.folder, STOPPING_FILE), "a").close()
+
+    def all_finished(self) -> bool:
+        """Every worker of this launcher said its training ran to the end (:func:`report_finished`)."""
+        try:
+            done = sum(n.startswith(FINISHED_PREFIX) for n in os.listdir(self.folder))
+        except OSError:
+            return False
+        return 0 < self.workers <= done
 
     def _read_error(self) -> Outcome | None:
         try:
@@ -383,6 +403,7 @@ def _agent(args: LaunchArgs, cfg: Any, stopper: Stopper) -> int:
     from torch.distributed.launcher.api import elastic_launch
 
     launch_cfg = _launch_config(args, cfg, stopper.folder)
+    stopper.workers = launch_cfg.nproc_per_node
     _worker_env(stopper.folder, launch_cfg.nproc_per_node)
     argv = ["-u", "-m", "harness", "train", "--config", args.config]
     for s in args.overrides:
@@ -406,6 +427,10 @@ def _outcome(stopper: Stopper) -> int:
         print(record.line, file=sys.stderr)
         return record.code
     name = exitcodes.signal_name(stopper.signum)
+    if record is None and own_signal and stopper.all_finished():  # the signal came as the job was ending
+        print(f"harness launch: got {name} after every worker had finished training; exit {exitcodes.EXIT_OK}",
+              file=sys.stderr)
+        return exitcodes.EXIT_OK
     if stopper.signum not in HANDLED:  # SIGHUP/SIGQUIT, torch's: workers are stopped without a checkpoint
         print(f"harness launch: stopped by {name}, workers ended without a checkpoint; exit {exitcodes.EXIT_ERROR}",
               file=sys.stderr)

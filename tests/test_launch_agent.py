@@ -141,6 +141,24 @@ def test_signal_to_launcher_commits_and_exits_128_plus_n(sig, code, runner, tmp_
     assert "Traceback" not in log and "ChildFailedError" not in log, log[-3000:]
 
 
+def test_signal_after_the_workers_finished_exits_0(runner, tmp_path):
+    """A SIGTERM that reaches the launcher after every worker finished training (final checkpoint committed)
+    but before they are gone is not a preemption: exit 0, not 143 (a requeue that would only find the job
+    done). The workers linger after finishing through the fault seam (``train.finished``), which holds them
+    exactly in that window."""
+    env = base_env(HARNESS_FAULT="train.finished:sleep=4")
+    proc = runner.start("launch", launch_cmd(tmp_path), env=env)
+    wait_until("both workers finished", lambda: proc.log().count("training finished at step") == 2, [proc],
+               timeout=120)
+    time.sleep(0.5)  # the markers are written right after that line; the workers now sleep for 4 s
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(90) == 0, proc.tail()
+    log = proc.log()
+    assert "got SIGTERM after every worker had finished training; exit 0" in log, log[-3000:]
+    assert "stopped by" not in log and len(events(tmp_path, "done")) == 1
+    assert committed_steps(tmp_path / "ck")[-1] == MAX_STEPS
+
+
 def _handles(pid: int, sig: int) -> bool:
     """True once process ``pid`` has a handler for ``sig`` (the SigCgt mask of /proc/PID/status)."""
     try:
