@@ -70,7 +70,7 @@ def _report(outcome: exitcodes.Outcome, exc: BaseException) -> None:
     if exitcodes.debug():
         traceback.print_exception(exc, file=sys.stderr)
     if outcome.permanent:
-        from harness.launch import report_outcome
+        from harness.launch_folder import report_outcome
         if report_outcome(outcome):
             return
         if os.environ.get("RANK", "0") != "0" and not exitcodes.debug():
@@ -83,7 +83,7 @@ def _report_stop(code: int) -> None:
     signal (every rank stops together: the signal reached any rank of the job, on any node), so that its agent
     ends the job with that code instead of restarting the workers (``--max-restarts``). Without it, the node
     whose launcher was not signalled restarted its workers into a rendezvous the stopped node never joins."""
-    from harness.launch import report_outcome
+    from harness.launch_folder import report_outcome
     name = exitcodes.signal_name(code - exitcodes.EXIT_SIGNAL_BASE)
     report_outcome(exitcodes.Outcome(code, f"harness launch: workers stopped on {name} after committing a "
                                              f"checkpoint; exit {code} (retryable: a restart resumes)"))
@@ -100,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
         if exitcodes.stopped(code):
             _report_stop(code)
         elif code == exitcodes.EXIT_OK:
-            from harness.launch import report_finished
+            from harness.launch_folder import report_finished
             report_finished()
             faults.point("train.finished", rank=int(os.environ.get("RANK", "0")))
         return code

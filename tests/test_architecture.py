@@ -32,7 +32,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("interop", ("harness.interop",)),
     ("trainer", ("harness.trainer",)),
     ("entry points", ("harness.ckpt_cli", "harness.ckpt_parser", "harness.ckpt_folder", "harness.ckpt_interop",
-                      "harness.ckpt_render", "harness.launch", "harness.rendezvous", "harness.cli",
+                      "harness.ckpt_render", "harness.launch", "harness.launch_folder", "harness.rendezvous",
+                      "harness.cli",
                       "harness.__main__")),
     # The package root re-exports the public API from every layer, so importing it from inside the package
     # (`import harness` for __version__, say) is an import from the top.

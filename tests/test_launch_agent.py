@@ -104,7 +104,7 @@ def test_a_worker_that_cannot_write_its_record_keeps_its_outcome(tmp_path, monke
     """report_outcome on a launch folder it cannot write into (here the record's name is taken by a folder):
     False at once, no exception, so the worker still prints its line and exits with its own code."""
     from harness.exitcodes import Outcome
-    from harness.launch import LAUNCH_DIR_ENV, report_outcome
+    from harness.launch_folder import LAUNCH_DIR_ENV, report_outcome
 
     (tmp_path / "error-0.json").mkdir()
     monkeypatch.setenv(LAUNCH_DIR_ENV, str(tmp_path))
