@@ -10,6 +10,8 @@ Runs ``configs/gpt_small.toml`` single-process with ``harness.trainer.Trainer`` 
   copy, the trainer waits for it only at ``before_mutation()``, right before the optimizer step; the data files
   are written by threads at idle CPU priority),
 * ``async_normal`` (only when asked for): ``async`` with the writers at normal priority, the A/B of that choice,
+* ``async_gil_held`` (only when asked for): ``async`` with the writers' copy into their buffers made while holding
+  the GIL (``bytecopy.GIL_FREE_COPY_MIN`` raised above every piece), as before 2026-11-30: the A/B of that change,
 * ``dcp``:   the same, with ``torch.distributed.checkpoint.async_save`` at its defaults,
 * ``dcp_best``: with ``async_save(..., async_stager=DefaultStager(StagingOptions()))``, the wait point waiting for
   ``staging_completion``,
@@ -63,12 +65,14 @@ from _dcp_best import unavailable as dcp_best_unavailable  # noqa: E402
 from _results import pyplot, save_figure, write_results  # noqa: E402
 from harness import config as hconfig  # noqa: E402
 from harness.trainer import Trainer  # noqa: E402
+from harness.storage import bytecopy  # noqa: E402
 
 MB = 1e6
-MODES = ["none", "sync", "async", "async_normal", "dcp", "dcp_best"]
-DEFAULT_MODES = [m for m in MODES if m != "async_normal"]  # async_normal: an A/B of the writers' priority
-HARNESS_MODES = ["none", "sync", "async", "async_normal"]  # the harness writes these (and can recover them)
-ASYNC_MODES = ("async", "async_normal")
+MODES = ["none", "sync", "async", "async_normal", "async_gil_held", "dcp", "dcp_best"]
+AB_MODES = ("async_normal", "async_gil_held")  # A/Bs of one choice each (writers' priority, their copy's GIL)
+DEFAULT_MODES = [m for m in MODES if m not in AB_MODES]
+HARNESS_MODES = ["none", "sync", "async", *AB_MODES]  # the harness writes these (and can recover them)
+ASYNC_MODES = ("async", *AB_MODES)
 DCP_OF = {"dcp": "defaults", "dcp_best": "best"}
 
 
@@ -272,7 +276,13 @@ def run_mode(args: argparse.Namespace, mode: str, work: Path, rnd: int = 0) -> d
         f"{cfg.checkpoint.every_steps} steps, async={cfg.checkpoint.async_save}, ckpt dir {cfg.checkpoint.dir}")
     tr = TimedTrainer(cfg, dcp=DCP_OF.get(mode), writer_priority="normal" if mode == "async_normal" else None)
     t0 = time.perf_counter()
-    rc = tr.run()
+    gil_free_min = bytecopy.GIL_FREE_COPY_MIN
+    if mode == "async_gil_held":
+        bytecopy.GIL_FREE_COPY_MIN = 1 << 62
+    try:
+        rc = tr.run()
+    finally:
+        bytecopy.GIL_FREE_COPY_MIN = gil_free_min
     t_run = time.perf_counter() - t0
     if rc != 0:
         raise RuntimeError(f"{mode}: trainer exited {rc}")
@@ -616,7 +626,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=20, help="checkpoint every N steps (sync and async modes)")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of median/mean (not of loop wall)")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                   help=f"comma-separated subset of {', '.join(MODES)} (default: all but async_normal)")
+                   help=f"comma-separated subset of {', '.join(MODES)} (default: all but {' and '.join(AB_MODES)})")
     p.add_argument("--rounds", type=int, default=1, help="run the modes this many times, interleaved; overheads "
                    "are then medians of per-round figures (each run against its round's none run)")
     p.add_argument("--io-threads", type=int, default=4, help="checkpoint.io_threads")
