@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:  # runnable from a checkout without installing
 
 from _memory import peak_rss_during  # noqa: E402
 from _results import pyplot, save_figure, write_results  # noqa: E402  (benchmarks/ is the script's folder)
+from harness.hostinfo import usable_cpus  # noqa: E402
 
 GB = 1e9  # sizes and bandwidths are decimal: GB = 1e9 bytes, GB/s = 1e9 bytes per second
 CHUNK = 64 << 20
@@ -932,13 +933,6 @@ def _with_threads(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def read_files_into(files: list[str], mv: memoryview) -> None:
     """Read ``files`` one after another, front to back, into ``mv`` (one thread, CHUNK-sized reads, like
     disk_read_cold)."""
@@ -1053,7 +1047,7 @@ def restore_threads(arg: str | None, device: torch.device) -> list[int]:
     """The extra io_threads the warm restore is timed with (``--restore-threads``)."""
     if arg is not None:
         return [int(x) for x in arg.split(",") if x.strip()]
-    return [n for n in (8, 16) if n <= _cpus()] if device.type == "cuda" else []
+    return [n for n in (8, 16) if n <= usable_cpus()] if device.type == "cuda" else []
 
 
 def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.Optimizer, nbytes: int,
@@ -1134,7 +1128,7 @@ def run_direct_restore(b: Bench, work: Path, model: nn.Module, opt: torch.optim.
         dst = torch.empty_like(src)
         dst.copy_(src)  # pages faulted in: a memcpy, not first-touch
         dst_mv = memoryview(dst.numpy())
-        cpus = _cpus()
+        cpus = usable_cpus()
         warm = _Methods(b)
         warm.add("direct_warm", lambda: direct("warm"))
         warm.add("manager_warm", manager)

@@ -124,7 +124,7 @@ def test_a_buffer_to_pin_is_written_through_before_it_is_locked(monkeypatch, siz
     from harness.checkpoint import snapshot as snap
 
     monkeypatch.setattr(snap, "PREFAULT_MIN_CHUNK", 1 << 20)
-    monkeypatch.setattr(snap, "_cpus", lambda: threads)
+    monkeypatch.setattr(snap, "usable_cpus", lambda: threads)
     buf = torch.empty(size, dtype=torch.uint8).fill_(0xAB)
     spans = []
     real = snap.ctypes.memset

@@ -34,7 +34,6 @@ success, every destination holds bytes whose checksum matched.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence, Union
@@ -46,6 +45,7 @@ from harness.checkpoint import direct_cuda
 from harness.checkpoint.direct_io import MAX_IOV, Aborted, Budget, Reader, byte_view, check_digest
 from harness.checkpoint.format import DTYPES, TensorEntry
 from harness.errors import CheckpointCorruptError, CheckpointError
+from harness.hostinfo import usable_cpus
 from harness.storage import Storage
 
 MIB = 1 << 20
@@ -251,10 +251,7 @@ def local_streams(threads: int) -> int:
     A read is a kernel copy plus a hash, both CPU work, so more threads than CPUs only contend; and each thread
     is one more concurrent stream for the disk, which on the virtual disk measured (benchmarks/checkpoint_io.py)
     cost bandwidth rather than adding it."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     return max(1, min(threads, cpus, LOCAL_STREAMS or cpus))
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import ctypes
 import logging
-import os
 from typing import Any, Callable
 
 import torch
 
 from harness.checkpoint.codec import Shard
 from harness.checkpoint.staging import Staging, Watched, host_copy
+from harness.hostinfo import usable_cpus
 
 log = logging.getLogger("harness")
 
@@ -75,7 +75,7 @@ def _prefault(buf: torch.Tensor) -> None:
     size = buf.numel()
     if not size:
         return
-    n = max(1, min(PREFAULT_THREADS, _cpus(), size // PREFAULT_MIN_CHUNK))
+    n = max(1, min(PREFAULT_THREADS, usable_cpus(), size // PREFAULT_MIN_CHUNK))
     step = -(-size // n)
     spans = [(buf.data_ptr() + a, min(step, size - a)) for a in range(0, size, step)]
     if n == 1:
@@ -83,14 +83,6 @@ def _prefault(buf: torch.Tensor) -> None:
         return
     with cf.ThreadPoolExecutor(n, thread_name_prefix="harness-prefault") as pool:
         list(pool.map(lambda span: ctypes.memset(span[0], 0, span[1]), spans))
-
-
-def _cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
 
 
 def _page_lock(buf: torch.Tensor) -> bool:
