@@ -259,10 +259,11 @@ def benchmarks(c: Check) -> dict:
         # snapshot's copy (0.028 s), where issue 15's stall target does not apply.
         # 160 steps: the checkpoint at 100 is a steady one with its whole interval (steps 100-149) in the run,
         # the window its background write's cost is judged on (at 110 steps the H200 run saw only 10 of them).
-        # async_gil_held: the A/B of the writers' GIL-free copy, the suspected cause of the H200's slow steps
-        # after each checkpoint, on the whole-interval cost.
+        # async_copied and async_gil_held: the A/Bs of the writers' uncopied writes and of their GIL-free copy
+        # (the GIL, the suspected cause of the H200's slow steps after each checkpoint), on the whole-interval
+        # cost.
         ov = ["--device", "cuda", "--steps", "160", "--every", "50", "--warmup", "5", "--batch-size", "32",
-              "--modes", "none,async,async_gil_held,dcp_best"]
+              "--modes", "none,async,async_copied,async_gil_held,dcp_best"]
         wc = ["--device", "cuda", "--size-gb", "2", "--rounds", "3"]
     groups = "limits,harness,dcp,safetensors" if c.smoke else c.args.io_groups
     bench_dir = ["--dir", str(c.work / "bench")]

@@ -10,8 +10,11 @@ Runs ``configs/gpt_small.toml`` single-process with ``harness.trainer.Trainer`` 
   copy, the trainer waits for it only at ``before_mutation()``, right before the optimizer step; the data files
   are written by threads at idle CPU priority),
 * ``async_normal`` (only when asked for): ``async`` with the writers at normal priority, the A/B of that choice,
-* ``async_gil_held`` (only when asked for): ``async`` with the writers' copy into their buffers made while holding
-  the GIL (``bytecopy.GIL_FREE_COPY_MIN`` raised above every piece), as before 2026-11-30: the A/B of that change,
+* ``async_copied`` (only when asked for): ``async`` with every piece copied into the O_DIRECT writer's block
+  before its ``pwrite`` (``direct_write.FROM_SOURCE`` off), as before the evening of 2026-11-30: the A/B of
+  writing the snapshot's bytes uncopied,
+* ``async_gil_held`` (only when asked for): ``async_copied`` with that copy made while holding the GIL
+  (``bytecopy.GIL_FREE_COPY_MIN`` raised above every piece), as before 2026-11-30: the A/B of that change,
 * ``dcp``:   the same, with ``torch.distributed.checkpoint.async_save`` at its defaults,
 * ``dcp_best``: with ``async_save(..., async_stager=DefaultStager(StagingOptions()))``, the wait point waiting for
   ``staging_completion``,
@@ -65,11 +68,11 @@ from _dcp_best import unavailable as dcp_best_unavailable  # noqa: E402
 from _results import pyplot, save_figure, write_results  # noqa: E402
 from harness import config as hconfig  # noqa: E402
 from harness.trainer import Trainer  # noqa: E402
-from harness.storage import bytecopy  # noqa: E402
+from harness.storage import bytecopy, direct_write  # noqa: E402
 
 MB = 1e6
-MODES = ["none", "sync", "async", "async_normal", "async_gil_held", "dcp", "dcp_best"]
-AB_MODES = ("async_normal", "async_gil_held")  # A/Bs of one choice each (writers' priority, their copy's GIL)
+MODES = ["none", "sync", "async", "async_normal", "async_copied", "async_gil_held", "dcp", "dcp_best"]
+AB_MODES = ("async_normal", "async_copied", "async_gil_held")  # A/Bs of one choice each (see above)
 DEFAULT_MODES = [m for m in MODES if m not in AB_MODES]
 HARNESS_MODES = ["none", "sync", "async", *AB_MODES]  # the harness writes these (and can recover them)
 ASYNC_MODES = ("async", *AB_MODES)
@@ -276,13 +279,15 @@ def run_mode(args: argparse.Namespace, mode: str, work: Path, rnd: int = 0) -> d
         f"{cfg.checkpoint.every_steps} steps, async={cfg.checkpoint.async_save}, ckpt dir {cfg.checkpoint.dir}")
     tr = TimedTrainer(cfg, dcp=DCP_OF.get(mode), writer_priority="normal" if mode == "async_normal" else None)
     t0 = time.perf_counter()
-    gil_free_min = bytecopy.GIL_FREE_COPY_MIN
+    shipped = direct_write.FROM_SOURCE, bytecopy.GIL_FREE_COPY_MIN
+    if mode in ("async_copied", "async_gil_held"):
+        direct_write.FROM_SOURCE = False
     if mode == "async_gil_held":
         bytecopy.GIL_FREE_COPY_MIN = 1 << 62
     try:
         rc = tr.run()
     finally:
-        bytecopy.GIL_FREE_COPY_MIN = gil_free_min
+        direct_write.FROM_SOURCE, bytecopy.GIL_FREE_COPY_MIN = shipped
     t_run = time.perf_counter() - t0
     if rc != 0:
         raise RuntimeError(f"{mode}: trainer exited {rc}")

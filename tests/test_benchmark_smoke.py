@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch_features import DCP_BEST, needs_dcp_best, needs_fsdp
 from uninstalled_env import uninstalled_env
+from harness.storage.direct_write import open_direct
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "checkpoint_io.py"
@@ -209,7 +210,11 @@ def test_writer_contention_benchmark_tiny_cpu(tmp_path, loop):
     result = json.loads((out / f"{name}_latest.json").read_text())
     assert result["benchmark"] == "writer_contention" and result["loop"] == loop and result["state_bytes"] > 0
     rows = {r["mode"]: r for r in result["rows"]}
-    assert list(rows) == ["gil_free", "gil_held"]
+    assert list(rows) == ["from_source", "gil_free", "gil_held"]
+    assert rows["gil_free"]["from_source"] == rows["gil_held"]["from_source"] == 0  # every byte copied
+    (tmp_path / "probe").mkdir()
+    if open_direct(str(tmp_path / "probe" / "f"))[1]:  # O_DIRECT here: the snapshot's bytes go uncopied
+        assert rows["from_source"]["from_source"] > 0.95
     for r in rows.values():
         assert len(r["samples"]) == 2
         for s in r["samples"]:

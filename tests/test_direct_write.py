@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from harness import CheckpointManager
 from harness.errors import HarnessError
 from harness.storage import Storage
-from harness.storage import bytecopy
+from harness.storage import bytecopy, direct_write
 from harness.storage.direct_write import ALIGN, DirectWriter, open_direct
 from page_cache import resident_fraction
 
@@ -99,3 +100,103 @@ def test_checkpoints_round_trip_with_and_without_direct_io(tmp_path):
         mgr.close()
         for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
             assert torch.equal(a, b)
+
+
+def _aligned(nbytes: int, shift: int = 0) -> np.ndarray:
+    """Random bytes at an address ``shift`` bytes past a page boundary."""
+    raw = np.empty(nbytes + 2 * ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN + shift
+    out = raw[start:start + nbytes]
+    out[:] = np.frombuffer(os.urandom(nbytes), dtype=np.uint8)
+    return out
+
+
+def _write_like_a_checkpoint(path, image: np.ndarray, spans: list[tuple[int, int]], piece: int) -> DirectWriter:
+    """Write ``image`` (a data file's bytes) the way the checkpoint writer does: each tensor span in pieces of
+    at most ``piece`` bytes from ``image``'s own memory, the gaps between them as separate zero writes."""
+    fd, direct = open_direct(str(path))
+    if not direct:
+        os.close(fd)
+        pytest.skip("this filesystem has no O_DIRECT")
+    w = DirectWriter(fd, direct)
+    pos = 0
+    try:
+        for a, b in spans:
+            if a > pos:
+                w.write(b"\0" * (a - pos))
+            for i in range(a, b, piece):
+                w.write(memoryview(image[i:min(b, i + piece)]))
+            pos = b
+        w.finish()
+    finally:
+        w.close()
+    return w
+
+
+# Tensor spans of one data file: 64-byte aligned offsets, ragged lengths, one smaller than a page.
+SPANS = [(0, 3 * (4 << 20) + 1000), (3 * (4 << 20) + 1024, 5 * (4 << 20) + 77), (5 * (4 << 20) + 128, 5 * (4 << 20)
+                                                                                    + 228),
+         (5 * (4 << 20) + 256, 6 * (4 << 20) + 4096 * 3 + 5)]
+
+
+def _image() -> np.ndarray:
+    image = _aligned(SPANS[-1][1])
+    ends = [0] + [b for _, b in SPANS]
+    for (a, _), prev in zip(SPANS, ends):
+        image[prev:a] = 0  # the padding the file holds
+    return image
+
+
+@pytest.mark.parametrize("piece", [4 << 20, 1 << 20, 777_777, 4096])
+def test_pieces_congruent_with_the_file_are_written_from_the_callers_memory(tmp_path, piece):
+    """A host snapshot lays a data file's tensors out at addresses equal to their file offsets modulo a page:
+    their aligned middles then go to the disk without a copy; only ragged ends pass through the block (at most
+    a page at each end of each piece: a tensor that does not start on a page costs one per piece)."""
+    image = _image()
+    w = _write_like_a_checkpoint(tmp_path / "f.bin", image, SPANS, piece)
+    assert (tmp_path / "f.bin").read_bytes() == image.tobytes()
+    assert w.size == len(image)
+    ragged = sum(ALIGN * (1 + -(-(b - a) // piece)) for a, b in SPANS)
+    assert len(image) - ragged <= w.from_source <= len(image)
+    if piece >= 1 << 16:
+        assert w.from_source > 0.99 * len(image)
+
+
+def test_pieces_at_other_addresses_are_copied(tmp_path, monkeypatch):
+    """The same bytes at addresses 64 bytes off congruence, or with the path turned off: every byte is copied
+    through the block, and the file is the same."""
+    image = _image()
+    shifted = _aligned(len(image), shift=64)
+    shifted[:] = image
+    w = _write_like_a_checkpoint(tmp_path / "a.bin", shifted, SPANS, 4 << 20)
+    assert (tmp_path / "a.bin").read_bytes() == image.tobytes() and w.from_source == 0
+    monkeypatch.setattr(direct_write, "FROM_SOURCE", False)
+    w = _write_like_a_checkpoint(tmp_path / "b.bin", image, SPANS, 4 << 20)
+    assert (tmp_path / "b.bin").read_bytes() == image.tobytes() and w.from_source == 0
+
+
+def test_an_async_save_writes_its_data_files_from_the_snapshot(tmp_path):
+    """End to end: a background save's data files (several, each starting on a page of the snapshot) go to the
+    disk from the snapshot with no copy, and restore exactly."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(300, 300) for _ in range(6)])
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 300)).sum().backward()
+    opt.step()
+    mgr = CheckpointManager(str(tmp_path / "ckpt"), async_save=True, max_file_bytes=1 << 20)
+    if not open_direct(str(tmp_path / "probe"))[1]:
+        pytest.skip("this filesystem has no O_DIRECT")
+    mgr.save(1, models=model, optimizers=opt)
+    mgr.wait()
+    backend = mgr.storage.backend
+    data = sum(p.stat().st_size for p in (tmp_path / "ckpt" / mgr.latest()).iterdir() if p.name.startswith("data"))
+    assert len(list((tmp_path / "ckpt" / mgr.latest()).glob("data*"))) >= 4
+    assert data < backend.data_bytes < 1.05 * data  # the data files, and the manifest
+    assert backend.from_source > 0.95 * data
+    mgr.close()
+    fresh = torch.nn.Sequential(*[torch.nn.Linear(300, 300) for _ in range(6)])
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    CheckpointManager(str(tmp_path / "ckpt")).restore(models=fresh, optimizers=fresh_opt)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    saved = opt.state_dict()["state"]
+    assert all(torch.equal(saved[i]["exp_avg"], s["exp_avg"]) for i, s in fresh_opt.state_dict()["state"].items())

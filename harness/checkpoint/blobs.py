@@ -42,6 +42,11 @@ def plan_files(tensors: dict[str, torch.Tensor], max_file_bytes: int) -> list[li
     return [g for g in groups if g] or []
 
 
+def file_starts(tensors: dict[str, torch.Tensor], max_file_bytes: int) -> frozenset[str]:
+    """The keys that begin a data file (:func:`plan_files`): a host snapshot starts each on a page."""
+    return frozenset(g[0] for g in plan_files(tensors, max_file_bytes))
+
+
 def chunk_rows(nbytes: int, shape: Sequence[int], chunk_bytes: int) -> int | None:
     """Rows per checksummed block of a shard of ``nbytes`` (blocks of whole rows of about ``chunk_bytes``);
     None when the shard is one block."""

@@ -166,19 +166,20 @@ class Saver:
         self.wait()  # at most one save in flight; a failure of the previous one surfaces here
         t0 = time.perf_counter()
         captured = capture(targets, step, ctx=self.ctx, split=self.settings.split_replicated, t0=t0, **summary)
+        starts = blobs.file_starts(captured.tensors, self.settings.max_file_bytes)  # laid out to write uncopied
         if self.pool is None:  # synchronous: committed on return, nothing to overlap
-            captured.tensors = self.snapshot.take(captured.tensors, copy_all=False)
+            captured.tensors = self.snapshot.take(captured.tensors, copy_all=False, file_starts=starts)
             self.persist(captured)
             return
         staging = None
         if overlap:  # the copy of what only the optimizer step changes overlaps the next forward and backward
             late = step_mutated(targets)
-            captured.tensors, staging = self.snapshot.stage(captured.tensors, lambda t: storage_key(t) in late)
+            captured.tensors, staging = self.snapshot.stage(captured.tensors, lambda t: storage_key(t) in late, starts)
         else:
             # Device tensors are copied to host memory here, on the caller's thread (its streams), into a
             # buffer reused from save to save: the writers then touch only host memory, and training may
             # change the parameters as soon as save() returns.
-            captured.tensors = self.snapshot.take(captured.tensors, copy_all=True)
+            captured.tensors = self.snapshot.take(captured.tensors, copy_all=True, file_starts=starts)
         log.info("checkpoint step %d: snapshot %s in %.3f s (%s), persisting in background", step,
                  "scheduled" if overlap else "taken", time.perf_counter() - t0, self.snapshot.describe())
         self.staging, self.urgent = staging, threading.Event()

@@ -33,6 +33,7 @@ from harness.hostinfo import usable_cpus
 log = logging.getLogger("harness")
 
 ALIGN = 64  # each view starts on a 64-byte boundary (any dtype's alignment, and cache lines)
+PAGE = 4096  # the buffer, and the first tensor of each data file, start on a page: see plan()
 
 Layout = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
 
@@ -52,11 +53,16 @@ def _bytes_of(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def plan(layout: Layout) -> tuple[dict[str, int], int]:
-    """Byte offset of each key in the flat buffer, and the buffer's size."""
+def plan(layout: Layout, file_starts: frozenset[str] = frozenset()) -> tuple[dict[str, int], int]:
+    """Byte offset of each key in the flat buffer (from a page-aligned start), and the buffer's size.
+
+    Why ``file_starts`` (the keys each data file begins with) start on a page: a data file lays out its tensors
+    from offset 0 at the same 64-byte alignment, so a file's tensors then sit in the buffer at addresses equal to
+    their file offsets modulo a page, and the local writer sends them to the disk straight from here, with no
+    copy into its aligned block (:mod:`harness.storage.direct_write`)."""
     offsets, pos = {}, 0
     for key, dtype, shape in layout:
-        pos += -pos % ALIGN
+        pos += -pos % (PAGE if key in file_starts else ALIGN)
         offsets[key] = pos
         pos += _bytes_of(dtype, shape)
     return offsets, pos
@@ -111,6 +117,7 @@ class Snapshot:
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None   # uint8, the one host allocation this snapshot holds
         self._layout: Layout | None = None
+        self._starts: frozenset[str] = frozenset()  # the layout's keys that start a page
         self._views: dict[str, torch.Tensor] = {}
         self.pinned = False
         self._pin_asked = False
@@ -130,11 +137,12 @@ class Snapshot:
     def views(self) -> dict[str, torch.Tensor]:
         return dict(self._views)
 
-    def take(self, tensors: dict[str, Any], *, copy_all: bool) -> dict[str, Any]:
+    def take(self, tensors: dict[str, Any], *, copy_all: bool,
+             file_starts: frozenset[str] = frozenset()) -> dict[str, Any]:
         """``tensors`` with their device tensors (``copy_all``: every tensor) replaced by host copies in the
         buffer. Blocks until every copy has landed. CPU tensors not copied are returned as they are (a save
-        that persists before returning may read them in place)."""
-        need = self._prepare(tensors, copy_all)
+        that persists before returning may read them in place). ``file_starts``: see :func:`plan`."""
+        need = self._prepare(tensors, copy_all, file_starts)
         devices = set()
         for key, src in need.items():
             dst = self._views[key]
@@ -149,12 +157,13 @@ class Snapshot:
             torch.cuda.current_stream(dev).synchronize()
         return self._swap(tensors, need)
 
-    def stage(self, tensors: dict[str, Any], late: Callable[[torch.Tensor], bool]) -> tuple[dict[str, Any], Staging]:
+    def stage(self, tensors: dict[str, Any], late: Callable[[torch.Tensor], bool],
+              file_starts: frozenset[str] = frozenset()) -> tuple[dict[str, Any], Staging]:
         """Like ``take(copy_all=True)``, but returns once the copies are scheduled (see
         :mod:`~harness.checkpoint.staging`): the tensors ``late`` selects (those only the optimizer step
         changes) are copied by the returned :class:`Staging`, the others before this returns (CPU) or before
         the caller's stream goes on (CUDA)."""
-        need = self._prepare(tensors, True)
+        need = self._prepare(tensors, True, file_starts)
         cpu, cuda_now, cuda_late, watched = [], [], [], []
         for key, src in need.items():
             pair, on_cuda = (self._views[key], src), src.device.type == "cuda"
@@ -167,7 +176,8 @@ class Snapshot:
                 host_copy(*pair)
         return self._swap(tensors, need), Staging.start(cpu, cuda_now, cuda_late, watched)
 
-    def _prepare(self, tensors: dict[str, Any], copy_all: bool) -> dict[str, torch.Tensor]:
+    def _prepare(self, tensors: dict[str, Any], copy_all: bool,
+                 file_starts: frozenset[str]) -> dict[str, torch.Tensor]:
         """The tensors to copy (detached local tensors), with a buffer laid out for them."""
         need = {k: _local(t).detach() for k, t in tensors.items() if copy_all or _local(t).device.type != "cpu"}
         self.state_bytes = sum(_nbytes(t) for t in need.values())
@@ -175,8 +185,9 @@ class Snapshot:
             return need
         pin = any(t.device.type == "cuda" for t in need.values())
         layout = tuple((k, t.dtype, tuple(t.shape)) for k, t in need.items())
-        if layout != self._layout or (pin and not self._pin_asked):
-            self._allocate(layout, pin)
+        starts = file_starts & need.keys()
+        if layout != self._layout or starts != self._starts or (pin and not self._pin_asked):
+            self._allocate(layout, starts, pin)
         return need
 
     def _swap(self, tensors: dict[str, Any], need: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -188,17 +199,18 @@ class Snapshot:
             out[key] = Shard(view, t.global_shape, t.global_offset, t.owner) if isinstance(t, Shard) else view
         return out
 
-    def _allocate(self, layout: Layout, pin: bool) -> None:
+    def _allocate(self, layout: Layout, starts: frozenset[str], pin: bool) -> None:
         self.release()  # the old buffer goes before the new one comes: never both at once
-        offsets, size = plan(layout)
-        buf = torch.empty(size, dtype=torch.uint8)
+        offsets, size = plan(layout, starts)
+        buf = torch.empty(size + PAGE, dtype=torch.uint8)  # a page more: the views start on one
+        base = -buf.data_ptr() % PAGE
         self._pin_asked = pin  # asked, even if the driver refused: not asked again every save
         if pin:
             _prefault(buf)
         self.pinned = pin and _page_lock(buf)
-        self._views = {key: buf[offsets[key]:offsets[key] + _bytes_of(dtype, shape)].view(dtype).view(shape)
-                       for key, dtype, shape in layout}
-        self._buffer, self._layout = buf, layout
+        self._views = {key: buf[base + offsets[key]:base + offsets[key] + _bytes_of(dtype, shape)].view(dtype)
+                       .view(shape) for key, dtype, shape in layout}
+        self._buffer, self._layout, self._starts = buf, layout, starts
         log.debug("checkpoint snapshot buffer: %.1f MB %s for %d tensors", size / 1e6,
                   "pinned" if pin else "host", len(layout))
 
@@ -207,6 +219,7 @@ class Snapshot:
         if self._buffer is not None and self.pinned:
             _page_unlock(self._buffer)
         self._views, self._buffer, self._layout, self.pinned, self._pin_asked = {}, None, None, False, False
+        self._starts = frozenset()
 
     def describe(self) -> str:
         if not self.nbytes:

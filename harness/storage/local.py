@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 import uuid
 from typing import IO, Any, Callable, Iterator
 
@@ -70,11 +71,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
 class LocalBackend(FsspecBackend):
     """fsspec's LocalFileSystem for listings and removal; our own writes, for fsync and atomic rename.
     Data files go through :class:`~harness.storage.direct_write.DirectWriter` (``O_DIRECT``) unless
-    ``direct`` is off (storage option ``harness_direct_io = false``)."""
+    ``direct`` is off (storage option ``harness_direct_io = false``). ``data_bytes`` counts the bytes of the
+    data files written so, ``from_source`` those of them written straight from the caller's memory."""
 
     def __init__(self, fs: Any, direct: bool = True) -> None:
         super().__init__(fs)
         self.direct = direct
+        self.data_bytes = self.from_source = 0
+        self._count_lock = threading.Lock()  # several writer threads finish files at once
 
     def check_access(self, root: str, write: bool) -> None:
         probe_access(self, root, write)
@@ -94,6 +98,9 @@ class LocalBackend(FsspecBackend):
         try:
             yield w  # type: ignore[misc] - a raw write-only file: write() and fileno()
             w.finish()
+            with self._count_lock:
+                self.data_bytes += w.size
+                self.from_source += w.from_source
         finally:
             w.close()
 
