@@ -111,9 +111,11 @@ def _aligned(nbytes: int, shift: int = 0) -> np.ndarray:
     return out
 
 
-def _write_like_a_checkpoint(path, image: np.ndarray, spans: list[tuple[int, int]], piece: int) -> DirectWriter:
+def _write_like_a_checkpoint(path, image: np.ndarray, spans: list[tuple[int, int]], piece: int,
+                             on_pages: bool = False) -> DirectWriter:
     """Write ``image`` (a data file's bytes) the way the checkpoint writer does: each tensor span in pieces of
-    at most ``piece`` bytes from ``image``'s own memory, the gaps between them as separate zero writes."""
+    at most ``piece`` bytes from ``image``'s own memory (``on_pages``: each but the last ending on a page of
+    the file, as the background writer cuts them), the gaps between them as separate zero writes."""
     fd, direct = open_direct(str(path))
     if not direct:
         os.close(fd)
@@ -124,8 +126,13 @@ def _write_like_a_checkpoint(path, image: np.ndarray, spans: list[tuple[int, int
         for a, b in spans:
             if a > pos:
                 w.write(b"\0" * (a - pos))
-            for i in range(a, b, piece):
-                w.write(memoryview(image[i:min(b, i + piece)]))
+            i = a
+            while i < b:
+                end = min(b, i + piece)
+                if on_pages and end < b and end // ALIGN * ALIGN > i:
+                    end = end // ALIGN * ALIGN
+                w.write(memoryview(image[i:end]))
+                i = end
             pos = b
         w.finish()
     finally:
@@ -160,6 +167,47 @@ def test_pieces_congruent_with_the_file_are_written_from_the_callers_memory(tmp_
     assert len(image) - ragged <= w.from_source <= len(image)
     if piece >= 1 << 16:
         assert w.from_source > 0.99 * len(image)
+
+
+def test_pieces_cut_on_pages_leave_one_small_write_per_tensor(tmp_path):
+    """Pieces that end on a page of the file (the background writer's, stepwrite._Tensor) leave the block empty
+    between them: one write per piece, and a partial page only where one tensor ends and the next begins.
+    Cut every 4 MiB from the tensor's start instead, each piece also writes a partial page of its own."""
+    image = _image()
+    pieces = sum(-(-(b - a) // (4 << 20)) + 1 for a, b in SPANS)  # at most one more per tensor once cut on pages
+    w = _write_like_a_checkpoint(tmp_path / "f.bin", image, SPANS, 4 << 20, on_pages=True)
+    assert (tmp_path / "f.bin").read_bytes() == image.tobytes()
+    assert w.writes <= pieces + len(SPANS) + 1  # + one block write per tensor boundary, + the tail
+    assert w.from_source >= len(image) - 2 * ALIGN * len(SPANS)
+    uncut = _write_like_a_checkpoint(tmp_path / "g.bin", image, SPANS, 4 << 20)
+    assert uncut.writes > w.writes
+
+
+def test_background_pieces_end_on_pages_of_the_file():
+    """stepwrite cuts a whole tensor into pieces of at most PIECE_BYTES, each but the last ending on a page of
+    the file, whatever the tensor's offset; the pieces cover it exactly and its checksum is the tensor's."""
+    from harness.checkpoint.format import checksum
+    from harness.checkpoint.stepwrite import PIECE_BYTES, _Tensor
+
+    t = torch.randn(3 * PIECE_BYTES // 4 + 1000)
+
+    class Sink:
+        def __init__(self) -> None:
+            self.lengths: list[int] = []
+
+        def write(self, b) -> int:
+            self.lengths.append(len(b))
+            return len(b)
+
+    for offset in (0, 64, 4032, ALIGN + 128):
+        cur, sink = _Tensor("k", t, offset, chunk_bytes=1 << 20), Sink()
+        while not cur.write_piece(sink):
+            pass
+        ends = np.cumsum(sink.lengths)
+        assert ends[-1] == t.numel() * 4 and max(sink.lengths) <= PIECE_BYTES
+        assert all((offset + e) % ALIGN == 0 for e in ends[:-1]), offset
+        assert len(sink.lengths) <= -(-t.numel() * 4 // PIECE_BYTES) + 1
+        assert cur.entry("f", 0).checksum == checksum(memoryview(t.numpy()).cast("B"))
 
 
 def test_pieces_at_other_addresses_are_copied(tmp_path, monkeypatch):

@@ -3,8 +3,8 @@
 Same files, offsets and checksums as :func:`harness.checkpoint.blobs.write_tensors` (the synchronous path):
 the same grouping into files, 64-byte aligned offsets, an xxh3 of each tensor and, for shards, of each
 block of rows. The difference is only how the work is cut: each data file is a :class:`FileTask` whose
-``step()`` writes one piece (at most ``PIECE_BYTES``, or one checksum block of a shard) and hashes it while
-it is still in cache, so a :class:`~harness.checkpoint.background.YieldingPool` can run it on low-priority
+``step()`` writes one piece (at most ``PIECE_BYTES``, ending on a page of the file, or one checksum block of a
+shard) and hashes it, so a :class:`~harness.checkpoint.background.YieldingPool` can run it on low-priority
 threads and hand it to normal ones between two pieces when the save is waited on.
 """
 
@@ -23,6 +23,7 @@ from harness.checkpoint.blobs import ALIGN, byte_view, chunk_rows, plan_files, w
 from harness.checkpoint.codec import Shard
 from harness.checkpoint.format import TensorEntry, checksum, data_file_name, dtype_name
 from harness.storage import Storage
+from harness.storage.direct_write import ALIGN as PAGE  # pieces of a whole tensor end on one (_piece_end)
 
 PIECE_BYTES = 4 << 20  # the most one step writes: bounds what a starved low-priority thread still holds
 
@@ -99,13 +100,25 @@ class _Tensor:
 
     def write_piece(self, f: IO[bytes]) -> bool:
         """Write and hash the next piece; True once the whole tensor is written."""
-        piece = self.buf[self.done:self.done + self.piece]
+        piece = self.buf[self.done:self._piece_end()]
         write_all(f, piece)
         self.hasher.update(piece)
         if self.rows is not None:
             self.sums.append(checksum(piece))
         self.done += len(piece)
         return self.done >= self.length
+
+    def _piece_end(self) -> int:
+        """Where the next piece ends: at most ``piece`` bytes on, and (a whole tensor's piece, not the last) on
+        a page of the file. Why: the local writer sends pieces laid out in memory as in the file straight to
+        the disk, a page at a time (:mod:`harness.storage.direct_write`); a piece that ends mid-page leaves
+        that page for the next piece to complete, one more small write each time."""
+        end = min(self.length, self.done + self.piece)
+        if self.rows is None and end < self.length:
+            on_page = (self.offset + end) // PAGE * PAGE - self.offset
+            if on_page > self.done:
+                end = on_page
+        return end
 
     def entry(self, fname: str, rank: int) -> TensorEntry:
         extra = {}

@@ -66,6 +66,7 @@ class DirectWriter:
         self._pos = 0                          # bytes already written to the file (a multiple of ALIGN)
         self.from_source = 0                   # bytes written straight from the caller's memory
         self.size = 0                          # bytes given to write()
+        self.writes = 0                        # pwrite calls
         self.closed = False
 
     def fileno(self) -> int:
@@ -133,6 +134,7 @@ class DirectWriter:
         done, n = 0, len(view)
         while done < n:
             try:
+                self.writes += 1
                 w = os.pwrite(self.fd, view[done:], self._pos + done)
             except OSError as exc:
                 if exc.errno != errno.EINVAL or not self.direct:
