@@ -144,6 +144,11 @@ def make_commit(manifest: dict, manifest_bytes: bytes) -> bytes:
 
 
 COMMIT_SUMMARY_KEYS = ("name", "epoch", "world_size", "created", "loss", "metrics", "sharding")
+# Every key a commit record held before it checksummed itself: without "commit_checksum", any other key means
+# damage (a flipped byte in the name "commit_checksum" leaves a record with an unknown key and no checksum).
+LEGACY_COMMIT_KEYS = frozenset({"format", "format_version", "name", "step", "epoch", "world_size", "created",
+                                "created_unix", "loss", "metrics", "harness_version", "total_bytes", "sharding",
+                                "manifest"})
 
 
 # -- parsing and validation -------------------------------------------------------------------------
@@ -198,6 +203,10 @@ def parse_commit(raw: bytes) -> dict:
         body = {k: v for k, v in obj.items() if k != "commit_checksum"}
         _require(obj["commit_checksum"] == checksum(dumps(body)),
                  "commit record checksum mismatch (the record itself is damaged)")
+    else:  # a record from before the checksum, or one whose "commit_checksum" key itself was damaged
+        unknown = sorted(set(obj) - LEGACY_COMMIT_KEYS)
+        _require(not unknown, f"commit record has no commit_checksum and unknown keys {str(unknown)[:80]} (the "
+                              "record itself is damaged)")
     return obj
 
 
