@@ -23,7 +23,9 @@ Modes (``--modes``), interleaved over ``--rounds``:
 * ``gil_held``: the same with that copy made by a memoryview slice assignment, which holds the GIL
   (``bytecopy.GIL_FREE_COPY_MIN`` raised above every piece): how harness wrote before.
 
-Per mode also the share of the data bytes written from the snapshot without a copy (``from_source``).
+Per mode also the share of the data bytes written from the snapshot without a copy (``from_source``), and,
+from one more save per round with the loop stopped, the write's time alone (``write_alone_s``) and the CPU
+time the process spent on it (``writer_cpu_s``: writers, hashing, commit).
 
     python benchmarks/writer_contention.py --size-gb 0.5 --rounds 5 --out benchmarks/results
     python benchmarks/writer_contention.py --device cuda --size-gb 2 --rounds 3 --dir /local_nvme/bench
@@ -106,6 +108,20 @@ def one_checkpoint(mgr: CheckpointManager, model: torch.nn.Module, opt: torch.op
             "from_source": (getattr(backend, "from_source", 0) - uncopied0) / written if written else 0.0}
 
 
+def alone_checkpoint(mgr: CheckpointManager, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                     step: int) -> dict:
+    """One async save with nothing else running (this thread sleeps while polling it): the background part's
+    wall time and the CPU time the process spent on it (writers, hashing, commit), from save()'s return."""
+    mgr.save(step, models={"model": model}, optimizers={"optimizer": opt})
+    pending = mgr._saver.pending
+    t0, c0 = time.perf_counter(), time.process_time()  # process_time: every thread of this process
+    while pending is not None and not pending.done():
+        time.sleep(0.002)
+    out = {"write_alone_s": time.perf_counter() - t0, "writer_cpu_s": time.process_time() - c0}
+    mgr.wait()
+    return out
+
+
 def run(args: argparse.Namespace, work: Path) -> dict:
     device = torch.device(args.device)
     model, opt, desc = build_state("synthetic", args.size_gb, args.layers, device)
@@ -124,6 +140,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                 step += 1
                 direct_write.FROM_SOURCE, bytecopy.GIL_FREE_COPY_MIN = MODES[mode]
                 s = one_checkpoint(mgr, model, opt, step, x, args.idle_s)
+                step += 1
+                s.update(alone_checkpoint(mgr, model, opt, step))
                 samples[mode].append(s)
                 log(f"round {rnd + 1} {mode}: loop at {s['rate_fraction']:.3f} of its idle rate for "
                     f"{s['write_s']:.2f} s of writing ({s['from_source']:.0%} of the data uncopied)")
@@ -143,10 +161,11 @@ def summarize(mode: str, samples: list[dict]) -> dict:
 
 def table(result: dict) -> str:
     lines = [f"{'mode':<12}{'loop rate during write / alone':>32}{'write s':>9}{'lost s/ckpt':>13}"
-             f"{'save() s':>10}{'uncopied':>10}   per round"]
+             f"{'save() s':>10}{'uncopied':>10}{'alone s':>9}{'writer CPU s':>14}   per round"]
     for r in result["rows"]:
         lines.append(f"{r['mode']:<12}{r['rate_fraction']:>32.3f}{r['write_s']:>9.2f}{r['lost_s']:>13.3f}"
-                     f"{r['save_blocking_s']:>10.3f}{r['from_source']:>10.0%}   "
+                     f"{r['save_blocking_s']:>10.3f}{r['from_source']:>10.0%}{r['write_alone_s']:>9.2f}"
+                     f"{r['writer_cpu_s']:>14.3f}   "
                      f"{', '.join(f'{v:.2f}' for v in r['rate_fraction_all'])}")
     return "\n".join(lines)
 

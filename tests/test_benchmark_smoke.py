@@ -220,6 +220,7 @@ def test_writer_contention_benchmark_tiny_cpu(tmp_path, loop):
         for s in r["samples"]:
             assert s["idle_ops_per_s"] > 0 and s["busy_ops_per_s"] > 0 and s["write_s"] > 0
             assert s["rate_fraction"] == pytest.approx(s["busy_ops_per_s"] / s["idle_ops_per_s"])
+            assert s["write_alone_s"] > 0 and 0 <= s["writer_cpu_s"] < 60
         assert r["rate_fraction"] == pytest.approx(statistics.median(s["rate_fraction"] for s in r["samples"]))
     assert "gil_held" in proc.stdout  # the table was printed
     assert not list((tmp_path / "work").iterdir())  # the checkpoint folder went with the run

@@ -11,9 +11,10 @@ one memcpy of a few MB at a time, made without holding the GIL (:mod:`~harness.s
 No copy at all where the caller's bytes already sit in memory the way the file wants them: where a piece's
 address is congruent with its file offset modulo the alignment (a checkpoint's host snapshot lays its tensors
 out so, :mod:`~harness.checkpoint.snapshot`), the aligned middle of the piece goes to the disk straight from
-the caller's memory and only its ragged ends pass through the block. Measured on the 2-core machine, 1 GiB
-written and hashed in 4 MiB pieces: 0.05-0.06 s of the writer's CPU from the source against 0.20-0.33 s through
-the block, and 0.50-0.57 s on disk against 0.83-0.95 s.
+the caller's memory and only its ragged ends pass through the block. Measured on the 2-core machine: a probe
+writing and hashing 1 GiB in 4 MiB pieces spent 0.05-0.06 s of CPU from the source against 0.20-0.33 s through
+the block; a whole 0.5 GB background save, 0.078-0.084 s against 0.116-0.150 s
+(``benchmarks/writer_contention.py``, ``writer CPU s``).
 
 ``O_DIRECT`` wants the file offset, the memory address and the length of every write aligned (4 KiB covers
 the disks in use). Full blocks are written as they fill; the last one is padded with zeros to the
