@@ -274,7 +274,9 @@ def benchmarks(c: Check) -> dict:
     # On the GPU one after the other (they measure the machine), the short ones first: checkpoint_io takes what
     # is left and, stopped at the limit, still writes what it measured. At smoke sizes they share the machine.
     started = time.time()
-    rc_wc = c.run(wc_cmd, "writer_contention", 60)[0]  # what a background write takes from kernel launches
+    # What a background write takes from kernel launches; 2 GB x 3 modes x 3 rounds, each round one save beside
+    # the loop and one alone: ~50 s at the H200 disk's 1.4 GB/s.
+    rc_wc = c.run(wc_cmd, "writer_contention", 90)[0]
     with ThreadPoolExecutor(2 if c.smoke else 1) as pool:
         f_ov = pool.submit(c.run, ov_cmd, "train_overhead", 150)
         f_io = pool.submit(c.run, io_cmd, "checkpoint_io", 400)
@@ -297,7 +299,8 @@ def contention(path: Path, since: float) -> dict | None:
     if not path.exists() or path.stat().st_mtime < since:
         return None
     rows = json.loads(path.read_text())["rows"]
-    return {r["mode"]: {k: round(r[k], 4) for k in ("rate_fraction", "lost_s", "write_s")} for r in rows}
+    keys = ("rate_fraction", "lost_s", "write_s", "from_source", "write_alone_s", "writer_cpu_s")
+    return {r["mode"]: {k: round(r[k], 4) for k in keys if k in r} for r in rows}
 
 
 def verdict(ok: bool | None) -> str:
