@@ -141,9 +141,9 @@ def _write_like_a_checkpoint(path, image: np.ndarray, spans: list[tuple[int, int
 
 
 # Tensor spans of one data file: 64-byte aligned offsets, ragged lengths, one smaller than a page.
-SPANS = [(0, 3 * (4 << 20) + 1000), (3 * (4 << 20) + 1024, 5 * (4 << 20) + 77), (5 * (4 << 20) + 128, 5 * (4 << 20)
-                                                                                    + 228),
-         (5 * (4 << 20) + 256, 6 * (4 << 20) + 4096 * 3 + 5)]
+MB4 = 4 << 20
+SPANS = [(0, 3 * MB4 + 1000), (3 * MB4 + 1024, 5 * MB4 + 77), (5 * MB4 + 128, 5 * MB4 + 228),
+         (5 * MB4 + 256, 6 * MB4 + 3 * ALIGN + 5)]
 
 
 def _image() -> np.ndarray:
