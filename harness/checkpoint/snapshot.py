@@ -185,7 +185,7 @@ class Snapshot:
             return need
         pin = any(t.device.type == "cuda" for t in need.values())
         layout = tuple((k, t.dtype, tuple(t.shape)) for k, t in need.items())
-        starts = file_starts & need.keys()
+        starts = frozenset(file_starts & need.keys())
         if layout != self._layout or starts != self._starts or (pin and not self._pin_asked):
             self._allocate(layout, starts, pin)
         return need
