@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -88,6 +88,15 @@ def launch_loop(x: torch.Tensor, until: Any) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
+def start_save(mgr: CheckpointManager, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               step: int) -> Callable[[], bool]:
+    """Start one async save; returns a poll of whether it has committed. Polled, not waited on: a wait() would
+    hurry the writers to normal priority."""
+    mgr.save(step, models={"model": model}, optimizers={"optimizer": opt})
+    pending = mgr._saver.pending
+    return lambda: pending is None or pending.done()
+
+
 def one_checkpoint(mgr: CheckpointManager, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
                    x: torch.Tensor, idle_s: float) -> dict:
     """The loop alone for ``idle_s``, then during one async save until it has committed."""
@@ -96,10 +105,9 @@ def one_checkpoint(mgr: CheckpointManager, model: torch.nn.Module, opt: torch.op
     backend = mgr.storage.backend
     written0, uncopied0 = getattr(backend, "data_bytes", 0), getattr(backend, "from_source", 0)
     t0 = time.perf_counter()
-    mgr.save(step, models={"model": model}, optimizers={"optimizer": opt})
+    done = start_save(mgr, model, opt, step)
     blocking = time.perf_counter() - t0
-    pending = mgr._saver.pending  # polled, not waited on: a wait() would hurry the writers to normal priority
-    n1, s1 = launch_loop(x, lambda: pending is None or pending.done())
+    n1, s1 = launch_loop(x, done)
     mgr.wait()  # re-raises a failed save
     idle_rate, busy_rate = n0 / s0, n1 / s1
     written = getattr(backend, "data_bytes", 0) - written0  # local storage counts them (LocalBackend)
@@ -112,10 +120,9 @@ def alone_checkpoint(mgr: CheckpointManager, model: torch.nn.Module, opt: torch.
                      step: int) -> dict:
     """One async save with nothing else running (this thread sleeps while polling it): the background part's
     wall time and the CPU time the process spent on it (writers, hashing, commit), from save()'s return."""
-    mgr.save(step, models={"model": model}, optimizers={"optimizer": opt})
-    pending = mgr._saver.pending
+    done = start_save(mgr, model, opt, step)
     t0, c0 = time.perf_counter(), time.process_time()  # process_time: every thread of this process
-    while pending is not None and not pending.done():
+    while not done():
         time.sleep(0.002)
     out = {"write_alone_s": time.perf_counter() - t0, "writer_cpu_s": time.process_time() - c0}
     mgr.wait()

@@ -26,14 +26,13 @@ from typing import Any, Callable
 
 import torch
 
+from harness.checkpoint.blobs import ALIGN  # views are packed as a data file packs its tensors: see plan()
 from harness.checkpoint.codec import Shard
 from harness.checkpoint.staging import Staging, Watched, host_copy
 from harness.hostinfo import usable_cpus
+from harness.storage.direct_write import ALIGN as PAGE  # the buffer and each data file's first tensor start on one
 
 log = logging.getLogger("harness")
-
-ALIGN = 64  # each view starts on a 64-byte boundary (any dtype's alignment, and cache lines)
-PAGE = 4096  # the buffer, and the first tensor of each data file, start on a page: see plan()
 
 Layout = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
 
@@ -116,8 +115,7 @@ class Snapshot:
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None   # uint8, the one host allocation this snapshot holds
-        self._layout: Layout | None = None
-        self._starts: frozenset[str] = frozenset()  # the layout's keys that start a page
+        self._planned: tuple[Layout, frozenset[str]] | None = None  # what the buffer is laid out for: see plan()
         self._views: dict[str, torch.Tensor] = {}
         self.pinned = False
         self._pin_asked = False
@@ -185,9 +183,9 @@ class Snapshot:
             return need
         pin = any(t.device.type == "cuda" for t in need.values())
         layout = tuple((k, t.dtype, tuple(t.shape)) for k, t in need.items())
-        starts = frozenset(file_starts & need.keys())
-        if layout != self._layout or starts != self._starts or (pin and not self._pin_asked):
-            self._allocate(layout, starts, pin)
+        planned = (layout, frozenset(file_starts & need.keys()))
+        if planned != self._planned or (pin and not self._pin_asked):
+            self._allocate(*planned, pin)
         return need
 
     def _swap(self, tensors: dict[str, Any], need: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -210,7 +208,7 @@ class Snapshot:
         self.pinned = pin and _page_lock(buf)
         self._views = {key: buf[base + offsets[key]:base + offsets[key] + _bytes_of(dtype, shape)].view(dtype)
                        .view(shape) for key, dtype, shape in layout}
-        self._buffer, self._layout, self._starts = buf, layout, starts
+        self._buffer, self._planned = buf, (layout, starts)
         log.debug("checkpoint snapshot buffer: %.1f MB %s for %d tensors", size / 1e6,
                   "pinned" if pin else "host", len(layout))
 
@@ -218,8 +216,7 @@ class Snapshot:
         """Free the buffer (the views go with it), unpinning it first."""
         if self._buffer is not None and self.pinned:
             _page_unlock(self._buffer)
-        self._views, self._buffer, self._layout, self.pinned, self._pin_asked = {}, None, None, False, False
-        self._starts = frozenset()
+        self._views, self._buffer, self._planned, self.pinned, self._pin_asked = {}, None, None, False, False
 
     def describe(self) -> str:
         if not self.nbytes:

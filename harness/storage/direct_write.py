@@ -80,22 +80,26 @@ class DirectWriter:
         if FROM_SOURCE and self.direct and n >= ALIGN and len(self._mv) % ALIGN == 0:
             addr = np.frombuffer(src, dtype=np.uint8).ctypes.data
         while i < n:
-            # Congruent: the byte at src[i] lands at file offset _pos + _fill, and both are equal modulo ALIGN.
-            if addr is not None and self.direct and (addr + i - self._fill) % ALIGN == 0:
-                if self._fill % ALIGN:  # the ragged start goes through the block, up to an aligned offset
-                    i += self._copy(src[i:i + min(-self._fill % ALIGN, n - i)])
-                    continue
-                body = (n - i) // ALIGN * ALIGN
-                if body:
-                    if self._fill:
-                        self._flush(self._fill)
-                    self._write_out(src[i:i + body])
-                    self.from_source += body
-                    i += body
-                    continue
-            i += self._copy(src[i:i + min(len(self._mv) - self._fill, n - i)])
+            k = self._from_source(src, i, addr) if addr is not None else 0
+            i += k or self._copy(src[i:i + min(len(self._mv) - self._fill, n - i)])
         self.size += n
         return n
+
+    def _from_source(self, src: memoryview, i: int, addr: int) -> int:
+        """Bytes of ``src[i:]`` taken the uncopied way, 0 if none: where ``src[i]`` (at ``addr + i``) is congruent
+        with the file offset it lands at (``_pos + _fill``), the ragged start up to the next page of the file goes
+        through the block, then the aligned middle goes to the disk from ``src`` itself."""
+        if not self.direct or (addr + i - self._fill) % ALIGN:
+            return 0
+        if self._fill % ALIGN:
+            return self._copy(src[i:i + min(-self._fill % ALIGN, len(src) - i)])
+        body = (len(src) - i) // ALIGN * ALIGN
+        if body:
+            if self._fill:
+                self._flush(self._fill)
+            self._write_out(src[i:i + body])
+            self.from_source += body
+        return body
 
     def _copy(self, piece: memoryview) -> int:
         """Into the block, which is written once full."""

@@ -71,8 +71,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
 class LocalBackend(FsspecBackend):
     """fsspec's LocalFileSystem for listings and removal; our own writes, for fsync and atomic rename.
     Data files go through :class:`~harness.storage.direct_write.DirectWriter` (``O_DIRECT``) unless
-    ``direct`` is off (storage option ``harness_direct_io = false``). ``data_bytes`` counts the bytes of the
-    data files written so, ``from_source`` those of them written straight from the caller's memory."""
+    ``direct`` is off (storage option ``harness_direct_io = false``). ``data_bytes`` counts the bytes written
+    so (data files and manifests), ``from_source`` those of them written straight from the caller's memory."""
 
     def __init__(self, fs: Any, direct: bool = True) -> None:
         super().__init__(fs)
