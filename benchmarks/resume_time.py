@@ -4,13 +4,18 @@ to the first training step after the restore, and where the time goes.
     python benchmarks/resume_time.py                               # quickstart state, local + S3 (moto)
     python benchmarks/resume_time.py --size-gb 1 --storage local,s3  # a >= 1 GB state (MLP + AdamW moments)
     python benchmarks/resume_time.py --launcher torchrun           # torchrun ... -m harness train instead
+    python benchmarks/resume_time.py --start-methods forkserver,subprocess  # harness launch's two ways, A/B
 
 Phases (rank 0; the total is the slowest rank's), measured with wall-clock timestamps written by a probe that
 is loaded only into the relaunched job's processes (benchmarks/_resume_probe/sitecustomize.py, gated by
 HARNESS_RESUME_TRACE; harness itself is unchanged): launcher (relaunch -> worker process exists), interpreter,
 imports (+ config), setup (workload, model, optimizer: what is not listed apart), rendezvous + process groups,
 lease + storage check, discovery (listing + commit records + manifest), read + verify, apply
-(load_state_dict), restore other (broadcast of replicated tensors, decoding, RNG), first step.
+(load_state_dict), restore other (broadcast of replicated tensors, decoding, RNG), first step. With
+``harness launch``'s default start method the workers are forks of its forkserver (harness/workerstart.py):
+``launcher`` then runs to the fork, which waits for the forkserver's imports of torch and torch._dynamo made
+beside the launcher's own; ``interpreter`` is 0 and ``imports`` is what the fork still imports (harness's
+trainer path), ``setup`` no longer holds torch._dynamo's import.
 
 Baselines measured in the same run: ``python -c "import torch"``; two processes doing ``import torch`` +
 ``init_process_group`` (gloo) + a barrier, bare and under torchrun; ``import harness`` (after torch), and
@@ -93,11 +98,11 @@ def kill_tree(proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-def train_cmd(launcher: str, nproc: int, overrides: list[str]) -> list[str]:
+def train_cmd(launcher: str, nproc: int, overrides: list[str], start_method: str = "forkserver") -> list[str]:
     sets = [a for o in overrides for a in ("--set", o)]
     if launcher == "launch":
-        return [sys.executable, "-m", "harness", "launch", "--nproc-per-node", str(nproc), "--config", str(CONFIG),
-                *sets]
+        return [sys.executable, "-m", "harness", "launch", "--nproc-per-node", str(nproc), "--start-method",
+                start_method, "--config", str(CONFIG), *sets]
     torchrun = shutil.which("torchrun")
     head = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     return [*head, "--standalone", "--nproc-per-node", str(nproc), "-m", "harness", "train", "--config",
@@ -158,8 +163,10 @@ def model_overrides(size_gb: float) -> tuple[list[str], int]:
 
 
 def run_scenario(storage: str, size_gb: float, launcher: str, nproc: int, work: Path, moto: Moto | None,
-                 timeout_s: float, checkpoints: int = 1) -> dict:
+                 timeout_s: float, checkpoints: int = 1, start_method: str = "forkserver") -> dict:
     name = f"{storage}-{'quickstart' if size_gb <= 0 else f'{size_gb:g}gb'}"
+    if launcher == "launch" and start_method != "forkserver":
+        name += f"-{start_method}"
     folder = work / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -170,7 +177,7 @@ def run_scenario(storage: str, size_gb: float, launcher: str, nproc: int, work: 
                  f"run.output_dir={folder / 'out'}", *extra]
     env = {**os.environ, **(moto.env if moto else {}),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    cmd = train_cmd(launcher, nproc, overrides)
+    cmd = train_cmd(launcher, nproc, overrides, start_method)
     first = subprocess.Popen(cmd, cwd=folder, env=env, stdout=open(folder / "run1.log", "wb"),
                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -195,12 +202,59 @@ def run_scenario(storage: str, size_gb: float, launcher: str, nproc: int, work: 
         records = wait_first_steps(trace, nproc, second, t_launch + timeout_s, folder / "run2.log")
     finally:
         kill_tree(second)
-    result = {"scenario": name, "storage": storage, "launcher": launcher, "checkpoint": saved[-1],
+    result = {"scenario": name, "storage": storage, "launcher": launcher,
+              "start_method": start_method if launcher == "launch" else None,
+              "workers_forked": all(r.get("forked", False) for r in records
+                                    if r["label"] == "process" and r["rank"] is not None),
+              "checkpoint": saved[-1],
               "checkpoints_present": len(saved),
               "state_bytes": nbytes, **phases(records, t_launch, nproc)}
     if storage == "local":
         shutil.rmtree(folder / "ckpt", ignore_errors=True)
     return result
+
+
+def restart_scenario(nproc: int, work: Path, timeout_s: float, start_method: str) -> dict:
+    """An in-job restart: `harness launch --max-restarts 1`, rank 1 SIGKILLed at step 25 (the fault seam, once),
+    the agent restarts the worker group, which resumes from the checkpoint at step 20. Timed from the kill (the
+    seam's marker file is written just before it) to the restarted group's first step; phases as above, the
+    kill standing for the relaunch."""
+    name = f"restart-quickstart-{start_method}"
+    folder = work / name
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "trace").mkdir(parents=True)
+    fired = folder / "fired"
+    overrides = [f"checkpoint.dir={folder / 'ckpt'}", "checkpoint.every_steps=10", "checkpoint.async=false",
+                 "train.max_steps=1000000", f"run.output_dir={folder / 'out'}"]
+    cmd = train_cmd("launch", nproc, overrides, start_method)
+    cmd[4:4] = ["--max-restarts", "1"]
+    env = {**os.environ, "HARNESS_RESUME_TRACE": str(folder / "trace"),
+           "HARNESS_FAULT": f"train.step:sigkill:step=25:rank=1:once={fired}",
+           "PYTHONPATH": os.pathsep.join([str(PROBE), str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    job = subprocess.Popen(cmd, cwd=folder, env=env, stdout=open(folder / "run.log", "wb"), stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    deadline = time.time() + timeout_s
+    try:
+        while True:
+            records = read_trace(folder / "trace")
+            stepped = {r["pid"] for r in records if r["label"] == "step" and r["rank"] is not None}
+            if fired.exists() and len(stepped) >= 2 * nproc:  # both worker groups have stepped
+                break
+            if job.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{name}: no restarted step; see {folder / 'run.log'}:\n"
+                                   + (folder / "run.log").read_text()[-3000:])
+            time.sleep(0.05)
+    finally:
+        kill_tree(job)
+    t_kill = fired.stat().st_mtime
+    first_pids = {r["pid"] for r in records if r["label"] == "process" and r["rank"] is not None
+                  and r["t1"] < t_kill}
+    after = [r for r in records if r["pid"] not in first_pids]
+    return {"scenario": name, "storage": "local", "launcher": "launch", "start_method": start_method,
+            "workers_forked": all(r.get("forked", False) for r in after if r["label"] == "process" and r["rank"]),
+            "checkpoint": "step-000000020", "checkpoints_present": None,
+            "state_bytes": state_bytes(str(folder / "ckpt"), "step-000000020", None),
+            **phases(after, t_kill, nproc)}
 
 
 def state_bytes(url: str, name: str, moto: Moto | None) -> int:
@@ -489,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--storage", default="local,s3", help="comma-separated: local, s3 (moto on 127.0.0.1)")
     ap.add_argument("--launcher", choices=["auto", "launch", "torchrun"], default="auto",
                     help="auto: `harness launch` when it exists, else torchrun -m harness train")
+    ap.add_argument("--start-methods", default="forkserver",
+                    help="harness launch --start-method, comma-separated: forkserver (default), subprocess")
+    ap.add_argument("--restart", action="store_true",
+                    help="also an in-job restart (--max-restarts 1, a worker SIGKILLed) per start method")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1, help="runs per scenario; the median total is kept")
     ap.add_argument("--timeout", type=float, default=600.0, help="per run, to the first checkpoint / first step")
@@ -502,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     storages = [s.strip() for s in args.storage.split(",") if s.strip()]
     if set(storages) - {"local", "s3"}:
         ap.error("--storage takes local and/or s3")
+    methods = [m.strip() for m in args.start_methods.split(",") if m.strip()]
+    if not methods or set(methods) - {"forkserver", "subprocess"}:
+        ap.error("--start-methods takes forkserver and/or subprocess")
     work = args.dir or Path(tempfile.mkdtemp(prefix="resume-time-"))
     work.mkdir(parents=True, exist_ok=True)
     launcher = pick_launcher(args.launcher)
@@ -510,23 +571,28 @@ def main(argv: list[str] | None = None) -> int:
               "scenarios": []}
     moto = Moto() if "s3" in storages else None
     try:
-        for size in args.size_gb:
-            for storage in storages:
-                runs = []
-                for _ in range(args.repeat):
-                    try:
-                        runs.append(run_scenario(storage, size, launcher, args.nproc, work,
-                                                 moto if storage == "s3" else None, args.timeout,
-                                                 args.checkpoints))
-                    except RuntimeError as exc:
-                        runs.append({"scenario": f"{storage}-{size:g}", "error": str(exc)})
-                        print(f"{storage} {size:g} GB: {exc}", file=sys.stderr)
-                ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["total_s"])
-                best = ok[len(ok) // 2] if ok else runs[-1]
-                if ok:
-                    best.update(verdict(best, result["baselines"]))
-                    best["runs_total_s"] = [r["total_s"] for r in ok]
-                result["scenarios"].append(best)
+        for size, storage, method in ((z, s, m) for z in args.size_gb for s in storages for m in methods):
+            runs = []
+            for _ in range(args.repeat):
+                try:
+                    runs.append(run_scenario(storage, size, launcher, args.nproc, work,
+                                             moto if storage == "s3" else None, args.timeout,
+                                             args.checkpoints, method))
+                except RuntimeError as exc:
+                    runs.append({"scenario": f"{storage}-{size:g}-{method}", "error": str(exc)})
+                    print(f"{storage} {size:g} GB {method}: {exc}", file=sys.stderr)
+            ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["total_s"])
+            best = ok[len(ok) // 2] if ok else runs[-1]
+            if ok:
+                best.update(verdict(best, result["baselines"]))
+                best["runs_total_s"] = [r["total_s"] for r in ok]
+            result["scenarios"].append(best)
+        for method in methods if args.restart else []:
+            runs = [restart_scenario(args.nproc, work, args.timeout, method) for _ in range(args.repeat)]
+            runs.sort(key=lambda r: r["total_s"])
+            best = runs[len(runs) // 2]
+            best.update(verdict(best, result["baselines"]), runs_total_s=[r["total_s"] for r in runs])
+            result["scenarios"].append(best)
     finally:
         if moto is not None:
             moto.stop()

@@ -165,21 +165,30 @@ def entry() -> NoReturn:
     SIGABRT, when a gloo thread still holds a tensor; in both it takes ~0.4-0.7 s with torch loaded, time a
     scheduler waits for the exit code). Other commands exit as usual."""
     argv = sys.argv[1:]
-    if _command(argv) in ("train", "launch") and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    code = run(argv)
+    if _command(argv) in ("train", "launch"):
+        from harness.exiting import leave  # no torch: the launcher may leave while torch is still importing
+        leave(code)
+    sys.exit(code)
+
+
+def run(argv: list[str]) -> int:
+    """A command's exit code, with ``train``'s and ``launch``'s signal handling around it (also what a worker
+    forked by the launcher runs: harness/workerstart.py)."""
+    long_running = _command(argv) in ("train", "launch")
+    if long_running and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         # Until the command's own handler is in, Ctrl-C ends the process quietly, as SIGTERM does: not with a
         # KeyboardInterrupt traceback from whatever import was running. (Python's own handler only: a SIGINT
         # the process was started ignoring, a background job of a script, stays ignored.)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     code = main(argv)
-    if _command(argv) in ("train", "launch"):
+    if long_running:
         # The exit code is decided: a signal from here on (a scheduler repeating SIGTERM) must not replace it
         # by death by that signal while atexit hooks run and files are flushed. (The trainer and the launcher
         # ignore them already once their run is over; this covers the paths that never installed a handler.)
         for sig in exitcodes.STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        from harness.exiting import leave  # no torch: the launcher may leave while torch is still importing
-        leave(code)
-    sys.exit(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,12 +25,18 @@ def leave(code: int) -> NoReturn:
     SIGTERM there would be death by SIGTERM, not the decided code) and takes ~0.4 s with torch loaded.
     So this does what a normal exit does that matters, then leaves: joins non-daemon threads, runs
     ``atexit`` handlers (logging's flush, users' hooks), flushes every file still open, ``os._exit``."""
+    finish()
+    os._exit(code)
+
+
+def finish() -> None:
+    """What :func:`leave` does before ``os._exit``; alone for a worker forked by the launcher, which returns
+    to multiprocessing (it ends the process with ``os._exit`` too, after handing the agent its result)."""
     shutdown = getattr(threading, "_shutdown", None)  # what interpreter exit runs first; private but stable
     if shutdown is not None:
         shutdown()
     atexit._run_exitfuncs()
     _flush_open_files()
-    os._exit(code)
 
 
 def _flush_open_files() -> None:

@@ -17,6 +17,8 @@ What torchrun leaves to its caller, and this module adds:
   (see ``Stopper``).
 * One line per problem: torch's own log records below ERROR and its failure table stay out of the way
   unless HARNESS_DEBUG=1.
+* Workers that import nothing at start: they are forks of a forkserver that imports torch and torch._dynamo
+  beside the launcher (harness/workerstart.py), unless ``--start-method subprocess``.
 
 The worker side of the protocol (``report_outcome``, ``report_finished``: harness/launch_folder.py) is called by
 ``harness train`` (harness/cli.py).
@@ -38,7 +40,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from harness import exitcodes, rendezvous, torchcompat
+from harness import exitcodes, rendezvous, torchcompat, workerstart
 from harness.errors import ConfigError
 from harness.exitcodes import Outcome
 from harness.launch_folder import FINISHED_PREFIX, LAUNCH_DIR_ENV, POLL_S, STOPPING_FILE
@@ -159,6 +161,8 @@ class _TorchLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if exitcodes.debug() or not record.name.startswith("torch."):
             return True
+        # The agent logs a failed forked worker with the traceback of torch's wait for it: the line says it.
+        record.exc_info, record.exc_text = None, None
         return record.levelno >= logging.ERROR or "will restart worker group" in str(record.msg)
 
 
@@ -187,6 +191,7 @@ class LaunchArgs:
     overrides: list[str]
     rejoin_s: float = rendezvous.REJOIN_S  # keep starting the agent this long after a lost rendezvous
     rdzv_conf: dict[str, str] = field(default_factory=dict)  # --rdzv-conf, parsed
+    start_method: str = workerstart.FORKSERVER
 
 
 def _env_default(name: str, fallback: str) -> str:
@@ -219,6 +224,10 @@ def add_launch_parser(sub: Any) -> None:
     p.add_argument("--max-restarts", default=_env_default("MAX_RESTARTS", "3"), metavar="K",
                    help="worker-group restarts by the agent before it gives up (default 3); permanent errors "
                         "(exit 2, 3) are never restarted")
+    p.add_argument("--start-method", choices=workerstart.METHODS, default=workerstart.FORKSERVER,
+                   help="how workers start: forked from a process that has imported torch beside the launcher "
+                        "(default: no import at each start and restart), or as fresh 'python -m harness train' "
+                        "processes, as torchrun starts them")
     p.add_argument("--monitor-interval", type=float, default=0.1, help=argparse.SUPPRESS)
     p.add_argument("--config", required=True, help="TOML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -292,12 +301,14 @@ def _check_workload(cfg: Any) -> None:
         pass
 
 
-def _launch_config(args: LaunchArgs, cfg: Any, folder: str) -> Any:
+def _launch_config(args: LaunchArgs, cfg: Any, stopper: Stopper, preload_status: str) -> Any:
+    """torch's LaunchConfig; with ``preload_status``, workers forked by the forkserver (harness/workerstart.py),
+    which the agent waits for right before it starts them."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig
 
     lo, hi = _nodes(args.nnodes)
-    standalone = hi == 1 and not args.rdzv_endpoint
+    standalone, logs = hi == 1 and not args.rdzv_endpoint, os.path.join(stopper.folder, "logs")
     # The workers must outlive their checkpoint: the agent SIGKILLs them this long after forwarding a signal.
     shutdown = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 0)) or int(cfg.checkpoint.grace_period_s) + 30
     return LaunchConfig(**torchcompat.launch_config_fields(LaunchConfig, cfg.checkpoint.grace_period_s, dict(
@@ -306,8 +317,10 @@ def _launch_config(args: LaunchArgs, cfg: Any, folder: str) -> Any:
         rdzv_backend="c10d", rdzv_endpoint="localhost:0" if standalone else args.rdzv_endpoint,
         rdzv_configs=dict(args.rdzv_conf),
         max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
-        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(folder, "logs")),
-        signals_to_handle=_torch_signals(), shutdown_timeout=shutdown)))
+        logs_specs=(workerstart.logs_specs(logs, preload_status, stopper.stopping) if preload_status
+                    else DefaultLogsSpecs(log_dir=logs)),
+        signals_to_handle=_torch_signals(), shutdown_timeout=shutdown,
+        start_method="forkserver" if preload_status else "spawn")))
 
 
 @contextlib.contextmanager
@@ -359,19 +372,24 @@ def _failed(exc: Any, max_restarts: int) -> int:
     return exitcodes.EXIT_ERROR
 
 
-def _agent(args: LaunchArgs, cfg: Any, stopper: Stopper) -> int:
+def _agent(args: LaunchArgs, cfg: Any, stopper: Stopper, preload_status: str = "") -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
-    launch_cfg = _launch_config(args, cfg, stopper.folder)
+    launch_cfg = _launch_config(args, cfg, stopper, preload_status)
     stopper.workers = launch_cfg.nproc_per_node
     _worker_env(stopper.folder, launch_cfg.nproc_per_node)
-    argv = ["-u", "-m", "harness", "train", "--config", args.config]
+    argv = ["train", "--config", args.config]
     for s in args.overrides:
         argv += ["--set", s]
+    if preload_status:  # forked workers get the environment as the agent's subprocesses would inherit it
+        def launch() -> Any:
+            return elastic_launch(launch_cfg, workerstart.run_worker)(dict(os.environ), argv)
+    else:
+        def launch() -> Any:
+            return elastic_launch(launch_cfg, sys.executable)("-u", "-m", "harness", *argv)
     try:  # started again while the rendezvous host is lost (harness/rendezvous.py)
-        rendezvous.run_agent(lambda: elastic_launch(launch_cfg, sys.executable)(*argv), args.rdzv_endpoint,
-                             args.rejoin_s, stopper.stopping)
+        rendezvous.run_agent(launch, args.rdzv_endpoint, args.rejoin_s, stopper.stopping)
     except ChildFailedError as exc:
         stopper.close()
         return _outcome(stopper) if stopper.record else _failed(exc, args.max_restarts)
@@ -444,11 +462,12 @@ def run_launch(ns: argparse.Namespace) -> int:
         exitcodes.print_line(exitcodes.classify(exc), exc)
         return exitcodes.EXIT_CONFIG
     args = LaunchArgs(ns.nnodes, ns.nproc_per_node, ns.rdzv_endpoint, ns.rdzv_id, restarts, ns.standalone,
-                      ns.monitor_interval, ns.config, ns.overrides, rejoin_s, rdzv_conf)
+                      ns.monitor_interval, ns.config, ns.overrides, rejoin_s, rdzv_conf, ns.start_method)
     folder = tempfile.mkdtemp(prefix="harness-launch-")
     stopper = Stopper(folder)
     stopper.install()  # from here on, a signal means "stop, exit 128+N"
     try:
+        preload_status = workerstart.start_forkserver(folder) if args.start_method == workerstart.FORKSERVER else ""
         with _quiet_cpp_warnings():
             cfg = _prepare(args, stopper)
         if isinstance(cfg, int):
@@ -459,7 +478,7 @@ def run_launch(ns: argparse.Namespace) -> int:
             if stopper.signum:  # came between the checks and arm(): the agent never started
                 return _outcome(stopper)
             stopper.watch()
-            return _agent(args, cfg, stopper)
+            return _agent(args, cfg, stopper, preload_status)
         except SignalException as exc:  # ours (first signal, or the stop for a permanent error), or torch's
             stopper.close()
             stopper.signum = stopper.signum or int(exc.sigval)

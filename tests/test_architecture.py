@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("trainer", ("harness.trainer",)),
     ("entry points", ("harness.ckpt_cli", "harness.ckpt_parser", "harness.ckpt_folder", "harness.ckpt_interop",
                       "harness.ckpt_render", "harness.launch", "harness.launch_folder", "harness.rendezvous",
+                      "harness.workerstart", "harness.preload",
                       "harness.cli",
                       "harness.__main__")),
     # The package root re-exports the public API from every layer, so importing it from inside the package

@@ -153,6 +153,26 @@ def proc_env(pid: int) -> dict[str, str]:
     return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
 
 
+WORKER_NAME = "harness-r"
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _mp_helper(pid: int) -> bool:
+    """multiprocessing's forkserver or resource tracker (started by ``harness launch``)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"from multiprocessing." in f.read()
+    except OSError:
+        return False
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -206,14 +226,17 @@ class Proc:
         return self.rc
 
     def workers(self) -> list[int]:
-        """Live direct children (torchrun's worker processes)."""
+        """Live worker processes: torchrun's children (fresh interpreters), or the workers ``harness launch``
+        forks from its forkserver (named harness-r<RANK>, see harness/workerstart.py); not the forkserver or
+        multiprocessing's resource tracker."""
         ppids = _ppids()
-        return sorted(p for p, pp in ppids.items() if pp == self.pid and alive(p))
+        return sorted(p for p in descendants(self.pid) if alive(p) and (
+            comm(p).startswith(WORKER_NAME) or (ppids.get(p) == self.pid and not _mp_helper(p))))
 
     def worker_of_rank(self, rank: int) -> int:
         for pid in self.workers():
             try:
-                if proc_env(pid).get("RANK") == str(rank):
+                if comm(pid) == f"{WORKER_NAME}{rank}" or proc_env(pid).get("RANK") == str(rank):
                     return pid
             except OSError:
                 continue

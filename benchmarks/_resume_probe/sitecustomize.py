@@ -44,14 +44,20 @@ S3_MODULES = ("s3fs", "aiobotocore", "botocore", "boto3")
 _local = threading.local()
 _lock = threading.Lock()
 _file = None
+_file_pid = [0]
+_forked_at: list[float] = []
 _steps = 0
 
 
 def _emit(record: dict) -> None:
     global _file
     with _lock:
-        if _file is None:
+        if _file is None or _file_pid[0] != os.getpid():  # a fork (a worker of the launcher's forkserver)
             _file = open(os.path.join(_DIR, f"trace-{os.getpid()}.jsonl"), "a", buffering=1)
+            _file_pid[0] = os.getpid()
+            if _forked_at:  # its process record, with the rank it has by now (see _forked)
+                _file.write(json.dumps({"pid": os.getpid(), "rank": os.environ.get("RANK"), "label": "process",
+                                        "t0": _forked_at[0], "t1": _forked_at[0], "forked": True}) + "\n")
         _file.write(json.dumps({"pid": os.getpid(), "rank": os.environ.get("RANK"), **record}) + "\n")
 
 
@@ -145,8 +151,18 @@ class _Finder(importlib.abc.MetaPathFinder):
         return None
 
 
+def _forked() -> None:
+    """A worker forked from the launcher's preloaded forkserver: its process starts here, its interpreter
+    (and everything the forkserver imported) is up at once. Recorded with its first record, once the worker
+    has its RANK."""
+    global _lock
+    _lock = threading.Lock()  # the fork may have copied it held
+    _forked_at[:] = [time.time()]
+
+
 if _DIR:
     _emit({"label": "process", "t0": _process_start(), "t1": time.time()})  # t1: interpreter is up
+    os.register_at_fork(after_in_child=_forked)
     for _name, _mod in list(sys.modules.items()):
         if _name in _PATCHES:
             _patch(_name, _mod)

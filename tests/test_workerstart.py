@@ -1,0 +1,149 @@
+"""How `harness launch` starts its workers (harness/workerstart.py, harness/preload.py): by default forked from
+multiprocessing's forkserver, which imported torch and torch._dynamo beside the launcher; fresh interpreters
+with ``--start-method subprocess`` or when the preload fails. Real launches (2 gloo ranks on CPU): what a
+worker sees (environment, thread count, name, what is imported), the fallback, and the forkserver's lifetime
+(a stop signal to every process of the job, the launcher killed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import workerstart
+from trainer_helpers import (RUN_TIMEOUT, SLOW, base_env, committed_steps, descendants, events, last_logged_step,
+                             launch_cmd, wait_gone, wait_until)
+
+PROBE = '''
+import json, os, sys
+
+import torch
+
+from harness.workloads import SyntheticVectors, Workload
+
+
+def build(model_cfg, data_cfg, seed):
+    with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+        parent = f.read().replace(b"\\0", b" ").decode()
+    with open("/proc/self/comm") as f:
+        name = f.read().strip()
+    seen = {"env": {k: os.environ.get(k) for k in ("HARNESS_LAUNCH_DIR", "OMP_NUM_THREADS", "PROBE_OUT", "RANK",
+                                                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")},
+            "threads": torch.get_num_threads(), "dynamo_preloaded": "torch._dynamo" in sys.modules,
+            "parent": parent, "name": name, "write_through": sys.stdout.write_through,
+            "argv": sys.argv[1:3]}
+    with open(os.path.join(os.environ["PROBE_OUT"], "rank" + os.environ["RANK"]), "w") as f:
+        json.dump(seen, f)
+    torch.manual_seed(seed)
+    return Workload(torch.nn.Linear(4, 2), SyntheticVectors(256, 4, 2, seed), torch.nn.functional.cross_entropy)
+'''
+
+
+def _probe_launch(tmp_path, *extra_args, **env):
+    (tmp_path / "probe_wl.py").write_text(PROBE)
+    cmd = launch_cmd(tmp_path, "train.entry='probe_wl:build'", "train.max_steps=2")
+    cmd[4:4] = list(extra_args)  # after "launch"
+    run_env = base_env(PROBE_OUT=str(tmp_path), **env)
+    # Not set by the user: the launcher sets it (torchrun's default) after the forkserver started, which then
+    # loaded OpenMP with the machine's core count.
+    run_env.pop("OMP_NUM_THREADS")
+    run_env["PYTHONPATH"] += os.pathsep + str(tmp_path)
+    out = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out, [json.loads((tmp_path / f"rank{r}").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("method", ["forkserver", "subprocess"])
+def test_workers_see_what_a_fresh_worker_sees(method, tmp_path):
+    """Either way: the launcher's environment with the agent's additions (RANK) and its own (the launch
+    folder, OMP_NUM_THREADS=1 and torch's thread count to match), unbuffered output, ``train`` as the command.
+    Forked: a child of the forkserver, named harness-r<RANK>, torch._dynamo already imported."""
+    out, seen = _probe_launch(tmp_path, "--start-method", method)
+    assert "harness launch:" not in out.stderr, out.stderr[-2000:]  # no fallback line
+    for rank, s in enumerate(seen):
+        assert s["env"]["RANK"] == str(rank) and s["env"]["PROBE_OUT"] == str(tmp_path), s
+        assert s["env"]["HARNESS_LAUNCH_DIR"] and s["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1", s
+        assert s["env"]["OMP_NUM_THREADS"] == "1" and s["threads"] == 1, s
+        assert s["argv"] == ["train", "--config"] and s["write_through"], s
+        if method == "forkserver":
+            assert "multiprocessing.forkserver" in s["parent"] and s["name"] == f"harness-r{rank}", s
+            assert s["dynamo_preloaded"], s
+        else:
+            assert "harness launch" in s["parent"] and not s["dynamo_preloaded"], s
+
+
+def test_a_failed_preload_leaves_workers_that_import_torch_themselves(tmp_path):
+    """The preload fails (the fault seam raises in the forkserver before it imports torch): one line says so,
+    the workers are forks of a plain forkserver, which import torch themselves, and the job runs as usual."""
+    out, seen = _probe_launch(tmp_path, HARNESS_FAULT="launch.preload:raise")
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("harness launch:")]
+    assert lines == ["harness launch: workers import torch themselves (the preload: preloading failed: "
+                     "FaultInjected: fault injected at launch.preload)"], out.stderr[-2000:]
+    for rank, s in enumerate(seen):
+        assert not s["dynamo_preloaded"] and s["threads"] == 1 and s["name"] == f"harness-r{rank}", s
+
+
+def test_a_stop_signal_to_every_process_of_the_job_commits_and_exits_143(runner, tmp_path):
+    """SLURM signals every process of a job step, the forkserver included: it must outlive the workers'
+    checkpoint (it blocks the signal), or the agent loses their exit codes."""
+    proc = runner.start("launch", launch_cmd(tmp_path, SLOW))
+    wait_until("a checkpoint and step 30", lambda: committed_steps(tmp_path / "ck") and last_logged_step(tmp_path) >= 30,
+               [proc], timeout=120)
+    assert len(proc.workers()) == 2
+    os.killpg(proc.pid, signal.SIGTERM)  # the runner starts the launcher in a session of its own
+    assert proc.wait(90) == 143, proc.tail()
+    pre = events(tmp_path, "preempted")
+    assert len(pre) == 1 and pre[0]["signal"] == "SIGTERM" and committed_steps(tmp_path / "ck")[-1] == pre[0]["step"]
+    log = proc.log()
+    assert log.count("exiting with 143 so the scheduler requeues") == 2, log[-3000:]
+
+
+def test_the_forkserver_and_its_workers_end_with_a_killed_launcher(runner, tmp_path):
+    """SIGKILL to the launcher alone: the forkserver dies with it (PR_SET_PDEATHSIG), its workers with that
+    (torch's death signal for its workers): nothing is left running."""
+    proc = runner.start("launch", launch_cmd(tmp_path, SLOW))
+    wait_until("both workers", lambda: len(proc.workers()) == 2, [proc], timeout=60)
+    left = descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    wait_gone(left, timeout=60)
+
+
+# -- units -------------------------------------------------------------------------------------------------
+
+def test_a_forked_worker_takes_the_launchers_environment_plus_the_agents(monkeypatch):
+    base = {"A": "forkserver", "B": "same", "GONE": "x"}
+    now = {"A": "forkserver", "B": "same", "GONE": "x", "RANK": "3", "MASTER_PORT": "29500"}
+    monkeypatch.setattr(os, "environ", dict(now))
+    workerstart._adopt_environ({"A": "launcher", "B": "same", "NEW": "set after the forkserver"}, base)
+    assert os.environ == {"A": "launcher", "B": "same", "NEW": "set after the forkserver", "RANK": "3",
+                          "MASTER_PORT": "29500"}
+
+
+def test_waiting_for_the_preload_says_why_it_cannot_be_used(tmp_path):
+    status = tmp_path / "preload.json"
+    never = lambda: False  # noqa: E731
+    status.write_text(json.dumps({"ok": True}))
+    assert workerstart.wait_preloaded(str(status), never) == ""
+    status.write_text(json.dumps({"ok": False, "why": "CUDA was initialised while preloading"}))
+    assert workerstart.wait_preloaded(str(status), never) == "CUDA was initialised while preloading"
+    status.write_text("{not json")
+    assert workerstart.wait_preloaded(str(status), never).startswith("unreadable preload report")
+    missing = str(tmp_path / "none.json")
+    assert workerstart.wait_preloaded(missing, lambda: True) == "the launch is stopping"
+    t0 = time.monotonic()
+    assert workerstart.wait_preloaded(missing, never, wait_s=0.2) == "the preload took more than 0.2 s"
+    assert time.monotonic() - t0 < 5
+
+
+def test_importing_the_preload_outside_a_forkserver_changes_nothing():
+    """Only the forkserver (HARNESS_PRELOAD_STATUS set) blocks signals and imports torch."""
+    code = ("import signal, sys; import harness.preload as p; "
+            "print(p.ORIGINAL_MASK, sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])), 'torch' in sys.modules)")
+    env = {k: v for k, v in base_env().items() if not k.startswith("HARNESS_PRELOAD")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["None", "[]", "False"], out.stderr
