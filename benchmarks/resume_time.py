@@ -42,6 +42,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -178,17 +179,8 @@ def run_scenario(storage: str, size_gb: float, launcher: str, nproc: int, work: 
     env = {**os.environ, **(moto.env if moto else {}),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     cmd = train_cmd(launcher, nproc, overrides, start_method)
-    first = subprocess.Popen(cmd, cwd=folder, env=env, stdout=open(folder / "run1.log", "wb"),
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + timeout_s
-        while len(committed(url, moto)) < checkpoints:
-            if first.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"{name}: the first run made no checkpoint; see {folder / 'run1.log'}:\n"
-                                   + (folder / "run1.log").read_text()[-3000:])
-            time.sleep(0.1)
-    finally:
-        kill_tree(first)
+    run_until(cmd, folder, env, "run1.log", lambda: len(committed(url, moto)) >= checkpoints, timeout_s,
+              f"{name}: the first run made no checkpoint")
     saved = committed(url, moto)
     nbytes = state_bytes(url, saved[-1], moto)  # now: the relaunched job's retention may delete it later
     trace = folder / "trace"
@@ -196,12 +188,8 @@ def run_scenario(storage: str, size_gb: float, launcher: str, nproc: int, work: 
     env2 = {**env, "HARNESS_RESUME_TRACE": str(trace),
             "PYTHONPATH": os.pathsep.join([str(PROBE), env["PYTHONPATH"]])}
     t_launch = time.time()
-    second = subprocess.Popen(cmd, cwd=folder, env=env2, stdout=open(folder / "run2.log", "wb"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        records = wait_first_steps(trace, nproc, second, t_launch + timeout_s, folder / "run2.log")
-    finally:
-        kill_tree(second)
+    records = run_until(cmd, folder, env2, "run2.log", lambda: first_steps(trace, nproc), timeout_s,
+                        f"{name}: the relaunched job took no training step")
     result = {"scenario": name, "storage": storage, "launcher": launcher,
               "start_method": start_method if launcher == "launch" else None,
               "workers_forked": all(r.get("forked", False) for r in records
@@ -231,21 +219,13 @@ def restart_scenario(nproc: int, work: Path, timeout_s: float, start_method: str
     env = {**os.environ, "HARNESS_RESUME_TRACE": str(folder / "trace"),
            "HARNESS_FAULT": f"train.step:sigkill:step=25:rank=1:once={fired}",
            "PYTHONPATH": os.pathsep.join([str(PROBE), str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    job = subprocess.Popen(cmd, cwd=folder, env=env, stdout=open(folder / "run.log", "wb"), stderr=subprocess.STDOUT,
-                           start_new_session=True)
-    deadline = time.time() + timeout_s
-    try:
-        while True:
-            records = read_trace(folder / "trace")
-            stepped = {r["pid"] for r in records if r["label"] == "step" and r["rank"] is not None}
-            if fired.exists() and len(stepped) >= 2 * nproc:  # both worker groups have stepped
-                break
-            if job.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"{name}: no restarted step; see {folder / 'run.log'}:\n"
-                                   + (folder / "run.log").read_text()[-3000:])
-            time.sleep(0.05)
-    finally:
-        kill_tree(job)
+
+    def restarted() -> list[dict]:  # both worker groups have stepped
+        records = read_trace(folder / "trace")
+        stepped = {r["pid"] for r in records if r["label"] == "step" and r["rank"] is not None}
+        return records if fired.exists() and len(stepped) >= 2 * nproc else []
+
+    records = run_until(cmd, folder, env, "run.log", restarted, timeout_s, f"{name}: no restarted step")
     t_kill = fired.stat().st_mtime
     first_pids = {r["pid"] for r in records if r["label"] == "process" and r["rank"] is not None
                   and r["t1"] < t_kill}
@@ -275,14 +255,28 @@ def read_trace(trace: Path) -> list[dict]:
     return out
 
 
-def wait_first_steps(trace: Path, nproc: int, proc: subprocess.Popen, deadline: float, log: Path) -> list[dict]:
-    while True:
-        records = read_trace(trace)
-        if len({r["rank"] for r in records if r["label"] == "step" and r["rank"] is not None}) >= nproc:
-            return records
-        if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"the relaunched job took no training step; see {log}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
+def first_steps(trace: Path, nproc: int) -> list[dict]:
+    """The trace once every rank has taken a step, else []."""
+    records = read_trace(trace)
+    return records if len({r["rank"] for r in records if r["label"] == "step" and r["rank"] is not None}) >= nproc else []
+
+
+def run_until(cmd: list[str], folder: Path, env: dict, log_name: str, done: Callable[[], Any], timeout_s: float,
+              failure: str) -> Any:
+    """Start a job (a session of its own, output in ``folder/log_name``), poll ``done()`` until it gives
+    something truthy, and return that; the job, with everything under it, is killed either way."""
+    log = folder / log_name
+    job = subprocess.Popen(cmd, cwd=folder, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    deadline = time.time() + timeout_s
+    try:
+        while not (value := done()):
+            if job.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{failure}; see {log}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        return value
+    finally:
+        kill_tree(job)
 
 
 def _rank_phases(rs: list[dict], t_launch: float) -> dict:
