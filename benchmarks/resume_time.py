@@ -14,8 +14,8 @@ lease + storage check, discovery (listing + commit records + manifest), read + v
 (load_state_dict), restore other (broadcast of replicated tensors, decoding, RNG), first step. With
 ``harness launch``'s default start method the workers are forks of its forkserver (harness/workerstart.py):
 ``launcher`` then runs to the fork, which waits for the forkserver's imports of torch and torch._dynamo made
-beside the launcher's own; ``interpreter`` is 0 and ``imports`` is what the fork still imports (harness's
-trainer path), ``setup`` no longer holds torch._dynamo's import.
+beside the launcher's own; ``interpreter`` is 0, ``imports`` is the config (harness's train path is preloaded too),
+``setup`` no longer holds torch._dynamo's import.
 
 Baselines measured in the same run: ``python -c "import torch"``; two processes doing ``import torch`` +
 ``init_process_group`` (gloo) + a barrier, bare and under torchrun; ``import harness`` (after torch), and
@@ -400,6 +400,32 @@ def baselines(nproc: int, work: Path, quick: bool = False, repeat: int = 1) -> d
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+S3_CLIENT_SCRIPT = """
+import json, sys, time
+import torch
+t0 = time.perf_counter()
+import s3fs
+t1 = time.perf_counter()
+s3fs.S3FileSystem().cat_file(sys.argv[1])
+print(json.dumps({"s3fs_import_s": t1 - t0, "s3_client_first_get_s": time.perf_counter() - t1}))
+"""
+
+
+def s3_client_baseline(moto: Moto, work: Path, repeat: int) -> dict:
+    """What any s3fs user's process pays before its first byte from S3, after torch (as a worker): import s3fs,
+    then one small GET on a new client (the client's creation is most of it). Medians of ``repeat`` runs."""
+    moto.client().put_object(Bucket="resume", Key="baseline/probe", Body=b"x")
+    env = {**os.environ, **moto.env}
+    runs = []
+    for _ in range(max(1, repeat)):
+        out = subprocess.run([sys.executable, "-c", S3_CLIENT_SCRIPT, "resume/baseline/probe"], env=env, cwd=work,
+                             capture_output=True, text=True, timeout=300)
+        if out.returncode:
+            raise RuntimeError(f"S3 client baseline failed: {out.stderr[-2000:]}")
+        runs.append(json.loads(out.stdout))
+    return _medians(runs)
+
+
 def _medians(runs: list[dict]) -> dict:
     """Key by key (nested dicts too), the median over ``runs``."""
     out: dict = {}
@@ -476,6 +502,9 @@ def table(result: dict) -> str:
              f"torch + init_process_group(gloo) {pg} | import harness after torch {b['harness_s']:.3f} s "
              f"(+ cli/trainer {b['train_path_s']:.3f} s), s3 modules after it: "
              f"{', '.join(b['s3_after_import_harness']) or 'none'}"]
+    if "s3fs_import_s" in b:
+        lines.append(f"baseline: an S3 client's start after torch (any s3fs user's): import s3fs "
+                     f"{b['s3fs_import_s']:.2f} s + client and first GET {b['s3_client_first_get_s']:.2f} s")
     if not quick:
         t = b["torchrun_phases"]
         lines.append(f"baseline: torchrun + import torch + init_process_group, every rank ready "
@@ -565,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
               "scenarios": []}
     moto = Moto() if "s3" in storages else None
     try:
+        if moto is not None:
+            result["baselines"].update(s3_client_baseline(moto, work, args.repeat))
         for size, storage, method in ((z, s, m) for z in args.size_gb for s in storages for m in methods):
             runs = []
             for _ in range(args.repeat):

@@ -51,6 +51,14 @@ def install(hook: FaultHook | None) -> None:
     _hook = hook
 
 
+def forget_env() -> None:
+    """Read HARNESS_FAULT again at the next point, as a fresh process would: for a worker forked from the
+    launcher's forkserver (harness/workerstart.py), which read it already (``launch.preload``) in the
+    environment it started with, not the worker's."""
+    global _env_spec, _env_fired
+    _env_spec, _env_fired = None, False
+
+
 def _parse_env() -> tuple[str, str, dict[str, str]] | None:
     spec = os.environ.get("HARNESS_FAULT", "")
     if not spec:

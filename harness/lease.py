@@ -71,13 +71,11 @@ def pid_alive(pid: Any) -> bool:
 
 def read_lease(storage: Storage) -> dict | None:
     """The lease record, None when there is none; an unreadable one comes back as {"unreadable": why}."""
-    try:
-        size = storage.size(LEASE_FILE)
-        if size is None:
-            return None
-        if size > MAX_LEASE_BYTES:
-            return {"unreadable": f"{size} bytes"}
-        obj = json.loads(storage.read_bytes(LEASE_FILE).decode("utf-8"))
+    try:  # one request (a bounded read, no size probe first): a starting job reads it twice, on S3 too
+        data = storage.read_bytes(LEASE_FILE, 0, MAX_LEASE_BYTES + 1)
+        if len(data) > MAX_LEASE_BYTES:
+            return {"unreadable": f"more than {MAX_LEASE_BYTES} bytes"}
+        obj = json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError) as exc:

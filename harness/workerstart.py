@@ -91,7 +91,7 @@ def settle(status: str, stopping: Callable[[], bool]) -> None:
     server._stop()
 
 
-def wait_preloaded(status: str, stopping: Callable[[], bool], poll_s: float = 0.05,
+def wait_preloaded(status: str, stopping: Callable[[], bool], poll_s: float = 0.01,
                    wait_s: float = WAIT_S) -> str:
     """Wait for the preload's report: '' once the forkserver can start workers, else why not. Returns early
     (with a reason) when ``stopping()`` says the launch is ending anyway."""
@@ -130,11 +130,12 @@ def run_worker(launcher_env: dict[str, str], argv: list[str]) -> None:
     Success returns (the agent collects a return value from each worker); any other outcome leaves the
     process with the command's exit code, as ``python -m harness train`` would."""
     preloaded = PRELOAD in sys.modules  # else a fork of the plain forkserver that replaced a failed preload,
-    from harness import preload         # started with the launcher's environment as it is now
+    from harness import faults, preload  # started with the launcher's environment as it is now
 
     if preloaded:
         preload.restore_signals()
         _adopt_environ(launcher_env, preload.BASE_ENV)
+        faults.forget_env()
     for stream in (sys.stdout, sys.stderr):  # as ``python -u``: lines reach the launcher's output at once
         stream.reconfigure(line_buffering=True, write_through=True)
     threads = os.environ.get("OMP_NUM_THREADS", "")

@@ -84,6 +84,23 @@ def test_unreadable_lease_is_taken_over_and_release_keeps_a_foreign_one(mem):
     assert lease.read_lease(mem)["run_id"] == "intruder"
 
 
+@pytest.mark.parametrize("where", ["memory", "s3"])
+def test_a_lease_is_read_in_one_bounded_request_and_an_oversized_one_taken_over(where, request, caplog):
+    """None when absent; a hostile or broken RUN_LEASE (megabytes) is read up to the cap only, reported
+    unreadable and taken over. On S3 (moto) too, where the bounded read is a ranged GET past the object's end."""
+    st = request.getfixturevalue("mem") if where == "memory" else Storage(request.getfixturevalue("s3_url"))
+    assert lease.read_lease(st) is None
+    st.commit_bytes(lease.LEASE_FILE, b"{" + b" " * (4 * lease.MAX_LEASE_BYTES) + b"}")
+    assert lease.read_lease(st) == {"unreadable": f"more than {lease.MAX_LEASE_BYTES} bytes"}
+    held = lease.Lease(st, "mine", 60)
+    with caplog.at_level("WARNING", logger="harness"):
+        held.acquire()
+    assert "is unreadable (more than" in caplog.text
+    assert lease.read_lease(st)["run_id"] == "mine"
+    held.release()
+    assert lease.read_lease(st) is None
+
+
 def test_run_id_sources(monkeypatch):
     for var in lease.RUN_ID_ENV:
         monkeypatch.delenv(var, raising=False)

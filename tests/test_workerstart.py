@@ -147,3 +147,43 @@ def test_importing_the_preload_outside_a_forkserver_changes_nothing():
     env = {k: v for k, v in base_env().items() if not k.startswith("HARNESS_PRELOAD")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["None", "[]", "False"], out.stderr
+
+
+def test_the_preload_imports_the_train_path_and_nothing_of_s3_or_cuda(tmp_path):
+    """What the forkserver holds when it reports ready: torch, torch._dynamo and ``harness train``'s own
+    modules (a forked worker imports none of them again), but no S3 client (only an s3:// folder needs it) and
+    no CUDA context (a fork could not use it)."""
+    status = tmp_path / "preload.json"
+    code = ("import sys, harness.preload, torch; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('harness', 's3fs', 'aiobotocore', "
+            "'botocore', 'boto3')), torch.cuda.is_initialized())")
+    env = {**base_env(), "HARNESS_PRELOAD_STATUS": str(status)}
+    env.pop("HARNESS_PRELOAD_PARENT", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(status.read_text())
+    assert report["ok"] and report["why"] == "", report
+    listed, cuda = out.stdout.rsplit(" ", 1)
+    modules = set(eval(listed))  # noqa: S307 - our own print of a list of strings
+    assert {"harness.cli", "harness.trainer", "harness.checkpoint.manager", "harness.storage.local",
+            "harness.recipe", "harness.config"} <= modules, modules
+    assert not {m for m in modules if not m.startswith("harness")}, modules
+    assert cuda.strip() == "False"
+
+
+def test_a_forked_worker_reads_the_fault_seam_from_its_own_environment(monkeypatch):
+    """The forkserver read HARNESS_FAULT (the ``launch.preload`` point) in the environment it started with; a
+    worker forgets that, as a fresh process would, and reads its own."""
+    from harness import faults
+
+    monkeypatch.setenv("HARNESS_FAULT", "launch.preload:sleep=0")
+    faults.forget_env()
+    faults.point("launch.preload")  # fires (a no-op sleep): read and cached
+    monkeypatch.setenv("HARNESS_FAULT", "train.step:raise")
+    faults.point("train.step")  # the cached spec names another point: nothing happens
+    faults.forget_env()
+    with pytest.raises(faults.FaultInjected):
+        faults.point("train.step")
+    monkeypatch.delenv("HARNESS_FAULT")
+    faults.forget_env()
+    faults.point("train.step")
