@@ -22,7 +22,11 @@ Baselines measured in the same run: ``python -c "import torch"``; two processes 
 whether it pulled in s3fs/aiobotocore/botocore/boto3 (it must not). The baseline of the target is the torchrun
 one timed like the harness job, from the launch to every rank being in the process group (torchrun_pg_ready_s,
 with its phases); the same ranks then build DDP + AdamW, what any DDP script does before its first step
-(torchrun_ddp_ready_s: it imports torch._dynamo, about a second on a small machine).
+(torchrun_ddp_ready_s: it imports torch._dynamo, about a second on a small machine). For every size
+> 0: that model's first step in a plain DDP + AdamW loop whose optimizer state is loaded
+(plain_first_step: the first step after any restore is slower than later ones, harness or not: DDP's first
+iteration, fresh gradient memory). With S3: what any s3fs user pays before the first byte (import s3fs, then
+a new client and one small GET).
 adds = total - torchrun_pg_ready_s; target: adds <= read_verify + 0.5 s. Results: a table, and JSON + PNG under
 benchmarks/results/ (resume_time_<stamp>.* and resume_time_latest.*).
 """
@@ -356,6 +360,36 @@ with open(os.path.join(sys.argv[1], f"baseline-{os.environ['RANK']}.json"), "w")
     json.dump(out, f)
 d.destroy_process_group()
 """
+# The first training step of the same model in a plain DDP + AdamW loop whose optimizer state is loaded as a
+# restore leaves it (every moment allocated): what the first step after a restore costs without harness. The
+# model comes from harness's recipe (the same layers as the job's); nothing else of harness runs.
+FIRST_STEP_SCRIPT = """
+import json, os, sys, time
+import torch, torch.distributed as d
+from harness import config, recipe
+d.init_process_group("gloo")
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+cfg = config.load(sys.argv[2], sys.argv[3:])
+wl = recipe.workload(cfg)
+model = torch.nn.parallel.DistributedDataParallel(wl.model)
+opt = recipe.build_optimizer(cfg, model.parameters())
+opt.load_state_dict({"param_groups": opt.state_dict()["param_groups"], "state": {
+    i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    for i, p in enumerate(wl.model.parameters())}})
+items = [wl.dataset[i] for i in range(cfg.train.batch_size)]
+x, y = torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+times = []
+for _ in range(4):
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    wl.loss_fn(model(x), y).backward()
+    opt.step()
+    times.append(time.perf_counter() - t0)
+if d.get_rank() == 0:
+    with open(sys.argv[1], "w") as f:
+        json.dump({"first_step_s": times[0], "later_step_s": sorted(times[1:])[1]}, f)
+d.destroy_process_group()
+"""
 IMPORT_SCRIPT = ("import json, sys, time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); "
                  "import harness; t2 = time.perf_counter(); m = " + repr(S3_MODULES) + "; "
                  "a = [x for x in m if x in sys.modules]; import harness.cli, harness.trainer; "
@@ -424,6 +458,23 @@ def s3_client_baseline(moto: Moto, work: Path, repeat: int) -> dict:
             raise RuntimeError(f"S3 client baseline failed: {out.stderr[-2000:]}")
         runs.append(json.loads(out.stdout))
     return _medians(runs)
+
+
+def first_step_baseline(size_gb: float, nproc: int, work: Path, repeat: int) -> dict:
+    """FIRST_STEP_SCRIPT under torchrun for the ``size_gb`` model, ``repeat`` times: medians of its first
+    step and of a later one (the job's workers run with OMP_NUM_THREADS=1, as harness launch sets it)."""
+    script, out = work / "first_step.py", work / "first_step.json"
+    script.write_text(FIRST_STEP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    torchrun = shutil.which("torchrun")
+    head = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    runs = []
+    for _ in range(max(1, repeat)):
+        _timed([[*head, "--standalone", "--nproc-per-node", str(nproc), str(script), str(out), str(CONFIG),
+                 *model_overrides(size_gb)[0]]], env, work)
+        runs.append(json.loads(out.read_text()))
+    return {**_medians(runs), "first_step_runs_s": [round(r["first_step_s"], 4) for r in runs]}
 
 
 def _medians(runs: list[dict]) -> dict:
@@ -527,6 +578,10 @@ def table(result: dict) -> str:
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     lines.append("adds = total - baseline (both from the relaunch to: every rank's first training step / every rank "
                  "in the process group); target = read_verify + 0.5 s; adds-ddp = total - (baseline + DDP + AdamW)")
+    for size, f in b.get("plain_first_step", {}).items():
+        lines.append(f"plain DDP + AdamW on the {size} GB model, optimizer state loaded (torchrun): first step "
+                     f"{f['first_step_s']:.2f} s (runs: {', '.join(f'{v:.2f}' for v in f['first_step_runs_s'])}), a "
+                     f"later one {f['later_step_s']:.2f} s (compare `first_step`)")
     if not quick:
         lines.append("harness less torchrun, by phase (s):")
         lines += [_against_torchrun(s, b["torchrun_phases"]) for s in result["scenarios"] if "error" not in s]
@@ -612,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
                 best.update(verdict(best, result["baselines"]))
                 best["runs_total_s"] = [r["total_s"] for r in ok]
             result["scenarios"].append(best)
+        for size in (z for z in args.size_gb if z > 0):
+            result["baselines"].setdefault("plain_first_step", {})[f"{size:g}"] = \
+                first_step_baseline(size, args.nproc, work, args.repeat)
         for method in methods if args.restart else []:
             runs = [restart_scenario(args.nproc, work, args.timeout, method) for _ in range(args.repeat)]
             runs.sort(key=lambda r: r["total_s"])

@@ -32,6 +32,7 @@ PRELOAD = "harness.preload"
 STATUS_FILE = "preload.json"
 NAME_PREFIX = "harness-r"  # a forked worker's process name: harness-r<RANK>
 WAIT_S = 300.0  # a preload still importing after this long has something wrong: start fresh workers
+NOTICE_S = 30.0  # ... and after this long, say that the launch is waiting for it
 
 
 def start_forkserver(folder: str) -> str:
@@ -92,10 +93,12 @@ def settle(status: str, stopping: Callable[[], bool]) -> None:
 
 
 def wait_preloaded(status: str, stopping: Callable[[], bool], poll_s: float = 0.01,
-                   wait_s: float = WAIT_S) -> str:
+                   wait_s: float = WAIT_S, notice_s: float = NOTICE_S) -> str:
     """Wait for the preload's report: '' once the forkserver can start workers, else why not. Returns early
-    (with a reason) when ``stopping()`` says the launch is ending anyway."""
-    deadline = time.monotonic() + wait_s
+    (with a reason) when ``stopping()`` says the launch is ending anyway. Says once, after ``notice_s``, that
+    it is still waiting (a slow filesystem under site-packages, a hung driver query): not a silent minute."""
+    start = time.monotonic()
+    deadline, notice = start + wait_s, start + notice_s  # notice: None once said
     while time.monotonic() < deadline:
         try:
             with open(status) as f:
@@ -109,6 +112,11 @@ def wait_preloaded(status: str, stopping: Callable[[], bool], poll_s: float = 0.
             return "the launch is stopping"
         if not _forkserver_alive():
             return "the forkserver ended while preloading"
+        if notice is not None and time.monotonic() >= notice:
+            notice = None
+            print(f"harness launch: the workers' preload (importing torch) is still running after {notice_s:g} s; "
+                  f"waiting up to {wait_s:g} s before starting workers that import torch themselves",
+                  file=sys.stderr)
         time.sleep(poll_s)
     return f"the preload took more than {wait_s:g} s"
 

@@ -249,6 +249,19 @@ def test_resume_time_benchmark_smoke(tmp_path):
     assert len(scenario["per_rank"]) == 2
 
 
+def test_resume_time_plain_first_step_baseline_tiny(tmp_path):
+    """The baseline beside the >= 1 GB rows: the same model's first step in a plain DDP + AdamW loop whose
+    optimizer state is loaded (2 real ranks under torchrun), at a tiny size. No timing assertions."""
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); import resume_time as rt; "
+            f"print(json.dumps(rt.first_step_baseline(0.001, 2, Path({str(tmp_path)!r}), 1)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=uninstalled_env(), capture_output=True,
+                          text=True, timeout=300)  # a hang guard, not a timing check
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(got) == {"first_step_s", "later_step_s", "first_step_runs_s"}, got
+    assert got["first_step_s"] > 0 and got["later_step_s"] > 0 and got["first_step_runs_s"] == [got["first_step_s"]]
+
+
 @needs_fsdp
 def test_sharded_restore_benchmark_tiny_cpu(tmp_path):
     """benchmarks/sharded_restore.py at a tiny size: 2 real ranks (gloo), ZeRO and FSDP2 restored by harness and

@@ -140,6 +140,19 @@ def test_waiting_for_the_preload_says_why_it_cannot_be_used(tmp_path):
     assert time.monotonic() - t0 < 5
 
 
+def test_a_slow_preload_is_announced_once_while_the_launch_waits(tmp_path, capsys):
+    missing = str(tmp_path / "none.json")
+    assert workerstart.wait_preloaded(missing, lambda: False, wait_s=0.3, notice_s=0.1) == \
+        "the preload took more than 0.3 s"
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["harness launch: the workers' preload (importing torch) is still running after 0.1 s; "
+                     "waiting up to 0.3 s before starting workers that import torch themselves"], lines
+    status = tmp_path / "preload.json"
+    status.write_text(json.dumps({"ok": True}))
+    assert workerstart.wait_preloaded(str(status), lambda: False, notice_s=0.0) == ""  # ready: nothing said
+    assert capsys.readouterr().err == ""
+
+
 def test_importing_the_preload_outside_a_forkserver_changes_nothing():
     """Only the forkserver (HARNESS_PRELOAD_STATUS set) blocks signals and imports torch."""
     code = ("import signal, sys; import harness.preload as p; "
