@@ -177,3 +177,33 @@ def test_damage_found_by_a_rank_reading_the_shared_folder_walks_every_rank_back(
     for r in (r0, r1):
         assert [n for n, _ in r["skipped"]] == ["step-000000002"] and "checksum mismatch" in r["skipped"][0][1]
     assert r1["replicated"] == r0["replicated"] > 0  # each rank read both candidates' replicated state
+
+
+def save_two_steps(rank: int, world: int, url: str) -> dict:
+    """Runs on every rank: steps 1 and 2 saved, each rank with its own state."""
+    model, opt, _ = simple_run(seed=0)
+    mgr = CheckpointManager(url, timeout_s=30)
+    for step in (1, 2):
+        mgr.save(step, models=model, optimizers=opt, rank_state={"r": torch.tensor([rank, step])})
+    mgr.close()
+    return {}
+
+
+def restore_fresh(rank: int, world: int, url: str) -> dict:
+    m = Net()
+    res = CheckpointManager(url, timeout_s=30).restore(models=m, optimizers=torch.optim.AdamW(m.parameters()))
+    return {"step": res.step, "skipped": res.skipped, "rank_state": res.rank_state["r"].tolist()}
+
+
+def test_the_state_of_ranks_a_smaller_run_lacks_is_still_verified(tmp_path):
+    """Saved by 3 ranks, restored by 2 from a shared local folder: no rank reads rank 2's own state, so rank 0
+    verifies it; a damaged byte there makes the checkpoint damaged for everyone, who walk back together."""
+    url = str(tmp_path / "ck")
+    run_ranks(tmp_path, save_two_steps, 3, timeout_s=TIMEOUT_S, url=url)
+    man = read_manifest(url, "step-000000002")
+    e = next(e for e in man["tensors"] if e["key"].startswith("ranks/2/"))
+    flip_byte(url, f"step-000000002/{e['file']}", e["offset"] + e["length"] // 2)
+    results = run_ranks(tmp_path, restore_fresh, WORLD, timeout_s=TIMEOUT_S, url=url)
+    for rank, res in enumerate(results):
+        assert res["step"] == 1 and res["rank_state"] == [rank, 1], res
+        assert [n for n, _ in res["skipped"]] == ["step-000000002"] and "checksum mismatch" in res["skipped"][0][1]
