@@ -200,3 +200,42 @@ def test_a_forked_worker_reads_the_fault_seam_from_its_own_environment(monkeypat
     monkeypatch.delenv("HARNESS_FAULT")
     faults.forget_env()
     faults.point("train.step")
+
+
+def _env_reads_at_import(source: str) -> list[int]:
+    """Lines where ``source`` touches os.environ/os.getenv in code that runs as it is imported: module and
+    class bodies, decorators, default values (not function bodies)."""
+    import ast
+
+    lines: list[int] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            for part in [*getattr(node, "decorator_list", []), *node.args.defaults, *node.args.kw_defaults]:
+                if part is not None:
+                    visit(part)
+            return
+        if (isinstance(node, ast.Attribute) and node.attr in ("environ", "environb", "getenv")
+                and isinstance(node.value, ast.Name) and node.value.id == "os"):
+            lines.append(node.lineno)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(source))
+    return lines
+
+
+def test_no_harness_module_reads_the_environment_as_it_is_imported():
+    """The forkserver imports harness's train path with the environment the launcher started with; a worker
+    takes the launcher's later (harness/preload.py). A module that read os.environ as it is imported would keep
+    the forkserver's value in every forked worker: none may (static check; the preload itself reads it on
+    purpose)."""
+    import pathlib
+
+    sample = ("import os\nA = os.environ.get('A')\nclass C:\n    b = os.getenv('B')\n"
+              "def f(c=os.environ['C']):\n    return os.environ\n")
+    assert _env_reads_at_import(sample) == [2, 4, 5]  # the checker sees what runs at import, not f's body
+    root = pathlib.Path(workerstart.__file__).parent
+    offenders = [f"{path.relative_to(root.parent)}:{line}" for path in sorted(root.rglob("*.py"))
+                 if path != root / "preload.py" for line in _env_reads_at_import(path.read_text())]
+    assert offenders == [], offenders
