@@ -15,6 +15,8 @@ What makes a fork of this process a faithful worker, done here:
   installed a handler.
 * **Environment.** ``BASE_ENV`` is the environment this process started with; a worker replaces it by the
   launcher's at the time of the start (harness/workerstart.py), so nothing set in the meantime is missed.
+* **Failed starts.** A fork that fails before it runs its worker (multiprocessing prints the exception, the
+  fork exits 1) says so in one line (:func:`start_failed`), or nothing once the launcher is gone.
 * **CUDA.** A fork is only safe while CUDA is untouched in the parent. Checked after the imports, by a probe
   fork that asks torch whether it is in a bad fork; if so (or if any import failed) the status says why and
   the launcher starts fresh ``python -m harness train`` workers instead.
@@ -26,7 +28,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
+from typing import Any
 
 STATUS_ENV = "HARNESS_PRELOAD_STATUS"
 PARENT_ENV = "HARNESS_PRELOAD_PARENT"
@@ -41,6 +45,8 @@ MODULES = ("torch", "torch._dynamo", "torch.distributed", "torch.optim", "torch.
 # Only in a launcher's forkserver: anywhere else importing this module changes nothing.
 ORIGINAL_MASK: set | None = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED) if os.environ.get(STATUS_ENV) else None
 BASE_ENV: dict[str, str] = dict(os.environ)
+_parent = os.environ.get(PARENT_ENV, "")
+LAUNCHER_PID: int | None = int(_parent) if _parent.isdigit() else None
 
 
 def restore_signals() -> None:
@@ -95,6 +101,37 @@ def _preload() -> dict:
             "started": started, "ready": time.time()}
 
 
+def start_failed(kind: type, value: BaseException, tb: Any) -> None:
+    """This forkserver's ``sys.excepthook``, which each fork keeps until it runs its worker: multiprocessing
+    shows it the exception of a start that failed before the worker ran (the fork then exits 1). One line, as
+    every harness error; none when the launcher is gone (a stop came while the agent was starting workers:
+    the launcher's semaphores went with it, and the fork cannot unpickle its process object). HARNESS_DEBUG=1:
+    the traceback."""
+    if os.environ.get("HARNESS_DEBUG"):
+        sys.__excepthook__(kind, value, tb)
+    elif _alive(LAUNCHER_PID):
+        print(f"harness launch: a worker process could not start: {kind.__name__}: {value}", file=sys.stderr)
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether process ``pid`` still runs (a zombie does not); True when unknown."""
+    if pid is None:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+
+
 def _write_status(path: str, status: dict) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -108,6 +145,7 @@ def _main() -> None:
         return
     if not _die_with_parent():
         os._exit(0)
+    sys.excepthook = start_failed
     try:
         _write_status(path, _preload())
     except OSError:

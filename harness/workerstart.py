@@ -141,6 +141,7 @@ def run_worker(launcher_env: dict[str, str], argv: list[str]) -> None:
     from harness import faults, preload  # started with the launcher's environment as it is now
 
     if preloaded:
+        sys.excepthook = sys.__excepthook__  # the forkserver's is for failed starts only (preload.start_failed)
         preload.restore_signals()
         _adopt_environ(launcher_env, preload.BASE_ENV)
         faults.forget_env()

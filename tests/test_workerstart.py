@@ -239,3 +239,57 @@ def test_no_harness_module_reads_the_environment_as_it_is_imported():
     offenders = [f"{path.relative_to(root.parent)}:{line}" for path in sorted(root.rglob("*.py"))
                  if path != root / "preload.py" for line in _env_reads_at_import(path.read_text())]
     assert offenders == [], offenders
+
+
+START_FAILS = '''
+import multiprocessing, os, sys
+
+class Unpicklable:  # what a fork meets when the launcher's semaphores are gone: unpickling raises
+    def __reduce__(self):
+        return (os.stat, ("/nonexistent/harness-semaphore",))
+
+if __name__ == "__main__":
+    os.environ["HARNESS_PRELOAD_STATUS"] = sys.argv[1]
+    os.environ["HARNESS_PRELOAD_PARENT"] = str(os.getpid())
+    multiprocessing.set_forkserver_preload(["harness.preload"])
+    p = multiprocessing.get_context("forkserver").Process(target=print, args=(Unpicklable(),))
+    p.start()
+    p.join()
+    print("exitcode", p.exitcode)
+'''
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_fork_that_cannot_start_says_so_in_one_line(tmp_path, debug):
+    """A real forkserver with harness's preload: a start that fails before the worker runs (here its process
+    object cannot be unpickled, as when a stop signal ends the launcher mid-start) is one line, not a
+    traceback; HARNESS_DEBUG=1 shows the traceback."""
+    script = tmp_path / "start_fails.py"
+    script.write_text(START_FAILS)
+    env = {**base_env(), **({"HARNESS_DEBUG": "1"} if debug else {})}
+    if not debug:
+        env.pop("HARNESS_DEBUG", None)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "preload.json")], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.stdout.split() == ["exitcode", "1"], (out.stdout, out.stderr[-2000:])
+    if debug:
+        assert "Traceback" in out.stderr and "FileNotFoundError" in out.stderr, out.stderr[-2000:]
+    else:
+        assert out.stderr.splitlines() == [
+            "harness launch: a worker process could not start: FileNotFoundError: [Errno 2] No such file or "
+            "directory: '/nonexistent/harness-semaphore'"], out.stderr[-2000:]
+
+
+def test_a_failed_start_after_the_launcher_is_gone_says_nothing(monkeypatch, capsys):
+    from harness import preload
+
+    monkeypatch.delenv("HARNESS_DEBUG", raising=False)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    monkeypatch.setattr(preload, "LAUNCHER_PID", gone.pid)
+    preload.start_failed(FileNotFoundError, FileNotFoundError(2, "No such file or directory"), None)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(preload, "LAUNCHER_PID", os.getpid())
+    preload.start_failed(FileNotFoundError, FileNotFoundError(2, "No such file or directory"), None)
+    assert capsys.readouterr().err == ("harness launch: a worker process could not start: FileNotFoundError: "
+                                       "[Errno 2] No such file or directory\n")
