@@ -272,29 +272,30 @@ def _check(args: LaunchArgs) -> Any:
     from harness.storage import Storage
 
     lo, hi = _nodes(args.nnodes)
-    _nproc(args.nproc_per_node)
+    nproc = _nproc(args.nproc_per_node)
     if args.standalone and (hi > 1 or args.rdzv_endpoint):
         raise ConfigError("--standalone runs one node: it cannot go with --nnodes > 1 or --rdzv-endpoint")
     cfg = config.load(args.config, args.overrides)
     if hi == 1:  # one machine: rank 0's (see harness.prefetch); before torch is imported here
         prefetch.start(cfg.checkpoint.dir)
-    _check_workload(cfg)
+    _check_workload(cfg, lo * nproc)
     storage = Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options)
     storage.check_access(write=True)
     storage.remember_access(write=True)  # the workers need not check again (see Storage.access_remembered)
     return cfg
 
 
-def _check_workload(cfg: Any) -> None:
+def _check_workload(cfg: Any, world: int) -> None:
     """The built-in model/data options as the workers will build them, deferred (the model on the meta device,
-    no weights drawn, the datasets' tables not drawn): a bad option is a ConfigError here, before any worker,
-    in milliseconds. Anything else the meta device cannot do is left to the workers; so is a user's
-    ``train.entry`` (its code may download or allocate)."""
+    no weights drawn, the datasets' tables not drawn), and a batch the data can fill at ``world`` ranks (the
+    fewest the job starts with): a bad option is a ConfigError here, before any worker, in milliseconds.
+    Anything else the meta device cannot do is left to the workers; so is a user's ``train.entry`` (its code
+    may download or allocate; its workers raise the same ConfigError)."""
     if cfg.train.entry:
         return
     from harness import recipe
     try:
-        recipe.workload(cfg, deferred=True)
+        recipe.loader(cfg, recipe.workload(cfg, deferred=True).dataset, world, 0)
     except ConfigError:
         raise
     except Exception:  # noqa: BLE001 - not a config problem: the workers build it for real

@@ -19,13 +19,14 @@ import torch
 
 from harness import torchcompat
 from harness.config import Config
+from harness.data import BatchLoader, ResumableSampler
 from harness.errors import ConfigError, HarnessError
 from harness.workloads import Workload, build_workload, load_entry_point
 
 WorkloadBuilder = Callable[[dict, dict, int], Workload]
 
 __all__ = ["WorkloadBuilder", "seed_everything", "build_optimizer", "build_scheduler", "fsdp_wrap",
-           "safe_metadata", "workload", "materialize", "initialize", "workload_from_dict", "ddp_wrap"]
+           "safe_metadata", "workload", "materialize", "initialize", "workload_from_dict", "ddp_wrap", "loader"]
 
 
 def seed_everything(seed: int) -> None:
@@ -118,6 +119,16 @@ def workload(cfg: Config, builder: WorkloadBuilder | None = None, *, deferred: b
         return builder(dict(cfg.model), dict(cfg.data), cfg.train.seed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def loader(cfg: Config, dataset: Any, world: int, rank: int) -> BatchLoader:
+    """Rank ``rank``'s resumable batches of ``dataset`` (its sampler is ``.sampler``). A batch the data cannot
+    fill at this world size (every batch would be dropped) is a ConfigError: exit 2, never retried."""
+    try:
+        sampler = ResumableSampler(len(dataset), world, rank, shuffle=True, seed=cfg.train.seed)
+        return BatchLoader(dataset, sampler, cfg.train.batch_size)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (train.batch_size; data: {len(dataset)} samples over {world} rank(s))") from None
 
 
 def materialize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import signal
 import threading
@@ -21,7 +22,6 @@ from harness import determinism, dist, faults, lease, recipe
 from harness.checkpoint import CheckpointManager
 from harness.checkpoint.prune import clean_leftovers
 from harness.config import Config
-from harness.data import BatchLoader, ResumableSampler
 from harness.errors import CheckpointError, ConfigError
 from harness.progress import MetricsLog, Progress
 from harness.recipe import (WorkloadBuilder, build_optimizer, build_scheduler, fsdp_wrap, safe_metadata,
@@ -74,9 +74,21 @@ def watch_launcher(interval_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="harness-launcher-watch", daemon=True).start()
 
 
+# Libraries whose INFO records are their own bookkeeping (botocore: "Found credentials in environment
+# variables." on every rank at every start), not the run's: WARNING and up unless HARNESS_DEBUG=1 or the user
+# set their level.
+QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "urllib3", "fsspec")
+
+
 def setup_logging(rank: int) -> None:
     fmt = f"[rank {rank}] %(asctime)s %(levelname)s %(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S", force=True)
+    if exitcodes.debug():
+        return
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
 
 
 def init_distributed(cfg: Config) -> torch.device:
@@ -132,6 +144,8 @@ class Trainer:
         workload = recipe.workload(cfg, self.builder, deferred=self.deferred)
         self.device = init_distributed(cfg)
         self.rank, self.world = dist.rank(), dist.world_size()
+        self.loader = recipe.loader(cfg, workload.dataset, self.world, self.rank)  # before any storage work
+        self.sampler = self.loader.sampler
         setup_logging(self.rank)
         self.flag.install()
         watch_launcher()
@@ -165,9 +179,6 @@ class Trainer:
         self.lease = lease.acquire(self.mgr.storage, cfg.run.id, c.lease_timeout_s, self.mgr._group)
         if self.lease is not None:  # rank 0 holds the folder: no live job writes an uncommitted save
             clean_leftovers(self.mgr.storage)
-        self.sampler = ResumableSampler(len(workload.dataset), self.world, self.rank, shuffle=True,
-                                        seed=cfg.train.seed)
-        self.loader = BatchLoader(workload.dataset, self.sampler, cfg.train.batch_size)
         self.progress = Progress(cfg.train.max_steps, enabled=self.rank == 0)
         # Beside the run's checkpoints by default (Config.output_dir): two runs never append to one file.
         self.metrics_log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl") if self.rank == 0 else None)
@@ -192,10 +203,19 @@ class Trainer:
         self.sampler.load_state_dict(self._position(result))
         for name, reason in result.skipped:
             log.warning("skipped damaged checkpoint %s: %s", name, reason)
+        self._warn_overridden_lr()
         log.info("resumed from %s at step %d (epoch %d) in %.2f s", result.name, self.step, self.epoch,
                  time.perf_counter() - t0)
         self.metrics_log.write({"event": "resume", "step": self.step, "checkpoint": result.name,
                                 "seconds": round(time.perf_counter() - t0, 3)})
+
+    def _warn_overridden_lr(self) -> None:
+        """The saved optimizer and schedule win over the config (torch's load_state_dict): a changed optim.lr
+        would otherwise be ignored without a word."""
+        saved = (getattr(self.scheduler, "base_lrs", None) or [None])[0]
+        if self.rank == 0 and saved is not None and not math.isclose(saved, self.cfg.optim.lr, rel_tol=1e-9):
+            log.warning("optim.lr = %g in the config, %g in the checkpoint: the checkpoint's schedule continues "
+                        "(a new checkpoint.dir starts one with the config's)", self.cfg.optim.lr, saved)
 
     def _position(self, result: Any) -> dict:
         if result.world_size == self.world and result.position is not None:

@@ -360,6 +360,30 @@ def test_model_class_is_recorded_and_mismatch_warned(ckpt_url, caplog):
     assert_bitwise(model.state_dict(), other.state_dict())
 
 
+def test_another_optimizer_class_is_refused_by_its_hyperparameters_or_warned(ckpt_url, caplog):
+    """torch's load_state_dict takes AdamW's state into SGD without a word (and the first step raises
+    KeyError 'momentum'): restore refuses it, naming what SGD lacks and the class it was saved from. Adam
+    takes AdamW's hyperparameters (torch's choice): loaded, with a warning naming both classes. A manifest
+    that does not record the class (older checkpoints, or a hostile value) still refuses, without naming it."""
+    model, opt, _ = simple_run()
+    CheckpointManager(ckpt_url).save(1, models=model, optimizers=opt)
+    manifest = read_manifest(ckpt_url, "step-000000001")
+    assert manifest["optimizer_classes"] == {"optimizer": "torch.optim.adamw.AdamW"}
+    sgd = torch.optim.SGD(Net().parameters(), lr=0.1)
+    with pytest.raises(CheckpointError, match=r"optimizer 'optimizer' cannot take the saved state: .*'dampening', "
+                                              r"'momentum', which SGD needs \(saved by torch.optim.adamw.AdamW;"):
+        CheckpointManager(ckpt_url).restore(models=Net(), optimizers=sgd)
+    adam = torch.optim.Adam(Net().parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        CheckpointManager(ckpt_url).restore(models=Net(), optimizers=adam)
+    assert "saved from torch.optim.adamw.AdamW and is loaded into torch.optim.adam.Adam" in caplog.text
+    assert_bitwise(adam.state_dict()["state"], opt.state_dict()["state"])
+    manifest["optimizer_classes"] = ["not", "a", "mapping"]
+    write_manifest(ckpt_url, "step-000000001", manifest)
+    with pytest.raises(CheckpointError, match=r"which SGD needs \(saved by another optimizer\?;"):
+        CheckpointManager(ckpt_url).restore(models=Net(), optimizers=torch.optim.SGD(Net().parameters(), lr=0.1))
+
+
 def test_no_checkpoint_is_a_fresh_start(ckpt_url):
     assert CheckpointManager(ckpt_url).restore(models=Net()) is None
     assert CheckpointManager(ckpt_url).latest() is None

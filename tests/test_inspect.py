@@ -37,7 +37,7 @@ def test_inspect_text(run, capsys):
     n_params = sum(v.numel() for v in model.state_dict().values())
     assert "model 'model' (harness.workloads.MLP): 6 tensors, " in out and f"{n_params:,} parameters" in out
     assert any(ln.split()[:3] == ["net.0.weight", "float32", "[32,"] for ln in lines)
-    assert "optimizer 'optimizer': 18 tensors" in out and "lr=" in out and "weight_decay=0" in out
+    assert "optimizer 'optimizer' (torch.optim.adamw.AdamW): 18 tensors" in out and "lr=" in out and "weight_decay=0" in out
     assert "scheduler 'scheduler': 0 tensors, 0 B; last_epoch=4" in out
     assert 'rank 0: 1 tensors' in out and 'data position {"epoch": 0, "position": 32}' in out
 

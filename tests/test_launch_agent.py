@@ -50,13 +50,15 @@ def _preempted_at(tmp_path, at, signame):
 # -- permanent errors: one line, documented code, no (re)start -------------------------------------------
 
 def test_config_errors_exit_2_before_any_worker_starts(tmp_path):
-    """A typo, a combination the config refuses (nccl on CPU) and a model option the workload refuses: one
-    line, exit 2, with --max-restarts 3 and no worker started (no output, no metrics, no checkpoint folder).
+    """A typo, a combination the config refuses (nccl on CPU), a model option the workload refuses and a batch
+    larger than a rank's share of the data: one line, exit 2, with --max-restarts 3 and no worker started (no output, no metrics, no checkpoint folder).
     The cases run concurrently to save time."""
     cases = {
         "typo": ("train.max_stepz=5", "unknown config key 'train.max_stepz'"),
         "nccl-on-cpu": ("dist.backend='nccl'", "dist.backend = 'nccl'"),  # quickstart trains on the CPU
         "model-option": ("model.hiden=3", "unknown model option(s) 'hiden'"),
+        # the test config's 3200 samples over 2 ranks: every batch of a rank would be dropped
+        "batch-over-data": ("train.batch_size=5000", "exceeds the 1600 samples per rank"),
     }
     procs = {}
     for name, (override, _) in cases.items():
@@ -72,6 +74,32 @@ def test_config_errors_exit_2_before_any_worker_starts(tmp_path):
         assert not out.strip(), (name, out)
         run = tmp_path / name
         assert not (run / "metrics.jsonl").exists() and not (run / "ck").exists(), name  # no worker ran
+
+
+SMALL_DATA_WL = """
+import torch
+from harness.workloads import Workload
+
+def build(model_cfg, data_cfg, seed):
+    data = [(torch.zeros(4), torch.tensor(0)) for _ in range(6)]   # 3 samples per rank at 2 ranks
+    return Workload(model=torch.nn.Linear(4, 2), dataset=data, loss_fn=torch.nn.functional.cross_entropy)
+"""
+
+
+def test_a_users_data_too_small_for_the_batch_exits_2_without_restart(runner, tmp_path):
+    """A train.entry's dataset is only known to the workers: they raise the same config error, the launcher
+    stops the agent (no restart although --max-restarts is 3), prints the line once and exits 2."""
+    (tmp_path / "small_wl.py").write_text(SMALL_DATA_WL)
+    env = base_env()
+    env["PYTHONPATH"] += os.pathsep + str(tmp_path)
+    proc = runner.start("small", launch_cmd(tmp_path, "train.entry='small_wl:build'", "train.batch_size=4",
+                                            max_restarts=3), env=env)
+    assert proc.wait(120) == 2, proc.tail()
+    log = proc.log()
+    assert log.count("harness: config error: ") == 1, log[-3000:]
+    assert "exceeds the 3 samples per rank" in log and "Traceback" not in log, log[-3000:]
+    assert "will restart worker group" not in log, log[-3000:]
+    assert not events(tmp_path, "start") and not committed_steps(tmp_path / "ck")
 
 
 def test_missing_bucket_exits_3_before_any_worker_starts(tmp_path, s3_server):
@@ -98,6 +126,25 @@ def test_folder_held_by_another_job_exits_3_without_restart(runner, tmp_path):
     assert "in use by another job" in log and "Traceback" not in log, log[-3000:]
     assert "will restart worker group" not in log, log[-3000:]
     assert not events(tmp_path, "start") and not committed_steps(ck)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "zero"])
+def test_resuming_with_another_optimizer_exits_3_without_restart(parallel, runner, tmp_path):
+    """The config's optimizer changed since the checkpoint (AdamW's state into SGD, which torch would take and
+    then fail at the first step, every restart; under ZeRO it would merge the groups and train on, AdamW's
+    moments dropped): the checkpoint is unusable for this run, so one line, exit 3, no restart, and the
+    checkpoint is left as it was."""
+    first = runner.start("adamw", launch_cmd(tmp_path, f"train.max_steps={EVERY}"))
+    assert first.wait(120) == 0, first.tail()
+    before = committed_steps(tmp_path / "ck")
+    proc = runner.start("sgd", launch_cmd(tmp_path, "optim.name='sgd'", f"train.parallel='{parallel}'",
+                                          max_restarts=3))
+    assert proc.wait(120) == 3, proc.tail()
+    log = proc.log()
+    assert log.count("harness: checkpoint error: optimizer 'optimizer' cannot take the saved state") == 1, log[-3000:]
+    assert "which SGD needs (saved by torch.optim.adamw.AdamW" in log and "Traceback" not in log, log[-3000:]
+    assert "will restart worker group" not in log, log[-3000:]
+    assert committed_steps(tmp_path / "ck") == before == [EVERY]
 
 
 def test_a_worker_that_cannot_write_its_record_keeps_its_outcome(tmp_path, monkeypatch):

@@ -70,5 +70,31 @@ def test_trainer_killed_and_resumed_on_s3_is_bitwise_exact(s3_server, s3_bucket,
     assert (ma.loss, ma.epoch, ma.metrics) == (mb.loss, mb.epoch, mb.metrics)
     for proc in (a, killed, resumed):
         assert SECRET_KEY not in proc.stdout + proc.stderr
+        # the run's own lines only: botocore's INFO bookkeeping stays out of them (HARNESS_DEBUG=1 shows it)
+        assert "Found credentials" not in proc.stderr, proc.stderr[-3000:]
     for key, body in s3_server.all_objects(s3_bucket):   # manifests hold the config, never a credential
         assert SECRET_KEY.encode() not in body, key
+
+
+def test_aws_library_chatter_shows_with_harness_debug_only(monkeypatch):
+    """The quieted libraries keep a level the user set, and HARNESS_DEBUG=1 leaves them all alone."""
+    import logging
+
+    from harness.trainer import QUIET_LOGGERS, setup_logging
+
+    saved = {n: logging.getLogger(n).level for n in QUIET_LOGGERS}
+    try:
+        logging.getLogger("urllib3").setLevel(logging.DEBUG)     # the user's choice
+        monkeypatch.delenv("HARNESS_DEBUG", raising=False)
+        setup_logging(0)
+        assert logging.getLogger("botocore.credentials").getEffectiveLevel() == logging.WARNING
+        assert logging.getLogger("urllib3").level == logging.DEBUG
+        assert logging.getLogger("harness").getEffectiveLevel() == logging.INFO
+        for n in QUIET_LOGGERS:
+            logging.getLogger(n).setLevel(logging.NOTSET)
+        monkeypatch.setenv("HARNESS_DEBUG", "1")
+        setup_logging(0)
+        assert logging.getLogger("botocore.credentials").getEffectiveLevel() == logging.INFO
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from trainer_helpers import (CONFIG, MAX_STEPS, RUN_TIMEOUT, base_env, committed_steps, events, final_state,
-                             harness_args, standalone_cmd)
+from trainer_helpers import (CONFIG, EVERY, MAX_STEPS, RUN_TIMEOUT, base_env, committed_steps, events,
+                             final_state, harness_args, metrics, standalone_cmd)
 
 
 def test_config_errors_fail_fast_with_one_line(tmp_path):
@@ -64,6 +64,22 @@ def test_standalone_quickstart_runs_to_completion(runner, tmp_path):
     assert [e["step"] for e in events(tmp_path, "done")] == [MAX_STEPS]
     final = final_state(tmp_path / "ck")
     assert final.raw["world_size"] == 1 and final.raw["step"] == MAX_STEPS
+
+
+def test_a_learning_rate_changed_for_a_resumed_run_is_warned_not_silently_ignored(runner, tmp_path):
+    """torch's load_state_dict gives the optimizer and schedule their saved values, so an optim.lr changed
+    between runs has no effect on a resumed one: rank 0 says so (the schedule in metrics.jsonl is the
+    checkpoint's); the same lr resumes without the warning."""
+    first = runner.run("first", standalone_cmd(tmp_path, f"train.max_steps={EVERY}"))
+    assert first.rc == 0, first.tail()
+    same = runner.run("same", standalone_cmd(tmp_path, f"train.max_steps={2 * EVERY}"))
+    assert same.rc == 0 and "optim.lr" not in same.log(), same.tail()
+    changed = runner.run("changed", standalone_cmd(tmp_path, f"train.max_steps={3 * EVERY}", "optim.lr=0.5"))
+    assert changed.rc == 0, changed.tail()
+    assert "optim.lr = 0.5 in the config, 0.003 in the checkpoint: the checkpoint's schedule continues" in \
+        changed.log(), changed.tail()
+    lrs = [r["lr"] for r in metrics(tmp_path) if "lr" in r and r["step"] > 2 * EVERY]
+    assert lrs and max(lrs) <= 0.003, lrs
 
 
 def test_signals_after_the_run_finished_do_not_change_its_exit_code(runner, tmp_path):

@@ -12,7 +12,7 @@ from harness.checkpoint import codec, kinds, sharded
 from harness.checkpoint.errors import is_resource_error
 from harness.checkpoint.format import Manifest
 from harness.checkpoint.kinds import EXTRA, MODELS, OPTIMIZERS, Kind, Targets
-from harness.checkpoint.load import LoadReport, class_name, load_model_state
+from harness.checkpoint.load import LoadReport, class_name, load_model_state, saved_class
 from harness.errors import CheckpointError
 from harness.state import Stateful, restore_rng
 
@@ -71,7 +71,7 @@ def pick(saved: dict, name: str, what: str) -> Any:
 def _models(manifest: Manifest, saved: dict, models: dict, strict: bool, skip_mismatched: bool) -> dict:
     report = {}
     for n, m in models.items():
-        saved_cls = manifest.raw.get("model_classes", {}).get(n)
+        saved_cls = saved_class(manifest, "model_classes", n)
         if saved_cls and saved_cls != class_name(m):
             log.warning("model %r was saved from %s and is loaded into %s", n, saved_cls, class_name(m))
         sd = pick(saved, n, "model")
@@ -85,9 +85,14 @@ def _models(manifest: Manifest, saved: dict, models: dict, strict: bool, skip_mi
     return report
 
 
-def _optimizers(saved: dict, optimizers: dict, models: dict) -> None:
+def _optimizers(manifest: Manifest, saved: dict, optimizers: dict, models: dict) -> None:
     for n, o in optimizers.items():
+        saved_cls = saved_class(manifest, "optimizer_classes", n)
         sd = pick(saved, n, "optimizer")
+        check_hyperparameters(o, sd, n, saved_cls)
+        if saved_cls and saved_cls != class_name(o):  # Adam's state into AdamW: torch takes the saved settings
+            log.warning("optimizer %r was saved from %s and is loaded into %s (with the saved hyperparameters)",
+                        n, saved_cls, class_name(o))
         owner = None if sharded.is_zero(o) else sharded._fsdp_model_of(o, models)
         with loading("optimizer", n):
             if sharded.is_zero(o):
@@ -96,6 +101,38 @@ def _optimizers(saved: dict, optimizers: dict, models: dict) -> None:
                 sharded.load_fsdp_optimizer(owner, o, sd)
             else:
                 o.load_state_dict(sharded.fqn_to_index(sd))  # an FSDP checkpoint into a plain optimizer
+
+
+def check_hyperparameters(opt: Any, saved: Any, name: str, saved_cls: str | None = None) -> None:
+    """Before loading: torch takes another optimizer class's state without a word (AdamW's into SGD: the first
+    step fails deep in torch, KeyError 'momentum'; under ZeRO or FSDP the groups are merged and SGD silently
+    drops AdamW's moments). Every saved group must hold every hyperparameter of this optimizer (of the one a
+    ZeroRedundancyOptimizer partitions), but those its own ``__setstate__`` fills for a state from an older torch."""
+    inner = opt.optim if sharded.is_zero(opt) else opt
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list):
+        return  # not an optimizer state at all: load_state_dict says so (loading())
+    want = set(getattr(inner, "defaults", None) or {}) - _filled_on_load(inner)
+    for i, group in enumerate(groups):
+        lacking = sorted(want - set(group)) if isinstance(group, dict) else []
+        if lacking:
+            raise CheckpointError(
+                f"optimizer {name!r} cannot take the saved state: its saved parameter group {i} has no "
+                f"{', '.join(map(repr, lacking))}, which {type(inner).__name__} needs (saved by "
+                f"{saved_cls or 'another optimizer?'}; the saved group has "
+                f"{', '.join(sorted(str(k) for k in group if k != 'params'))})")
+
+
+def _filled_on_load(opt: Any) -> set[str]:
+    """The group keys ``opt``'s class supplies itself when a loaded state lacks them (torch adds options over
+    versions: Adam's 'decoupled_weight_decay', SGD's 'fused'), found on a bare instance, not on ``opt``."""
+    probe = object.__new__(type(opt))
+    try:
+        type(opt).__setstate__(probe, {"defaults": dict(opt.defaults), "state": {},
+                                       "param_groups": [{"params": []}]})
+    except Exception:  # noqa: BLE001 - a class whose __setstate__ needs more: no key is excused
+        return set()
+    return set(probe.param_groups[0]) - {"params"}
 
 
 def _plain_kind(kind: Kind, saved: Any, objs: dict[str, Any]) -> dict:
@@ -126,7 +163,7 @@ def apply(manifest: Manifest, state: dict, mine: Any, targets: Targets, opts: Re
         if kind is MODELS:
             report = _models(manifest, state["models"], objs, opts.strict, opts.skip_mismatched)
         elif kind is OPTIMIZERS:
-            _optimizers(state["optimizers"], objs, targets.models)
+            _optimizers(manifest, state["optimizers"], objs, targets.models)
         else:
             rest = _plain_kind(kind, state.get(kind.section), objs)
             if kind is EXTRA:

@@ -93,6 +93,9 @@ def load_model_state(model: torch.nn.Module, saved: dict, *, strict: bool = True
 
 
 def class_name(obj: Any) -> str:
+    # A ZeroRedundancyOptimizer's state is that of the optimizer it partitions (AdamW's, resumable by AdamW).
+    if type(obj).__name__ == "ZeroRedundancyOptimizer" and hasattr(obj, "optim"):
+        obj = obj.optim
     cls = type(unwrap_model(obj) if isinstance(obj, torch.nn.Module) else obj)
     # FSDP2's fully_shard swaps the class for a generated FSDP<Name>(FSDPModule, Name): name the model's own.
     # Recognised by name, not by importing FSDPModule: that import costs ~0.5 s to a process that has no
@@ -101,3 +104,11 @@ def class_name(obj: Any) -> str:
     if len(bases) == 2 and bases[0].__name__ == "FSDPModule" and cls.__name__ == f"FSDP{bases[1].__name__}":
         cls = bases[1]
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def saved_class(manifest: Manifest, key: str, name: str) -> str | None:
+    """The class an object was saved from, as the manifest records it (None when it does not, or not as a
+    mapping of names to strings: informational, never an error)."""
+    classes = manifest.raw.get(key)
+    cls = classes.get(name) if isinstance(classes, dict) else None
+    return cls if isinstance(cls, str) else None

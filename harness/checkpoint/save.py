@@ -27,7 +27,7 @@ from harness.checkpoint.background import YieldingPool
 from harness.checkpoint.context import Ctx
 from harness.checkpoint.format import (CHECKSUM_ALGORITHM, COMMIT_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
                                        TensorEntry, ckpt_name, dumps, make_commit, parse_name)
-from harness.checkpoint.kinds import MODELS, Targets, step_mutated, storage_key
+from harness.checkpoint.kinds import MODELS, OPTIMIZERS, Targets, step_mutated, storage_key
 from harness.checkpoint.load import class_name
 from harness.checkpoint.snapshot import Snapshot
 from harness.checkpoint.staging import Staging
@@ -111,7 +111,8 @@ def capture(targets: Targets, step: int, *, epoch: int, position: Any, loss: flo
             "metrics": codec.plain(dict(metrics or {}), "metrics"),
             "metadata": codec.plain(dict(metadata or {}), "metadata"),
             "model_classes": {n: class_name(m) for n, m in targets.of(MODELS).items()
-                              if isinstance(m, torch.nn.Module)}}
+                              if isinstance(m, torch.nn.Module)},
+            "optimizer_classes": {n: class_name(o) for n, o in targets.of(OPTIMIZERS).items()}}
     enc, own = codec.Encoder(), codec.Encoder()  # replicated tensors; tensors only this rank holds
     rep_tree, zero_trees = None, {}
     if ctx.rank == 0 or sharded.needs_collective(targets) or (split and ctx.world_size > 1):

@@ -17,7 +17,7 @@ import torch
 
 from harness.checkpoint import codec
 from harness.checkpoint.discovery import open_checkpoint, read_commit
-from harness.checkpoint.load import read_state
+from harness.checkpoint.load import read_state, saved_class
 from harness.checkpoint.select import choose, run_config
 from harness.errors import CheckpointError
 from harness.storage import Storage, redact_url
@@ -40,8 +40,9 @@ def inspect_checkpoint(url: str, *, step: int | None = None, storage_options: di
         for gname, tree in _named_trees(state.get(kind)):
             group = _group(label, gname, tree, by_key, f"state/{kind}/{gname}/")
             if label == "model":
-                group["class"] = (raw.get("model_classes") or {}).get(gname)
+                group["class"] = saved_class(manifest, "model_classes", gname)
             elif label == "optimizer":
+                group["class"] = saved_class(manifest, "optimizer_classes", gname)
                 group["hyperparameters"] = _hyperparameters(tree)
             elif label == "scheduler":
                 group["summary"] = _scheduler_summary(tree)
@@ -63,7 +64,8 @@ def inspect_checkpoint(url: str, *, step: int | None = None, storage_options: di
         "python_version": raw.get("python_version"), "checksum_algorithm": raw.get("checksum_algorithm"),
         "total_bytes": commit.get("total_bytes"), "data_bytes": sum(manifest.files.values()),
         "data_files": len(manifest.files), "tensors": len(by_key),
-        "model_classes": raw.get("model_classes") or {}, "config": run_config(manifest),
+        "model_classes": raw.get("model_classes") if isinstance(raw.get("model_classes"), dict) else {},
+        "config": run_config(manifest),
         "metadata": _plain(raw.get("metadata")) or {}, "groups": groups,
     }
 
