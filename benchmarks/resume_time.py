@@ -50,6 +50,7 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+from _first_step import model_sets, run_steps  # noqa: E402
 from _results import pyplot, save_figure, write_results  # noqa: E402
 
 PROBE = REPO / "benchmarks" / "_resume_probe"
@@ -162,9 +163,7 @@ def model_overrides(size_gb: float) -> tuple[list[str], int]:
     """Config overrides for a state of about ``size_gb`` (0: the quickstart model) and checkpoint interval."""
     if size_gb <= 0:
         return [], 10
-    layers = 4
-    hidden = int((size_gb * 1e9 / 12 / layers) ** 0.5)  # params + two AdamW moments, fp32
-    return [f"model.hidden={hidden}", f"model.layers={layers}", "train.batch_size=8"], 1
+    return model_sets(size_gb), 1
 
 
 def run_scenario(storage: str, size_gb: float, launcher: str, nproc: int, work: Path, moto: Moto | None,
@@ -363,33 +362,6 @@ d.destroy_process_group()
 # The first training step of the same model in a plain DDP + AdamW loop whose optimizer state is loaded as a
 # restore leaves it (every moment allocated): what the first step after a restore costs without harness. The
 # model comes from harness's recipe (the same layers as the job's); nothing else of harness runs.
-FIRST_STEP_SCRIPT = """
-import json, os, sys, time
-import torch, torch.distributed as d
-from harness import config, recipe
-d.init_process_group("gloo")
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-cfg = config.load(sys.argv[2], sys.argv[3:])
-wl = recipe.workload(cfg)
-model = torch.nn.parallel.DistributedDataParallel(wl.model)
-opt = recipe.build_optimizer(cfg, model.parameters())
-opt.load_state_dict({"param_groups": opt.state_dict()["param_groups"], "state": {
-    i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-    for i, p in enumerate(wl.model.parameters())}})
-items = [wl.dataset[i] for i in range(cfg.train.batch_size)]
-x, y = torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
-times = []
-for _ in range(4):
-    t0 = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    wl.loss_fn(model(x), y).backward()
-    opt.step()
-    times.append(time.perf_counter() - t0)
-if d.get_rank() == 0:
-    with open(sys.argv[1], "w") as f:
-        json.dump({"first_step_s": times[0], "later_step_s": sorted(times[1:])[1]}, f)
-d.destroy_process_group()
-"""
 IMPORT_SCRIPT = ("import json, sys, time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); "
                  "import harness; t2 = time.perf_counter(); m = " + repr(S3_MODULES) + "; "
                  "a = [x for x in m if x in sys.modules]; import harness.cli, harness.trainer; "
@@ -461,19 +433,12 @@ def s3_client_baseline(moto: Moto, work: Path, repeat: int) -> dict:
 
 
 def first_step_baseline(size_gb: float, nproc: int, work: Path, repeat: int) -> dict:
-    """FIRST_STEP_SCRIPT under torchrun for the ``size_gb`` model, ``repeat`` times: medians of its first
-    step and of a later one (the job's workers run with OMP_NUM_THREADS=1, as harness launch sets it)."""
-    script, out = work / "first_step.py", work / "first_step.json"
-    script.write_text(FIRST_STEP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    torchrun = shutil.which("torchrun")
-    head = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    """The plain loop of benchmarks/_first_step.py under torchrun for the ``size_gb`` model, ``repeat`` times:
+    medians of its first step and of a later one."""
     runs = []
     for _ in range(max(1, repeat)):
-        _timed([[*head, "--standalone", "--nproc-per-node", str(nproc), str(script), str(out), str(CONFIG),
-                 *model_overrides(size_gb)[0]]], env, work)
-        runs.append(json.loads(out.read_text()))
+        steps = run_steps("plain", model_overrides(size_gb)[0], work, nproc)
+        runs.append({"first_step_s": steps[0]["total"], "later_step_s": sorted(s["total"] for s in steps[1:])[1]})
     return {**_medians(runs), "first_step_runs_s": [round(r["first_step_s"], 4) for r in runs]}
 
 

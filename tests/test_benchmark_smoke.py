@@ -262,6 +262,23 @@ def test_resume_time_plain_first_step_baseline_tiny(tmp_path):
     assert got["first_step_s"] > 0 and got["later_step_s"] > 0 and got["first_step_runs_s"] == [got["first_step_s"]]
 
 
+def test_first_step_ab_tiny(tmp_path):
+    """benchmarks/first_step_ab.py end to end at a tiny size: a checkpoint made by harness launch, then
+    harness's trainer resumed from it and the plain loop, each under torchrun; every part of the step timed.
+    No timing assertions."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "first_step_ab.py"), "--size-gb", "0.001",
+                           "--repeat", "1", "--out", str(out)], cwd=REPO, env=uninstalled_env(),
+                          capture_output=True, text=True, timeout=300)  # a hang guard, not a timing check
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "first_step_ab_latest.json").read_text())
+    for mode in ("harness", "plain"):
+        (steps,) = result["runs"][mode]
+        assert len(steps) == 4 and all(set(s) == {"forward", "backward", "optimizer", "total"} for s in steps)
+        assert all(s["total"] >= s["forward"] + s["backward"] + s["optimizer"] > 0 for s in steps), steps
+        assert result[mode]["first_step_totals"] == [round(steps[0]["total"], 3)]
+
+
 @needs_fsdp
 def test_sharded_restore_benchmark_tiny_cpu(tmp_path):
     """benchmarks/sharded_restore.py at a tiny size: 2 real ranks (gloo), ZeRO and FSDP2 restored by harness and

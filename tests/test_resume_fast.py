@@ -110,10 +110,10 @@ def test_launch_config_check_and_import_harness_stay_light():
         "from harness import config, launch\n"
         "from harness.errors import ConfigError\n"
         f"sets = {WORKLOADS['gpt-tokens']!r}\n"
-        "launch._check_workload(config.load(None, sets))\n"
+        "launch._check_workload(config.load(None, sets), 2)\n"
         "assert 'torch._dynamo' not in sys.modules, 'the check imported torch._dynamo'\n"
         "try:\n"
-        "    launch._check_workload(config.load(None, sets + ['model.n_heads=3']))\n"
+        "    launch._check_workload(config.load(None, sets + ['model.n_heads=3']), 2)\n"
         "except ConfigError as exc:\n"
         "    print('refused:', exc)\n"
     )
