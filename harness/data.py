@@ -146,8 +146,9 @@ class ResumableSampler(Sampler[int]):
         return iter(self.epoch_indices()[self.position :])
 
     def state_dict(self) -> dict[str, int]:
-        """JSON-able progress: ``{"epoch": int, "position": int}``."""
-        return {"epoch": int(self.epoch), "position": int(self.position)}
+        """JSON-able progress: ``{"epoch": int, "position": int, "dataset_len": int}`` (the length tells a
+        resume whether the data changed since; :meth:`load_state_dict` needs only the first two)."""
+        return {"epoch": int(self.epoch), "position": int(self.position), "dataset_len": int(self.dataset_len)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore progress saved by :meth:`state_dict` (validated first)."""

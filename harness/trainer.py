@@ -200,7 +200,11 @@ class Trainer:
             return
         self.step, self.epoch, self.saved_step = result.step, result.epoch, result.step
         self.last_loss, self.metrics = result.loss, dict(result.metrics)
-        self.sampler.load_state_dict(self._position(result))
+        try:
+            self.sampler.load_state_dict(self._position(result))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a position no sampler wrote: the checkpoint's fault
+            raise CheckpointError(f"{result.name}: unusable data position {str(result.position)[:200]}: "
+                                  f"{exc}") from None
         for name, reason in result.skipped:
             log.warning("skipped damaged checkpoint %s: %s", name, reason)
         self._warn_overridden_lr()
@@ -218,14 +222,26 @@ class Trainer:
                         "(a new checkpoint.dir starts one with the config's)", self.cfg.optim.lr, saved)
 
     def _position(self, result: Any) -> dict:
-        if result.world_size == self.world and result.position is not None:
-            return result.position
-        # Another world size: every rank consumed the same share, so the epoch's global progress carries over.
-        saved = result.position or {"epoch": result.epoch, "position": 0}
-        pos = saved["position"] * result.world_size // self.world
-        log.warning("checkpoint was written by %d ranks, running on %d: data position rescaled (not exact)",
-                    result.world_size, self.world)
-        return {"epoch": result.epoch, "position": min(pos, len(self.sampler))}
+        """This rank's data cursor: exact when the world size and the data are the saved ones. Otherwise the
+        epoch's progress carries over (every rank consumed the same share of it), rescaled, with a warning."""
+        saved = result.position if result.position is not None else {"epoch": result.epoch, "position": 0}
+        now, per_rank = self.sampler.dataset_len, len(self.sampler)
+        then = saved.get("dataset_len", now)  # not recorded before 2026-12-01: taken as unchanged
+        pos = saved["position"]
+        if then != now and isinstance(then, int) and then >= result.world_size > 0:
+            pos = pos * per_rank // (then // result.world_size)  # the same fraction of the epoch
+            log.warning("the data changed since the checkpoint (%d samples then, %d now): data position "
+                        "rescaled (not exact)", then, now)
+        elif result.world_size != self.world or result.position is None:
+            pos = pos * result.world_size // self.world
+            log.warning("checkpoint was written by %d ranks, running on %d: data position rescaled (not exact)",
+                        result.world_size, self.world)
+        elif isinstance(pos, int) and pos > per_rank:  # an older checkpoint of a larger dataset
+            log.warning("data position %d is past this data's epoch (%d samples per rank; did the data change "
+                        "since the checkpoint?): the epoch's remaining samples are skipped", pos, per_rank)
+        else:
+            return saved  # exact
+        return {"epoch": result.epoch, "position": min(pos, per_rank)}
 
     # -- loop -----------------------------------------------------------------------------------------
 

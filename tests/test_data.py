@@ -103,7 +103,7 @@ def test_state_dict_is_plain_json_ints_and_roundtrips() -> None:
     s.set_epoch(3)
     s.advance(5)
     state = json.loads(json.dumps(s.state_dict()))
-    assert state == {"epoch": 3, "position": 5}
+    assert state == {"epoch": 3, "position": 5, "dataset_len": 20}
     assert all(type(v) is int for v in state.values())
     t = ResumableSampler(20)
     t.load_state_dict(state)
@@ -141,7 +141,7 @@ def test_advance_and_load_state_dict_validate() -> None:
         s.load_state_dict({"epoch": -1, "position": 0})
     with pytest.raises(ValueError, match="epoch"):
         s.set_epoch(-2)
-    assert s.state_dict() == {"epoch": 0, "position": 0}  # failed loads changed nothing
+    assert s.state_dict() == {"epoch": 0, "position": 0, "dataset_len": 10}  # failed loads changed nothing
 
 
 def test_loader_batches_collate_and_drop_partial_batch() -> None:
@@ -160,9 +160,9 @@ def test_loader_advances_before_the_consumer_sees_the_batch() -> None:
     loader = BatchLoader(_IndexDataset(12), ResumableSampler(12), batch_size=3)
     it = iter(loader)
     next(it)
-    assert loader.sampler.state_dict() == {"epoch": 0, "position": 3}
+    assert loader.sampler.state_dict() == {"epoch": 0, "position": 3, "dataset_len": 12}
     next(it)
-    assert loader.sampler.state_dict() == {"epoch": 0, "position": 6}
+    assert loader.sampler.state_dict() == {"epoch": 0, "position": 6, "dataset_len": 12}
     assert loader.remaining_batches == 2
 
 

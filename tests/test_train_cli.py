@@ -82,6 +82,47 @@ def test_a_learning_rate_changed_for_a_resumed_run_is_warned_not_silently_ignore
     assert lrs and max(lrs) <= 0.003, lrs
 
 
+def _positions(ck) -> list[dict]:
+    return [r["position"] for r in final_state(ck).ranks]
+
+
+def test_data_that_changed_since_the_checkpoint_carries_the_epochs_progress_over(runner, tmp_path):
+    """A dataset whose length changed between runs (a user's data grew, or data.num_samples was edited) used to
+    end every start with a ValueError (position past the epoch) and 3 restarts. Now the epoch's progress
+    carries over, rescaled, with a warning: 800 of 3200 samples becomes 400 of 1600. An older checkpoint
+    (no dataset_len recorded) of larger data skips the epoch's rest with a warning; a position no sampler
+    wrote is the checkpoint's fault: one line, exit 3."""
+    from ckpt_helpers import read_manifest, write_manifest
+
+    ck = tmp_path / "ck"
+    first = runner.run("first", standalone_cmd(tmp_path, f"train.max_steps={EVERY}"))
+    assert first.rc == 0, first.tail()
+    assert _positions(ck) == [{"epoch": 0, "position": EVERY * 32, "dataset_len": 3200}]
+    smaller = runner.run("smaller", standalone_cmd(tmp_path, "data.num_samples=1600", f"train.max_steps={EVERY + 1}"))
+    assert smaller.rc == 0, smaller.tail()
+    assert "the data changed since the checkpoint (3200 samples then, 1600 now): data position rescaled" in \
+        smaller.log(), smaller.tail()
+    assert _positions(ck) == [{"epoch": 0, "position": 400 + 32, "dataset_len": 1600}]
+
+    name = final_state(ck).name
+    manifest = read_manifest(str(ck), name)
+    manifest["ranks"][0]["position"] = {"epoch": 0, "position": 1500}   # as written before dataset_len
+    write_manifest(str(ck), name, manifest)
+    older = runner.run("older", standalone_cmd(tmp_path, "data.num_samples=640", f"train.max_steps={EVERY + 2}"))
+    assert older.rc == 0, older.tail()
+    assert "data position 1500 is past this data's epoch (640 samples per rank" in older.log(), older.tail()
+    assert _positions(ck) == [{"epoch": 1, "position": 32, "dataset_len": 640}]  # the next epoch's first batch
+
+    name = final_state(ck).name
+    manifest = read_manifest(str(ck), name)
+    manifest["ranks"][0]["position"] = {"epoch": 0, "position": "ten"}
+    write_manifest(str(ck), name, manifest)
+    hostile = runner.run("hostile", standalone_cmd(tmp_path, f"train.max_steps={EVERY + 3}"))
+    assert hostile.rc == 3, hostile.tail()
+    assert f"harness: checkpoint error: {name}: unusable data position" in hostile.log(), hostile.tail()
+    assert "Traceback" not in hostile.log(), hostile.tail()
+
+
 def test_signals_after_the_run_finished_do_not_change_its_exit_code(runner, tmp_path):
     """A finished run's exit code is decided: SIGTERM sent over and over from the moment it logs "training
     finished" until it has exited (a scheduler repeating itself) leaves it 0, not death by SIGTERM (the
