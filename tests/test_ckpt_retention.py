@@ -46,6 +46,20 @@ def test_keep_best_max_metric(ckpt_url):
     assert _steps(ckpt_url) == [30, 50]
 
 
+def test_a_best_metric_the_saves_do_not_report_is_warned_once(ckpt_url, caplog):
+    """keep_best by 'accuracy' when the saves report 'acc' (a typo) keeps nothing by it: one warning, naming
+    the metrics there are; the reported name warns nothing."""
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        _save_all(ckpt_url, metrics=[0.9, 0.1, 0.95], keep_last=1, keep_best=1, best_metric="accuracy",
+                  best_mode="max")
+    assert caplog.text.count("best_metric 'accuracy' is not among the saved metrics (acc): keep_best=1") == 1
+    assert _steps(ckpt_url) == [30]  # nothing kept as best: only the newest
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        _save_all(ckpt_url, metrics=[0.9, 0.1, 0.5], keep_last=1, keep_best=1, best_metric="acc", best_mode="max")
+    assert "best_metric" not in caplog.text
+
+
 def test_keep_best_ties_go_to_the_newer(ckpt_url):
     _save_all(ckpt_url, losses=[1.0, 1.0, 1.0, 9.0, 9.0], keep_last=1, keep_best=1)
     assert _steps(ckpt_url) == [30, 50]

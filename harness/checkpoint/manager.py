@@ -7,6 +7,7 @@ chooses, reads and applies; :mod:`~harness.checkpoint.kinds` sorts the objects g
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 from typing import Any, Mapping
 
 import torch
@@ -25,6 +26,8 @@ from harness.state import Stateful
 from harness.storage import Storage
 
 __all__ = ["CheckpointManager", "RestoreResult"]
+
+log = logging.getLogger("harness")
 
 
 class CheckpointManager:
@@ -78,6 +81,7 @@ class CheckpointManager:
                                 policy=retention.RetentionPolicy(keep_last, keep_best, best_metric, best_mode),
                                 writer_priority=writer_priority)
         self._saver = Saver(self._ctx, settings, async_save)
+        self._best_metric_warned = False
 
     def _check_storage(self, write: bool) -> None:
         """Fail fast: an unwritable folder, a missing bucket, rejected credentials or a missing permission is a
@@ -124,8 +128,20 @@ class CheckpointManager:
         synchronous manager ignores it: its save is committed on return."""
         targets = gather(state, models=models, optimizers=optimizers, schedulers=schedulers, scaler=scaler,
                          extra=extra)
+        self._check_best_metric(metrics)
         self._saver.save(targets, step, epoch=epoch, position=position, loss=loss, metrics=metrics,
                          metadata=metadata, rank_state=rank_state, overlap=overlap)
+
+    def _check_best_metric(self, metrics: dict | None) -> None:
+        """keep_best by a metric the saves do not report keeps nothing by it: say so once (a typo such as
+        'acc' for 'accuracy' would otherwise only show when the best checkpoint is gone). A save without
+        metrics (before a loop's first evaluation) says nothing either way."""
+        policy = self._saver.settings.policy
+        if (policy.keep_best and policy.best_metric != "loss" and metrics and policy.best_metric not in metrics
+                and self.rank == 0 and not self._best_metric_warned):
+            self._best_metric_warned = True
+            log.warning("best_metric %r is not among the saved metrics (%s): keep_best=%d keeps no checkpoint by "
+                        "it", policy.best_metric, ", ".join(map(str, metrics)), policy.keep_best)
 
     def before_mutation(self) -> None:
         """Call right before the optimizer step, the scaler's step/update and the scheduler step (anything
