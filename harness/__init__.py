@@ -8,13 +8,14 @@ _EXPORTS = {
     "CheckpointManager": "harness.checkpoint.manager", "RestoreResult": "harness.checkpoint.manager",
     "Stateful": "harness.state",
     **{name: "harness.errors" for name in ("HarnessError", "ConfigError", "CheckpointError", "CheckpointFormatError",
-                                           "CheckpointCorruptError", "NoCheckpointError", "StorageError")},
+                                           "CheckpointCorruptError", "NoCheckpointError", "StorageError",
+                                           "StateMismatchError")},
     "load_for_inference": "harness.interop.inference", "warm_start": "harness.interop.inference",
 }
 
 __all__ = ["CheckpointManager", "RestoreResult", "Stateful", "HarnessError", "ConfigError", "CheckpointError",
            "CheckpointFormatError", "CheckpointCorruptError", "NoCheckpointError", "StorageError",
-           "load_for_inference", "warm_start"]
+           "StateMismatchError", "load_for_inference", "warm_start"]
 
 
 def __getattr__(name: str):

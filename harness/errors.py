@@ -13,6 +13,16 @@ class CheckpointError(HarnessError):
     """A checkpoint could not be saved, found or loaded."""
 
 
+class StateMismatchError(CheckpointError):
+    """A valid checkpoint whose state does not fit the objects given to restore (another model shape, optimizer
+    class, parameter groups). ``reason`` is the mismatch alone; the message adds ``hint`` (what an API caller can
+    pass), which ``harness train`` replaces by its own."""
+
+    def __init__(self, reason: str, hint: str = "") -> None:
+        super().__init__(f"{reason}; {hint}" if hint else reason)
+        self.reason = reason
+
+
 class CheckpointFormatError(CheckpointError):
     """A manifest or commit record is malformed or hostile; nothing from it was used."""
 

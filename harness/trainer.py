@@ -22,7 +22,7 @@ from harness import determinism, dist, faults, lease, recipe
 from harness.checkpoint import CheckpointManager
 from harness.checkpoint.prune import clean_leftovers
 from harness.config import Config
-from harness.errors import CheckpointError, ConfigError
+from harness.errors import CheckpointError, ConfigError, StateMismatchError
 from harness.progress import MetricsLog, Progress
 from harness.recipe import (WorkloadBuilder, build_optimizer, build_scheduler, fsdp_wrap, safe_metadata,
                             seed_everything)
@@ -189,8 +189,14 @@ class Trainer:
         """Every start: restore the newest valid checkpoint, or seed a fresh run."""
         seed_everything(self.cfg.train.seed + self.rank)
         t0 = time.perf_counter()
-        result = self.mgr.restore(models={"model": self.model}, optimizers={"optimizer": self.optimizer},
-                                  schedulers={"scheduler": self.scheduler}, scaler=self.scaler)
+        try:
+            result = self.mgr.restore(models={"model": self.model}, optimizers={"optimizer": self.optimizer},
+                                      schedulers={"scheduler": self.scheduler}, scaler=self.scaler)
+        except StateMismatchError as exc:  # a valid checkpoint of another config: say which way out there is
+            raise StateMismatchError(
+                f"{exc.reason}. The config differs from the one the run in {redact_url(self.cfg.checkpoint.dir)} "
+                "was saved with (`harness ckpt inspect` shows that one): resume with it, or start a new "
+                "checkpoint.dir") from None
         if result is None:
             if self.deferred:  # the weights a normal build draws, and rank 0's on every rank (as DDP does)
                 recipe.initialize(self.cfg, self.module)

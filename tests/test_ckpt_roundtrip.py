@@ -20,7 +20,7 @@ from ckpt_helpers import (Net, OtherNet, Wrapper, assert_bitwise, ckpt_names, da
 from harness import CheckpointManager, faults
 from harness.checkpoint.discovery import verify_checkpoint
 from harness.checkpoint.format import FORMAT_VERSION, dumps
-from harness.errors import CheckpointError
+from harness.errors import CheckpointError, StateMismatchError
 from harness.storage import Storage
 
 
@@ -305,9 +305,10 @@ def test_partial_load_reports_missing_and_unexpected(ckpt_url, caplog):
 def test_shape_mismatch(ckpt_url):
     model, _, _ = simple_run()
     CheckpointManager(ckpt_url).save(1, models=model)
-    with pytest.raises(CheckpointError, match=r"fc2\.weight"):
+    with pytest.raises(StateMismatchError, match=r"fc2\.weight.*; pass strict=False for partial loading") as got:
         CheckpointManager(ckpt_url).restore(models=Resized())
-    with pytest.raises(CheckpointError, match=r"fc2\.weight.*skip_mismatched"):
+    assert "fc2.weight" in got.value.reason and "strict=False" not in got.value.reason  # the hint apart
+    with pytest.raises(StateMismatchError, match=r"fc2\.weight.*skip_mismatched"):
         CheckpointManager(ckpt_url).restore(models=Resized(), strict=False)
     target = Resized()
     fc2_before = snapshot(target.fc2.state_dict())
@@ -370,8 +371,8 @@ def test_another_optimizer_class_is_refused_by_its_hyperparameters_or_warned(ckp
     manifest = read_manifest(ckpt_url, "step-000000001")
     assert manifest["optimizer_classes"] == {"optimizer": "torch.optim.adamw.AdamW"}
     sgd = torch.optim.SGD(Net().parameters(), lr=0.1)
-    with pytest.raises(CheckpointError, match=r"optimizer 'optimizer' cannot take the saved state: .*'dampening', "
-                                              r"'momentum', which SGD needs \(saved by torch.optim.adamw.AdamW;"):
+    with pytest.raises(StateMismatchError, match=r"optimizer 'optimizer' cannot take the saved state: .*'dampening', "
+                                                 r"'momentum', which SGD needs \(saved by torch.optim.adamw.AdamW;"):
         CheckpointManager(ckpt_url).restore(models=Net(), optimizers=sgd)
     adam = torch.optim.Adam(Net().parameters(), lr=0.1)
     with caplog.at_level(logging.WARNING, logger="harness"):

@@ -143,6 +143,7 @@ def test_resuming_with_another_optimizer_exits_3_without_restart(parallel, runne
     log = proc.log()
     assert log.count("harness: checkpoint error: optimizer 'optimizer' cannot take the saved state") == 1, log[-3000:]
     assert "which SGD needs (saved by torch.optim.adamw.AdamW" in log and "Traceback" not in log, log[-3000:]
+    assert "The config differs from the one the run in " in log and "start a new checkpoint.dir" in log, log[-3000:]
     assert "will restart worker group" not in log, log[-3000:]
     assert committed_steps(tmp_path / "ck") == before == [EVERY]
 

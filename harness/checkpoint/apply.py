@@ -13,7 +13,7 @@ from harness.checkpoint.errors import is_resource_error
 from harness.checkpoint.format import Manifest
 from harness.checkpoint.kinds import EXTRA, MODELS, OPTIMIZERS, Kind, Targets
 from harness.checkpoint.load import LoadReport, class_name, load_model_state, saved_class
-from harness.errors import CheckpointError
+from harness.errors import CheckpointError, StateMismatchError
 from harness.state import Stateful, restore_rng
 
 log = logging.getLogger("harness")
@@ -58,13 +58,13 @@ def loading(what: str, name: str) -> Iterator[None]:
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
         if is_resource_error(exc):
             raise
-        raise CheckpointError(f"{what} {name!r} cannot take the saved state: {type(exc).__name__}: {exc}") from exc
+        raise StateMismatchError(f"{what} {name!r} cannot take the saved state: {type(exc).__name__}: {exc}") from exc
 
 
 def pick(saved: dict, name: str, what: str) -> Any:
     if name not in saved:
         have = ", ".join(map(str, saved)) or "none"
-        raise CheckpointError(f"checkpoint has no {what} named {name!r} (it has: {have})")
+        raise StateMismatchError(f"checkpoint has no {what} named {name!r} (it has: {have})")
     return saved[name]
 
 
@@ -116,7 +116,7 @@ def check_hyperparameters(opt: Any, saved: Any, name: str, saved_cls: str | None
     for i, group in enumerate(groups):
         lacking = sorted(want - set(group)) if isinstance(group, dict) else []
         if lacking:
-            raise CheckpointError(
+            raise StateMismatchError(
                 f"optimizer {name!r} cannot take the saved state: its saved parameter group {i} has no "
                 f"{', '.join(map(repr, lacking))}, which {type(inner).__name__} needs (saved by "
                 f"{saved_cls or 'another optimizer?'}; the saved group has "

@@ -11,7 +11,7 @@ import torch
 from harness.checkpoint import blobs, codec
 from harness.checkpoint.discovery import open_checkpoint
 from harness.checkpoint.format import Manifest
-from harness.errors import CheckpointError
+from harness.errors import StateMismatchError
 from harness.state import strip_prefix, unwrap_model
 from harness.storage import Storage
 
@@ -79,10 +79,10 @@ def load_model_state(model: torch.nn.Module, saved: dict, *, strict: bool = True
     report.mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in saved.items()
                          if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
     if strict and (report.missing or report.unexpected or report.mismatched):
-        raise CheckpointError(f"{name}: checkpoint does not match the model ({report}); pass strict=False for "
-                              "partial loading")
+        raise StateMismatchError(f"{name}: checkpoint does not match the model ({report})",
+                                 "pass strict=False for partial loading")
     if report.mismatched and not skip_mismatched:
-        raise CheckpointError(f"{name}: {report}; pass skip_mismatched=True to load only tensors whose shapes match")
+        raise StateMismatchError(f"{name}: {report}", "pass skip_mismatched=True to load only tensors whose shapes match")
     bad = {k for k, _, _ in report.mismatched}
     usable = {k: v for k, v in saved.items() if k in own and k not in bad}
     target.load_state_dict(usable, strict=False)

@@ -36,7 +36,7 @@ from harness.checkpoint.kinds import MODELS, OPTIMIZERS, Targets, capture_plain
 from harness.checkpoint.discovery import open_checkpoint
 from harness.checkpoint.format import Manifest
 from harness.checkpoint.sharded_read import Loader, Verified, guard, local_of
-from harness.errors import CheckpointError
+from harness.errors import CheckpointError, StateMismatchError
 from harness.state import unwrap_model
 from harness.storage import Storage
 
@@ -203,7 +203,7 @@ def _plan(saved: Any, template: Any, loader: Loader, fills: list, path: str, liv
         into = local_of(template) if live else None
         if codec.is_dtensor(template):
             if tuple(template.shape) != gshape:
-                raise CheckpointError(f"tensor {path!r} ({saved.key}): checkpoint has shape {list(gshape)}, the "
+                raise StateMismatchError(f"tensor {path!r} ({saved.key}): checkpoint has shape {list(gshape)}, the "
                                       f"model has {list(template.shape)}")
             offset, shape = _local_box(template)
             ticket = loader.want(saved.key, offset, shape, into=into)
@@ -339,11 +339,11 @@ def load_zero(zero: Any, saved: dict, name: str = "optimizer") -> None:
     optimizer gets the state of the parameters this rank owns, every group gets the saved hyperparameters."""
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     if not isinstance(groups, list) or len(groups) != len(zero.param_groups):
-        raise CheckpointError(f"optimizer {name!r}: checkpoint has {len(groups or [])} parameter groups, the "
+        raise StateMismatchError(f"optimizer {name!r}: checkpoint has {len(groups or [])} parameter groups, the "
                               f"optimizer has {len(zero.param_groups)}")
     for i, (g, sg) in enumerate(zip(zero.param_groups, groups)):
         if len(sg.get("params", ())) != len(g["params"]):
-            raise CheckpointError(f"optimizer {name!r}: group {i} has {len(sg.get('params', ()))} parameters in "
+            raise StateMismatchError(f"optimizer {name!r}: group {i} has {len(sg.get('params', ()))} parameters in "
                                   f"the checkpoint, {len(g['params'])} in the optimizer")
     index = zero._param_to_index
     state, local_groups, li = {}, [], 0
@@ -355,7 +355,7 @@ def load_zero(zero: Any, saved: dict, name: str = "optimizer") -> None:
                 st = saved["state"][gidx]
                 for k, v in st.items():
                     if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
-                        raise CheckpointError(f"optimizer {name!r}: state {k!r} of parameter {gidx} has shape "
+                        raise StateMismatchError(f"optimizer {name!r}: state {k!r} of parameter {gidx} has shape "
                                               f"{list(v.shape)} in the checkpoint, the parameter is {list(p.shape)}")
                 state[li] = st
             ids.append(li)
@@ -387,8 +387,8 @@ def check_fsdp_keys(model: Any, saved: dict, strict: bool, name: str) -> None:
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
     if strict and (missing or unexpected):
-        raise CheckpointError(f"{name}: checkpoint does not match the model (missing: {', '.join(missing) or '-'}; "
-                              f"unexpected: {', '.join(unexpected) or '-'}); pass strict=False for partial loading")
+        raise StateMismatchError(f"{name}: checkpoint does not match the model (missing: {', '.join(missing) or '-'}; "
+                                 f"unexpected: {', '.join(unexpected) or '-'})", "pass strict=False for partial loading")
 
 
 # -- consolidation (export) ---------------------------------------------------------------------------
