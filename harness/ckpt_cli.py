@@ -30,7 +30,7 @@ from harness.ckpt_folder import run_list, run_prune, run_verify
 from harness.ckpt_interop import run_diff, run_export, run_import, run_inspect
 from harness.ckpt_parser import add_ckpt_parser, parse_storage_options
 from harness.ckpt_render import error
-from harness.errors import HarnessError, StorageError
+from harness.errors import HarnessError, StorageError, is_storage_unavailable
 from harness.storage import Storage, redact
 
 # The command is split by job: ckpt_parser (argparse, --storage-option), ckpt_folder (list, verify, prune),
@@ -39,6 +39,8 @@ __all__ = ["add_ckpt_parser", "parse_storage_options", "run_ckpt"]
 
 EXIT_STORAGE = 3                      # as `harness train`: storage unusable, do not retry
 STORAGE_PREFIX = "checkpoint error"   # the words `harness train` puts before a storage problem
+EXIT_UNAVAILABLE = 1                  # as `harness train`: the storage out of retries, retryable
+UNAVAILABLE_PREFIX = "storage unreachable (retryable, exit 1)"
 
 
 def run_ckpt(args: argparse.Namespace) -> int:
@@ -68,7 +70,10 @@ def run_ckpt(args: argparse.Namespace) -> int:
         if args.ckpt_command == "prune":
             return run_prune(storage, args, secrets)
         raise HarnessError(f"unknown ckpt command {args.ckpt_command!r}")
-    except StorageError as exc:  # the storage is unusable: the line and exit code `harness train` gives
+    except StorageError as exc:  # the line and exit code `harness train` gives: unusable 3, out of retries 1
+        if is_storage_unavailable(exc):
+            error(str(exc), secrets, UNAVAILABLE_PREFIX)
+            return EXIT_UNAVAILABLE
         error(str(exc), secrets, STORAGE_PREFIX)
         return EXIT_STORAGE
     except (HarnessError, OSError, EOFError) as exc:

@@ -39,6 +39,23 @@ class StorageError(CheckpointError):
     """The storage backend failed or is unreachable (permissions, missing bucket, full disk)."""
 
 
+class StorageUnavailableError(StorageError):
+    """The storage kept failing with errors worth retrying (refused or reset connections, timeouts, throttling,
+    5xx) for a whole retry budget. Nothing says it is unusable: a restart later may well reach it, so a run
+    that ends on it exits 1 (retryable), not 3, and no checkpoint is called damaged for it."""
+
+
+def is_storage_unavailable(exc: BaseException) -> bool:
+    """``exc``, or an exception it was raised from, is a :class:`StorageUnavailableError`."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        if isinstance(exc, StorageUnavailableError):
+            return True
+        seen.append(exc)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return False
+
+
 GLOO_TRANSPORT = "gloo/transport/"
 
 

@@ -12,10 +12,11 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-from harness.errors import CheckpointError, ConfigError, is_accelerator_failure, is_transport_failure
+from harness.errors import (CheckpointError, ConfigError, is_accelerator_failure, is_storage_unavailable,
+                            is_transport_failure)
 
 EXIT_OK = 0
-EXIT_ERROR = 1          # anything else (a bug, a crashed peer, out of memory): retry a bounded number of times
+EXIT_ERROR = 1          # anything else (a bug, a crashed peer, out of memory, storage out of retries): retry
 EXIT_CONFIG = 2         # bad configuration, found before any worker starts: do not retry
 EXIT_CHECKPOINT = 3     # storage/checkpoints unusable or the folder held by another live job: do not retry
 EXIT_SIGNAL_BASE = 128  # 128+N: stopped by signal N after committing a checkpoint: retry, it resumes
@@ -89,6 +90,8 @@ def classify(exc: BaseException) -> Outcome | None:
     it says nothing about the checkpoint."""
     if isinstance(exc, ConfigError):
         return Outcome(EXIT_CONFIG, f"harness: config error: {exc}")
+    if is_storage_unavailable(exc):  # out of retries, not refused: a restart later may reach it
+        return Outcome(EXIT_ERROR, f"harness: storage unreachable (retryable, exit {EXIT_ERROR}): {_first_line(exc)}")
     for link in _chain(exc):
         kind = _resource_kind(link)
         if kind is not None:

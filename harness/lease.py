@@ -26,7 +26,7 @@ import uuid
 from typing import Any
 
 from harness import dist
-from harness.errors import StorageError
+from harness.errors import StorageError, StorageUnavailableError, is_storage_unavailable
 from harness.storage import Storage, redact_url
 
 log = logging.getLogger("harness")
@@ -192,10 +192,12 @@ def acquire(storage: Storage, configured_id: str, timeout_s: float, group: Any) 
         try:
             lease.acquire()
         except LeaseError as exc:
-            lease, problem = None, str(exc)
+            lease, problem = None, (str(exc), False)
         except Exception as exc:  # noqa: BLE001 - the storage failed: say so on every rank
-            lease, problem = None, f"could not write {LEASE_FILE}: {type(exc).__name__}: {exc}"
+            lease, problem = None, (f"could not write {LEASE_FILE}: {type(exc).__name__}: {exc}",
+                                    is_storage_unavailable(exc))
     problem = dist.broadcast(problem, group)
     if problem:
-        raise LeaseError(problem)
+        why, unavailable = problem
+        raise StorageUnavailableError(why) if unavailable else LeaseError(why)  # out of retries: exit 1, not 3
     return lease

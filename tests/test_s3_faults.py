@@ -190,3 +190,29 @@ def test_no_secret_in_logs_errors_or_objects(s3_server, s3_bucket, fault_proxy, 
         assert secret not in seen
         for key, body in s3_server.all_objects(s3_bucket):
             assert secret.encode() not in body, key
+
+
+def test_an_outage_longer_than_the_retry_budget_is_retried_by_the_agent_then_resumes(s3_bucket, fault_proxy, runner,
+                                                                                       tmp_path):
+    """S3 answering 503 to every request for longer than the retry budget, mid-run: a save runs out of
+    retries, the workers exit 1 ("storage unreachable", retryable: it was 3, which neither the agent, nor the
+    SLURM script, nor Kubeflow's ExitCode policy retries), the agent restarts them, and once S3 answers again
+    they resume from the last committed checkpoint and finish: exit 0. Real `harness launch`, 2 ranks."""
+    from trainer_helpers import SLOW, launch_cmd, resumed_from, wait_until
+
+    url = f"s3://{s3_bucket}/outage"
+    opts = f'{{endpoint_url="{fault_proxy.url}", harness_retry_budget_s=2}}'
+    proc = runner.start("outage", launch_cmd(tmp_path, f"checkpoint.dir='{url}'", f"checkpoint.storage_options={opts}",
+                                             SLOW, max_restarts=3))
+    wait_until("the first checkpoint", lambda: list_checkpoints(Storage(url)), [proc], timeout=120)
+    fault_proxy.configure(rate=1.0, seed=0, kinds={"503": 1})
+    try:
+        wait_until("the outage ends the workers", lambda: "storage unreachable (retryable, exit 1)" in proc.log(),
+                   [proc], timeout=120)
+    finally:
+        fault_proxy.configure(rate=0.0)
+    assert proc.wait(180) == 0, proc.tail()
+    log = proc.log()
+    assert "will restart worker group" in log and "harness: checkpoint error" not in log, log[-3000:]
+    assert resumed_from(log) and min(resumed_from(log)) >= 25, log[-3000:]  # from a checkpoint of this run
+    assert [i.step for i in list_checkpoints(Storage(url))][-1] == 120

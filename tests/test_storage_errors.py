@@ -60,17 +60,20 @@ def _same(line: str) -> str:
     return re.sub(r"\d+(\.\d+)?", "N", line).replace("attempts", "attempt")  # counts and times vary
 
 
-@pytest.mark.parametrize("case,words", [("missing-bucket", "does not exist"),
-                                        ("rejected-credentials", "rejected the credentials"),
-                                        ("unreachable-endpoint", "cannot list bucket")])
-def test_ckpt_and_train_agree(case, words, request, tmp_path, capsys):
+# An endpoint that refuses connections for the whole retry budget is unreachable, not unusable: exit 1
+# (retryable: the scheduler tries again later), where a missing bucket or rejected credentials are 3.
+@pytest.mark.parametrize("case,words,code,prefix", [
+    ("missing-bucket", "does not exist", 3, "harness: checkpoint error: "),
+    ("rejected-credentials", "rejected the credentials", 3, "harness: checkpoint error: "),
+    ("unreachable-endpoint", "cannot list bucket", 1, "harness: storage unreachable (retryable, exit 1): ")])
+def test_ckpt_and_train_agree(case, words, code, prefix, request, tmp_path, capsys):
     url, options = _case(case, request)
     argv = ["ckpt", "list", url]
     for item in _flat(options):
         argv += ["--storage-option", item]
-    assert main(argv) == 3
+    assert main(argv) == code
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("harness: checkpoint error: ") and words in err, err
+    assert err.count("\n") == 1 and err.startswith(prefix) and words in err, err
     assert WRONG_SECRET not in err and WRONG_KEY not in err
 
     cmd = [sys.executable, "-m", "harness", "train", "--config", str(REPO / "configs/quickstart.toml"),
@@ -79,7 +82,7 @@ def test_ckpt_and_train_agree(case, words, request, tmp_path, capsys):
     if options:
         cmd += ["--set", f"checkpoint.storage_options={_toml(options)}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 3, proc.stderr
+    assert proc.returncode == code, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert _same(last) == _same(err.strip()), (last, err)
     assert "Traceback" not in proc.stderr and WRONG_SECRET not in proc.stderr

@@ -199,7 +199,8 @@ def test_out_of_memory_at_restore_is_retryable_exit_1_with_one_line(tmp_path):
 
 def test_exit_code_mapping():
     """One meaning per code: config -> 2, checkpoint/storage (lease included) -> 3, resource and communication
-    failures -> 1 even when a CheckpointError wraps them, anything else is not ours (traceback, 1)."""
+    failures and storage out of retries -> 1 even when a CheckpointError wraps them, anything else is not ours
+    (traceback, 1)."""
     import torch
 
     from harness.errors import CheckpointError, ConfigError, StorageError
@@ -221,6 +222,10 @@ def test_exit_code_mapping():
     if hasattr(torch, "AcceleratorError"):
         assert classify(torch.AcceleratorError("x")).code == 1
     assert classify(ValueError("x")) is None and classify(RuntimeError("x")) is None
+    # the storage out of retries (an outage): retryable, also behind the checkpoint error it ended
+    from harness.errors import StorageUnavailableError
+    out = classify(wrapped(StorageUnavailableError("S3 LIST failed after 7 attempts")))
+    assert out.code == 1 and out.line.startswith("harness: storage unreachable (retryable, exit 1): restore failed")
 
 
 LEAVING_WL = textwrap.dedent("""

@@ -17,11 +17,12 @@ import torch
 
 from harness import dist
 from harness.errors import (CheckpointCorruptError, CheckpointError, CheckpointFormatError, StorageError,
-                            is_accelerator_failure, is_transport_failure)
+                            StorageUnavailableError, is_accelerator_failure, is_transport_failure)
 
 
 def _resource_types() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = [torch.OutOfMemoryError, MemoryError, ConnectionError, TimeoutError]
+    found: list[type[BaseException]] = [torch.OutOfMemoryError, MemoryError, ConnectionError, TimeoutError,
+                                        StorageUnavailableError]  # an object store out of retries: later, maybe
     accel = getattr(torch, "AcceleratorError", None)  # CUDA/XPU errors since torch 2.8
     if isinstance(accel, type):
         found.append(accel)

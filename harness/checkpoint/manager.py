@@ -21,7 +21,7 @@ from harness.checkpoint.kinds import Named, gather
 from harness.checkpoint.restore import restore as _restore
 from harness.checkpoint.save import Saver, SaveSettings
 from harness.checkpoint.snapshot import Snapshot
-from harness.errors import StorageError
+from harness.errors import StorageError, StorageUnavailableError, is_storage_unavailable
 from harness.state import Stateful
 from harness.storage import Storage
 
@@ -92,10 +92,11 @@ class CheckpointManager:
             try:
                 self.storage.check_access(write=write)
             except StorageError as exc:
-                problem = str(exc)
+                problem = (str(exc), is_storage_unavailable(exc))
         problem = dist.broadcast(problem, self._group)
         if problem:
-            raise StorageError(problem)
+            why, unavailable = problem  # out of retries (retryable, exit 1) or refused (exit 3), on every rank
+            raise (StorageUnavailableError if unavailable else StorageError)(why)
 
     @property
     def last_saved(self) -> str | None:

@@ -31,7 +31,7 @@ from harness.checkpoint.kinds import MODELS, OPTIMIZERS, Targets, step_mutated, 
 from harness.checkpoint.load import class_name
 from harness.checkpoint.snapshot import Snapshot
 from harness.checkpoint.staging import Staging
-from harness.errors import CheckpointError
+from harness.errors import CheckpointError, StorageUnavailableError, is_storage_unavailable
 from harness.state import capture_rng
 
 log = logging.getLogger("harness")
@@ -44,6 +44,11 @@ Tensors = dict[str, "torch.Tensor | codec.Shard"]
 # before there were idle-priority writers, and needs most of the interval (measured: a 0.5 deadline left
 # 635 MB unfinished at the next save, 5 steps later, on the loaded 2-core machine).
 HURRY_AFTER = 0.25
+
+
+def _failed(unavailable: bool) -> type[CheckpointError]:
+    """The error every rank raises for a save that failed: the storage out of retries is retryable (exit 1)."""
+    return StorageUnavailableError if unavailable else CheckpointError
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class NameDecision:
 
     name: str | None = None
     error: str | None = None
+    unavailable: bool = False    # the error is the storage out of retries (retryable), not a refusal
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class Fragment:
 
     rank: int
     error: str | None = None
+    unavailable: bool = False
     files: dict[str, dict] = field(default_factory=dict)
     entries: list[TensorEntry] = field(default_factory=list)
     tree: Any = None
@@ -100,6 +107,7 @@ class CommitOutcome:
 
     error: str | None = None
     bytes: int = 0
+    unavailable: bool = False
 
 
 def capture(targets: Targets, step: int, *, epoch: int, position: Any, loss: float | None, metrics: dict | None,
@@ -226,13 +234,13 @@ class Saver:
             staging.copy()
         decision = dist.broadcast(self._free_name(c.step) if ctx.rank == 0 else None, ctx.group)
         if decision.error is not None:  # rank 0 could not even list the folder: nobody writes
-            raise CheckpointError(f"checkpoint at step {c.step} was not started: {decision.error}")
+            raise _failed(decision.unavailable)(f"checkpoint at step {c.step} was not started: {decision.error}")
         name = decision.name
         frags = dist.gather(self._write(name, c, staging, urgent, deadline), ctx.group)
         outcome = self._commit(name, c, frags) if ctx.rank == 0 else None
         outcome = dist.broadcast(outcome, ctx.group)
         if outcome.error is not None:
-            raise CheckpointError(f"checkpoint at step {c.step} was not committed: {outcome.error}")
+            raise _failed(outcome.unavailable)(f"checkpoint at step {c.step} was not committed: {outcome.error}")
         self.last_saved = name
         if ctx.rank == 0:
             log.info("checkpoint %s committed: %.1f MB in %.2f s (%s)", name, outcome.bytes / 1e6,
@@ -244,7 +252,7 @@ class Saver:
         try:
             taken = {n for n in self.ctx.storage.listdir() if parse_name(n)}
         except Exception as exc:  # noqa: BLE001 - the other ranks wait on this broadcast
-            return NameDecision(error=f"{type(exc).__name__}: {exc}")
+            return NameDecision(error=f"{type(exc).__name__}: {exc}", unavailable=is_storage_unavailable(exc))
         attempt = 0
         while ckpt_name(step, attempt) in taken:
             attempt += 1
@@ -272,13 +280,15 @@ class Saver:
             return Fragment(rank=ctx.rank, files=files, entries=entries, tree=c.rank_tree, zero=c.zero_trees)
         except Exception as exc:  # noqa: BLE001 - reported to rank 0, which then does not commit
             log.error("checkpoint %s: rank %d failed to write: %s: %s", name, ctx.rank, type(exc).__name__, exc)
-            return Fragment(rank=ctx.rank, error=f"rank {ctx.rank}: {type(exc).__name__}: {exc}")
+            return Fragment(rank=ctx.rank, error=f"rank {ctx.rank}: {type(exc).__name__}: {exc}",
+                            unavailable=is_storage_unavailable(exc))
 
     def _commit(self, name: str, c: Captured, frags: list[Fragment]) -> CommitOutcome:
         """Rank 0: manifest, then the commit record, last; then retention. Never raises: the other ranks wait."""
-        errors = [f.error for f in frags if f.error is not None]
-        if errors:
-            return CommitOutcome(error="; ".join(errors))
+        failed = [f for f in frags if f.error is not None]
+        if failed:  # retryable only if every rank's failure is (a full disk anywhere is not)
+            return CommitOutcome(error="; ".join(f.error for f in failed),
+                                 unavailable=all(f.unavailable for f in failed))
         storage = self.ctx.storage
         try:
             manifest = build_manifest(name, c, frags)
@@ -292,7 +302,7 @@ class Saver:
             self._write_commit(name, commit)
         except Exception as exc:  # noqa: BLE001 - an uncommitted checkpoint does not exist; say why
             log.error("checkpoint %s: commit failed: %s: %s", name, type(exc).__name__, exc)
-            return CommitOutcome(error=f"commit: {type(exc).__name__}: {exc}")
+            return CommitOutcome(error=f"commit: {type(exc).__name__}: {exc}", unavailable=is_storage_unavailable(exc))
         try:
             faults.point("save.after_commit", step=c.step)
         except Exception as exc:  # noqa: BLE001 - the record is written: the checkpoint exists, say so

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 
-from harness.errors import StorageError
+from harness.errors import StorageError, StorageUnavailableError
 from harness.storage.errors import StorageOpError
 from harness.storage.s3.client import CREDENTIAL_CODES, S3Client
 from harness.storage.s3.retry import RetriesExhausted, client_error_info, describe
@@ -22,8 +22,9 @@ def check_access(c: S3Client, root: str, write: bool) -> None:
     probe = f"{key.rstrip('/')}/.harness-access-check-{uuid.uuid4().hex}".lstrip("/")
     try:
         c.sync_raw(_probe, c, bucket, key, probe, write, budget)
-    except StorageOpError as exc:
-        raise StorageError(access_message(c, where, bucket, exc.step or "list", exc)) from None
+    except StorageOpError as exc:  # out of retries: retryable later (exit 1); a refusal is not (exit 3)
+        kind = StorageUnavailableError if isinstance(exc, RetriesExhausted) else StorageError
+        raise kind(access_message(c, where, bucket, exc.step or "list", exc)) from None
     except StorageError as exc:
         raise StorageError(c.scrub(str(exc))) from None
     except Exception as exc:  # noqa: BLE001 - e.g. no credentials found before any request was made

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
+from harness.errors import StorageUnavailableError
 from harness.storage.errors import StorageOpError
 
 log = logging.getLogger("harness")
@@ -140,8 +141,8 @@ class RetryPolicy:
             return result
 
 
-class RetriesExhausted(StorageOpError):
-    """An operation still failed when its retry budget ran out."""
+class RetriesExhausted(StorageOpError, StorageUnavailableError):
+    """An operation still failed when its retry budget ran out (with errors worth retrying: retryable later)."""
 
     def __init__(self, what: str, attempts: int, elapsed: float, budget: float, last: BaseException) -> None:
         super().__init__(what, last, message=(
