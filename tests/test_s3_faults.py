@@ -216,3 +216,26 @@ def test_an_outage_longer_than_the_retry_budget_is_retried_by_the_agent_then_res
     assert "will restart worker group" in log and "harness: checkpoint error" not in log, log[-3000:]
     assert resumed_from(log) and min(resumed_from(log)) >= 25, log[-3000:]  # from a checkpoint of this run
     assert [i.step for i in list_checkpoints(Storage(url))][-1] == 120
+
+
+def test_a_restore_during_an_outage_is_retryable_and_marks_nothing_damaged(s3_bucket, fault_proxy):
+    """Restoring while every request gets 503 for longer than the budget: StorageUnavailableError (exit 1 for
+    `harness train`), not a generic checkpoint error; the checkpoint is not walked past or called damaged, and
+    restores once S3 answers."""
+    from harness.errors import StorageUnavailableError
+
+    url = f"s3://{s3_bucket}/restore-outage"
+    model, opt, _ = simple_run()
+    CheckpointManager(url).save(7, models=model, optimizers=opt)
+    mgr = CheckpointManager(url, storage_options={"endpoint_url": fault_proxy.url, "harness_retry_budget_s": 1.5})
+    fault_proxy.configure(rate=1.0, seed=0, kinds={"503": 1})
+    try:
+        with pytest.raises(StorageUnavailableError, match="retry budget"):
+            target, target_opt, _ = fresh()
+            mgr.restore(models=target, optimizers=target_opt)
+    finally:
+        fault_proxy.configure(rate=0.0)
+    target, target_opt, _ = fresh()
+    res = mgr.restore(models=target, optimizers=target_opt)
+    assert res.step == 7 and not res.skipped
+    assert_bitwise(target.state_dict(), model.state_dict())
