@@ -45,15 +45,25 @@ class StorageUnavailableError(StorageError):
     that ends on it exits 1 (retryable), not 3, and no checkpoint is called damaged for it."""
 
 
-def is_storage_unavailable(exc: BaseException) -> bool:
-    """``exc``, or an exception it was raised from, is a :class:`StorageUnavailableError`."""
+def cause_chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (``__cause__``, else an unsuppressed ``__context__``)."""
     seen: list[BaseException] = []
     while exc is not None and exc not in seen:
-        if isinstance(exc, StorageUnavailableError):
-            return True
         seen.append(exc)
         exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
-    return False
+    return seen
+
+
+def is_storage_unavailable(exc: BaseException) -> bool:
+    """``exc``, or an exception it was raised from, is a :class:`StorageUnavailableError`."""
+    return any(isinstance(link, StorageUnavailableError) for link in cause_chain(exc))
+
+
+def storage_failure(why: str, unavailable: bool,
+                    otherwise: type[CheckpointError] = CheckpointError) -> CheckpointError:
+    """The error every rank raises for a failure one rank reported as (``why``, ``unavailable``): the storage
+    out of retries keeps its retryable kind (exit 1) across ranks; anything else is ``otherwise`` (exit 3)."""
+    return (StorageUnavailableError if unavailable else otherwise)(why)
 
 
 GLOO_TRANSPORT = "gloo/transport/"

@@ -12,8 +12,8 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-from harness.errors import (CheckpointError, ConfigError, is_accelerator_failure, is_storage_unavailable,
-                            is_transport_failure)
+from harness.errors import (CheckpointError, ConfigError, cause_chain, is_accelerator_failure,
+                            is_storage_unavailable, is_transport_failure)
 
 EXIT_OK = 0
 EXIT_ERROR = 1          # anything else (a bug, a crashed peer, out of memory, storage out of retries): retry
@@ -71,14 +71,6 @@ def _resource_kind(exc: BaseException) -> str | None:
     return None
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
-    return seen
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -92,7 +84,7 @@ def classify(exc: BaseException) -> Outcome | None:
         return Outcome(EXIT_CONFIG, f"harness: config error: {exc}")
     if is_storage_unavailable(exc):  # out of retries, not refused: a restart later may reach it
         return Outcome(EXIT_ERROR, f"harness: storage unreachable (retryable, exit {EXIT_ERROR}): {_first_line(exc)}")
-    for link in _chain(exc):
+    for link in cause_chain(exc):
         kind = _resource_kind(link)
         if kind is not None:
             return Outcome(EXIT_ERROR, f"harness: {kind} (retryable, exit {EXIT_ERROR}): "

@@ -26,7 +26,8 @@ import uuid
 from typing import Any
 
 from harness import dist
-from harness.errors import StorageError, StorageUnavailableError, is_storage_unavailable
+from harness.errors import StorageError, is_storage_unavailable, storage_failure
+from harness.hostinfo import pid_alive
 from harness.storage import Storage, redact_url
 
 log = logging.getLogger("harness")
@@ -48,25 +49,6 @@ def run_id(configured: str = "") -> str:
         if os.environ.get(var):
             return f"{var.lower()}:{os.environ[var]}"
     return f"pid:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def pid_alive(pid: Any) -> bool:
-    """Whether process ``pid`` exists on this host (a zombie counts as dead)."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 def read_lease(storage: Storage) -> dict | None:
@@ -198,6 +180,5 @@ def acquire(storage: Storage, configured_id: str, timeout_s: float, group: Any) 
                                     is_storage_unavailable(exc))
     problem = dist.broadcast(problem, group)
     if problem:
-        why, unavailable = problem
-        raise StorageUnavailableError(why) if unavailable else LeaseError(why)  # out of retries: exit 1, not 3
+        raise storage_failure(*problem, otherwise=LeaseError)
     return lease

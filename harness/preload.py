@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Any
 
+from harness.hostinfo import pid_alive
+
 STATUS_ENV = "HARNESS_PRELOAD_STATUS"
 PARENT_ENV = "HARNESS_PRELOAD_PARENT"
 # Terminating signals a worker may be sent (a stop, or torch's agent handler's); blocked while preloaded.
@@ -109,27 +111,8 @@ def start_failed(kind: type, value: BaseException, tb: Any) -> None:
     the traceback."""
     if os.environ.get("HARNESS_DEBUG"):
         sys.__excepthook__(kind, value, tb)
-    elif _alive(LAUNCHER_PID):
+    elif LAUNCHER_PID is None or pid_alive(LAUNCHER_PID):
         print(f"harness launch: a worker process could not start: {kind.__name__}: {value}", file=sys.stderr)
-
-
-def _alive(pid: int | None) -> bool:
-    """Whether process ``pid`` still runs (a zombie does not); True when unknown."""
-    if pid is None:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except OSError:
-            pass
-        return True
 
 
 def _write_status(path: str, status: dict) -> None:

@@ -208,7 +208,7 @@ class Trainer:
         self.last_loss, self.metrics = result.loss, dict(result.metrics)
         try:
             self.sampler.load_state_dict(self._position(result))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a position no sampler wrote: the checkpoint's fault
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # no sampler wrote it: the checkpoint's fault
             raise CheckpointError(f"{result.name}: unusable data position {str(result.position)[:200]}: "
                                   f"{exc}") from None
         for name, reason in result.skipped:

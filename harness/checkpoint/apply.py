@@ -108,7 +108,7 @@ def check_hyperparameters(opt: Any, saved: Any, name: str, saved_cls: str | None
     step fails deep in torch, KeyError 'momentum'; under ZeRO or FSDP the groups are merged and SGD silently
     drops AdamW's moments). Every saved group must hold every hyperparameter of this optimizer (of the one a
     ZeroRedundancyOptimizer partitions), but those its own ``__setstate__`` fills for a state from an older torch."""
-    inner = opt.optim if sharded.is_zero(opt) else opt
+    inner = sharded.inner_optimizer(opt)
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     if not isinstance(groups, list):
         return  # not an optimizer state at all: load_state_dict says so (loading())

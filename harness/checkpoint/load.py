@@ -82,7 +82,8 @@ def load_model_state(model: torch.nn.Module, saved: dict, *, strict: bool = True
         raise StateMismatchError(f"{name}: checkpoint does not match the model ({report})",
                                  "pass strict=False for partial loading")
     if report.mismatched and not skip_mismatched:
-        raise StateMismatchError(f"{name}: {report}", "pass skip_mismatched=True to load only tensors whose shapes match")
+        raise StateMismatchError(f"{name}: {report}",
+                                 "pass skip_mismatched=True to load only tensors whose shapes match")
     bad = {k for k, _, _ in report.mismatched}
     usable = {k: v for k, v in saved.items() if k in own and k not in bad}
     target.load_state_dict(usable, strict=False)
@@ -93,9 +94,8 @@ def load_model_state(model: torch.nn.Module, saved: dict, *, strict: bool = True
 
 
 def class_name(obj: Any) -> str:
-    # A ZeroRedundancyOptimizer's state is that of the optimizer it partitions (AdamW's, resumable by AdamW).
-    if type(obj).__name__ == "ZeroRedundancyOptimizer" and hasattr(obj, "optim"):
-        obj = obj.optim
+    from harness.checkpoint.sharded import inner_optimizer  # here: this module stays light for inference
+    obj = inner_optimizer(obj)
     cls = type(unwrap_model(obj) if isinstance(obj, torch.nn.Module) else obj)
     # FSDP2's fully_shard swaps the class for a generated FSDP<Name>(FSDPModule, Name): name the model's own.
     # Recognised by name, not by importing FSDPModule: that import costs ~0.5 s to a process that has no

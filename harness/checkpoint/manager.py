@@ -21,7 +21,7 @@ from harness.checkpoint.kinds import Named, gather
 from harness.checkpoint.restore import restore as _restore
 from harness.checkpoint.save import Saver, SaveSettings
 from harness.checkpoint.snapshot import Snapshot
-from harness.errors import StorageError, StorageUnavailableError, is_storage_unavailable
+from harness.errors import StorageError, is_storage_unavailable, storage_failure
 from harness.state import Stateful
 from harness.storage import Storage
 
@@ -95,8 +95,7 @@ class CheckpointManager:
                 problem = (str(exc), is_storage_unavailable(exc))
         problem = dist.broadcast(problem, self._group)
         if problem:
-            why, unavailable = problem  # out of retries (retryable, exit 1) or refused (exit 3), on every rank
-            raise (StorageUnavailableError if unavailable else StorageError)(why)
+            raise storage_failure(*problem, otherwise=StorageError)  # out of retries (exit 1) or refused (3)
 
     @property
     def last_saved(self) -> str | None:

@@ -31,7 +31,7 @@ from harness.checkpoint.kinds import MODELS, OPTIMIZERS, Targets, step_mutated, 
 from harness.checkpoint.load import class_name
 from harness.checkpoint.snapshot import Snapshot
 from harness.checkpoint.staging import Staging
-from harness.errors import CheckpointError, StorageUnavailableError, is_storage_unavailable
+from harness.errors import CheckpointError, is_storage_unavailable, storage_failure
 from harness.state import capture_rng
 
 log = logging.getLogger("harness")
@@ -44,11 +44,6 @@ Tensors = dict[str, "torch.Tensor | codec.Shard"]
 # before there were idle-priority writers, and needs most of the interval (measured: a 0.5 deadline left
 # 635 MB unfinished at the next save, 5 steps later, on the loaded 2-core machine).
 HURRY_AFTER = 0.25
-
-
-def _failed(unavailable: bool) -> type[CheckpointError]:
-    """The error every rank raises for a save that failed: the storage out of retries is retryable (exit 1)."""
-    return StorageUnavailableError if unavailable else CheckpointError
 
 
 @dataclass(frozen=True)
@@ -234,13 +229,15 @@ class Saver:
             staging.copy()
         decision = dist.broadcast(self._free_name(c.step) if ctx.rank == 0 else None, ctx.group)
         if decision.error is not None:  # rank 0 could not even list the folder: nobody writes
-            raise _failed(decision.unavailable)(f"checkpoint at step {c.step} was not started: {decision.error}")
+            raise storage_failure(f"checkpoint at step {c.step} was not started: {decision.error}",
+                                  decision.unavailable)
         name = decision.name
         frags = dist.gather(self._write(name, c, staging, urgent, deadline), ctx.group)
         outcome = self._commit(name, c, frags) if ctx.rank == 0 else None
         outcome = dist.broadcast(outcome, ctx.group)
         if outcome.error is not None:
-            raise _failed(outcome.unavailable)(f"checkpoint at step {c.step} was not committed: {outcome.error}")
+            raise storage_failure(f"checkpoint at step {c.step} was not committed: {outcome.error}",
+                                  outcome.unavailable)
         self.last_saved = name
         if ctx.rank == 0:
             log.info("checkpoint %s committed: %.1f MB in %.2f s (%s)", name, outcome.bytes / 1e6,
@@ -302,7 +299,8 @@ class Saver:
             self._write_commit(name, commit)
         except Exception as exc:  # noqa: BLE001 - an uncommitted checkpoint does not exist; say why
             log.error("checkpoint %s: commit failed: %s: %s", name, type(exc).__name__, exc)
-            return CommitOutcome(error=f"commit: {type(exc).__name__}: {exc}", unavailable=is_storage_unavailable(exc))
+            return CommitOutcome(error=f"commit: {type(exc).__name__}: {exc}",
+                                 unavailable=is_storage_unavailable(exc))
         try:
             faults.point("save.after_commit", step=c.step)
         except Exception as exc:  # noqa: BLE001 - the record is written: the checkpoint exists, say so

@@ -53,6 +53,12 @@ def is_zero(opt: Any) -> bool:
     return module is not None and isinstance(opt, module.ZeroRedundancyOptimizer)
 
 
+def inner_optimizer(opt: Any) -> Any:
+    """The optimizer whose state ``opt`` holds: a ZeroRedundancyOptimizer's the one it partitions (AdamW's
+    state is AdamW's however it is partitioned), any other optimizer itself."""
+    return opt.optim if is_zero(opt) else opt
+
+
 def is_fsdp(model: Any) -> bool:
     """A model whose parameters are DTensors (FSDP2 fully_shard, or a tensor-parallel plan)."""
     return isinstance(model, torch.nn.Module) and any(codec.is_dtensor(p) for p in model.parameters())
@@ -203,8 +209,8 @@ def _plan(saved: Any, template: Any, loader: Loader, fills: list, path: str, liv
         into = local_of(template) if live else None
         if codec.is_dtensor(template):
             if tuple(template.shape) != gshape:
-                raise StateMismatchError(f"tensor {path!r} ({saved.key}): checkpoint has shape {list(gshape)}, the "
-                                      f"model has {list(template.shape)}")
+                raise StateMismatchError(f"tensor {path!r} ({saved.key}): checkpoint has shape {list(gshape)}, "
+                                         f"the model has {list(template.shape)}")
             offset, shape = _local_box(template)
             ticket = loader.want(saved.key, offset, shape, into=into)
             holder = _Holder()
@@ -340,11 +346,11 @@ def load_zero(zero: Any, saved: dict, name: str = "optimizer") -> None:
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     if not isinstance(groups, list) or len(groups) != len(zero.param_groups):
         raise StateMismatchError(f"optimizer {name!r}: checkpoint has {len(groups or [])} parameter groups, the "
-                              f"optimizer has {len(zero.param_groups)}")
+                                 f"optimizer has {len(zero.param_groups)}")
     for i, (g, sg) in enumerate(zip(zero.param_groups, groups)):
         if len(sg.get("params", ())) != len(g["params"]):
-            raise StateMismatchError(f"optimizer {name!r}: group {i} has {len(sg.get('params', ()))} parameters in "
-                                  f"the checkpoint, {len(g['params'])} in the optimizer")
+            raise StateMismatchError(f"optimizer {name!r}: group {i} has {len(sg.get('params', ()))} parameters "
+                                     f"in the checkpoint, {len(g['params'])} in the optimizer")
     index = zero._param_to_index
     state, local_groups, li = {}, [], 0
     for gi, g in enumerate(zero.optim.param_groups):
@@ -355,8 +361,9 @@ def load_zero(zero: Any, saved: dict, name: str = "optimizer") -> None:
                 st = saved["state"][gidx]
                 for k, v in st.items():
                     if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
-                        raise StateMismatchError(f"optimizer {name!r}: state {k!r} of parameter {gidx} has shape "
-                                              f"{list(v.shape)} in the checkpoint, the parameter is {list(p.shape)}")
+                        raise StateMismatchError(f"optimizer {name!r}: state {k!r} of parameter {gidx} has "
+                                                 f"shape {list(v.shape)} in the checkpoint, the parameter is "
+                                                 f"{list(p.shape)}")
                 state[li] = st
             ids.append(li)
             li += 1
@@ -387,8 +394,9 @@ def check_fsdp_keys(model: Any, saved: dict, strict: bool, name: str) -> None:
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
     if strict and (missing or unexpected):
-        raise StateMismatchError(f"{name}: checkpoint does not match the model (missing: {', '.join(missing) or '-'}; "
-                                 f"unexpected: {', '.join(unexpected) or '-'})", "pass strict=False for partial loading")
+        raise StateMismatchError(f"{name}: checkpoint does not match the model (missing: "
+                                 f"{', '.join(missing) or '-'}; unexpected: {', '.join(unexpected) or '-'})",
+                                 "pass strict=False for partial loading")
 
 
 # -- consolidation (export) ---------------------------------------------------------------------------
