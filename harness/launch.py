@@ -269,6 +269,7 @@ def _nproc(requested: str) -> int:
 def _check(args: LaunchArgs) -> Any:
     """Config and storage, before any worker: ConfigError (2) or StorageError (3) raise from here."""
     from harness import config, prefetch
+    from harness.progress import prepare_output_dir
     from harness.storage import Storage
 
     lo, hi = _nodes(args.nnodes)
@@ -279,6 +280,7 @@ def _check(args: LaunchArgs) -> Any:
     if hi == 1:  # one machine: rank 0's (see harness.prefetch); before torch is imported here
         prefetch.start(cfg.checkpoint.dir)
     _check_workload(cfg, lo * nproc)
+    prepare_output_dir(cfg.output_dir)  # any node's rank may be 0: its metrics.jsonl goes there
     storage = Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options)
     storage.check_access(write=True)
     storage.remember_access(write=True)  # the workers need not check again (see Storage.access_remembered)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
 from typing import Any
+
+from harness.errors import StorageError
 
 log = logging.getLogger("harness")
 
@@ -71,15 +74,62 @@ class Progress:
 
 
 class MetricsLog:
-    """Appends one JSON object per line (with a timestamp) to a per-run file; None disables it."""
+    """Appends one JSON object per line (with a timestamp) to a per-run file; None disables it.
+
+    The file is a record of the run, not the run: a disk that fills up (or goes read-only) under it mid-run
+    costs records, never the training or its checkpoints. The first failed append is warned about, the next
+    ones are dropped quietly, and the first append that works again says how many were lost. A failed append
+    leaves no half line behind (readers parse every line)."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
+        self.dropped = 0
         if path:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            prepare_output_dir(os.path.dirname(path))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.path:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        line = (json.dumps({"time": round(time.time(), 3), **record}) + "\n").encode()
+        try:
+            _append_whole(self.path, line)
+        except OSError as exc:
+            if not self.dropped:
+                log.warning("metrics: cannot append to %s (%s); training goes on, its records are dropped until "
+                            "the file can be written", self.path, exc)
+            self.dropped += 1
+            return
+        if self.dropped:
+            log.warning("metrics: appending to %s again; %d record(s) were dropped", self.path, self.dropped)
+            self.dropped = 0
+
+
+def _append_whole(path: str, data: bytes) -> None:
+    """``data`` at the end of ``path``, all of it or none (a short write is truncated away)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])
+        except OSError:
+            with contextlib.suppress(OSError):  # not every file can be truncated (a device)
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
+def prepare_output_dir(folder: str) -> None:
+    """Create the run's output folder (metrics.jsonl's: ``Config.output_dir``) or raise a one-line StorageError
+    (exit 3, a folder that needs a human): ``harness launch`` calls this before any worker starts, rank 0's
+    MetricsLog again."""
+    folder = folder or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):  # a read-only filesystem says so here, even to root
+            raise PermissionError(f"cannot write to {folder}")
+    except OSError as exc:
+        raise StorageError(f"the run's output folder {folder} (run.output_dir: metrics.jsonl goes there) "
+                           f"is not writable: {type(exc).__name__}: {exc}") from None

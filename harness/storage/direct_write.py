@@ -123,11 +123,20 @@ class DirectWriter:
         os.fsync(self.fd)
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._mv.release()
-            self._buf.close()
+        """Close the descriptor, then the block. After a failed write (a full disk: ENOSPC) the exception's
+        traceback still holds a view of the block, and ``mmap.close`` would raise BufferError in place of the
+        error being handled; the block is then unmapped when the last view goes."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
             os.close(self.fd)
+        finally:
+            try:
+                self._mv.release()
+                self._buf.close()
+            except BufferError:
+                pass
 
     def _flush(self, n: int) -> None:
         self._write_out(self._mv[:n])

@@ -1,0 +1,133 @@
+"""A disk that fills up, or a folder that cannot be written, as a user meets it: the kernel's own errors
+(``/dev/full`` answers every write with ENOSPC; ``RLIMIT_FSIZE`` makes the kernel refuse a file past a size
+with EFBIG, short write first), no injected exception. The error says what happened, in one line, with the
+documented exit code; nothing committed is lost; the metrics file is a record, never a reason to stop."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from harness.errors import StorageError
+from harness.progress import MetricsLog
+from harness.storage import Storage
+from trainer_helpers import (SLOW, assert_same_final, base_env, committed_steps, kill_tree, launch_cmd,
+                             resumed_from, wait_until)
+
+needs_dev_full = pytest.mark.skipif(not os.access("/dev/full", os.W_OK), reason="no writable /dev/full")
+
+
+def limited(cmd: list[str], max_file_bytes: int) -> list[str]:
+    """``cmd`` in a process tree whose files cannot grow past ``max_file_bytes`` (``ulimit -f``; Python ignores
+    SIGXFSZ, so a write past it returns EFBIG, as a full disk returns ENOSPC)."""
+    wrap = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2); "
+            "os.execv(sys.argv[2], sys.argv[2:])")
+    return [sys.executable, "-c", wrap, str(max_file_bytes), *cmd]
+
+
+@needs_dev_full
+def test_a_full_disk_is_the_writes_error_not_one_from_closing_its_buffer(tmp_path):
+    """The O_DIRECT writer's aligned block was still viewed by the failed write's traceback when the file was
+    closed: ``mmap.close`` raised BufferError ("cannot close exported pointers exist") over the ENOSPC, and
+    the user read that instead of "No space left on device"."""
+    (tmp_path / "data.bin").symlink_to("/dev/full")
+    storage = Storage(str(tmp_path))
+    with pytest.raises(OSError) as err:
+        with storage.open_write("data.bin") as f:
+            f.write(bytes((4 << 20) + 10))  # more than a block: written before the file is finished
+    assert err.value.errno == errno.ENOSPC, repr(err.value)
+
+
+def test_a_save_that_fills_the_disk_exits_3_naming_it_and_a_rerun_resumes(runner, tmp_path, ref):
+    """README's command, killed past its first checkpoint, started again where a data file cannot be written
+    (the disk is full for it): one line naming the kernel's error, exit 3 (needs a human), no restart, the
+    checkpoints committed before untouched. With space again, the same command resumes from them and ends
+    bit for bit where an uninterrupted run ends."""
+    first = runner.start("first", launch_cmd(tmp_path, SLOW))
+    wait_until("a committed checkpoint", lambda: committed_steps(tmp_path / "ck"), [first], timeout=120)
+    kill_tree(first)
+    first.wait()
+    before = committed_steps(tmp_path / "ck")
+    # 128 KiB: the logs, manifests and lease fit; the replicated data file (~270 KB) does not
+    full = runner.run("full", limited(launch_cmd(tmp_path, max_restarts=3), 128 << 10))
+    log = full.log()
+    assert full.rc == 3, full.tail()
+    assert log.count("harness: checkpoint error: ") == 1, log[-3000:]
+    line = next(s for s in log.splitlines() if s.startswith("harness: checkpoint error: "))
+    assert "was not committed" in line and "File too large" in line, line
+    assert "BufferError" not in log and "Traceback" not in log, log[-3000:]
+    assert "will restart worker group" not in log, log[-3000:]
+    assert resumed_from(log) == [before[-1]] * 2, log[-3000:]
+    assert committed_steps(tmp_path / "ck") == before
+    again = runner.run("again", launch_cmd(tmp_path))
+    assert again.rc == 0, again.tail()
+    assert resumed_from(again.log()) == [before[-1]] * 2
+    assert_same_final(tmp_path, ref)
+
+
+def test_an_output_folder_that_cannot_be_made_exits_3_before_any_worker_starts(tmp_path):
+    """run.output_dir (metrics.jsonl's folder) under a file: the launcher says so in one line and exits 3
+    before any worker (it was a traceback in rank 0, a lost peer in rank 1 and 3 restarts, exit 1)."""
+    (tmp_path / "a-file").write_text("")
+    out = subprocess.run(launch_cmd(tmp_path, f"run.output_dir='{tmp_path / 'a-file' / 'out'}'", max_restarts=3),
+                         env=base_env(), capture_output=True, text=True, timeout=120)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 3, (out.returncode, out.stderr)
+    assert len(err) == 1 and err[0].startswith("harness: checkpoint error: the run's output folder "), err
+    assert "run.output_dir" in err[0] and "NotADirectoryError" in err[0], err
+    assert not (tmp_path / "ck").exists()  # no worker ran
+
+
+def test_an_output_folder_that_cannot_be_made_is_a_storage_error_in_the_worker_too(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StorageError, match="output folder .* is not writable: NotADirectoryError"):
+        MetricsLog(str(tmp_path / "a-file" / "out" / "metrics.jsonl"))
+
+
+@needs_dev_full
+def test_metrics_on_a_full_disk_are_dropped_with_one_warning_and_training_goes_on(tmp_path, caplog):
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    m = MetricsLog(str(tmp_path / "metrics.jsonl"))
+    for step in range(3):
+        m.write({"event": "log", "step": step})  # no exception: the run goes on
+    warned = [r.getMessage() for r in caplog.records if "metrics" in r.getMessage()]
+    assert len(warned) == 1 and "No space left on device" in warned[0], warned
+    assert m.dropped == 3
+
+
+METRICS_SCRIPT = textwrap.dedent("""
+    import json, logging, resource, sys
+    from harness.progress import MetricsLog
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    path, limit = sys.argv[1], int(sys.argv[2])
+    m = MetricsLog(path)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    for step in range(10):
+        m.write({"event": "log", "step": step, "pad": "x" * 100})
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    m.write({"event": "log", "step": 10})
+""")
+
+
+def test_a_metrics_record_cut_short_by_the_disk_leaves_no_half_line(tmp_path):
+    """A record the kernel writes only in part (short write at the file-size limit, then EFBIG) is truncated
+    away: every line of the file parses, the records that fit are there, and the first record written once
+    there is room again says how many were lost."""
+    path = tmp_path / "metrics.jsonl"
+    out = subprocess.run([sys.executable, "-c", METRICS_SCRIPT, str(path), "500"], env=base_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in path.read_text().splitlines()]  # a torn line would not parse
+    fit = [r["step"] for r in records if r["step"] < 10]
+    assert fit and fit == list(range(len(fit))) and len(fit) < 10, fit  # the ones below the limit, whole
+    assert path.stat().st_size <= 500 + len(json.dumps(records[-1])) + 1
+    assert records[-1]["step"] == 10
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 2 and "File too large" in lines[0], lines
+    assert f"{10 - len(fit)} record(s) were dropped" in lines[1], lines
