@@ -131,3 +131,59 @@ def test_a_metrics_record_cut_short_by_the_disk_leaves_no_half_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 2 and "File too large" in lines[0], lines
     assert f"{10 - len(fit)} record(s) were dropped" in lines[1], lines
+
+
+SHORT_WRITE_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    import torch
+    from harness.storage import Storage, atomic_write
+    folder = sys.argv[1]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, resource.RLIM_INFINITY))
+    program = torch.jit.script(torch.nn.Linear(64, 64))
+    attempts = {
+        "atomic_write": lambda: atomic_write(f"{folder}/a.bin", lambda f: f.write(bytes(50_000))),
+        "torch.jit.save": lambda: atomic_write(f"{folder}/b.pt", lambda f: torch.jit.save(program, f)),
+        "buffered open_write": lambda: Storage(folder, {"harness_direct_io": False}).write_bytes("c.bin",
+                                                                                            bytes(50_000)),
+    }
+    out = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            out[name] = "no error"
+        except OSError as exc:
+            out[name] = exc.strerror
+    print(json.dumps(out))
+""")
+
+
+def test_a_write_the_kernel_cuts_short_raises_and_leaves_no_file(tmp_path):
+    """The kernel writes what fits and returns a short count before it refuses (a disk filling up; here the
+    file-size limit). Through a raw file that count was ignored (``torch.jit.save`` ignores it): the temp file
+    was fsync'd and renamed into place cut short, and ``harness ckpt export --format torchscript`` said
+    'exported' over a corrupt file. Now every such write raises, and an atomic one leaves nothing."""
+    out = subprocess.run([sys.executable, "-c", SHORT_WRITE_SCRIPT, str(tmp_path)], env=base_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {k: "File too large" for k in
+                                      ("atomic_write", "torch.jit.save", "buffered open_write")}
+    # the atomic files are absent (a checkpoint's data file, c.bin, counts only once a commit record names it)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.bin"], list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["pt", "torchscript", "safetensors"])
+def test_an_export_with_no_room_for_its_file_exits_1_naming_the_file(fmt, tmp_path, ref):
+    """``harness ckpt export`` where its file cannot be written whole: one line naming the file and the
+    kernel's reason, exit 1, no file and no temp file (pt was torch.save's 'unexpected pos' traceback,
+    torchscript a corrupt file and exit 0)."""
+    ref.get()
+    out_file = tmp_path / f"model.{fmt}"
+    cmd = [sys.executable, "-m", "harness", "ckpt", "export", str(ref.tmp / "ck"), "--format", fmt,
+           "--out", str(out_file)]
+    out = subprocess.run(limited(cmd, 16 << 10), env=base_env(), capture_output=True, text=True, timeout=120)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 1, (out.returncode, out.stdout, out.stderr)
+    assert err == [f"harness: error: OSError: [Errno {errno.EFBIG}] cannot write {out_file}: File too large"], err
+    assert list(tmp_path.iterdir()) == []
+    ok = subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and out_file.stat().st_size > 16 << 10, ok.stderr  # it fits without the limit

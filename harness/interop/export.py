@@ -29,6 +29,7 @@ complete new one).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from typing import Any
@@ -36,7 +37,7 @@ from typing import Any
 from harness.checkpoint.discovery import open_checkpoint
 from harness.checkpoint.load import read_state
 from harness.checkpoint.select import choose
-from harness.errors import HarnessError
+from harness.errors import HarnessError, cause_chain
 from harness.interop import onnx, pt, safetensors, torchscript
 from harness.interop.formats import ExportFormat, ExportJob, get, quantizable, register, registered, summary_value
 from harness.interop.quantize import QUANTIZE, quantize_available
@@ -84,7 +85,7 @@ def export_checkpoint(url: str, out: str, *, fmt: str = "pt", step: int | None =
         raise HarnessError(f"{name} has no model named {model!r} (it has: {', '.join(map(str, models)) or 'none'})")
     job = ExportJob(checkpoint=name, manifest=manifest, state=state, out=out, model=model, quantize=quantize,
                     modules=modules, example_inputs=example_inputs)
-    written = spec.write(job)
+    written = _write(spec, job)
     outputs, raw = written.outputs, manifest.raw
     if written.quantized is not None:
         written.quantized["file_bytes"] = sum(o["bytes"] for o in outputs)
@@ -143,6 +144,21 @@ def _local_path(out: str) -> str:
     if not out:
         raise HarnessError("export needs an output file name")
     return os.path.abspath(out)
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the disk, a quota or a file-size limit: no room for the file
+
+
+def _write(spec: ExportFormat, job: ExportJob) -> Any:
+    """``spec.write(job)``; no room for the output is one OSError naming the file, whatever the writing library
+    wrapped it in (``torch.save``'s zip writer turns ENOSPC into RuntimeError "unexpected pos")."""
+    try:
+        return spec.write(job)
+    except Exception as exc:
+        full = next((e for e in cause_chain(exc) if isinstance(e, OSError) and e.errno in FULL), None)
+        if full is None:
+            raise
+        raise OSError(full.errno, f"cannot write {job.out}: {full.strerror}") from None
 
 
 def _check_out_folder(out: str) -> None:

@@ -61,10 +61,16 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call ``write(f)`` on a fresh temp file, then make it ``path`` atomically and durably."""
+    """Call ``write(f)`` on a fresh temp file, then make it ``path`` atomically and durably.
+
+    ``f`` is buffered on purpose: a raw file's ``write`` may write less than it was given (a disk filling up
+    writes what fits, then fails the next call), and callers such as ``torch.jit.save`` ignore the count, so
+    a raw file would be renamed into place cut short. A buffered file writes everything or raises (a large
+    write still goes to the kernel from the caller's memory, not through the buffer)."""
     with atomic_file(path) as tmp:
-        with open(tmp, "wb", buffering=0) as f:
+        with open(tmp, "wb") as f:
             write(f)
+            f.flush()
             os.fsync(f.fileno())
 
 
@@ -90,8 +96,9 @@ class LocalBackend(FsspecBackend):
     @contextlib.contextmanager
     def open_write(self, path: str) -> Iterator[IO[bytes]]:
         if not self.direct:
-            with open(path, "wb", buffering=0) as f:
+            with open(path, "wb") as f:  # buffered: a write is whole or raises (see atomic_write)
                 yield f
+                f.flush()
                 os.fsync(f.fileno())
             return
         w = DirectWriter(*open_direct(path))
