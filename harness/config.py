@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ _CHOICES = {
     ("checkpoint", "on_error"): ("stop", "continue"),
     ("dist", "backend"): ("auto", "gloo", "nccl"),
 }
+_PATHS = {("checkpoint", "dir"), ("run", "output_dir")}  # local paths: a leading ~ is the home folder, as in a shell
 _POSITIVE = {("train", "max_steps"), ("train", "batch_size"), ("train", "log_every"), ("checkpoint", "every_steps"),
              ("checkpoint", "max_file_mb"), ("checkpoint", "io_threads"), ("checkpoint", "timeout_s"),
              ("checkpoint", "grace_period_s"), ("checkpoint", "lease_timeout_s"), ("dist", "timeout_s"),
@@ -164,6 +166,8 @@ def _section(name: str, cls: type, raw: Any) -> Any:
 
 
 def _check_value(section: str, key: str, value: Any) -> Any:
+    if (section, key) in _PATHS and isinstance(value, str) and value.startswith("~"):
+        value = os.path.expanduser(value)  # not a folder named "~" in the working directory
     choices = _CHOICES.get((section, key))
     if choices and value not in choices:
         raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}, got {value!r}")

@@ -94,6 +94,23 @@ def test_metrics_folder_is_derived_from_the_checkpoint_folder():
     assert cfg.output_dir == "mine"  # an explicit folder wins
 
 
+def test_a_home_folder_path_is_the_home_folder_not_a_folder_named_tilde(tmp_path, monkeypatch):
+    """``dir = "~/checkpoints/run1"`` in a config (or ``CheckpointManager("~/...")``) means what a shell means;
+    fsspec alone would make a folder named "~" in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(None, ['checkpoint.dir="~/ck/run1"'])
+    assert cfg.checkpoint.dir == str(tmp_path / "home" / "ck" / "run1") and cfg.output_dir == cfg.checkpoint.dir
+    assert config.load(None, ['run.output_dir="~/out"']).output_dir == str(tmp_path / "home" / "out")
+    assert config.load(None, ['checkpoint.dir="s3://b/~x"']).checkpoint.dir == "s3://b/~x"  # URLs as given
+    from harness.storage import Storage
+    storage = Storage("~/ck/api")
+    storage.check_access(write=True)  # creates the folder
+    storage.write_bytes("probe", b"x")
+    assert (tmp_path / "home" / "ck" / "api" / "probe").read_bytes() == b"x"
+    assert not (tmp_path / "~").exists()
+
+
 DETERMINISTIC_PROBE = """
 import os, torch
 from harness import config

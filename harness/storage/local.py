@@ -129,5 +129,7 @@ class LocalBackend(FsspecBackend):
 
 
 def open_local(url: str, options: dict, tuning: Tuning, secrets: list[str]) -> tuple[LocalBackend, str]:
+    if url.startswith("~"):  # the home folder, as a shell would read it (fsspec would make a folder named "~")
+        url = os.path.expanduser(url)
     fs, root = fsspec.core.url_to_fs(url, **options)  # file:// and relative paths made absolute
     return LocalBackend(fs, direct=tuning.direct_io), root
