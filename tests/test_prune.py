@@ -25,7 +25,7 @@ from ckpt_helpers import simple_run
 from harness import CheckpointManager, faults, lease
 from harness.checkpoint.discovery import list_checkpoints
 from harness.checkpoint.format import COMMIT_FILE
-from harness.checkpoint.prune import clean_leftovers, prune
+from harness.checkpoint.prune import PruneReport, clean_leftovers, prune
 from harness.ckpt_cli import add_ckpt_parser, run_ckpt
 from harness.storage import Storage
 
@@ -107,6 +107,13 @@ def test_clean_leftovers_logs_one_line_and_nothing_when_clean(ckpt_url, caplog):
     with caplog.at_level(logging.INFO, logger="harness"):
         clean_leftovers(st)
     assert not [r for r in caplog.records if "killed saves" in r.getMessage()]
+
+
+def test_a_prune_that_could_remove_nothing_does_not_say_there_was_nothing():
+    """A read-only folder: the leftover stays and the line says so (it began 'no leftovers of killed saves')."""
+    why = "step-000000040: OSError: [Errno 30] Read-only file system: 'data-r00000-000.bin'"
+    assert PruneReport("/ck", failed=[why]).line() == f"/ck: could not remove 1: {why}"
+    assert PruneReport("/ck").line() == "no leftovers of killed saves in /ck"
 
 
 # -- `harness ckpt prune` ------------------------------------------------------------------------------

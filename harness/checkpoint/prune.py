@@ -52,7 +52,7 @@ class PruneReport:
         """The one line that says it all."""
         verb = "would remove" if self.dry_run else "removed"
         if not self.folders and not self.uploads:
-            head = f"no leftovers of killed saves in {self.where}"
+            head = self.where if self.failed else f"no leftovers of killed saves in {self.where}"
         else:
             parts = []
             if self.folders:
@@ -69,7 +69,8 @@ class PruneReport:
         if self.uploads is None and self.dry_run:
             head += " (unfinished multipart uploads are not looked for in a dry run)"
         if self.failed:
-            head += f"; could not remove {len(self.failed)}: " + "; ".join(self.failed)
+            joint = ": " if head == self.where else "; "
+            head += f"{joint}could not remove {len(self.failed)}: " + "; ".join(self.failed)
         return head
 
 
