@@ -140,6 +140,19 @@ class Lease:
         self._thread = threading.Thread(target=self._beat, name="harness-lease", daemon=True)
         self._thread.start()
 
+    def taken_by(self) -> str | None:
+        """Why this job no longer holds the folder (another job's record replaced ours: it took the lease over,
+        believing this job gone), or None. One read; a read that fails says nothing (the save that asks then
+        meets the storage itself)."""
+        try:
+            held = read_lease(self.storage)
+        except Exception:  # noqa: BLE001 - see above
+            return None
+        if held is None or held.get("token") in (None, self.record["token"]):
+            return None
+        return (f"the lease of {redact_url(self.storage.url)} was taken over by {describe(held)}: this job stops "
+                "writing there (two jobs must not share a checkpoint folder)")
+
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:

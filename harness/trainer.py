@@ -179,6 +179,7 @@ class Trainer:
         self.lease = lease.acquire(self.mgr.storage, cfg.run.id, c.lease_timeout_s, self.mgr._group)
         if self.lease is not None:  # rank 0 holds the folder: no live job writes an uncommitted save
             clean_leftovers(self.mgr.storage)
+            self.mgr.set_write_guard(self.lease.taken_by)  # taken over by another job: save nothing more there
         self.progress = Progress(cfg.train.max_steps, enabled=self.rank == 0)
         # Beside the run's checkpoints by default (Config.output_dir): two runs never append to one file.
         self.metrics_log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl") if self.rank == 0 else None)

@@ -20,7 +20,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from harness import config, lease
 from harness.errors import ConfigError, StorageError
 from harness.storage import Storage
-from trainer_helpers import committed_steps, standalone_cmd, wait_until
+from trainer_helpers import SLOW, all_checkpoint_folders, committed_steps, launch_cmd, standalone_cmd, wait_until
 
 
 @pytest.fixture
@@ -162,3 +162,25 @@ def test_lease_of_sigkilled_job_is_taken_over(runner, tmp_path):
     assert second.rc == 0, second.tail()
     assert "taking over the stale lease" in second.log() and "that process is gone" in second.log()
     assert _lease_holder(tmp_path) is None
+
+
+def test_a_job_whose_lease_was_taken_over_stops_writing_there(runner, tmp_path):
+    """Another job took the folder over while this one still ran (it believed it gone: a heartbeat lost in a
+    long storage outage, clocks that disagree across hosts). This job's next save writes nothing: it exits 3
+    naming the job that holds the folder now, and leaves that job's lease in place. Before, it only logged
+    the takeover and went on saving and pruning beside the new job."""
+    proc = runner.start("first", launch_cmd(tmp_path, SLOW))
+    wait_until("a committed checkpoint", lambda: committed_steps(tmp_path / "ck"), [proc], timeout=120)
+    theirs = {"run_id": "the-new-job", "host": "elsewhere", "pid": 4242, "token": "theirs",
+              "started": time.time(), "heartbeat": time.time()}
+    tmp = tmp_path / "ck" / "lease.tmp"
+    tmp.write_text(json.dumps(theirs))
+    os.replace(tmp, tmp_path / "ck" / lease.LEASE_FILE)  # whole, as a job writes it
+    before = set(all_checkpoint_folders(tmp_path / "ck"))
+    assert proc.wait(120) == 3, proc.tail()
+    log = proc.log()
+    assert log.count("harness: checkpoint error: ") == 1 and "Traceback" not in log, log[-3000:]
+    line = next(s for s in log.splitlines() if s.startswith("harness: checkpoint error: "))
+    assert "was taken over by run 'the-new-job' on host elsewhere, pid 4242" in line, line
+    assert len(set(all_checkpoint_folders(tmp_path / "ck")) - before) <= 1  # at most the save then in flight
+    assert _lease_holder(tmp_path) == theirs

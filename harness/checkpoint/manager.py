@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -155,6 +155,13 @@ class CheckpointManager:
         """Block until the save in flight (if any) is committed; re-raise its failure. Also the wait point of
         an overlapped save (the caller changes nothing while it waits)."""
         self._saver.wait()
+
+    def set_write_guard(self, guard: Callable[[], str | None] | None) -> None:
+        """``guard()`` says why this job must not write to the folder now, or None. Rank 0 asks it before each
+        save; when it answers, no rank writes anything and every rank raises CheckpointError with that reason.
+        ``harness train`` passes its run lease's check: a job whose folder another job has taken over (believing
+        it gone) stops there, rather than write and prune beside the new one."""
+        self._saver.guard = guard
 
     def close(self) -> None:
         """Finish the save in flight, release the background thread and the snapshot buffer. Collective."""

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -165,6 +165,7 @@ class Saver:
         self.staging: Staging | None = None  # an overlapped snapshot before its wait point
         self.snapshot = Snapshot()
         self.last_saved: str | None = None
+        self.guard: Callable[[], str | None] | None = None  # rank 0: why no save may start now (set_write_guard)
 
     def save(self, targets: Targets, step: int, *, overlap: bool = False, **summary: Any) -> None:
         self.wait()  # at most one save in flight; a failure of the previous one surfaces here
@@ -246,6 +247,9 @@ class Saver:
 
     def _free_name(self, step: int) -> NameDecision:
         """Rank 0: a folder name never used before (a checkpoint is never overwritten in place), or why not."""
+        refused = self.guard() if self.guard is not None else None
+        if refused:
+            return NameDecision(error=refused)
         try:
             taken = {n for n in self.ctx.storage.listdir() if parse_name(n)}
         except Exception as exc:  # noqa: BLE001 - the other ranks wait on this broadcast
