@@ -8,6 +8,7 @@ A closed pipe (``harness ckpt inspect DIR | head -1``) ends the command quietly 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -15,7 +16,7 @@ import sys
 import traceback
 from typing import Any, NoReturn
 
-from harness import exitcodes, faults
+from harness import exitcodes, faults, gcpause
 from harness.errors import HarnessError
 
 log = logging.getLogger("harness")
@@ -96,6 +97,8 @@ def run_train(args: argparse.Namespace) -> int:
         # Before torch is imported: the disk reads the checkpoint to resume while the interpreter starts up.
         prefetch.start(cfg.checkpoint.dir)
         from harness import trainer
+        importlib.import_module("torch._dynamo")  # the optimizer's constructor imports it: here, before the freeze
+        gcpause.freeze_and_resume()  # paused by entry() (harness/gcpause.py); a no-op in a forked worker
         code = trainer.train(cfg, exit_after=True)
         if exitcodes.stopped(code):
             _report_stop(code)
@@ -165,6 +168,8 @@ def entry() -> NoReturn:
     SIGABRT, when a gloo thread still holds a tensor; in both it takes ~0.4-0.7 s with torch loaded, time a
     scheduler waits for the exit code). Other commands exit as usual."""
     argv = sys.argv[1:]
+    if _command(argv) in ("train", "launch"):
+        gcpause.pause()  # their start-up imports torch: resumed once it has (harness/gcpause.py)
     code = run(argv)
     if _command(argv) in ("train", "launch"):
         from harness.exiting import leave  # no torch: the launcher may leave while torch is still importing

@@ -20,8 +20,7 @@ What torchrun leaves to its caller, and this module adds:
 * Workers that import nothing at start: they are forks of a forkserver that imports torch and torch._dynamo
   beside the launcher (harness/workerstart.py), unless ``--start-method subprocess``.
 
-The worker side of the protocol (``report_outcome``, ``report_finished``: harness/launch_folder.py) is called by
-``harness train`` (harness/cli.py).
+The worker side of the protocol (harness/launch_folder.py) is called by ``harness train`` (harness/cli.py).
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from harness import exitcodes, rendezvous, torchcompat, workerstart
+from harness import exitcodes, gcpause, rendezvous, torchcompat, workerstart
 from harness.errors import ConfigError
 from harness.exitcodes import Outcome
 from harness.launch_folder import FINISHED_PREFIX, LAUNCH_DIR_ENV, POLL_S, STOPPING_FILE
@@ -176,6 +175,7 @@ def _setup_logging() -> None:
             handler.addFilter(_TorchLogFilter())
     # The agent's restart decision is an INFO record: let it reach the filter.
     logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(os.environ.get("LOGLEVEL", "INFO"))
+    gcpause.freeze_and_resume()  # torch's launcher is imported (paused by cli.entry: harness/gcpause.py)
 
 
 @dataclass

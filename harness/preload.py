@@ -32,6 +32,7 @@ import sys
 import time
 from typing import Any
 
+from harness import gcpause
 from harness.hostinfo import pid_alive
 
 STATUS_ENV = "HARNESS_PRELOAD_STATUS"
@@ -92,8 +93,9 @@ def _preload() -> dict:
         from harness import faults
 
         faults.point("launch.preload")  # tests: a preload that fails (HARNESS_FAULT=launch.preload:raise)
-        for name in MODULES:
-            __import__(name)
+        with gcpause.imports():  # forks inherit the preloaded heap frozen (harness/gcpause.py)
+            for name in MODULES:
+                __import__(name)
         why = _fork_is_safe()
     except BaseException as exc:  # noqa: BLE001 - any failure means: start fresh workers instead
         why = f"preloading failed: {type(exc).__name__}: {exc}"

@@ -138,13 +138,15 @@ def run_worker(launcher_env: dict[str, str], argv: list[str]) -> None:
     Success returns (the agent collects a return value from each worker); any other outcome leaves the
     process with the command's exit code, as ``python -m harness train`` would."""
     preloaded = PRELOAD in sys.modules  # else a fork of the plain forkserver that replaced a failed preload,
-    from harness import faults, preload  # started with the launcher's environment as it is now
+    from harness import faults, gcpause, preload  # started with the launcher's environment as it is now
 
     if preloaded:
         sys.excepthook = sys.__excepthook__  # the forkserver's is for failed starts only (preload.start_failed)
         preload.restore_signals()
         _adopt_environ(launcher_env, preload.BASE_ENV)
         faults.forget_env()
+    else:
+        gcpause.pause()  # this fork imports torch itself: as a fresh `harness train` would (harness/gcpause.py)
     for stream in (sys.stdout, sys.stderr):  # as ``python -u``: lines reach the launcher's output at once
         stream.reconfigure(line_buffering=True, write_through=True)
     threads = os.environ.get("OMP_NUM_THREADS", "")

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("harness._version", "harness.errors", "harness.exitcodes", "harness.config", "harness.faults",
               "harness.dist", "harness.exiting", "harness.state", "harness.determinism", "harness.stepsync", "harness.progress",
               "harness.data", "harness.workloads", "harness.synthetic", "harness.layout",
-              "harness.torchcompat", "harness.hostinfo")),
+              "harness.torchcompat", "harness.hostinfo", "harness.gcpause")),
     ("storage", ("harness.storage",)),
     ("checkpoint", ("harness.checkpoint", "harness.lease", "harness.prefetch")),
     ("recipe", ("harness.recipe",)),

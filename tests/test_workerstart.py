@@ -20,7 +20,7 @@ from trainer_helpers import (RUN_TIMEOUT, SLOW, base_env, committed_steps, desce
                              launch_cmd, wait_gone, wait_until)
 
 PROBE = '''
-import json, os, sys
+import gc, json, os, sys
 
 import torch
 
@@ -36,7 +36,7 @@ def build(model_cfg, data_cfg, seed):
                                                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")},
             "threads": torch.get_num_threads(), "dynamo_preloaded": "torch._dynamo" in sys.modules,
             "parent": parent, "name": name, "write_through": sys.stdout.write_through,
-            "argv": sys.argv[1:3]}
+            "argv": sys.argv[1:3], "gc_enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
     with open(os.path.join(os.environ["PROBE_OUT"], "rank" + os.environ["RANK"]), "w") as f:
         json.dump(seen, f)
     torch.manual_seed(seed)
@@ -62,7 +62,9 @@ def _probe_launch(tmp_path, *extra_args, **env):
 def test_workers_see_what_a_fresh_worker_sees(method, tmp_path):
     """Either way: the launcher's environment with the agent's additions (RANK) and its own (the launch
     folder, OMP_NUM_THREADS=1 and torch's thread count to match), unbuffered output, ``train`` as the command.
-    Forked: a child of the forkserver, named harness-r<RANK>, torch._dynamo already imported."""
+    torch._dynamo imported and, with everything else the start-up imported, frozen (out of the collector's
+    passes: harness/gcpause.py), the collector on for what training allocates. Forked: a child of the
+    forkserver, named harness-r<RANK>."""
     out, seen = _probe_launch(tmp_path, "--start-method", method)
     assert "harness launch:" not in out.stderr, out.stderr[-2000:]  # no fallback line
     for rank, s in enumerate(seen):
@@ -70,11 +72,11 @@ def test_workers_see_what_a_fresh_worker_sees(method, tmp_path):
         assert s["env"]["HARNESS_LAUNCH_DIR"] and s["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1", s
         assert s["env"]["OMP_NUM_THREADS"] == "1" and s["threads"] == 1, s
         assert s["argv"] == ["train", "--config"] and s["write_through"], s
+        assert s["dynamo_preloaded"] and s["gc_enabled"] and s["frozen"] > 100_000, s
         if method == "forkserver":
             assert "multiprocessing.forkserver" in s["parent"] and s["name"] == f"harness-r{rank}", s
-            assert s["dynamo_preloaded"], s
         else:
-            assert "harness launch" in s["parent"] and not s["dynamo_preloaded"], s
+            assert "harness launch" in s["parent"], s
 
 
 def test_a_failed_preload_leaves_workers_that_import_torch_themselves(tmp_path):
@@ -85,7 +87,8 @@ def test_a_failed_preload_leaves_workers_that_import_torch_themselves(tmp_path):
     assert lines == ["harness launch: workers import torch themselves (the preload: preloading failed: "
                      "FaultInjected: fault injected at launch.preload)"], out.stderr[-2000:]
     for rank, s in enumerate(seen):
-        assert not s["dynamo_preloaded"] and s["threads"] == 1 and s["name"] == f"harness-r{rank}", s
+        assert s["threads"] == 1 and s["name"] == f"harness-r{rank}", s
+        assert s["gc_enabled"] and s["frozen"] > 100_000, s  # their own imports, paused and frozen too
 
 
 def test_a_stop_signal_to_every_process_of_the_job_commits_and_exits_143(runner, tmp_path):
