@@ -222,15 +222,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load(path: str | None, overrides: list[str] = ()) -> Config:
     """Read a TOML file (or start from defaults when path is None) and apply --set overrides."""
-    raw: dict = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    raw = {} if path is None else _read_toml(path)
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
@@ -240,3 +232,22 @@ def load(path: str | None, overrides: list[str] = ()) -> Config:
                 raise ConfigError(f"--set {text}: {k} is not a table")
         node[keys[-1]] = value
     return from_dict(raw)
+
+
+def _read_toml(path: str) -> dict:
+    """The parsed file, or a one-line ConfigError: missing, unreadable (a folder, no permission), not UTF-8
+    (TOML is; a byte-order mark, which some editors write, is accepted) or not TOML."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML files are UTF-8): byte 0x{data[exc.start]:02x} at "
+                          f"offset {exc.start}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None

@@ -18,10 +18,14 @@ from trainer_helpers import (CONFIG, EVERY, MAX_STEPS, RUN_TIMEOUT, base_env, co
 
 
 def test_config_errors_fail_fast_with_one_line(tmp_path):
-    """Unknown key, bad value, bad type, a checkpoint dir under a regular file, a missing config file: each
+    """Unknown key, bad value, bad type, a checkpoint dir under a regular file, a missing config file, one that
+    is not UTF-8 or is a folder (tracebacks before), one with a byte-order mark (read past it): each
     prints one line on stderr (no traceback) and exits 2 (config) or 3 (checkpoint dir), before training
     starts (no metrics, no checkpoint folder). The cases run concurrently to save time."""
     (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "latin1.toml").write_bytes('[run]\nname = "café"\n'.encode("latin-1"))
+    (tmp_path / "a-folder.toml").mkdir()
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf[optim]\nlr = -1.0\n")  # read past the BOM
     cases = {
         "unknown-key": (["train.max_stepz=5"], CONFIG, 2, "unknown config key 'train.max_stepz'"),
         "bad-value": (["train.max_steps=-1"], CONFIG, 2, "train.max_steps must be > 0"),
@@ -29,6 +33,9 @@ def test_config_errors_fail_fast_with_one_line(tmp_path):
         "ckpt-dir-under-file": ([f"checkpoint.dir={tmp_path / 'afile' / 'ck'}"], CONFIG, 3, "not writable"),
         "missing-config": ([], str(tmp_path / "nope.toml"), 2, "config file not found"),
         "nccl-on-cpu": (["dist.backend='nccl'"], CONFIG, 2, "dist.backend = 'nccl'"),
+        "not-utf8": ([], str(tmp_path / "latin1.toml"), 2, "not UTF-8 text (TOML files are UTF-8): byte 0xe9"),
+        "a-folder": ([], str(tmp_path / "a-folder.toml"), 2, "cannot be read: Is a directory"),
+        "bom": ([], str(tmp_path / "bom.toml"), 2, "optim.lr must be > 0"),
     }
     procs = {}
     for name, (sets, config, _, _) in cases.items():
