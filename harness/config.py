@@ -200,6 +200,11 @@ def from_dict(raw: dict) -> Config:
 def _check_combinations(cfg: Config) -> None:
     """Values that are each valid but cannot go together, refused at load time (exit 2) rather than as a
     ValueError from torch.distributed once workers have started."""
+    if not cfg.checkpoint.dir.strip():
+        raise ConfigError("checkpoint.dir is empty: name the folder (or URL) the run's checkpoints go to")
+    if cfg.checkpoint.dir.lower().startswith("memory://"):
+        raise ConfigError(f"checkpoint.dir = {cfg.checkpoint.dir!r} lives in one process's memory: every rank would "
+                          "have its own, and all of it is gone when the run ends; use a folder or an object store")
     if cfg.dist.backend == "nccl" and cfg.train.device == "cpu":
         raise ConfigError("dist.backend = 'nccl' needs CUDA tensors, but train.device = 'cpu': "
                           "use dist.backend = 'gloo' (or 'auto'), or train.device = 'cuda'")

@@ -59,6 +59,9 @@ def test_config_errors_exit_2_before_any_worker_starts(tmp_path):
         "model-option": ("model.hiden=3", "unknown model option(s) 'hiden'"),
         # the test config's 3200 samples over 2 ranks: every batch of a rank would be dropped
         "batch-over-data": ("train.batch_size=5000", "exceeds the 1600 samples per rank"),
+        # an empty folder was the working directory; memory:// one store per rank, all gone at exit
+        "empty-dir": ("checkpoint.dir=", "checkpoint.dir is empty"),
+        "memory-dir": ("checkpoint.dir='memory://ck'", "lives in one process's memory"),
     }
     procs = {}
     for name, (override, _) in cases.items():
@@ -109,6 +112,16 @@ def test_missing_bucket_exits_3_before_any_worker_starts(tmp_path, s3_server):
     assert len(err) == 1 and err[0].startswith("harness: checkpoint error: "), err
     assert "no-such-bucket-for-launch" in err[0] and "Traceback" not in err[0], err
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_storage_that_fails_as_it_opens_exits_3_before_any_worker_starts(tmp_path):
+    """fsspec filesystems that connect in their constructor (ftp, sftp): a refused connection was a traceback
+    from the launcher, exit 1."""
+    url = f"ftp://127.0.0.1:{free_port()}/ck"
+    rc, err, _ = run_quick(launch_cmd(tmp_path, f"checkpoint.dir='{url}'", max_restarts=3))
+    assert rc == 3, (rc, err)
+    assert err == [f"harness: checkpoint error: cannot open checkpoint storage {url}: ConnectionRefusedError: "
+                   "[Errno 111] Connection refused"], err
 
 
 def test_folder_held_by_another_job_exits_3_without_restart(runner, tmp_path):

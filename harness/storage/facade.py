@@ -51,6 +51,9 @@ class Storage:
         except (ImportError, ValueError) as exc:
             raise StorageError(f"cannot open checkpoint storage {redact_url(url)}: "
                                f"{redact.scrub(str(exc), secrets)}") from exc
+        except Exception as exc:  # noqa: BLE001 - a filesystem that connects as it opens (ftp, sftp): no host
+            raise StorageError(f"cannot open checkpoint storage {redact_url(url)}: {type(exc).__name__}: "
+                               f"{redact.scrub(str(exc), secrets)}") from exc
         self.root = root.rstrip("/") or "/"
         # What the access check vouches for, without putting credentials in the environment: a digest.
         self._identity = hashlib.sha256(json.dumps([url, storage_options or {}], sort_keys=True,
