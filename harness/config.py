@@ -74,7 +74,7 @@ class CheckpointConfig:
     io_threads: int = 4
     timeout_s: float = 600.0            # checkpoint collectives
     split_writes: bool = False          # ranks share the writes of replicated (DDP) state, greedy by size
-    lease_timeout_s: float = 60.0       # another run's RUN_LEASE with a heartbeat younger than this: refuse
+    lease_timeout_s: float = 60.0       # another run's RUN_LEASE that does not beat for this long is taken over
 
 
 @dataclass

@@ -4,9 +4,15 @@ Two jobs pointed at the same ``checkpoint.dir`` by mistake would both save, both
 resume from each other's checkpoints. At startup rank 0 writes ``DIR/RUN_LEASE`` (JSON: run id, host, pid,
 start and heartbeat time) atomically through :meth:`Storage.commit_bytes`, refreshes the heartbeat from a
 daemon thread, and removes the record when the process leaves through the trainer's normal exit path
-(finished, preempted, failed with an exception). A starting job refuses with :class:`LeaseError` (exit code 3)
-when the folder holds the lease of a *different* run whose heartbeat is fresh, unless that lease was written
-on this host by a process that no longer exists (a ``kill -9``: then it is stale and taken over, and logged).
+(finished, preempted, failed with an exception). A starting job finding the lease of a *different* run takes
+it over at once when it is stale: written on this host by a process that no longer exists (a ``kill -9``), or
+with no heartbeat for ``timeout_s`` by this host's clock. Otherwise it does not trust the clocks (another
+host's may disagree) or the pid (in a new container, that number may be anyone's): it watches the record.
+The live job that holds it rewrites it every few seconds: the starting job then refuses with
+:class:`LeaseError` (exit code 3). A record that stays the same for ``timeout_s`` belongs to a job that is
+gone (a node lost, a kill -9 a moment ago) and is taken over: a job requeued onto another node right after
+such a death starts up to a minute later instead of exiting 3. A stop signal ends the watch (LeaseStopped:
+the trainer exits 128+N, nothing written).
 
 The same job restarting (torchrun ``--max-restarts``, SLURM requeue, a Kubernetes pod restart) keeps its run
 id (``run.id``, else TORCHELASTIC_RUN_ID / SLURM_JOB_ID / PET_RDZV_ID) and takes its own lease back.
@@ -23,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from harness import dist
 from harness.errors import StorageError, is_storage_unavailable, storage_failure
@@ -37,8 +43,19 @@ MAX_LEASE_BYTES = 64 << 10
 RUN_ID_ENV = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PET_RDZV_ID")
 
 
+WATCH_POLL_S = 1.0  # how often a starting job re-reads a lease it watches
+
+
 class LeaseError(StorageError):
     """Another live run holds the checkpoint folder (exit code 3, like every checkpoint-folder problem)."""
+
+
+class LeaseStopped(Exception):
+    """A stop signal came while rank 0 watched another job's lease: nothing was written; a retry resumes."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum} while waiting for the checkpoint folder's lease")
+        self.signum = signum
 
 
 def run_id(configured: str = "") -> str:
@@ -103,8 +120,10 @@ def live_holder(storage: Storage, timeout_s: float) -> dict | None:
 class Lease:
     """A held lease: heartbeat thread running until :meth:`release`."""
 
-    def __init__(self, storage: Storage, run: str, timeout_s: float, interval_s: float | None = None) -> None:
+    def __init__(self, storage: Storage, run: str, timeout_s: float, interval_s: float | None = None,
+                 watch_s: float | None = None) -> None:
         self.storage = storage
+        self.watch_s = timeout_s if watch_s is None else min(watch_s, timeout_s)  # see _watch
         self.record = {"run_id": run, "host": socket.gethostname(), "pid": os.getpid(),
                        "token": uuid.uuid4().hex, "started": time.time(), "heartbeat": time.time()}
         self.timeout_s = timeout_s
@@ -116,22 +135,16 @@ class Lease:
         self.record["heartbeat"] = time.time()
         self.storage.commit_bytes(LEASE_FILE, json.dumps(self.record).encode())
 
-    def acquire(self) -> None:
-        """Take the folder or raise LeaseError naming the run that holds it."""
+    def acquire(self, stopping: Callable[[], int] = lambda: 0) -> None:
+        """Take the folder or raise LeaseError naming the run that holds it. ``stopping()``: the stop signal
+        received so far (0: none), which ends a watch (:meth:`_watch`) with LeaseStopped."""
         where = redact_url(self.storage.url)
         held = read_lease(self.storage)
         if held is not None and "unreadable" in held:
             log.warning("lease %s/%s is unreadable (%s): taking it over", where, LEASE_FILE, held["unreadable"])
         elif held is not None and held.get("run_id") != self.record["run_id"]:
-            stale, age = stale_reason(held, self.timeout_s), heartbeat_age(held) or 0.0
-            if stale is not None:
-                log.warning("taking over the stale lease of %s in %s: %s", describe(held), where, stale)
-            else:
-                raise LeaseError(
-                    f"checkpoint.dir {where} is in use by another job: {describe(held)}, heartbeat {age:.0f} s ago. "
-                    f"Two jobs must not share a checkpoint folder; give this one its own checkpoint.dir (if that "
-                    f"job is really gone, its lease expires {self.timeout_s - age:.0f} s from now, or delete "
-                    f"{where}/{LEASE_FILE})")
+            stale = stale_reason(held, self.timeout_s) or self._watch(held, stopping)
+            log.warning("taking over the stale lease of %s in %s: %s", describe(held), where, stale)
         self._write()
         mine = read_lease(self.storage)  # two jobs starting at the same moment: the last writer wins
         if mine is None or mine.get("token") != self.record["token"]:
@@ -152,6 +165,31 @@ class Lease:
             return None
         return (f"the lease of {redact_url(self.storage.url)} was taken over by {describe(held)}: this job stops "
                 "writing there (two jobs must not share a checkpoint folder)")
+
+    def _watch(self, held: dict, stopping: Callable[[], int]) -> str:
+        """A lease that looks alive by this host's clock (and, on this host, by a live process of its pid, which
+        in a new container may be anyone's) is watched rather than believed: its job rewrites it every few
+        seconds. LeaseError as soon as it changes; the reason to take it over if it stays the same for
+        ``watch_s`` (``timeout_s``, or less where the other ranks cannot wait that long): its job is gone, a
+        node lost or killed with -9 a moment ago, whatever the clocks say."""
+        where = redact_url(self.storage.url)
+        log.warning("checkpoint.dir %s holds the lease of %s, heartbeat %.0f s ago by this host's clock: waiting up "
+                    "to %.0f s for it to beat (another live job: this one exits) or to go stale (taken over)",
+                    where, describe(held), heartbeat_age(held) or 0.0, self.watch_s)
+        deadline = time.monotonic() + self.watch_s
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(WATCH_POLL_S, left))
+            if stopping():
+                raise LeaseStopped(stopping())
+            now = read_lease(self.storage)
+            if now is None:
+                return "its job released it while this one waited"
+            if now != held:
+                raise LeaseError(
+                    f"checkpoint.dir {where} is in use by another job: {describe(now)}, whose heartbeat moved while "
+                    "this job watched it. Two jobs must not share a checkpoint folder; give this one its own "
+                    "checkpoint.dir")
+        return f"its record did not change for {self.watch_s:.0f} s"
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -178,20 +216,27 @@ class Lease:
             log.warning("could not remove the lease: %s: %s", type(exc).__name__, exc)
 
 
-def acquire(storage: Storage, configured_id: str, timeout_s: float, group: Any) -> Lease | None:
-    """Collective: rank 0 takes the lease; every rank raises LeaseError if it could not. Returns the held
-    lease on rank 0, None elsewhere."""
+def acquire(storage: Storage, configured_id: str, timeout_s: float, group: Any,
+            stopping: Callable[[], int] = lambda: 0, group_timeout_s: float | None = None) -> Lease | None:
+    """Collective: rank 0 takes the lease; every rank raises LeaseError if it could not (LeaseStopped if a
+    stop signal ended rank 0's watch, which lasts at most 80% of ``group_timeout_s``: the other ranks wait
+    for it in a collective). Returns the held lease on rank 0, None elsewhere."""
     lease, problem = None, None
     if dist.rank() == 0:
-        lease = Lease(storage, run_id(configured_id), timeout_s)
+        watch_s = None if group_timeout_s is None else 0.8 * group_timeout_s
+        lease = Lease(storage, run_id(configured_id), timeout_s, watch_s=watch_s)
         try:
-            lease.acquire()
+            lease.acquire(stopping)
+        except LeaseStopped as exc:
+            lease, problem = None, (exc.signum, "", False)
         except LeaseError as exc:
-            lease, problem = None, (str(exc), False)
+            lease, problem = None, (0, str(exc), False)
         except Exception as exc:  # noqa: BLE001 - the storage failed: say so on every rank
-            lease, problem = None, (f"could not write {LEASE_FILE}: {type(exc).__name__}: {exc}",
+            lease, problem = None, (0, f"could not write {LEASE_FILE}: {type(exc).__name__}: {exc}",
                                     is_storage_unavailable(exc))
     problem = dist.broadcast(problem, group)
+    if problem and problem[0]:
+        raise LeaseStopped(problem[0])
     if problem:
-        raise storage_failure(*problem, otherwise=LeaseError)
+        raise storage_failure(*problem[1:], otherwise=LeaseError)
     return lease

@@ -176,7 +176,8 @@ class Trainer:
                                      io_threads=c.io_threads, timeout_s=c.timeout_s,
                                      split_replicated=c.split_writes)
         # One job per checkpoint folder: refuse (exit 3) if another live run holds it (harness/lease.py).
-        self.lease = lease.acquire(self.mgr.storage, cfg.run.id, c.lease_timeout_s, self.mgr._group)
+        self.lease = lease.acquire(self.mgr.storage, cfg.run.id, c.lease_timeout_s, self.mgr._group,
+                                   stopping=lambda: self.flag.signum, group_timeout_s=c.timeout_s)
         if self.lease is not None:  # rank 0 holds the folder: no live job writes an uncommitted save
             clean_leftovers(self.mgr.storage)
             self.mgr.set_write_guard(self.lease.taken_by)  # taken over by another job: save nothing more there
@@ -381,7 +382,13 @@ class Trainer:
 
     def run(self) -> int:
         try:
-            self.setup()
+            try:
+                self.setup()
+            except lease.LeaseStopped as stop:  # signalled while waiting for the folder: nothing written yet
+                self.preempted = True
+                log.warning("%s received while waiting for the checkpoint folder's lease: exiting, nothing "
+                            "written (a restart resumes)", signal.Signals(stop.signum).name)
+                return 128 + stop.signum
             self.resume()
             return self.loop()
         finally:

@@ -129,11 +129,26 @@ def test_folder_held_by_another_job_exits_3_without_restart(runner, tmp_path):
     launcher stops the agent (no restart although --max-restarts is 3), prints the line once and exits 3."""
     ck = tmp_path / "ck"
     ck.mkdir()
-    now = time.time()
-    (ck / "RUN_LEASE").write_text(json.dumps({"run_id": "someone-else", "host": socket.gethostname(),
-                                              "pid": os.getpid(), "token": "t", "started": now, "heartbeat": now}))
-    proc = runner.start("held", launch_cmd(tmp_path, max_restarts=3))
-    assert proc.wait(120) == 3, proc.tail()
+    stop = threading.Event()
+
+    def beat() -> None:  # the other job's heartbeat: a starting job watches the record before refusing
+        while True:
+            now = time.time()
+            (ck / "lease.tmp").write_text(json.dumps({"run_id": "someone-else", "host": socket.gethostname(),
+                                                      "pid": os.getpid(), "token": "t", "started": now,
+                                                      "heartbeat": now}))
+            os.replace(ck / "lease.tmp", ck / "RUN_LEASE")
+            if stop.wait(0.5):
+                return
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    try:
+        proc = runner.start("held", launch_cmd(tmp_path, max_restarts=3))
+        assert proc.wait(120) == 3, proc.tail()
+    finally:
+        stop.set()
+        beating.join()
     log = proc.log()
     assert log.count("harness: checkpoint error: ") == 1, log[-3000:]
     assert "in use by another job" in log and "Traceback" not in log, log[-3000:]

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -20,7 +21,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 from harness import config, lease
 from harness.errors import ConfigError, StorageError
 from harness.storage import Storage
-from trainer_helpers import SLOW, all_checkpoint_folders, committed_steps, launch_cmd, standalone_cmd, wait_until
+from trainer_helpers import (MAX_STEPS, SLOW, all_checkpoint_folders, committed_steps, launch_cmd, standalone_cmd,
+                             wait_until)
 
 
 @pytest.fixture
@@ -39,14 +41,65 @@ def _plant(st: Storage, **fields) -> dict:
     return rec
 
 
-def test_fresh_lease_of_another_run_refuses(mem):
-    _plant(mem, host="node-7", pid=4242)
-    with pytest.raises(lease.LeaseError) as err:
-        lease.Lease(mem, "mine", 60).acquire()
+@pytest.fixture
+def quick_watch(monkeypatch):
+    monkeypatch.setattr(lease, "WATCH_POLL_S", 0.05)
+
+
+class Beating:
+    """Another job's lease, rewritten with a new heartbeat every 0.1 s (as its heartbeat thread would) until
+    stopped: a live holder. ``fields`` as for _plant."""
+
+    def __init__(self, st: Storage, **fields) -> None:
+        self.st, self.fields, self.stop = st, fields, threading.Event()
+        self.record = _plant(st, **fields)
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.stop.wait(0.1):
+            self.record = _plant(self.st, **self.fields, heartbeat=time.time())
+
+    def __enter__(self) -> "Beating":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def test_a_lease_whose_job_beats_is_refused_as_soon_as_it_beats(mem, quick_watch):
+    with Beating(mem, host="node-7", pid=4242):
+        t0 = time.monotonic()
+        with pytest.raises(lease.LeaseError) as err:
+            lease.Lease(mem, "mine", 60).acquire()
+        assert time.monotonic() - t0 < 10  # one beat, not the 60 s staleness window
     msg = str(err.value)
-    assert "node-7" in msg and "4242" in msg and "'other'" in msg and "\n" not in msg
+    assert "node-7" in msg and "4242" in msg and "'other'" in msg and "heartbeat moved" in msg and "\n" not in msg
     assert isinstance(err.value, StorageError)
     assert lease.read_lease(mem)["run_id"] == "other"  # the refused job leaves the other's lease alone
+
+
+def test_a_fresh_lease_that_never_beats_is_taken_over_after_the_watch(mem, quick_watch, caplog):
+    """Fresh by this host's clock (a job on another node killed a moment ago, or a clock running ahead), but
+    nobody rewrites it: taken over once it has not changed for the timeout, not refused (exit 3 needed a
+    human for a job that a requeue onto another node would have resumed)."""
+    _plant(mem, host="node-7", pid=4242)
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="harness"):
+        lease.Lease(mem, "mine", 1.0).acquire()
+    assert time.monotonic() - t0 >= 1.0
+    assert lease.read_lease(mem)["run_id"] == "mine"
+    assert "waiting up to 1 s for it to beat" in caplog.text and "did not change for 1 s" in caplog.text
+
+
+def test_a_stop_signal_ends_the_watch_and_leaves_the_lease(mem, quick_watch):
+    theirs = _plant(mem, host="node-7", pid=4242)
+    t0 = time.monotonic()
+    with pytest.raises(lease.LeaseStopped) as stopped:
+        lease.Lease(mem, "mine", 60).acquire(stopping=lambda: 15 if time.monotonic() - t0 > 0.3 else 0)
+    assert stopped.value.signum == 15 and time.monotonic() - t0 < 5
+    assert lease.read_lease(mem) == theirs
 
 
 def test_stale_heartbeat_is_taken_over_and_released(mem):
@@ -68,11 +121,19 @@ def test_dead_pid_on_this_host_is_taken_over(mem):
     assert lease.read_lease(mem)["run_id"] == "mine"
 
 
-def test_live_pid_on_this_host_refuses_and_same_run_id_takes_back(mem):
+def test_a_live_pid_on_this_host_is_watched_not_believed_and_the_same_run_takes_its_own_back(mem, quick_watch):
+    """A process of that number on this host: in a new container (a pod restarted under the same name) it
+    may be anyone's. Refused only if the record beats; its own run takes it back at once."""
+    with Beating(mem, host=socket.gethostname(), pid=os.getpid(), run_id="job-1"):
+        with pytest.raises(lease.LeaseError):
+            lease.Lease(mem, "job-2", 60).acquire()
     _plant(mem, host=socket.gethostname(), pid=os.getpid(), run_id="job-1")
-    with pytest.raises(lease.LeaseError):
-        lease.Lease(mem, "job-2", 60).acquire()
+    t0 = time.monotonic()
     lease.Lease(mem, "job-1", 60).acquire()  # the same job restarted (torchrun restart, SLURM requeue)
+    assert time.monotonic() - t0 < 5
+    _plant(mem, host=socket.gethostname(), pid=os.getpid(), run_id="job-1")
+    lease.Lease(mem, "job-2", 0.5).acquire()  # never beats: taken over after the watch
+    assert lease.read_lease(mem)["run_id"] == "job-2"
 
 
 def test_unreadable_lease_is_taken_over_and_release_keeps_a_foreign_one(mem):
@@ -184,3 +245,36 @@ def test_a_job_whose_lease_was_taken_over_stops_writing_there(runner, tmp_path):
     assert "was taken over by run 'the-new-job' on host elsewhere, pid 4242" in line, line
     assert len(set(all_checkpoint_folders(tmp_path / "ck")) - before) <= 1  # at most the save then in flight
     assert _lease_holder(tmp_path) == theirs
+
+
+def _plant_file(tmp_path, **fields) -> dict:
+    """Another job's lease in tmp_path/ck, written whole (as a job writes it)."""
+    (tmp_path / "ck").mkdir(exist_ok=True)
+    rec = {"run_id": "gone-job", "host": "node-lost", "pid": 4242, "token": "theirs", "started": time.time(),
+           "heartbeat": time.time(), **fields}
+    (tmp_path / "ck" / "lease.tmp").write_text(json.dumps(rec))
+    os.replace(tmp_path / "ck" / "lease.tmp", tmp_path / "ck" / lease.LEASE_FILE)
+    return rec
+
+
+def test_a_lease_left_a_moment_ago_on_another_node_is_taken_over_after_the_watch(runner, tmp_path):
+    """README's command where a job on another node died seconds ago (its heartbeat still fresh): the launch
+    waits for the record to beat, it does not, and the run takes the folder over and finishes. It exited 3
+    (needs a human) before, for a job a requeue onto another node would resume."""
+    _plant_file(tmp_path)
+    proc = runner.run("after", launch_cmd(tmp_path, "checkpoint.lease_timeout_s=3"))
+    assert proc.rc == 0, proc.tail()
+    log = proc.log()
+    assert "waiting up to 3 s for it to beat" in log and "did not change for 3 s" in log, log[-3000:]
+    assert committed_steps(tmp_path / "ck")[-1] == MAX_STEPS
+    assert _lease_holder(tmp_path) is None  # released at the end
+
+
+def test_a_stop_while_watching_a_lease_exits_128_plus_n_with_nothing_written(runner, tmp_path):
+    theirs = _plant_file(tmp_path)
+    proc = runner.start("watching", launch_cmd(tmp_path, "checkpoint.lease_timeout_s=40"))
+    wait_until("the watch", lambda: "for it to beat" in proc.log(), [proc], timeout=90)
+    proc.popen.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 143, proc.tail()
+    assert "while waiting for the checkpoint folder's lease" in proc.log(), proc.log()[-3000:]
+    assert not committed_steps(tmp_path / "ck") and _lease_holder(tmp_path) == theirs
