@@ -22,7 +22,7 @@ from harness import determinism, dist, faults, lease, recipe
 from harness.checkpoint import CheckpointManager
 from harness.checkpoint.prune import clean_leftovers
 from harness.config import Config
-from harness.errors import CheckpointError, ConfigError, StateMismatchError
+from harness.errors import CheckpointError, ConfigError, StateMismatchError, StorageError
 from harness.progress import MetricsLog, Progress
 from harness.recipe import (WorkloadBuilder, build_optimizer, build_scheduler, fsdp_wrap, safe_metadata,
                             seed_everything)
@@ -182,10 +182,24 @@ class Trainer:
             clean_leftovers(self.mgr.storage)
             self.mgr.set_write_guard(self.lease.taken_by)  # taken over by another job: save nothing more there
         self.progress = Progress(cfg.train.max_steps, enabled=self.rank == 0)
-        # Beside the run's checkpoints by default (Config.output_dir): two runs never append to one file.
-        self.metrics_log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl") if self.rank == 0 else None)
+        self.metrics_log = self._metrics_log(cfg.output_dir)
         self.stats = StepStats(self.device)
         self.vote = StopVote(dist.new_cpu_group(cfg.dist.timeout_s))  # its own group: never waits on a save
+
+    def _metrics_log(self, folder: str) -> MetricsLog:
+        """Rank 0's metrics.jsonl, beside the run's checkpoints by default (Config.output_dir: two runs never
+        append to one file). A folder it cannot make fails every rank at once, not rank 0 alone while the others
+        wait in the next collective (bare torchrun then SIGKILLs them 30 s later)."""
+        metrics, problem = MetricsLog(None), None
+        if self.rank == 0:
+            try:
+                metrics = MetricsLog(os.path.join(folder, "metrics.jsonl"))
+            except StorageError as exc:
+                problem = str(exc)
+        problem = dist.broadcast(problem, self.mgr._group)
+        if problem:
+            raise StorageError(problem)
+        return metrics
 
     def resume(self) -> None:
         """Every start: restore the newest valid checkpoint, or seed a fresh run."""

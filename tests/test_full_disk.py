@@ -18,7 +18,7 @@ from harness.errors import StorageError
 from harness.progress import MetricsLog
 from harness.storage import Storage
 from trainer_helpers import (SLOW, assert_same_final, base_env, committed_steps, kill_tree, launch_cmd,
-                             resumed_from, wait_until)
+                             resumed_from, torchrun_cmd, wait_until, worker_exit_codes)
 
 needs_dev_full = pytest.mark.skipif(not os.access("/dev/full", os.W_OK), reason="no writable /dev/full")
 
@@ -187,3 +187,13 @@ def test_an_export_with_no_room_for_its_file_exits_1_naming_the_file(fmt, tmp_pa
     assert list(tmp_path.iterdir()) == []
     ok = subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and out_file.stat().st_size > 16 << 10, ok.stderr  # it fits without the limit
+
+
+def test_under_bare_torchrun_every_rank_fails_on_an_output_folder_that_cannot_be_made(runner, tmp_path):
+    """Without the launcher's check, rank 0 finds it: every rank now raises the same error at once (exit 3
+    each). Before, rank 0 alone did, and rank 1 sat in its next collective until torchrun SIGKILLed it."""
+    (tmp_path / "a-file").write_text("")
+    proc = runner.run("torchrun", torchrun_cmd(tmp_path, f"run.output_dir='{tmp_path / 'a-file' / 'out'}'"))
+    assert proc.rc == 1, proc.tail()  # torchrun's own code for any failure
+    assert worker_exit_codes(proc.log()) == {0: 3, 1: 3}, proc.log()[-3000:]
+    assert "harness: checkpoint error: the run's output folder" in proc.log(), proc.log()[-3000:]
