@@ -170,11 +170,26 @@ def entry() -> NoReturn:
     argv = sys.argv[1:]
     if _command(argv) in ("train", "launch"):
         gcpause.pause()  # their start-up imports torch: resumed once it has (harness/gcpause.py)
+    else:
+        _end_cleanly_on_signals()
     code = run(argv)
     if _command(argv) in ("train", "launch"):
         from harness.exiting import leave  # no torch: the launcher may leave while torch is still importing
         leave(code)
     sys.exit(code)
+
+
+def _end_cleanly_on_signals() -> None:
+    """The other commands (ckpt ...): SIGTERM and SIGHUP (a timeout, a closed terminal) end the command as
+    Ctrl-C does, through its cleanup (an export's temp file is removed: a signal's default action left a
+    hidden temp file as large as the export), with one line and 128+N."""
+    def stop(signum: int, frame: Any) -> NoReturn:
+        print(f"harness: stopped by {exitcodes.signal_name(signum)}", file=sys.stderr)
+        raise SystemExit(exitcodes.signal_code(signum))
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:  # not one the process was started ignoring (nohup)
+            signal.signal(sig, stop)
 
 
 def run(argv: list[str]) -> int:

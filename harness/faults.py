@@ -22,7 +22,8 @@ Points in use: ``save.data_file``, ``save.before_manifest``, ``save.after_manife
 ``discovery.read_commit`` (before a commit record is read; info ``name``: a store failing there),
 ``restore.read`` (each rank, before it reads its part of the checkpoint rank 0 chose; info ``name``),
 ``launch.preload`` (in the forkserver of ``harness launch``, before it imports torch: a preload that fails),
-and ``restore.apply`` (as each saved state dict is loaded into its object; info ``what`` and ``name``,
+``local.atomic_written`` (a local file written whole by :func:`harness.storage.local.atomic_file`, before
+its fsync and rename; info ``file``: the name it gets), and ``restore.apply`` (as each saved state dict is loaded into its object; info ``what`` and ``name``,
 e.g. ``what=optimizer``: a hook raising torch.OutOfMemoryError there is an OOM inside load_state_dict).
 """
 

@@ -249,6 +249,20 @@ def test_newer_format_version_is_reported_and_skipped(single, tmp_path, capsys):
 
 # -- export pt --------------------------------------------------------------------------------------
 
+def test_a_signal_while_an_export_is_written_leaves_no_temp_file(single, tmp_path):
+    """SIGTERM (a timeout, a scheduler) ends `harness ckpt export` through its cleanup, as Ctrl-C does: one
+    line, 143, and no file in the output folder. Its default action left the hidden temp file behind, as large
+    as the export. Delivered by the fault seam once the temp file is written whole, before its rename."""
+    root = single[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "HARNESS_FAULT": "local.atomic_written:sigterm"}
+    proc = subprocess.run([sys.executable, "-m", "harness", "ckpt", "export", str(root), "--format", "pt",
+                           "--out", str(out / "model.pt")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip().splitlines() == ["harness: stopped by SIGTERM"], proc.stderr
+    assert list(out.iterdir()) == []
+
 def test_export_pt_tutorial_keys_and_exact_model(single, tmp_path, capsys):
     root, model, opt, sched, snaps = single
     out = tmp_path / "model.pt"

@@ -16,6 +16,7 @@ from typing import IO, Any, Callable, Iterator
 
 import fsspec
 
+from harness import faults
 from harness.storage.backend import probe_access
 from harness.storage.direct_write import DirectWriter, open_direct
 from harness.storage.fsspec_backend import FsspecBackend
@@ -52,6 +53,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
+        faults.point("local.atomic_written", file=os.path.basename(path))
         _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
