@@ -13,11 +13,11 @@ import textwrap
 from trainer_helpers import base_env
 
 
-def _run(script: str) -> dict:
+def _run(script: str, from_stderr: bool = False) -> dict:
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=base_env(), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
+    return json.loads((out.stderr if from_stderr else out.stdout).strip().splitlines()[-1])
 
 
 def test_imports_run_paused_then_are_frozen_and_the_collector_is_back_on():
@@ -57,3 +57,17 @@ def test_the_launcher_turns_the_collector_back_on_once_torchs_launcher_is_import
         print(json.dumps({"on": gc.isenabled(), "frozen": gc.get_freeze_count()}))
     """)
     assert seen["on"] and seen["frozen"] > 100_000, seen
+
+
+def test_a_ckpt_command_turns_the_collector_back_on_once_torch_is_imported(tmp_path):
+    """`harness ckpt ...` is paused by the entry point too (its start-up imports torch: `ckpt list` took 1.55 s
+    and takes 1.1): the command itself runs with the collector on."""
+    seen = _run(f"""
+        import gc, json, sys
+        from harness import cli, gcpause
+        gcpause.pause()
+        cli.run(["ckpt", "list", {str(tmp_path)!r}])
+        print(json.dumps({{"on": gc.isenabled(), "frozen": gc.get_freeze_count(), "torch": "torch" in sys.modules}}),
+              file=sys.stderr)
+    """, from_stderr=True)
+    assert seen["on"] and seen["torch"] and seen["frozen"] > 100_000, seen
