@@ -153,6 +153,10 @@ class Lease:
         self._thread = threading.Thread(target=self._beat, name="harness-lease", daemon=True)
         self._thread.start()
 
+    def _replaced_by(self, held: dict | None) -> bool:
+        """``held`` (the record as read now) is another job's: ours was replaced."""
+        return held is not None and held.get("token") not in (None, self.record["token"])
+
     def taken_by(self) -> str | None:
         """Why this job no longer holds the folder (another job's record replaced ours: it took the lease over,
         believing this job gone), or None. One read; a read that fails says nothing (the save that asks then
@@ -161,7 +165,7 @@ class Lease:
             held = read_lease(self.storage)
         except Exception:  # noqa: BLE001 - see above
             return None
-        if held is None or held.get("token") in (None, self.record["token"]):
+        if not self._replaced_by(held):
             return None
         return (f"the lease of {redact_url(self.storage.url)} was taken over by {describe(held)}: this job stops "
                 "writing there (two jobs must not share a checkpoint folder)")
@@ -195,7 +199,7 @@ class Lease:
         while not self._stop.wait(self.interval_s):
             try:
                 held = read_lease(self.storage)
-                if held is not None and held.get("token") not in (None, self.record["token"]):
+                if self._replaced_by(held):
                     log.error("the lease of %s was taken over by %s: this job no longer holds it",
                               redact_url(self.storage.url), describe(held))
                     return
@@ -232,7 +236,7 @@ def acquire(storage: Storage, configured_id: str, timeout_s: float, group: Any,
         except LeaseError as exc:
             lease, problem = None, (0, str(exc), False)
         except Exception as exc:  # noqa: BLE001 - the storage failed: say so on every rank
-            lease, problem = None, (0, f"could not write {LEASE_FILE}: {type(exc).__name__}: {exc}",
+            lease, problem = None, (0, f"could not take {LEASE_FILE}: {type(exc).__name__}: {exc}",
                                     is_storage_unavailable(exc))
     problem = dist.broadcast(problem, group)
     if problem and problem[0]:

@@ -396,15 +396,14 @@ class Trainer:
 
     def run(self) -> int:
         try:
-            try:
-                self.setup()
-            except lease.LeaseStopped as stop:  # signalled while waiting for the folder: nothing written yet
-                self.preempted = True
-                log.warning("%s received while waiting for the checkpoint folder's lease: exiting, nothing "
-                            "written (a restart resumes)", signal.Signals(stop.signum).name)
-                return 128 + stop.signum
+            self.setup()
             self.resume()
             return self.loop()
+        except lease.LeaseStopped as stop:  # signalled while setup waited for the folder: nothing written yet
+            self.preempted = True
+            log.warning("%s received while waiting for the checkpoint folder's lease: exiting, nothing written "
+                        "(a restart resumes)", signal.Signals(stop.signum).name)
+            return 128 + stop.signum
         finally:
             self.close()
 

@@ -69,11 +69,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     writes what fits, then fails the next call), and callers such as ``torch.jit.save`` ignore the count, so
     a raw file would be renamed into place cut short. A buffered file writes everything or raises (a large
     write still goes to the kernel from the caller's memory, not through the buffer)."""
-    with atomic_file(path) as tmp:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_file(path) as tmp, durable_file(tmp) as f:
+        write(f)
+
+
+@contextlib.contextmanager
+def durable_file(path: str) -> Iterator[IO[bytes]]:
+    """A new buffered file at ``path`` (see :func:`atomic_write` for why buffered), flushed and fsync'd when
+    the block ends without an exception."""
+    with open(path, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class LocalBackend(FsspecBackend):
@@ -98,10 +105,8 @@ class LocalBackend(FsspecBackend):
     @contextlib.contextmanager
     def open_write(self, path: str) -> Iterator[IO[bytes]]:
         if not self.direct:
-            with open(path, "wb") as f:  # buffered: a write is whole or raises (see atomic_write)
+            with durable_file(path) as f:
                 yield f
-                f.flush()
-                os.fsync(f.fileno())
             return
         w = DirectWriter(*open_direct(path))
         try:
