@@ -113,12 +113,49 @@ def workload(cfg: Config, builder: WorkloadBuilder | None = None, *, deferred: b
             builder = load_entry_point(cfg.train.entry)
         except ValueError as exc:
             raise ConfigError(f"train.entry: {exc}") from None
+    args = (dict(cfg.model), dict(cfg.data), cfg.train.seed)
+    name = repr(cfg.train.entry) if cfg.train.entry else "the workload builder"
+    if builder is not None:
+        _check_callable_as_builder(builder, args, name)
     try:
         if builder is None:
-            return build_workload(dict(cfg.model), dict(cfg.data), cfg.train.seed, deferred=deferred)
-        return builder(dict(cfg.model), dict(cfg.data), cfg.train.seed)
+            return build_workload(*args, deferred=deferred)
+        return _checked_workload(builder(*args), name)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _check_callable_as_builder(builder: Callable, args: tuple, name: str) -> None:
+    """A builder that cannot take ``(model_cfg, data_cfg, seed)`` is a ConfigError before it is called: every
+    worker would fail the same way on every restart. (A TypeError from inside the builder stays the user's.)"""
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):  # some builtins and C callables have none: let the call decide
+        return
+    try:
+        signature.bind(*args)
+    except TypeError as exc:
+        raise ConfigError(f"train.entry: {name} cannot be called as build(model_cfg: dict, data_cfg: dict, "
+                          f"seed: int): {exc}") from None
+
+
+def _checked_workload(result: Any, name: str) -> Workload:
+    """What a builder returned, if it is a usable Workload; else a ConfigError saying what is wrong (a bare
+    AttributeError deep in the trainer, on every rank and every restart, was the alternative)."""
+    if not isinstance(result, Workload):
+        raise ConfigError(f"train.entry: {name} returned {type(result).__name__}, not a harness.workloads.Workload")
+    problems = []
+    if not isinstance(result.model, torch.nn.Module):
+        problems.append(f"model is {type(result.model).__name__}, not a torch.nn.Module")
+    if not (hasattr(result.dataset, "__len__") and hasattr(result.dataset, "__getitem__")):
+        problems.append(f"dataset ({type(result.dataset).__name__}) is not map-style (no __len__/__getitem__)")
+    if not callable(result.loss_fn):
+        problems.append("loss_fn is not callable")
+    if result.metric_fn is not None and not callable(result.metric_fn):
+        problems.append("metric_fn is neither None nor callable")
+    if problems:
+        raise ConfigError(f"train.entry: {name} returned a Workload whose " + "; ".join(problems))
+    return result
 
 
 def loader(cfg: Config, dataset: Any, world: int, rank: int) -> BatchLoader:

@@ -105,6 +105,21 @@ def test_a_users_data_too_small_for_the_batch_exits_2_without_restart(runner, tm
     assert not events(tmp_path, "start") and not committed_steps(tmp_path / "ck")
 
 
+def test_a_users_builder_with_the_wrong_signature_exits_2_without_restart(runner, tmp_path):
+    """A train.entry that cannot take (model_cfg, data_cfg, seed) failed every worker with a TypeError
+    traceback, restarted 3 times, exit 1: now one config error line, exit 2, no restart."""
+    (tmp_path / "wrongsig_wl.py").write_text("def build(model_cfg):\n    return None\n")
+    env = base_env()
+    env["PYTHONPATH"] += os.pathsep + str(tmp_path)
+    proc = runner.start("wrongsig", launch_cmd(tmp_path, "train.entry='wrongsig_wl:build'", max_restarts=3),
+                        env=env)
+    assert proc.wait(120) == 2, proc.tail()
+    log = proc.log()
+    assert log.count("harness: config error: train.entry: 'wrongsig_wl:build' cannot be called as build(") == 1, \
+        log[-3000:]
+    assert "Traceback" not in log and "will restart worker group" not in log, log[-3000:]
+
+
 def test_missing_bucket_exits_3_before_any_worker_starts(tmp_path, s3_server):
     rc, err, _ = run_quick(launch_cmd(tmp_path, "checkpoint.dir='s3://no-such-bucket-for-launch/run'",
                                       max_restarts=3))

@@ -278,3 +278,45 @@ def test_load_entry_point_imports_a_user_builder(tmp_path, monkeypatch) -> None:
         load_entry_point("userpkg_wl.builders:missing")
     with pytest.raises(ValueError, match="not callable"):
         load_entry_point("userpkg_wl.builders:NOT_CALLABLE")
+
+
+def _linear_workload(model_cfg, data_cfg, seed):
+    return Workload(torch.nn.Linear(4, 2), SyntheticVectors(8, 4, 2, seed), torch.nn.functional.cross_entropy)
+
+
+@pytest.mark.parametrize("builder, message", [
+    (lambda model_cfg: None, "cannot be called as build(model_cfg: dict, data_cfg: dict, seed: int)"),
+    (lambda a, b, c, d: None, "cannot be called as build"),
+    (lambda m, d, s: None, "returned NoneType, not a harness.workloads.Workload"),
+    (lambda m, d, s: (torch.nn.Linear(4, 2), [], None), "returned tuple, not a harness.workloads.Workload"),
+    (lambda m, d, s: Workload("net", iter([]), 3, metric_fn=4),
+     "model is str, not a torch.nn.Module; dataset (list_iterator) is not map-style (no __len__/__getitem__); "
+     "loss_fn is not callable; metric_fn is neither None nor callable"),
+])
+def test_a_builder_that_cannot_work_is_a_config_error_before_training(builder, message) -> None:
+    """Wrong signature or a wrong result: a ConfigError naming the problem (exit 2, never retried), instead of a
+    TypeError/AttributeError in every worker on every restart (exit 1 after the agent's restarts)."""
+    from harness.config import Config
+    from harness.errors import ConfigError
+    from harness.recipe import workload
+    with pytest.raises(ConfigError) as caught:
+        workload(Config(), builder)
+    assert message in str(caught.value)
+
+
+def test_builders_of_every_valid_shape_are_called() -> None:
+    """Defaults, *args and keyword-or-positional parameters all bind; a TypeError raised inside a builder is the
+    builder's own error, not a signature error."""
+    from harness.config import Config
+    from harness.recipe import workload
+
+    def with_default(model_cfg, data_cfg, seed, extra=None):
+        return _linear_workload(model_cfg, data_cfg, seed)
+
+    def raises_inside(model_cfg, data_cfg, seed):
+        return len(seed)  # a bug in the user's code
+
+    for ok in (_linear_workload, with_default, lambda *a: _linear_workload(*a)):
+        assert isinstance(workload(Config(), ok).model, torch.nn.Linear)
+    with pytest.raises(TypeError, match="has no len"):
+        workload(Config(), raises_inside)
