@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 import typing
@@ -129,10 +130,18 @@ _PATHS = {("checkpoint", "dir"), ("run", "output_dir")}  # local paths: a leadin
 _POSITIVE = {("train", "max_steps"), ("train", "batch_size"), ("train", "log_every"), ("checkpoint", "every_steps"),
              ("checkpoint", "max_file_mb"), ("checkpoint", "io_threads"), ("checkpoint", "timeout_s"),
              ("checkpoint", "grace_period_s"), ("checkpoint", "lease_timeout_s"), ("dist", "timeout_s"),
-             ("optim", "lr"), ("scheduler", "step_size")}
+             ("optim", "lr"), ("scheduler", "step_size"),
+             ("scheduler", "gamma")}  # a negative gamma flips the LR's sign every step_size steps
 _NON_NEGATIVE = {("checkpoint", "keep_last"), ("checkpoint", "keep_best"), ("train", "grad_clip"),
                  ("train", "step_sleep_s"), ("optim", "weight_decay"), ("scheduler", "warmup_steps"),
-                 ("train", "seed")}
+                 ("train", "seed"), ("optim", "momentum"), ("scheduler", "min_lr_ratio")}
+# Durations in seconds. Collective timeouts under a second are a unit slip (milliseconds?) that would fail
+# every run as a communication error; a week is past any real wait and within what timedelta and the
+# collectives' millisecond counts can hold (1e300 overflowed in the workers, exit 1 after every restart).
+MAX_DURATION_S = 7 * 24 * 3600.0
+_DURATIONS = {("checkpoint", "grace_period_s"), ("checkpoint", "timeout_s"), ("checkpoint", "lease_timeout_s"),
+              ("dist", "timeout_s"), ("train", "step_sleep_s")}
+_AT_LEAST_A_SECOND = {("checkpoint", "timeout_s"), ("dist", "timeout_s")}
 
 
 def suggest(name: str, options: list[str]) -> str:
@@ -147,6 +156,8 @@ def _check_type(where: str, value: Any, kind: Any) -> Any:
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{where} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    if kind is float and not math.isfinite(value):  # TOML reads nan and inf: no setting means either
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     return value
 
 
@@ -175,6 +186,11 @@ def _check_value(section: str, key: str, value: Any) -> Any:
         raise ConfigError(f"{section}.{key} must be > 0, got {value!r}")
     if (section, key) in _NON_NEGATIVE and value < 0:
         raise ConfigError(f"{section}.{key} must be >= 0, got {value!r}")
+    if (section, key) in _AT_LEAST_A_SECOND and value < 1:
+        raise ConfigError(f"{section}.{key} is in seconds and must be >= 1, got {value!r}")
+    if (section, key) in _DURATIONS and value > MAX_DURATION_S:
+        raise ConfigError(f"{section}.{key} is in seconds and must be <= {MAX_DURATION_S:.0f} (a week), "
+                          f"got {value!r}")
     return value
 
 

@@ -130,3 +130,29 @@ def test_train_deterministic_turns_on_what_deterministic_kernels_need(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["True", ":4096:8", "True", "False"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("optim.lr=nan", "optim.lr must be a finite number, got nan"),  # the workers' ValueError, 3 restarts, exit 1
+    ("optim.weight_decay=inf", "optim.weight_decay must be a finite number, got inf"),
+    ("train.grad_clip=-inf", "train.grad_clip must be a finite number, got -inf"),
+    ("dist.timeout_s=inf", "dist.timeout_s must be a finite number"),  # OverflowError in every worker
+    ("checkpoint.timeout_s=nan", "checkpoint.timeout_s must be a finite number"),  # nan <= 0 is False
+    ("checkpoint.timeout_s=0.001", "checkpoint.timeout_s is in seconds and must be >= 1, got 0.001"),
+    ("dist.timeout_s=1e300", "dist.timeout_s is in seconds and must be <= 604800 (a week)"),
+    ("checkpoint.grace_period_s=1e9", "checkpoint.grace_period_s is in seconds and must be <= 604800"),
+    ("checkpoint.lease_timeout_s=1e9", "checkpoint.lease_timeout_s is in seconds and must be <= 604800"),
+    ("optim.momentum=-1", "optim.momentum must be >= 0"),  # torch's ValueError in every worker
+    ("scheduler.gamma=-0.5", "scheduler.gamma must be > 0"),  # trained with a negative LR, exit 0
+    ("scheduler.min_lr_ratio=-5", "scheduler.min_lr_ratio must be >= 0"),  # likewise
+])
+def test_numbers_no_run_can_use_are_config_errors(setting, message):
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, [setting])
+    assert message in str(caught.value)
+
+
+def test_the_limits_themselves_are_accepted():
+    cfg = config.load(None, ["dist.timeout_s=1", "checkpoint.timeout_s=604800", "checkpoint.grace_period_s=0.5",
+                             "optim.momentum=0", "scheduler.min_lr_ratio=0", "scheduler.gamma=1e-9"])
+    assert (cfg.dist.timeout_s, cfg.checkpoint.timeout_s, cfg.checkpoint.grace_period_s) == (1.0, 604800.0, 0.5)

@@ -36,6 +36,8 @@ def test_config_errors_fail_fast_with_one_line(tmp_path):
         "not-utf8": ([], str(tmp_path / "latin1.toml"), 2, "not UTF-8 text (TOML files are UTF-8): byte 0xe9"),
         "a-folder": ([], str(tmp_path / "a-folder.toml"), 2, "cannot be read: Is a directory"),
         "bom": ([], str(tmp_path / "bom.toml"), 2, "optim.lr must be > 0"),
+        "nan": (["optim.lr=nan"], CONFIG, 2, "optim.lr must be a finite number, got nan"),
+        "ms-timeout": (["dist.timeout_s=0.5"], CONFIG, 2, "dist.timeout_s is in seconds and must be >= 1"),
     }
     procs = {}
     for name, (sets, config, _, _) in cases.items():
