@@ -6,12 +6,13 @@ start and heartbeat time) atomically through :meth:`Storage.commit_bytes`, refre
 daemon thread, and removes the record when the process leaves through the trainer's normal exit path
 (finished, preempted, failed with an exception). A starting job finding the lease of a *different* run takes
 it over at once when it is stale: written on this host by a process that no longer exists (a ``kill -9``), or
-with no heartbeat for ``timeout_s`` by this host's clock. Otherwise it does not trust the clocks (another
-host's may disagree) or the pid (in a new container, that number may be anyone's): it watches the record.
-The live job that holds it rewrites it every few seconds: the starting job then refuses with
-:class:`LeaseError` (exit code 3). A record that stays the same for ``timeout_s`` belongs to a job that is
-gone (a node lost, a kill -9 a moment ago) and is taken over: a job requeued onto another node right after
-such a death starts up to a minute later instead of exiting 3. A stop signal ends the watch (LeaseStopped:
+with no heartbeat for ``timeout_s`` by this host's clock (or the holder's own ``timeout_s``, which its record
+carries, when longer). Otherwise it does not trust the clocks (another host's may disagree) or the pid (in a
+new container, that number may be anyone's): it watches the record. The live job that holds it rewrites it
+every few seconds: the starting job then refuses with :class:`LeaseError` (exit code 3). A record that stays
+the same for that timeout belongs to a job that is gone (a node lost, a kill -9 a moment ago) and is taken
+over: a job requeued onto another node right after such a death starts up to a minute later instead of
+exiting 3. A stop signal ends the watch (LeaseStopped:
 the trainer exits 128+N, nothing written).
 
 The same job restarting (torchrun ``--max-restarts``, SLURM requeue, a Kubernetes pod restart) keeps its run
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -32,6 +34,7 @@ import uuid
 from typing import Any, Callable
 
 from harness import dist
+from harness.config import MAX_DURATION_S
 from harness.errors import StorageError, is_storage_unavailable, storage_failure
 from harness.hostinfo import pid_alive
 from harness.storage import Storage, redact_url
@@ -95,15 +98,27 @@ def heartbeat_age(lease: dict) -> float | None:
     return time.time() - beat
 
 
+def window_s(lease: dict, timeout_s: float) -> float:
+    """How long a lease record must go without a heartbeat before its job counts as gone: ``timeout_s`` (the
+    reader's), or the holder's own ``timeout_s`` from its record when longer (at most MAX_DURATION_S).
+    The holder beats every min(5 s, its timeout_s / 4): a reader with a shorter timeout than that beat (a
+    second job started with ``lease_timeout_s = 3`` beside a live one at the default 60) would otherwise see a
+    live job's record as stale between two beats and take its folder over."""
+    theirs = lease.get("timeout_s")
+    if isinstance(theirs, bool) or not isinstance(theirs, (int, float)) or not math.isfinite(theirs):
+        return timeout_s
+    return max(timeout_s, min(float(theirs), MAX_DURATION_S))
+
+
 def stale_reason(lease: dict, timeout_s: float) -> str | None:
     """Why a lease record no longer belongs to a live job, or None when it does: written on this host by a
-    process that is gone (a ``kill -9``), or no heartbeat for ``timeout_s`` (a job that died elsewhere)."""
+    process that is gone (a ``kill -9``), or no heartbeat for :func:`window_s` (a job that died elsewhere)."""
     if "unreadable" in lease:
         return f"unreadable ({lease['unreadable']})"
     if lease.get("host") == socket.gethostname() and not pid_alive(lease.get("pid")):
         return "that process is gone"
     age = heartbeat_age(lease)
-    if age is None or age >= timeout_s:
+    if age is None or age >= window_s(lease, timeout_s):
         return "no heartbeat for " + ("ever" if age is None else f"{age:.0f} s")
     return None
 
@@ -123,9 +138,10 @@ class Lease:
     def __init__(self, storage: Storage, run: str, timeout_s: float, interval_s: float | None = None,
                  watch_s: float | None = None) -> None:
         self.storage = storage
-        self.watch_s = timeout_s if watch_s is None else min(watch_s, timeout_s)  # see _watch
+        self.watch_cap_s = watch_s  # see _watch
         self.record = {"run_id": run, "host": socket.gethostname(), "pid": os.getpid(),
-                       "token": uuid.uuid4().hex, "started": time.time(), "heartbeat": time.time()}
+                       "token": uuid.uuid4().hex, "started": time.time(), "heartbeat": time.time(),
+                       "timeout_s": timeout_s}  # how long a reader must see no beat before it may take over
         self.timeout_s = timeout_s
         self.interval_s = interval_s if interval_s is not None else max(0.5, min(5.0, timeout_s / 4))
         self._stop = threading.Event()
@@ -174,13 +190,16 @@ class Lease:
         """A lease that looks alive by this host's clock (and, on this host, by a live process of its pid, which
         in a new container may be anyone's) is watched rather than believed: its job rewrites it every few
         seconds. LeaseError as soon as it changes; the reason to take it over if it stays the same for
-        ``watch_s`` (``timeout_s``, or less where the other ranks cannot wait that long): its job is gone, a
-        node lost or killed with -9 a moment ago, whatever the clocks say."""
+        :func:`window_s` (or less where the other ranks cannot wait that long: ``watch_cap_s``): its job is
+        gone, a node lost or killed with -9 a moment ago, whatever the clocks say."""
         where = redact_url(self.storage.url)
+        watch_s = window_s(held, self.timeout_s)
+        if self.watch_cap_s is not None:
+            watch_s = min(watch_s, self.watch_cap_s)
         log.warning("checkpoint.dir %s holds the lease of %s, heartbeat %.0f s ago by this host's clock: waiting up "
                     "to %.0f s for it to beat (another live job: this one exits) or to go stale (taken over)",
-                    where, describe(held), heartbeat_age(held) or 0.0, self.watch_s)
-        deadline = time.monotonic() + self.watch_s
+                    where, describe(held), heartbeat_age(held) or 0.0, watch_s)
+        deadline = time.monotonic() + watch_s
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(WATCH_POLL_S, left))
             if stopping():
@@ -193,7 +212,7 @@ class Lease:
                     f"checkpoint.dir {where} is in use by another job: {describe(now)}, whose heartbeat moved while "
                     "this job watched it. Two jobs must not share a checkpoint folder; give this one its own "
                     "checkpoint.dir")
-        return f"its record did not change for {self.watch_s:.0f} s"
+        return f"its record did not change for {watch_s:.0f} s"
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):

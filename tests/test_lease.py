@@ -102,6 +102,35 @@ def test_a_stop_signal_ends_the_watch_and_leaves_the_lease(mem, quick_watch):
     assert lease.read_lease(mem) == theirs
 
 
+def test_a_job_with_a_shorter_timeout_than_the_holders_beat_does_not_take_a_live_lease(mem, quick_watch):
+    """The holder beats every min(5 s, its timeout / 4) and says its timeout in its record: a second job started
+    with a shorter lease_timeout_s than that beat (0.5 s here, against a beat every 1 s) watched for its own
+    0.5 s, saw no change between two beats and took a live job's folder over. It now waits the holder's
+    timeout, sees the beat and refuses."""
+    holder = lease.Lease(mem, "other", 4.0)
+    holder.acquire()
+    try:
+        assert holder.interval_s == 1.0 and lease.read_lease(mem)["timeout_s"] == 4.0
+        t0 = time.monotonic()
+        with pytest.raises(lease.LeaseError, match="heartbeat moved"):
+            lease.Lease(mem, "mine", 0.5).acquire()
+        assert time.monotonic() - t0 < 3.5
+        assert lease.read_lease(mem)["run_id"] == "other"
+    finally:
+        holder.release()
+
+
+def test_the_holders_timeout_lengthens_staleness_within_a_cap():
+    now = time.time()
+    rec = {"run_id": "other", "host": "elsewhere", "pid": 1, "heartbeat": now - 10, "timeout_s": 60}
+    assert lease.stale_reason(rec, 3) is None  # 10 s without a beat: stale for us (3), not for the holder (60)
+    assert lease.stale_reason({**rec, "timeout_s": 5}, 3) == "no heartbeat for 10 s"
+    assert lease.stale_reason({**rec, "timeout_s": "60"}, 3) == "no heartbeat for 10 s"  # not a number: ours
+    hostile = {**rec, "timeout_s": 1e12, "heartbeat": now - lease.MAX_DURATION_S - 5}
+    assert lease.stale_reason(hostile, 3).startswith("no heartbeat for")
+    assert lease.window_s({**rec, "timeout_s": float("inf")}, 3) == 3
+
+
 def test_stale_heartbeat_is_taken_over_and_released(mem):
     _plant(mem, heartbeat=time.time() - 120)
     held = lease.Lease(mem, "mine", 60, interval_s=0.05)
