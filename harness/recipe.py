@@ -26,7 +26,7 @@ from harness.workloads import Workload, build_workload, load_entry_point
 WorkloadBuilder = Callable[[dict, dict, int], Workload]
 
 __all__ = ["WorkloadBuilder", "seed_everything", "build_optimizer", "build_scheduler", "fsdp_wrap",
-           "safe_metadata", "workload", "materialize", "initialize", "workload_from_dict", "ddp_wrap", "loader"]
+           "safe_metadata", "schedule_changes", "workload", "materialize", "initialize", "workload_from_dict", "ddp_wrap", "loader"]
 
 
 def seed_everything(seed: int) -> None:
@@ -50,6 +50,28 @@ def build_optimizer(cfg: Config, params: Any, zero: bool = False) -> torch.optim
         from torch.distributed.optim import ZeroRedundancyOptimizer
         return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
     return cls(params, **kwargs)
+
+
+_SCHEDULE_KEYS = {"none": (), "cosine": (("scheduler", "min_lr_ratio"), ("train", "max_steps")),
+                  "step": (("scheduler", "gamma"), ("scheduler", "step_size"))}
+
+
+def schedule_changes(saved: Any, cfg: Config) -> list[str]:
+    """The settings the LR schedule is drawn from that differ from the saved run config's (a checkpoint's
+    ``metadata["config"]``), as ``"key old -> new"``; [] when none differ or nothing was saved. A resumed
+    schedule keeps the checkpoint's step count but takes its shape from the config: a change moves the LR."""
+    if not isinstance(saved, dict):
+        return []
+    now = dataclasses.asdict(cfg)
+    names = {now["scheduler"]["name"], (saved.get("scheduler") or {}).get("name")}
+    keys = [("scheduler", "name"), ("scheduler", "warmup_steps")]
+    keys += sorted({key for name in names for key in _SCHEDULE_KEYS.get(name, ())})
+    changes = []
+    for section, key in keys:
+        old = saved.get(section).get(key) if isinstance(saved.get(section), dict) else None
+        if old is not None and old != now[section][key]:
+            changes.append(f"{section}.{key} {old!r} -> {now[section][key]!r}")
+    return changes
 
 
 def fsdp_wrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -25,7 +25,7 @@ from harness.config import Config
 from harness.errors import CheckpointError, ConfigError, StateMismatchError, StorageError
 from harness.progress import MetricsLog, Progress
 from harness.recipe import (WorkloadBuilder, build_optimizer, build_scheduler, fsdp_wrap, safe_metadata,
-                            seed_everything)
+                            schedule_changes, seed_everything)
 from harness.stepsync import StepStats, StopVote
 from harness.storage import redact_url
 # One meaning per exit code, for `harness train` and `harness launch` alike: harness/exitcodes.py, which also maps
@@ -230,6 +230,7 @@ class Trainer:
         for name, reason in result.skipped:
             log.warning("skipped damaged checkpoint %s: %s", name, reason)
         self._warn_overridden_lr()
+        self._warn_changed_schedule(result.metadata.get("config"))
         log.info("resumed from %s at step %d (epoch %d) in %.2f s", result.name, self.step, self.epoch,
                  time.perf_counter() - t0)
         self.metrics_log.write({"event": "resume", "step": self.step, "checkpoint": result.name,
@@ -242,6 +243,19 @@ class Trainer:
         if self.rank == 0 and saved is not None and not math.isclose(saved, self.cfg.optim.lr, rel_tol=1e-9):
             log.warning("optim.lr = %g in the config, %g in the checkpoint: the checkpoint's schedule continues "
                         "(a new checkpoint.dir starts one with the config's)", self.cfg.optim.lr, saved)
+
+    def _warn_changed_schedule(self, saved: Any) -> None:
+        """A schedule setting changed since the checkpoint (train.max_steps raised to train longer under
+        cosine, another scheduler.name): the step count carries over, the shape is the config's, so the LR
+        jumps. Said with both LRs, as Lightning users see a scheduler's saved T_max win instead."""
+        changes = schedule_changes(saved, self.cfg)
+        if self.rank != 0 or not changes:
+            return
+        sch = self.scheduler
+        now = sch.base_lrs[0] * sch.lr_lambdas[0](sch.last_epoch)
+        log.warning("the LR schedule differs from the checkpoint's (%s): from step %d it follows this config, LR "
+                    "%.4g (the checkpoint's schedule was at %.4g)", ", ".join(changes), self.step, now,
+                    sch.get_last_lr()[0])
 
     def _position(self, result: Any) -> dict:
         """This rank's data cursor: exact when the world size and the data are the saved ones. Otherwise the

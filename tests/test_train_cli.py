@@ -83,6 +83,9 @@ def test_a_learning_rate_changed_for_a_resumed_run_is_warned_not_silently_ignore
     assert first.rc == 0, first.tail()
     same = runner.run("same", standalone_cmd(tmp_path, f"train.max_steps={2 * EVERY}"))
     assert same.rc == 0 and "optim.lr" not in same.log(), same.tail()
+    # a longer run under cosine: the schedule's shape is the config's, the LR jumps, and that is said
+    assert (f"the LR schedule differs from the checkpoint's (train.max_steps {EVERY} -> {2 * EVERY}): from step "
+            f"{EVERY} it follows this config, LR ") in same.log(), same.tail()
     changed = runner.run("changed", standalone_cmd(tmp_path, f"train.max_steps={3 * EVERY}", "optim.lr=0.5"))
     assert changed.rc == 0, changed.tail()
     assert "optim.lr = 0.5 in the config, 0.003 in the checkpoint: the checkpoint's schedule continues" in \

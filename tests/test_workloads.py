@@ -320,3 +320,19 @@ def test_builders_of_every_valid_shape_are_called() -> None:
         assert isinstance(workload(Config(), ok).model, torch.nn.Linear)
     with pytest.raises(TypeError, match="has no len"):
         workload(Config(), raises_inside)
+
+
+def test_schedule_changes_name_what_shapes_the_schedule_and_nothing_else() -> None:
+    from harness.config import load
+    from harness.recipe import safe_metadata, schedule_changes
+    cosine = load(None, ["scheduler.name='cosine'", "train.max_steps=100"])
+    saved = safe_metadata(cosine)["config"]
+    assert schedule_changes(saved, cosine) == []
+    assert schedule_changes(None, cosine) == [] and schedule_changes({}, cosine) == []  # nothing saved: silent
+    longer = load(None, ["scheduler.name='cosine'", "train.max_steps=200", "scheduler.gamma=0.9"])
+    assert schedule_changes(saved, longer) == ["train.max_steps 100 -> 200"]  # gamma does not shape cosine
+    stepped = load(None, ["scheduler.name='step'", "train.max_steps=200", "scheduler.gamma=0.9"])
+    assert schedule_changes(saved, stepped) == ["scheduler.name 'cosine' -> 'step'", "scheduler.gamma 0.5 -> 0.9",
+                                                "train.max_steps 100 -> 200"]
+    constant = load(None, ["scheduler.name='none'", "train.max_steps=200"])
+    assert schedule_changes(safe_metadata(constant)["config"], load(None, ["scheduler.name='none'"])) == []
