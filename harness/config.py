@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -177,8 +178,11 @@ def _section(name: str, cls: type, raw: Any) -> Any:
 
 
 def _check_value(section: str, key: str, value: Any) -> Any:
-    if (section, key) in _PATHS and isinstance(value, str) and value.startswith("~"):
-        value = os.path.expanduser(value)  # not a folder named "~" in the working directory
+    if (section, key) in _PATHS and isinstance(value, str):
+        try:
+            value = local_or_url(value)
+        except ValueError as exc:
+            raise ConfigError(f"{section}.{key} = {exc}") from None
     choices = _CHOICES.get((section, key))
     if choices and value not in choices:
         raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}, got {value!r}")
@@ -191,6 +195,26 @@ def _check_value(section: str, key: str, value: Any) -> Any:
     if (section, key) in _DURATIONS and value > MAX_DURATION_S:
         raise ConfigError(f"{section}.{key} is in seconds and must be <= {MAX_DURATION_S:.0f} (a week), "
                           f"got {value!r}")
+    return value
+
+
+_HALF_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/?(?!/)(.*)$")
+
+
+def local_or_url(value: str) -> str:
+    """A checkpoint location as storage should open it, for the config and for ``CheckpointManager(url)``
+    alike. A leading ~ is the home folder (fsspec would make a folder named "~" in the working directory). A
+    URL with one slash or none after its scheme (``s3:/bucket/run``, a typo) would be a local folder named
+    ``s3:`` in the working directory: checkpoints on a node's disk where S3 was meant, lost with the node.
+    That is a ValueError; a local folder whose name has a colon is still ``./name:x``."""
+    if value.startswith("~"):
+        return os.path.expanduser(value)
+    half = _HALF_URL.match(value)
+    if half:
+        scheme, rest = half.groups()
+        meant = f"file:///{rest}" if scheme == "file" else f"{scheme}://{rest}"
+        raise ValueError(f"{value!r} is neither a URL nor a local path: did you mean {meant!r}? (a local folder "
+                         f"whose name has a colon: './{value}')")
     return value
 
 

@@ -156,3 +156,22 @@ def test_the_limits_themselves_are_accepted():
     cfg = config.load(None, ["dist.timeout_s=1", "checkpoint.timeout_s=604800", "checkpoint.grace_period_s=0.5",
                              "optim.momentum=0", "scheduler.min_lr_ratio=0", "scheduler.gamma=1e-9"])
     assert (cfg.dist.timeout_s, cfg.checkpoint.timeout_s, cfg.checkpoint.grace_period_s) == (1.0, 604800.0, 0.5)
+
+
+@pytest.mark.parametrize("value, meant", [("s3:/bucket/run", "s3://bucket/run"), ("s3:bucket", "s3://bucket"),
+                                          ("gs:/b/x", "gs://b/x"), ("file:/data/ck", "file:///data/ck")])
+def test_a_url_missing_a_slash_is_refused_not_a_local_folder(value, meant, tmp_path, monkeypatch):
+    """`s3:/bucket/run` trained into ./s3:/bucket/run on the node's disk. Refused with the likely meaning, in the
+    config and in CheckpointManager; real URLs and local names with a colon in them stay as they were."""
+    from harness import CheckpointManager
+    from harness.errors import StorageError
+    monkeypatch.chdir(tmp_path)
+    for key in ("checkpoint.dir", "run.output_dir"):
+        with pytest.raises(ConfigError, match=f"{key} = '{value}' is neither a URL nor a local path: did you mean "
+                                              f"'{meant}'"):
+            config.load(None, [f"{key}='{value}'"])
+    with pytest.raises(StorageError, match=f"did you mean '{meant}'"):
+        CheckpointManager(value)
+    assert list(tmp_path.iterdir()) == []
+    for fine in ("s3://bucket/run", "file:///data/ck", "./s3:/x", "runs/a:b", "/abs/s3:/x"):
+        assert config.load(None, [f"checkpoint.dir='{fine}'"]).checkpoint.dir == fine

@@ -38,12 +38,14 @@ def test_config_errors_fail_fast_with_one_line(tmp_path):
         "bom": ([], str(tmp_path / "bom.toml"), 2, "optim.lr must be > 0"),
         "nan": (["optim.lr=nan"], CONFIG, 2, "optim.lr must be a finite number, got nan"),
         "ms-timeout": (["dist.timeout_s=0.5"], CONFIG, 2, "dist.timeout_s is in seconds and must be >= 1"),
+        # one slash: it trained into a local folder named "s3:" in the working directory, exit 0
+        "half-url": (["checkpoint.dir='s3:/bucket/run'"], CONFIG, 2, "did you mean 's3://bucket/run'?"),
     }
     procs = {}
     for name, (sets, config, _, _) in cases.items():
         out = tmp_path / name
         out.mkdir()
-        procs[name] = (out, subprocess.Popen(standalone_cmd(out, *sets, config=config), env=base_env(),
+        procs[name] = (out, subprocess.Popen(standalone_cmd(out, *sets, config=config), env=base_env(), cwd=out,
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     t0 = time.monotonic()
     for name, (out, proc) in procs.items():
@@ -61,6 +63,7 @@ def test_config_errors_fail_fast_with_one_line(tmp_path):
         assert lines[0].startswith(prefix) and text in lines[0], f"{name}: {lines[0]}"
         assert not (out / "metrics.jsonl").exists(), f"{name}: training started"
         assert not (out / "ck").exists(), f"{name}: checkpoint folder created"
+        assert sorted(p.name for p in out.iterdir()) == [], f"{name}: wrote {list(out.iterdir())}"
     print(f"{len(cases)} config-error processes: {time.monotonic() - t0:.1f} s")
 
 

@@ -17,6 +17,7 @@ from typing import IO, Any, Callable, Iterator
 import fsspec
 
 from harness import faults
+from harness.config import local_or_url
 from harness.storage.backend import probe_access
 from harness.storage.direct_write import DirectWriter, open_direct
 from harness.storage.fsspec_backend import FsspecBackend
@@ -136,7 +137,6 @@ class LocalBackend(FsspecBackend):
 
 
 def open_local(url: str, options: dict, tuning: Tuning, secrets: list[str]) -> tuple[LocalBackend, str]:
-    if url.startswith("~"):  # the home folder, as a shell would read it (fsspec would make a folder named "~")
-        url = os.path.expanduser(url)
+    url = local_or_url(url)  # ~ is the home folder; "s3:/bucket" (one slash) a ValueError, not a local folder
     fs, root = fsspec.core.url_to_fs(url, **options)  # file:// and relative paths made absolute
     return LocalBackend(fs, direct=tuning.direct_io), root
