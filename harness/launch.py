@@ -280,10 +280,10 @@ def _check(args: LaunchArgs) -> Any:
     if hi == 1:  # one machine: rank 0's (see harness.prefetch); before torch is imported here
         prefetch.start(cfg.checkpoint.dir)
     _check_workload(cfg, lo * nproc)
-    prepare_output_dir(cfg.output_dir)  # any node's rank may be 0: its metrics.jsonl goes there
     storage = Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options)
     storage.check_access(write=True)
     storage.remember_access(write=True)  # the workers need not check again (see Storage.access_remembered)
+    prepare_output_dir(cfg.output_dir)  # metrics.jsonl's; after the storage: no runs/remote/s3/<missing bucket>
     return cfg
 
 

@@ -25,9 +25,9 @@ from torch_features import SIGNALS_TO_HANDLE
 MID = 30  # act once rank 0 has logged this step: past the first checkpoint (25), well before the end
 
 
-def run_quick(cmd, timeout=60, **env):
+def run_quick(cmd, timeout=60, cwd=None, **env):
     """A launch that must end before any worker starts: (exit code, stderr lines, stdout)."""
-    out = subprocess.run(cmd, env=base_env(**env), capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd, env=base_env(**env), capture_output=True, text=True, timeout=timeout, cwd=cwd)
     return out.returncode, out.stderr.strip().splitlines(), out.stdout
 
 
@@ -121,12 +121,14 @@ def test_a_users_builder_with_the_wrong_signature_exits_2_without_restart(runner
 
 
 def test_missing_bucket_exits_3_before_any_worker_starts(tmp_path, s3_server):
+    """... and makes no folder: the metrics folder derived from the URL (run.output_dir unset) was made first,
+    leaving runs/remote/s3/<bucket>/run behind in the working directory."""
     rc, err, _ = run_quick(launch_cmd(tmp_path, "checkpoint.dir='s3://no-such-bucket-for-launch/run'",
-                                      max_restarts=3))
+                                      "run.output_dir=''", max_restarts=3), cwd=tmp_path)
     assert rc == 3, (rc, err)
     assert len(err) == 1 and err[0].startswith("harness: checkpoint error: "), err
     assert "no-such-bucket-for-launch" in err[0] and "Traceback" not in err[0], err
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_storage_that_fails_as_it_opens_exits_3_before_any_worker_starts(tmp_path):
