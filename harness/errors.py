@@ -86,3 +86,13 @@ def is_accelerator_failure(exc: BaseException) -> bool:
     RuntimeError ("CUDA error: an illegal memory access was encountered", "... uncorrectable ECC error",
     "CUDA error: out of memory" from a library handle) before it; ``torch>=2.4`` is supported."""
     return isinstance(exc, RuntimeError) and str(exc).lstrip().startswith(CUDA_ERROR_PREFIXES)
+
+
+HOST_ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
+
+
+def is_host_out_of_memory(exc: BaseException) -> bool:
+    """Host memory refused: torch's CPU allocator raises a plain RuntimeError ("[enforce fail at alloc_cpu.cpp]
+    ... DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes"), Python and numpy a
+    MemoryError. Out of memory, as on a GPU: not a bug (no traceback), not the checkpoint's fault."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and HOST_ALLOCATOR_FAILURE in str(exc))

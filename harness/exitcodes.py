@@ -12,7 +12,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-from harness.errors import (CheckpointError, ConfigError, cause_chain, is_accelerator_failure,
+from harness.errors import (CheckpointError, ConfigError, cause_chain, is_accelerator_failure, is_host_out_of_memory,
                             is_storage_unavailable, is_transport_failure)
 
 EXIT_OK = 0
@@ -62,6 +62,8 @@ def _resource_kind(exc: BaseException) -> str | None:
 
     if isinstance(exc, torch.OutOfMemoryError):
         return "out of memory"
+    if is_host_out_of_memory(exc):
+        return "out of host memory"
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if (accelerator_error is not None and isinstance(exc, accelerator_error)) or is_accelerator_failure(exc):
         return "accelerator error"

@@ -51,6 +51,32 @@ def test_oom_in_load_state_dict_is_retryable_and_marks_nothing_damaged(ckpt_url)
     assert restarted.latest() == "step-000000015"
 
 
+def _host_allocation_fails(name: str, info: dict) -> None:
+    if name == "restore.apply" and info["what"] == "optimizer":
+        torch.empty(1 << 62, dtype=torch.uint8)  # 4 EiB: more than any address space, a real allocator failure
+
+
+def test_host_memory_refused_in_load_state_dict_is_out_of_memory_not_a_mismatch(ckpt_url):
+    """torch's CPU allocator says no with a plain RuntimeError: it was taken for a state that does not fit
+    (StateMismatchError, exit 3: needs a human). It is out of memory: retryable, one line, nothing damaged."""
+    from harness.exitcodes import classify
+    model, opt, _ = simple_run()
+    CheckpointManager(ckpt_url).save(5, models=model, optimizers=opt)
+    restarted = CheckpointManager(ckpt_url)
+    m2 = Net()
+    faults.install(_host_allocation_fails)
+    try:
+        with pytest.raises(RuntimeError, match="DefaultCPUAllocator: can't allocate memory") as info:
+            restarted.restore(models=m2, optimizers=torch.optim.AdamW(m2.parameters()))
+    finally:
+        faults.install(None)
+    assert not isinstance(info.value, CheckpointError) and restarted._ctx.damaged == set()
+    outcome = classify(info.value)
+    assert outcome.code == 1 and outcome.line.startswith("harness: out of host memory (retryable, exit 1): "
+                                                         "RuntimeError: "), outcome
+    assert classify(MemoryError("numpy")).line == "harness: out of host memory (retryable, exit 1): MemoryError: numpy"
+
+
 def test_state_that_does_not_fit_is_still_a_checkpoint_error(ckpt_url):
     model, opt, _ = simple_run()
     CheckpointManager(ckpt_url).save(1, models=model, optimizers=opt)

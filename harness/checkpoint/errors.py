@@ -17,7 +17,8 @@ import torch
 
 from harness import dist
 from harness.errors import (CheckpointCorruptError, CheckpointError, CheckpointFormatError, StorageError,
-                            StorageUnavailableError, is_accelerator_failure, is_transport_failure)
+                            StorageUnavailableError, is_accelerator_failure, is_host_out_of_memory,
+                            is_transport_failure)
 
 
 def _resource_types() -> tuple[type[BaseException], ...]:
@@ -38,7 +39,8 @@ _DIST_NETWORK = getattr(torch.distributed, "DistNetworkError", None) if torch.di
 def is_resource_error(exc: BaseException) -> bool:
     """A failure of resources or communication (device or host memory, the accelerator, the process group,
     the network), not of a checkpoint: retryable, never a reason to call a checkpoint damaged."""
-    return isinstance(exc, RESOURCE_ERRORS) or is_transport_failure(exc) or is_accelerator_failure(exc)
+    return (isinstance(exc, RESOURCE_ERRORS) or is_transport_failure(exc) or is_accelerator_failure(exc)
+            or is_host_out_of_memory(exc))
 
 
 def _qualname(cls: type) -> str:
