@@ -423,6 +423,30 @@ def test_export_keeps_existing_out_on_failure(single, tmp_path):
     assert torch.load(out, weights_only=True)["step"] == 2
 
 
+def test_export_never_replaces_a_device_or_pipe_and_writes_through_a_symlink(single, tmp_path, capsys):
+    """`--out /dev/null` (as root) renamed the export over /dev/null: the device was gone, a regular file in its
+    place. A named pipe stands in for it here. A symlink is written through, as cp does: the link stays."""
+    import stat
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    assert cli("ckpt", "export", single[0], "--format", "pt", "--out", pipe) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "it is not a regular file" in err, err
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode) and os.listdir(tmp_path) == ["pipe"]
+    from harness.storage.local import atomic_write
+    with pytest.raises(FileExistsError, match="not a regular file"):  # every atomic write, not only export's
+        atomic_write(pipe, lambda f: f.write(b"x"))
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
+
+    (tmp_path / "models").mkdir()
+    target = tmp_path / "models" / "v3.pt"
+    target.write_bytes(b"old")
+    link = tmp_path / "current.pt"
+    link.symlink_to(target)
+    assert cli("ckpt", "export", single[0], "--format", "pt", "--out", link) == 0
+    assert link.is_symlink() and "model_state_dict" in torch.load(target, weights_only=True)
+
+
 # -- URLs, storage options, credentials -------------------------------------------------------------
 
 def test_memory_url_and_storage_options(tmp_path, capsys):

@@ -167,3 +167,6 @@ def _check_out_folder(out: str) -> None:
         raise HarnessError(f"cannot write {out}: folder {folder} does not exist")
     if os.path.isdir(out):
         raise HarnessError(f"cannot write {out}: it is a folder")
+    if os.path.exists(out) and not os.path.isfile(out):  # /dev/null, /dev/stdout, a named pipe
+        raise HarnessError(f"cannot write {out}: it is not a regular file (export writes a file whole, then "
+                           "renames it into place)")
