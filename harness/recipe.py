@@ -26,7 +26,8 @@ from harness.workloads import Workload, build_workload, load_entry_point
 WorkloadBuilder = Callable[[dict, dict, int], Workload]
 
 __all__ = ["WorkloadBuilder", "seed_everything", "build_optimizer", "build_scheduler", "fsdp_wrap",
-           "safe_metadata", "schedule_changes", "workload", "materialize", "initialize", "workload_from_dict", "ddp_wrap", "loader"]
+           "safe_metadata", "schedule_changes", "workload", "materialize", "initialize", "workload_from_dict",
+           "ddp_wrap", "loader"]
 
 
 def seed_everything(seed: int) -> None:
