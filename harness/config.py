@@ -77,6 +77,9 @@ class CheckpointConfig:
     timeout_s: float = 600.0            # checkpoint collectives
     split_writes: bool = False          # ranks share the writes of replicated (DDP) state, greedy by size
     lease_timeout_s: float = 60.0       # another run's RUN_LEASE that does not beat for this long is taken over
+    init_from: str = ""                 # a new run's initial weights: a checkpoint folder or a .pt/.safetensors
+    #                                     file (tensors whose name and shape match); once dir has a checkpoint,
+    #                                     restarts resume from that instead
 
 
 @dataclass
@@ -127,7 +130,7 @@ _CHOICES = {
     ("checkpoint", "on_error"): ("stop", "continue"),
     ("dist", "backend"): ("auto", "gloo", "nccl"),
 }
-_PATHS = {("checkpoint", "dir"), ("run", "output_dir")}  # local paths: a leading ~ is the home folder, as in a shell
+_PATHS = {("checkpoint", "dir"), ("run", "output_dir"), ("checkpoint", "init_from")}  # local paths: a leading ~ is the home folder, as in a shell
 _POSITIVE = {("train", "max_steps"), ("train", "batch_size"), ("train", "log_every"), ("checkpoint", "every_steps"),
              ("checkpoint", "max_file_mb"), ("checkpoint", "io_threads"), ("checkpoint", "timeout_s"),
              ("checkpoint", "grace_period_s"), ("checkpoint", "lease_timeout_s"), ("dist", "timeout_s"),
@@ -245,6 +248,9 @@ def _check_combinations(cfg: Config) -> None:
     if cfg.checkpoint.dir.lower().startswith("memory://"):
         raise ConfigError(f"checkpoint.dir = {cfg.checkpoint.dir!r} lives in one process's memory: every rank would "
                           "have its own, and all of it is gone when the run ends; use a folder or an object store")
+    if cfg.checkpoint.init_from and cfg.train.parallel == "fsdp":
+        raise ConfigError("checkpoint.init_from is not supported with train.parallel = 'fsdp' yet: import the "
+                          "weights with `harness ckpt import`, or start the run under ddp")
     if cfg.dist.backend == "nccl" and cfg.train.device == "cpu":
         raise ConfigError("dist.backend = 'nccl' needs CUDA tensors, but train.device = 'cpu': "
                           "use dist.backend = 'gloo' (or 'auto'), or train.device = 'cuda'")

@@ -23,6 +23,7 @@ from harness.checkpoint import CheckpointManager
 from harness.checkpoint.prune import clean_leftovers
 from harness.config import Config
 from harness.errors import CheckpointError, ConfigError, StateMismatchError, StorageError
+from harness.interop.inference import initial_weights
 from harness.progress import MetricsLog, Progress
 from harness.recipe import (WorkloadBuilder, build_optimizer, build_scheduler, fsdp_wrap, safe_metadata,
                             schedule_changes, seed_everything)
@@ -214,11 +215,7 @@ class Trainer:
                 "was saved with (`harness ckpt inspect` shows that one): resume with it, or start a new "
                 "checkpoint.dir") from None
         if result is None:
-            if self.deferred:  # the weights a normal build draws, and rank 0's on every rank (as DDP does)
-                recipe.initialize(self.cfg, self.module)
-                dist.broadcast_module(self.module)
-            log.info("no checkpoint found in %s: starting at step 0", redact_url(self.cfg.checkpoint.dir))
-            self.metrics_log.write({"event": "start", "step": 0})
+            self._initial_weights()
             return
         self.step, self.epoch, self.saved_step = result.step, result.epoch, result.step
         self.last_loss, self.metrics = result.loss, dict(result.metrics)
@@ -235,6 +232,21 @@ class Trainer:
                  time.perf_counter() - t0)
         self.metrics_log.write({"event": "resume", "step": self.step, "checkpoint": result.name,
                                 "seconds": round(time.perf_counter() - t0, 3)})
+
+    def _initial_weights(self) -> None:
+        """No checkpoint yet: the weights a normal build draws, or checkpoint.init_from's where it has them
+        (fine-tuning), and rank 0's on every rank (as DDP does)."""
+        source = self.cfg.checkpoint.init_from
+        if self.deferred:
+            recipe.initialize(self.cfg, self.module)
+        if source:
+            initial_weights(self.module, source, storage_options=self.cfg.checkpoint.storage_options,
+                            group=self.mgr._group)  # broadcasts them
+        elif self.deferred:
+            dist.broadcast_module(self.module)
+        log.info("no checkpoint found in %s: starting at step 0%s", redact_url(self.cfg.checkpoint.dir),
+                 f" from the weights of {redact_url(source)}" if source else "")
+        self.metrics_log.write({"event": "start", "step": 0, **({"init_from": redact_url(source)} if source else {})})
 
     def _warn_overridden_lr(self) -> None:
         """The saved optimizer and schedule win over the config (torch's load_state_dict): a changed optim.lr

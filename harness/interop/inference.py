@@ -16,16 +16,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harness import dist
 from harness.checkpoint.load import LoadReport, load_model_state
 from harness.checkpoint.select import choose, pick_model, read_models
-from harness.errors import HarnessError
+from harness.errors import CheckpointError, ConfigError, HarnessError
 from harness.interop.importer import load_file, understand
 from harness.state import strip_prefix, unwrap_model
 from harness.storage import Storage, redact_url
 
 log = logging.getLogger("harness")
 
-__all__ = ["load_for_inference", "warm_start", "WarmStartReport", "read_weights"]
+__all__ = ["load_for_inference", "warm_start", "WarmStartReport", "read_weights", "initial_weights"]
 
 
 @dataclass
@@ -114,3 +115,31 @@ def warm_start(model: torch.nn.Module, source: str, *, name: str | None = None, 
     log.info("warm start of %s from %s: %s", model_name, where, report)
     return report
 
+
+def initial_weights(model: torch.nn.Module, source: str, *, storage_options: dict | None = None,
+                    group: object = None) -> WarmStartReport | None:
+    """``checkpoint.init_from``: rank 0 warm-starts ``model`` from ``source`` (:func:`warm_start`) and every
+    rank takes rank 0's parameters and buffers. Collective; one read, as torchtnt reads and broadcasts.
+    A source that does not exist or holds none of the model's tensors is a ConfigError on every rank (exit 2),
+    one that cannot be read a CheckpointError (exit 3); anything else is re-raised by rank 0 as it is and
+    told to the others. Returns rank 0's report, None on the other ranks."""
+    report, problem = None, None
+    shown = redact_url(source)
+    if dist.rank() == 0:
+        try:
+            report = warm_start(model, source, storage_options=storage_options)
+            if not report.loaded_keys:
+                problem = ("config", f"checkpoint.init_from: {shown} holds none of the model's tensors ({report})")
+        except FileNotFoundError:
+            problem = ("config", f"checkpoint.init_from: {shown} does not exist")
+        except HarnessError as exc:  # not a checkpoint or weights file, damaged, no valid checkpoint in it
+            problem = ("checkpoint", f"checkpoint.init_from: {exc}")
+        except Exception as exc:
+            dist.broadcast(("other", f"rank 0 could not read checkpoint.init_from {shown}: {exc!r}"), group)
+            raise
+    problem = dist.broadcast(problem, group)
+    if problem:
+        kind, why = problem
+        raise {"config": ConfigError, "checkpoint": CheckpointError}.get(kind, RuntimeError)(why)
+    dist.broadcast_module(model)
+    return report
