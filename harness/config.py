@@ -130,7 +130,7 @@ _CHOICES = {
     ("checkpoint", "on_error"): ("stop", "continue"),
     ("dist", "backend"): ("auto", "gloo", "nccl"),
 }
-_PATHS = {("checkpoint", "dir"), ("run", "output_dir"), ("checkpoint", "init_from")}  # local paths: a leading ~ is the home folder, as in a shell
+_PATHS = {("checkpoint", "dir"), ("run", "output_dir"), ("checkpoint", "init_from")}  # see local_or_url
 _POSITIVE = {("train", "max_steps"), ("train", "batch_size"), ("train", "log_every"), ("checkpoint", "every_steps"),
              ("checkpoint", "max_file_mb"), ("checkpoint", "io_threads"), ("checkpoint", "timeout_s"),
              ("checkpoint", "grace_period_s"), ("checkpoint", "lease_timeout_s"), ("dist", "timeout_s"),

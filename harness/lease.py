@@ -12,8 +12,7 @@ new container, that number may be anyone's): it watches the record. The live job
 every few seconds: the starting job then refuses with :class:`LeaseError` (exit code 3). A record that stays
 the same for that timeout belongs to a job that is gone (a node lost, a kill -9 a moment ago) and is taken
 over: a job requeued onto another node right after such a death starts up to a minute later instead of
-exiting 3. A stop signal ends the watch (LeaseStopped:
-the trainer exits 128+N, nothing written).
+exiting 3. A stop signal ends the watch (LeaseStopped: the trainer exits 128+N, nothing written).
 
 The same job restarting (torchrun ``--max-restarts``, SLURM requeue, a Kubernetes pod restart) keeps its run
 id (``run.id``, else TORCHELASTIC_RUN_ID / SLURM_JOB_ID / PET_RDZV_ID) and takes its own lease back.
