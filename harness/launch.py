@@ -13,10 +13,8 @@ What torchrun leaves to its caller, and this module adds:
   is handed to the agent, which forwards it to the workers (they commit a checkpoint and exit 128+N), and the
   launcher exits 128+N. A second signal during that shutdown is ignored: torch would otherwise abandon the
   workers' save half way. A signal during the checks before the agent (torch still importing, a slow
-  object store) ends the launch at once with 128+N, and once the exit code is decided signals are ignored
-  (see ``Stopper``).
-* One line per problem: torch's own log records below ERROR and its failure table stay out of the way
-  unless HARNESS_DEBUG=1.
+  object store) ends the launch at once with 128+N; once the exit code is decided signals are ignored.
+* One line per problem: torch's log records below ERROR and its failure table only with HARNESS_DEBUG=1.
 * Workers that import nothing at start: they are forks of a forkserver that imports torch and torch._dynamo
   beside the launcher (harness/workerstart.py), unless ``--start-method subprocess``.
 
@@ -418,7 +416,9 @@ def _outcome(stopper: Stopper) -> int:
               file=sys.stderr)
         return exitcodes.EXIT_ERROR
     code = exitcodes.signal_code(stopper.signum)
-    print(f"harness launch: stopped by {name}; exit {code} (retryable: a restart resumes)", file=sys.stderr)
+    # No worker said it committed: they were killed, ran out of memory or crashed in the save, or were starting.
+    how = ("; exit" if record else ", but no worker confirmed a checkpoint for this stop; exit")
+    print(f"harness launch: stopped by {name}{how} {code} (retryable: a restart resumes)", file=sys.stderr)
     return code
 
 

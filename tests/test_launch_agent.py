@@ -234,6 +234,20 @@ def test_signal_to_launcher_commits_and_exits_128_plus_n(sig, code, runner, tmp_
     assert "Traceback" not in log and "ChildFailedError" not in log, log[-3000:]
 
 
+def test_a_stop_whose_checkpoint_no_worker_committed_says_so(runner, tmp_path):
+    """SIGTERM, and rank 0 dies in the stop's save (SIGKILL before its commit record, as the kernel's OOM
+    killer or the agent's kill after the grace period would): still 143 (a restart resumes), but the line no
+    longer implies a checkpoint was committed for the stop."""
+    env = base_env(HARNESS_FAULT="save.before_commit:sigkill:rank=0")
+    proc = runner.start("launch", launch_cmd(tmp_path, SLOW, "checkpoint.every_steps=100000"), env=env)
+    wait_until("step 3", lambda: last_logged_step(tmp_path) >= 3, [proc], timeout=120)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(90) == 143, proc.tail()
+    assert "harness launch: stopped by SIGTERM, but no worker confirmed a checkpoint for this stop; exit 143 " \
+           "(retryable: a restart resumes)" in proc.log(), proc.tail()
+    assert not committed_steps(tmp_path / "ck")
+
+
 def test_signal_after_the_workers_finished_exits_0(runner, tmp_path):
     """A SIGTERM that reaches the launcher after every worker finished training (final checkpoint committed)
     but before they are gone is not a preemption: exit 0, not 143 (a requeue that would only find the job
