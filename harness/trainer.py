@@ -170,6 +170,7 @@ class Trainer:
         # scaler's per-step host sync (its inf check). fp16 needs the scaler.
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
         self.attention_kernels = determinism.attention_kernels(cfg.train.deterministic, self.device)
+        self._say_setup(parallel)
         c = cfg.checkpoint
         self.mgr = CheckpointManager(c.dir, keep_last=c.keep_last, keep_best=c.keep_best, best_metric=c.best_metric,
                                      best_mode=c.best_mode, async_save=c.async_save,
@@ -186,6 +187,17 @@ class Trainer:
         self.metrics_log = self._metrics_log(cfg.output_dir)
         self.stats = StepStats(self.device)
         self.vote = StopVote(dist.new_cpu_group(cfg.dist.timeout_s))  # its own group: never waits on a save
+
+    def _say_setup(self, parallel: str) -> None:
+        """Rank 0's first line (Lightning prints the same): where and how this run trains. A config written for
+        GPUs (train.device = "auto", train.amp) started on a machine without one says so here."""
+        if self.rank != 0:
+            return
+        params = sum(p.numel() for p in self.module.parameters())
+        amp = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype is not None else "off"
+        note = " (train.amp is for CUDA)" if self.cfg.train.amp and self.amp_dtype is None else ""
+        log.info("training on %s: %d rank(s), %s, %.2fM parameters, amp %s%s", self.device, self.world,
+                 parallel, params / 1e6, amp, note)
 
     def _metrics_log(self, folder: str) -> MetricsLog:
         """Rank 0's metrics.jsonl, beside the run's checkpoints by default (Config.output_dir: two runs never

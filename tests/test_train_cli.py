@@ -76,6 +76,16 @@ def test_standalone_quickstart_runs_to_completion(runner, tmp_path):
     assert [e["step"] for e in events(tmp_path, "done")] == [MAX_STEPS]
     final = final_state(tmp_path / "ck")
     assert final.raw["world_size"] == 1 and final.raw["step"] == MAX_STEPS
+    assert "INFO training on cpu: 1 rank(s), ddp, 0.02M parameters, amp off\n" in proc.log(), proc.tail()
+
+
+def test_a_gpu_config_on_a_machine_without_one_says_where_it_trains(runner, tmp_path):
+    """train.device = "auto" and train.amp on a CPU-only machine: it trains on the CPU, without autocast, and
+    the first line says so (it was silent: a GPU config crawled on the CPU without a word)."""
+    proc = runner.run("auto", standalone_cmd(tmp_path, "train.device='auto'", "train.amp=true",
+                                             f"train.max_steps={EVERY}"))
+    assert proc.rc == 0, proc.tail()
+    assert "INFO training on cpu: 1 rank(s), ddp, 0.02M parameters, amp off (train.amp is for CUDA)" in proc.log()
 
 
 def test_a_learning_rate_changed_for_a_resumed_run_is_warned_not_silently_ignored(runner, tmp_path):
