@@ -170,7 +170,6 @@ class Trainer:
         # scaler's per-step host sync (its inf check). fp16 needs the scaler.
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
         self.attention_kernels = determinism.attention_kernels(cfg.train.deterministic, self.device)
-        self._say_setup(parallel)
         c = cfg.checkpoint
         self.mgr = CheckpointManager(c.dir, keep_last=c.keep_last, keep_best=c.keep_best, best_metric=c.best_metric,
                                      best_mode=c.best_mode, async_save=c.async_save,
@@ -187,6 +186,7 @@ class Trainer:
         self.metrics_log = self._metrics_log(cfg.output_dir)
         self.stats = StepStats(self.device)
         self.vote = StopVote(dist.new_cpu_group(cfg.dist.timeout_s))  # its own group: never waits on a save
+        self._say_setup(parallel)  # after the storage checks: an error before it stays one line on stderr
 
     def _say_setup(self, parallel: str) -> None:
         """Rank 0's first line (Lightning prints the same): where and how this run trains. A config written for
