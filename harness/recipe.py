@@ -137,7 +137,7 @@ def workload(cfg: Config, builder: WorkloadBuilder | None = None, *, deferred: b
         except ValueError as exc:
             raise ConfigError(f"train.entry: {exc}") from None
     args = (dict(cfg.model), dict(cfg.data), cfg.train.seed)
-    name = repr(cfg.train.entry) if cfg.train.entry else "the workload builder"
+    name = f"train.entry: {cfg.train.entry!r}" if cfg.train.entry else "the workload builder"
     if builder is not None:
         _check_callable_as_builder(builder, args, name)
     try:
@@ -158,7 +158,7 @@ def _check_callable_as_builder(builder: Callable, args: tuple, name: str) -> Non
     try:
         signature.bind(*args)
     except TypeError as exc:
-        raise ConfigError(f"train.entry: {name} cannot be called as build(model_cfg: dict, data_cfg: dict, "
+        raise ConfigError(f"{name} cannot be called as build(model_cfg: dict, data_cfg: dict, "
                           f"seed: int): {exc}") from None
 
 
@@ -166,7 +166,7 @@ def _checked_workload(result: Any, name: str) -> Workload:
     """What a builder returned, if it is a usable Workload; else a ConfigError saying what is wrong (a bare
     AttributeError deep in the trainer, on every rank and every restart, was the alternative)."""
     if not isinstance(result, Workload):
-        raise ConfigError(f"train.entry: {name} returned {type(result).__name__}, not a harness.workloads.Workload")
+        raise ConfigError(f"{name} returned {type(result).__name__}, not a harness.workloads.Workload")
     problems = []
     if not isinstance(result.model, torch.nn.Module):
         problems.append(f"model is {type(result.model).__name__}, not a torch.nn.Module")
@@ -177,7 +177,7 @@ def _checked_workload(result: Any, name: str) -> Workload:
     if result.metric_fn is not None and not callable(result.metric_fn):
         problems.append("metric_fn is neither None nor callable")
     if problems:
-        raise ConfigError(f"train.entry: {name} returned a Workload whose " + "; ".join(problems))
+        raise ConfigError(f"{name} returned a Workload whose " + "; ".join(problems))
     return result
 
 

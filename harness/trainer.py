@@ -23,7 +23,6 @@ from harness.checkpoint import CheckpointManager
 from harness.checkpoint.prune import clean_leftovers
 from harness.config import Config
 from harness.errors import CheckpointError, ConfigError, StateMismatchError, StorageError
-from harness.interop.inference import initial_weights
 from harness.progress import MetricsLog, Progress
 from harness.recipe import (WorkloadBuilder, build_optimizer, build_scheduler, fsdp_wrap, safe_metadata,
                             schedule_changes, seed_everything)
@@ -227,7 +226,7 @@ class Trainer:
                 "was saved with (`harness ckpt inspect` shows that one): resume with it, or start a new "
                 "checkpoint.dir") from None
         if result is None:
-            self._initial_weights()
+            self._start_fresh()
             return
         self.step, self.epoch, self.saved_step = result.step, result.epoch, result.step
         self.last_loss, self.metrics = result.loss, dict(result.metrics)
@@ -245,20 +244,22 @@ class Trainer:
         self.metrics_log.write({"event": "resume", "step": self.step, "checkpoint": result.name,
                                 "seconds": round(time.perf_counter() - t0, 3)})
 
-    def _initial_weights(self) -> None:
+    def _start_fresh(self) -> None:
         """No checkpoint yet: the weights a normal build draws, or checkpoint.init_from's where it has them
         (fine-tuning), and rank 0's on every rank (as DDP does)."""
         source = self.cfg.checkpoint.init_from
         if self.deferred:
             recipe.initialize(self.cfg, self.module)
-        if source:
+        if source:  # imported here: the file readers it needs cost every other start nothing
+            from harness.interop.inference import initial_weights
             initial_weights(self.module, source, storage_options=self.cfg.checkpoint.storage_options,
                             group=self.mgr._group)  # broadcasts them
         elif self.deferred:
             dist.broadcast_module(self.module)
         log.info("no checkpoint found in %s: starting at step 0%s", redact_url(self.cfg.checkpoint.dir),
                  f" from the weights of {redact_url(source)}" if source else "")
-        self.metrics_log.write({"event": "start", "step": 0, **({"init_from": redact_url(source)} if source else {})})
+        event = {"event": "start", "step": 0}
+        self.metrics_log.write({**event, "init_from": redact_url(source)} if source else event)
 
     def _warn_overridden_lr(self) -> None:
         """The saved optimizer and schedule win over the config (torch's load_state_dict): a changed optim.lr
@@ -272,8 +273,8 @@ class Trainer:
         """A schedule setting changed since the checkpoint (train.max_steps raised to train longer under
         cosine, another scheduler.name): the step count carries over, the shape is the config's, so the LR
         jumps. Said with both LRs, as Lightning users see a scheduler's saved T_max win instead."""
-        changes = schedule_changes(saved, self.cfg)
-        if self.rank != 0 or not changes:
+        changes = schedule_changes(saved, self.cfg) if self.rank == 0 else []
+        if not changes:
             return
         sch = self.scheduler
         now = sch.base_lrs[0] * sch.lr_lambdas[0](sch.last_epoch)

@@ -42,6 +42,7 @@ from harness.interop import onnx, pt, safetensors, torchscript
 from harness.interop.formats import ExportFormat, ExportJob, get, quantizable, register, registered, summary_value
 from harness.interop.quantize import QUANTIZE, quantize_available
 from harness.storage import Storage, redact_url
+from harness.storage.local import replaceable
 
 log = logging.getLogger("harness")
 
@@ -167,6 +168,8 @@ def _check_out_folder(out: str) -> None:
         raise HarnessError(f"cannot write {out}: folder {folder} does not exist")
     if os.path.isdir(out):
         raise HarnessError(f"cannot write {out}: it is a folder")
-    if os.path.exists(out) and not os.path.isfile(out):  # /dev/null, /dev/stdout, a named pipe
+    try:
+        replaceable(out)  # what atomic_file will refuse, said before any checkpoint is read: /dev/null, a pipe
+    except FileExistsError:
         raise HarnessError(f"cannot write {out}: it is not a regular file (export writes a file whole, then "
-                           "renames it into place)")
+                           "renames it into place)") from None

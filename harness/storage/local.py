@@ -44,16 +44,22 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
+def replaceable(path: str | os.PathLike) -> str:
+    """The file an atomic write to ``path`` replaces: through a symlink to the file it names, as cp writes (the
+    link stays a link). Anything there but a regular file is a FileExistsError: renaming over /dev/null (an
+    export "to nowhere", run as root) replaced the device itself."""
+    path = os.path.realpath(path)
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise FileExistsError(errno.EEXIST, "not a regular file (a folder, a device, a pipe): not replacing it", path)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temp path in ``path``'s folder for the caller (or a library: torch.save, onnx) to write; on
     success it is fsync'd, renamed over ``path`` and the folder fsync'd; on failure it is removed and
     ``path`` is untouched."""
-    # Through a symlink to the file it names, as cp writes (the link stays a link). Anything but a regular file
-    # is refused: renaming over /dev/null (an export "to nowhere", run as root) replaced the device itself.
-    path = os.path.realpath(path)
-    if os.path.lexists(path) and not os.path.isfile(path):
-        raise FileExistsError(errno.EEXIST, "not a regular file (a folder, a device, a pipe): not replacing it", path)
+    path = replaceable(path)
     folder = os.path.dirname(path)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
