@@ -201,7 +201,9 @@ def _check_value(section: str, key: str, value: Any) -> Any:
     return value
 
 
-_HALF_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/?(?!/)(.*)$")
+_HALF_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/?(?![/:])(.*)$")  # not a chained a::b://
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.DOTALL)
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})  # keys, not paths
 
 
 def local_or_url(value: str) -> str:
@@ -209,16 +211,28 @@ def local_or_url(value: str) -> str:
     alike. A leading ~ is the home folder (fsspec would make a folder named "~" in the working directory). A
     URL with one slash or none after its scheme (``s3:/bucket/run``, a typo) would be a local folder named
     ``s3:`` in the working directory: checkpoints on a node's disk where S3 was meant, lost with the node.
-    That is a ValueError; a local folder whose name has a colon is still ``./name:x``."""
+    That is a ValueError; a local folder whose name has a colon is still ``./name:x``. A scheme is
+    case-insensitive (RFC 3986; fsspec only knows ``s3``, not ``S3``), and an empty segment in an object
+    store's key (``s3://bucket//run``) is a ValueError: it stores under a key starting with "/", which
+    ``s3://bucket/run`` (and the console) does not show."""
     if value.startswith("~"):
         return os.path.expanduser(value)
     half = _HALF_URL.match(value)
     if half:
         scheme, rest = half.groups()
-        meant = f"file:///{rest}" if scheme == "file" else f"{scheme}://{rest}"
+        meant = f"file:///{rest}" if scheme.lower() == "file" else f"{scheme.lower()}://{rest}"
         raise ValueError(f"{value!r} is neither a URL nor a local path: did you mean {meant!r}? (a local folder "
                          f"whose name has a colon: './{value}')")
-    return value
+    url = _URL.match(value)
+    if not url:
+        return value
+    scheme, rest = url.group(1).lower(), url.group(2)
+    if scheme in _OBJECT_STORES and "//" in f"/{rest.rstrip('/')}":
+        meant = f"{scheme}://" + "/".join(part for part in rest.split("/") if part)
+        raise ValueError(f"{value!r} has an empty folder name ('//'): the object store would keep the checkpoints "
+                         f"under keys with an empty folder, where {meant} and the console do not see them; did you "
+                         f"mean {meant!r}?")
+    return f"{scheme}://{rest}"
 
 
 def from_dict(raw: dict) -> Config:

@@ -158,6 +158,23 @@ def test_the_limits_themselves_are_accepted():
     assert (cfg.dist.timeout_s, cfg.checkpoint.timeout_s, cfg.checkpoint.grace_period_s) == (1.0, 604800.0, 0.5)
 
 
+def test_url_schemes_are_case_insensitive_and_object_store_keys_have_no_empty_folder(tmp_path, monkeypatch):
+    """`S3://b/run` is `s3://b/run` (fsspec knows only the lower case); `s3://b//run` or `s3:///b/run` would
+    store under keys with an empty folder name: refused with what was meant. Local paths and file:// URLs
+    with '//' are the same folder as with one slash and stay as written; chained URLs are fsspec's."""
+    monkeypatch.chdir(tmp_path)
+    for value, stored in [("S3://bucket/run", "s3://bucket/run"), ("Gs://b/x/", "gs://b/x/"),
+                          ("file:///data//ck", "file:///data//ck"), ("/abs//ck", "/abs//ck"),
+                          ("simplecache::s3://b/x", "simplecache::s3://b/x"), ("hdfs:///x", "hdfs:///x")]:
+        assert config.load(None, [f"checkpoint.dir='{value}'"]).checkpoint.dir == stored
+    for value, meant in [("s3://bucket//run", "s3://bucket/run"), ("s3:///bucket/run", "s3://bucket/run"),
+                         ("S3://b//x//y/", "s3://b/x/y"), ("gs://b//x", "gs://b/x")]:
+        with pytest.raises(ConfigError, match=f"checkpoint.dir = '{value}' has an empty folder name .* did you "
+                                              f"mean '{meant}'"):
+            config.load(None, [f"checkpoint.dir='{value}'"])
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("value, meant", [("s3:/bucket/run", "s3://bucket/run"), ("s3:bucket", "s3://bucket"),
                                           ("gs:/b/x", "gs://b/x"), ("file:/data/ck", "file:///data/ck")])
 def test_a_url_missing_a_slash_is_refused_not_a_local_folder(value, meant, tmp_path, monkeypatch):

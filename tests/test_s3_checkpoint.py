@@ -166,3 +166,28 @@ def test_export_and_cli_list_from_s3(s3_url, tmp_path, capsys):
     text = capsys.readouterr()
     assert "step-000000003" in text.out and "valid" in text.out
     assert SECRET_KEY not in text.out + text.err
+
+
+def test_scheme_case_chained_urls_and_empty_folder_names(s3_bucket, s3_server, capsys):
+    """`S3://bucket/run` was exit 3 "Protocol not known: S3" (schemes are case-insensitive); `s3://bucket//run`
+    trained and exited 0 with its checkpoints under keys starting with "/", which `s3://bucket/run` (where
+    metrics.jsonl said they were) does not list. The first is the same folder as `s3://`, the second refused
+    before anything is written; a chained fsspec URL (`simplecache::s3://...`) reads the same checkpoints."""
+    from harness.cli import main
+    from harness.errors import StorageError
+    model, opt, sched = simple_run()
+    mgr = CheckpointManager(f"S3://{s3_bucket}/run", storage_options=SMALL_PARTS)
+    _save(mgr, 3, model, opt, sched, loss=0.5)
+    mgr.close()
+    fs = fsspec.filesystem("s3")
+    assert fs.exists(f"{s3_bucket}/run/step-000000003/{COMMIT_FILE}")
+    for url in (f"s3://{s3_bucket}/run", f"simplecache::s3://{s3_bucket}/run"):
+        assert [c.step for c in list_checkpoints(Storage(url))] == [3]
+        assert main(["ckpt", "verify", url]) == 0
+    for doubled in (f"s3://{s3_bucket}//dbl", f"s3:///{s3_bucket}/dbl"):
+        with pytest.raises(StorageError, match=f"did you mean 's3://{s3_bucket}/dbl'"):
+            CheckpointManager(doubled)
+        assert main(["ckpt", "list", doubled]) == 3
+    assert "empty folder name" in capsys.readouterr().err
+    fs.invalidate_cache()
+    assert sorted(fs.ls(s3_bucket)) == [f"{s3_bucket}/run"]

@@ -40,6 +40,8 @@ def test_config_errors_fail_fast_with_one_line(tmp_path):
         "ms-timeout": (["dist.timeout_s=0.5"], CONFIG, 2, "dist.timeout_s is in seconds and must be >= 1"),
         # one slash: it trained into a local folder named "s3:" in the working directory, exit 0
         "half-url": (["checkpoint.dir='s3:/bucket/run'"], CONFIG, 2, "did you mean 's3://bucket/run'?"),
+        # two: it trained to keys under an empty folder name, which s3://bucket/run does not list, exit 0
+        "empty-folder": (["checkpoint.dir='s3://bucket//run'"], CONFIG, 2, "did you mean 's3://bucket/run'?"),
     }
     procs = {}
     for name, (sets, config, _, _) in cases.items():

@@ -15,6 +15,7 @@ import os
 import time
 from typing import IO, Iterator
 
+from harness.config import local_or_url
 from harness.errors import StorageError
 from harness.storage import redact
 from harness.storage.backend import Backend, open_backend
@@ -42,9 +43,11 @@ class Storage:
     """One checkpoint root folder on some backend (local disk, any fsspec filesystem, S3)."""
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        self.url = url
         secrets = [*redact.secret_values(storage_options), *redact.url_secrets(url)]
+        self.url = url
         try:
+            # ~ is the home folder, S3:// is s3://; "s3:/bucket" (one slash) and "s3://bucket//run" ValueErrors
+            self.url = url = local_or_url(url)
             tuning, options = split_options(storage_options)
             self.backend: Backend
             self.backend, root = open_backend(url, options, tuning, secrets)

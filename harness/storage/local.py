@@ -17,7 +17,6 @@ from typing import IO, Any, Callable, Iterator
 import fsspec
 
 from harness import faults
-from harness.config import local_or_url
 from harness.storage.backend import probe_access
 from harness.storage.direct_write import DirectWriter, open_direct
 from harness.storage.fsspec_backend import FsspecBackend
@@ -147,6 +146,5 @@ class LocalBackend(FsspecBackend):
 
 
 def open_local(url: str, options: dict, tuning: Tuning, secrets: list[str]) -> tuple[LocalBackend, str]:
-    url = local_or_url(url)  # ~ is the home folder; "s3:/bucket" (one slash) a ValueError, not a local folder
     fs, root = fsspec.core.url_to_fs(url, **options)  # file:// and relative paths made absolute
     return LocalBackend(fs, direct=tuning.direct_io), root
