@@ -15,8 +15,8 @@ What torchrun leaves to its caller, and this module adds:
   workers' save half way. A signal during the checks before the agent (torch still importing, a slow
   object store) ends the launch at once with 128+N; once the exit code is decided signals are ignored.
 * One line per problem: torch's log records below ERROR and its failure table only with HARNESS_DEBUG=1.
-* Workers that import nothing at start: they are forks of a forkserver that imports torch and torch._dynamo
-  beside the launcher (harness/workerstart.py), unless ``--start-method subprocess``.
+* Workers that import nothing at start: forks of a forkserver that imports torch and torch._dynamo beside
+  the launcher (harness/workerstart.py), unless ``--start-method subprocess``.
 
 The worker side of the protocol (harness/launch_folder.py) is called by ``harness train`` (harness/cli.py).
 """
@@ -279,9 +279,10 @@ def _check(args: LaunchArgs) -> Any:
         prefetch.start(cfg.checkpoint.dir)
     _check_workload(cfg, lo * nproc)
     storage = Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options)
+    prepare_output_dir(cfg.output_dir, create=False)  # metrics.jsonl's: made once the storage is known good
     storage.check_access(write=True)
     storage.remember_access(write=True)  # the workers need not check again (see Storage.access_remembered)
-    prepare_output_dir(cfg.output_dir)  # metrics.jsonl's; after the storage: no runs/remote/s3/<missing bucket>
+    prepare_output_dir(cfg.output_dir)  # (no runs/remote/s3/<missing bucket>, no empty checkpoint folder)
     return cfg
 
 
@@ -316,8 +317,7 @@ def _launch_config(args: LaunchArgs, cfg: Any, stopper: Stopper, preload_status:
         min_nodes=lo, max_nodes=hi, nproc_per_node=_nproc(args.nproc_per_node),
         run_id=args.rdzv_id or (str(uuid.uuid4()) if standalone else "harness"),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0" if standalone else args.rdzv_endpoint,
-        rdzv_configs=dict(args.rdzv_conf),
-        max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
+        rdzv_configs=dict(args.rdzv_conf), max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
         logs_specs=(workerstart.logs_specs(logs, preload_status, stopper.stopping) if preload_status
                     else DefaultLogsSpecs(log_dir=logs)),
         signals_to_handle=_torch_signals(), shutdown_timeout=shutdown,

@@ -121,15 +121,28 @@ def _append_whole(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def prepare_output_dir(folder: str) -> None:
+def prepare_output_dir(folder: str, create: bool = True) -> None:
     """Create the run's output folder (metrics.jsonl's: ``Config.output_dir``) or raise a one-line StorageError
     (exit 3, a folder that needs a human): ``harness launch`` calls this before any worker starts, rank 0's
-    MetricsLog again."""
+    MetricsLog again. ``create=False`` only checks that it could be made (its nearest existing folder is a
+    writable folder): the launcher checks it so before the checkpoint storage, which creates its folder, and
+    makes it after, so that neither is left behind, empty, when the other is refused."""
     folder = folder or "."
     try:
-        os.makedirs(folder, exist_ok=True)
-        if not os.access(folder, os.W_OK | os.X_OK):  # a read-only filesystem says so here, even to root
-            raise PermissionError(f"cannot write to {folder}")
+        if create:
+            os.makedirs(folder, exist_ok=True)
+        existing = _nearest_existing(folder)
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(f"{existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):  # a read-only filesystem says so here, even to root
+            raise PermissionError(f"cannot write to {existing}")
     except OSError as exc:
         raise StorageError(f"the run's output folder {folder} (run.output_dir: metrics.jsonl goes there) "
                            f"is not writable: {type(exc).__name__}: {exc}") from None
+
+
+def _nearest_existing(folder: str) -> str:
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path

@@ -81,8 +81,9 @@ def test_an_output_folder_that_cannot_be_made_exits_3_before_any_worker_starts(t
     assert out.returncode == 3, (out.returncode, out.stderr)
     assert len(err) == 1 and err[0].startswith("harness: checkpoint error: the run's output folder "), err
     assert "run.output_dir" in err[0] and "NotADirectoryError" in err[0], err
-    # no worker ran: the launcher's storage check (before this one) made the checkpoint folder, nothing else
-    assert not (tmp_path / "ck").exists() or os.listdir(tmp_path / "ck") == [], os.listdir(tmp_path / "ck")
+    # no worker ran, and the checkpoint folder was not made either (it was left behind, empty)
+    assert not (tmp_path / "ck").exists(), os.listdir(tmp_path / "ck")
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]
 
 
 def test_an_output_folder_that_cannot_be_made_is_a_storage_error_in_the_worker_too(tmp_path):
