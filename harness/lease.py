@@ -5,10 +5,12 @@ resume from each other's checkpoints. At startup rank 0 writes ``DIR/RUN_LEASE``
 start and heartbeat time) atomically through :meth:`Storage.commit_bytes`, refreshes the heartbeat from a
 daemon thread, and removes the record when the process leaves through the trainer's normal exit path
 (finished, preempted, failed with an exception). A starting job finding the lease of a *different* run takes
-it over at once when it is stale: written on this host by a process that no longer exists (a ``kill -9``), or
-with no heartbeat for ``timeout_s`` by this host's clock (or the holder's own ``timeout_s``, which its record
-carries, when longer). Otherwise it does not trust the clocks (another host's may disagree) or the pid (in a
-new container, that number may be anyone's): it watches the record. The live job that holds it rewrites it
+it over when it is stale: at once when written on this host by a process that no longer exists (a ``kill -9``)
+or with no heartbeat for ``timeout_s`` by this (the same) host's clock (or the holder's own ``timeout_s``, which
+its record carries, when longer); after three of its holder's beats without one (16 s at the defaults) when
+written on another host, whose clock may run behind this one's (a live job there would look stale here).
+Otherwise it does not trust the clocks or the pid (in a new container, that number may be anyone's): it
+watches the record. The live job that holds it rewrites it
 every few seconds: the starting job then refuses with :class:`LeaseError` (exit code 3). A record that stays
 the same for that timeout belongs to a job that is gone (a node lost, a kill -9 a moment ago) and is taken
 over: a job requeued onto another node right after such a death starts up to a minute later instead of
@@ -33,7 +35,7 @@ import uuid
 from typing import Any, Callable
 
 from harness import dist
-from harness.config import MAX_DURATION_S
+from harness.config import MAX_DURATION_S, CheckpointConfig
 from harness.errors import StorageError, is_storage_unavailable, storage_failure
 from harness.hostinfo import pid_alive
 from harness.storage import Storage, redact_url
@@ -46,6 +48,7 @@ RUN_ID_ENV = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PET_RDZV_ID")
 
 
 WATCH_POLL_S = 1.0  # how often a starting job re-reads a lease it watches
+DEFAULT_TIMEOUT_S = CheckpointConfig.lease_timeout_s  # for a record without its holder's
 
 
 class LeaseError(StorageError):
@@ -109,6 +112,19 @@ def window_s(lease: dict, timeout_s: float) -> float:
     return max(timeout_s, min(float(theirs), MAX_DURATION_S))
 
 
+def beat_s(timeout_s: float) -> float:
+    """How often a holder with this ``timeout_s`` rewrites its record: several beats fit in a timeout."""
+    return max(0.5, min(5.0, timeout_s / 4))
+
+
+def confirm_s(lease: dict, timeout_s: float) -> float:
+    """How long a record stale by this host's clock but written on another host is watched before it is taken
+    over: three of its holder's beats and a second (a record without its ``timeout_s``: the default's 5 s
+    beat), at most :func:`window_s`. Long enough for a live holder whose clock runs behind to show itself."""
+    theirs = window_s(lease, 0.0) or DEFAULT_TIMEOUT_S
+    return min(window_s(lease, timeout_s), 3 * beat_s(theirs) + 1)
+
+
 def stale_reason(lease: dict, timeout_s: float) -> str | None:
     """Why a lease record no longer belongs to a live job, or None when it does: written on this host by a
     process that is gone (a ``kill -9``), or no heartbeat for :func:`window_s` (a job that died elsewhere)."""
@@ -142,7 +158,7 @@ class Lease:
                        "token": uuid.uuid4().hex, "started": time.time(), "heartbeat": time.time(),
                        "timeout_s": timeout_s}  # how long a reader must see no beat before it may take over
         self.timeout_s = timeout_s
-        self.interval_s = interval_s if interval_s is not None else max(0.5, min(5.0, timeout_s / 4))
+        self.interval_s = interval_s if interval_s is not None else beat_s(timeout_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -158,7 +174,11 @@ class Lease:
         if held is not None and "unreadable" in held:
             log.warning("lease %s/%s is unreadable (%s): taking it over", where, LEASE_FILE, held["unreadable"])
         elif held is not None and held.get("run_id") != self.record["run_id"]:
-            stale = stale_reason(held, self.timeout_s) or self._watch(held, stopping)
+            stale = stale_reason(held, self.timeout_s)
+            if stale is None:
+                stale = self._watch(held, stopping)
+            elif heartbeat_age(held) is not None and held.get("host") != socket.gethostname():
+                stale = self._watch(held, stopping, confirm_s(held, self.timeout_s), stale)
             log.warning("taking over the stale lease of %s in %s: %s", describe(held), where, stale)
         self._write()
         mine = read_lease(self.storage)  # two jobs starting at the same moment: the last writer wins
@@ -185,19 +205,22 @@ class Lease:
         return (f"the lease of {redact_url(self.storage.url)} was taken over by {describe(held)}: this job stops "
                 "writing there (two jobs must not share a checkpoint folder)")
 
-    def _watch(self, held: dict, stopping: Callable[[], int]) -> str:
+    def _watch(self, held: dict, stopping: Callable[[], int], watch_s: float | None = None,
+               stale: str = "") -> str:
         """A lease that looks alive by this host's clock (and, on this host, by a live process of its pid, which
-        in a new container may be anyone's) is watched rather than believed: its job rewrites it every few
-        seconds. LeaseError as soon as it changes; the reason to take it over if it stays the same for
-        :func:`window_s` (or less where the other ranks cannot wait that long: ``watch_cap_s``): its job is
-        gone, a node lost or killed with -9 a moment ago, whatever the clocks say."""
+        in a new container may be anyone's), or one that looks ``stale`` by it but comes from another host (whose
+        clock may disagree), is watched rather than believed: its job rewrites it every few seconds. LeaseError
+        as soon as it changes; the reason to take it over if it stays the same for ``watch_s`` (default
+        :func:`window_s`; less where the other ranks cannot wait that long: ``watch_cap_s``): its job is gone,
+        a node lost or killed with -9 a moment ago, whatever the clocks say."""
         where = redact_url(self.storage.url)
-        watch_s = window_s(held, self.timeout_s)
+        watch_s = window_s(held, self.timeout_s) if watch_s is None else watch_s
         if self.watch_cap_s is not None:
             watch_s = min(watch_s, self.watch_cap_s)
-        log.warning("checkpoint.dir %s holds the lease of %s, heartbeat %.0f s ago by this host's clock: waiting up "
+        log.warning("checkpoint.dir %s holds the lease of %s, heartbeat %.0f s ago by this host's clock%s: waiting up "
                     "to %.0f s for it to beat (another live job: this one exits) or to go stale (taken over)",
-                    where, describe(held), heartbeat_age(held) or 0.0, watch_s)
+                    where, describe(held), heartbeat_age(held) or 0.0,
+                    ", which its host's may not agree with" if stale else "", watch_s)
         deadline = time.monotonic() + watch_s
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(WATCH_POLL_S, left))
@@ -211,7 +234,7 @@ class Lease:
                     f"checkpoint.dir {where} is in use by another job: {describe(now)}, whose heartbeat moved while "
                     "this job watched it. Two jobs must not share a checkpoint folder; give this one its own "
                     "checkpoint.dir")
-        return f"its record did not change for {watch_s:.0f} s"
+        return (stale + " and " if stale else "") + f"its record did not change for {watch_s:.0f} s"
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):

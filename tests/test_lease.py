@@ -52,13 +52,16 @@ class Beating:
 
     def __init__(self, st: Storage, **fields) -> None:
         self.st, self.fields, self.stop = st, fields, threading.Event()
-        self.record = _plant(st, **fields)
+        self.record = _plant(st, **{k: v for k, v in fields.items() if k != "clock_behind_s"},
+                             heartbeat=time.time() - fields.get("clock_behind_s", 0.0))
         self.thread = threading.Thread(target=self._beat, daemon=True)
         self.thread.start()
 
     def _beat(self) -> None:
+        fields = dict(self.fields)
+        behind = fields.pop("clock_behind_s", 0.0)  # the holder's host's clock runs this far behind ours
         while not self.stop.wait(0.1):
-            self.record = _plant(self.st, **self.fields, heartbeat=time.time())
+            self.record = _plant(self.st, **fields, heartbeat=time.time() - behind)
 
     def __enter__(self) -> "Beating":
         return self
@@ -131,15 +134,36 @@ def test_the_holders_timeout_lengthens_staleness_within_a_cap():
     assert lease.window_s({**rec, "timeout_s": float("inf")}, 3) == 3
 
 
-def test_stale_heartbeat_is_taken_over_and_released(mem):
-    _plant(mem, heartbeat=time.time() - 120)
+def test_a_live_job_on_a_host_whose_clock_runs_behind_keeps_its_lease(mem, quick_watch):
+    """Another host's clock two minutes behind: its live job's record looks stale here. It was taken over at once,
+    and the live job, finding its lease replaced, stopped (exit 3). Now a record stale by this host's clock from
+    another host is watched for three of its holder's beats first: it beats, so this job is the one refused."""
+    with Beating(mem, host="node-7", pid=4242, timeout_s=2, clock_behind_s=120) as theirs:
+        with pytest.raises(lease.LeaseError, match="heartbeat moved"):
+            lease.Lease(mem, "mine", 60).acquire()
+        assert lease.read_lease(mem)["token"] == theirs.record["token"] == "t"
+
+
+def test_stale_heartbeat_from_another_host_is_taken_over_after_a_few_of_its_beats(mem, quick_watch, caplog):
+    _plant(mem, heartbeat=time.time() - 120, timeout_s=2)  # beats every 0.5 s: watched 3 x 0.5 + 1 s
     held = lease.Lease(mem, "mine", 60, interval_s=0.05)
+    t0 = time.monotonic()
     held.acquire()
+    assert 2.4 < time.monotonic() - t0 < 10
+    assert "which its host's may not agree with" in caplog.text
+    assert "no heartbeat for 120 s and its record did not change for 2 s" in caplog.text, caplog.text
     time.sleep(0.2)
     rec = lease.read_lease(mem)
     assert rec["run_id"] == "mine" and rec["pid"] == os.getpid() and rec["heartbeat"] > rec["started"]
     held.release()
     assert lease.read_lease(mem) is None
+
+
+def test_stale_heartbeat_on_this_host_is_taken_over_at_once(mem):
+    _plant(mem, host=socket.gethostname(), pid=os.getpid(), heartbeat=time.time() - 120)  # one clock: believed
+    t0 = time.monotonic()
+    lease.Lease(mem, "mine", 60).acquire()
+    assert time.monotonic() - t0 < 2 and lease.read_lease(mem)["run_id"] == "mine"
 
 
 def test_dead_pid_on_this_host_is_taken_over(mem):
