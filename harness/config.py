@@ -70,7 +70,7 @@ class CheckpointConfig:
     best_mode: str = "min"
     async_save: bool = False            # TOML key: checkpoint.async
     storage_options: dict = field(default_factory=dict)
-    grace_period_s: float = 25.0        # after SIGTERM/SIGUSR1: the save must commit within this
+    grace_period_s: float = 25.0        # after a stop signal: the save must commit within this
     on_error: str = "stop"              # a failed save: stop | continue
     max_file_mb: int = 256
     io_threads: int = 4

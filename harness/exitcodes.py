@@ -24,8 +24,9 @@ EXIT_SIGNAL_BASE = 128  # 128+N: stopped by signal N after committing a checkpoi
 # Permanent codes: a launcher stops the whole job on them instead of restarting its workers.
 PERMANENT = (EXIT_CONFIG, EXIT_CHECKPOINT)
 # The signals that mean "commit a checkpoint, then exit 128+N" (in this order the launcher installs its handlers:
-# SIGUSR1 last). Any other signal stops a job without a checkpoint.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# SIGUSR1 last). SIGUSR2 is submitit's (--signal=USR2@90 before a time limit or preemption). Any other signal
+# stops a job without a checkpoint.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGUSR1)
 
 
 def stopped(code: int) -> bool:
@@ -35,8 +36,8 @@ def stopped(code: int) -> bool:
 TABLE = """\
 exit codes (harness launch; harness train in one process):
   0      finished
-  128+N  stopped by signal N after committing a checkpoint (143 SIGTERM, 138 SIGUSR1, 130 SIGINT):
-         retry, it resumes
+  128+N  stopped by signal N after committing a checkpoint (143 SIGTERM, 138 SIGUSR1, 140 SIGUSR2,
+         130 SIGINT): retry, it resumes
   2      config error (found before any worker starts): do not retry
   3      storage or checkpoints unusable, or another live job holds the folder; never retried by the
          agent: do not retry

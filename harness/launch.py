@@ -9,7 +9,7 @@ What torchrun leaves to its caller, and this module adds:
   error does not exit: it records the error in this launch's folder (``HARNESS_LAUNCH_DIR``) and waits. The
   launcher sees the record and stops the agent through the agent's own shutdown path (the same
   ``SignalException`` torch's signal handler raises), then prints the error once and exits with its code.
-* Signals keep their meaning. torchrun exits 1 when it is signalled; here the first SIGTERM/SIGUSR1/SIGINT
+* Signals keep their meaning. torchrun exits 1 when it is signalled; here the first SIGTERM/SIGUSR1/SIGUSR2/SIGINT
   is handed to the agent, which forwards it to the workers (they commit a checkpoint and exit 128+N), and the
   launcher exits 128+N. A second signal during that shutdown is ignored: torch would otherwise abandon the
   workers' save half way. A signal during the checks before the agent (torch still importing, a slow
