@@ -4,6 +4,7 @@ write the same checkpoint, a user's own kind of state is one entry, and a new ki
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -130,3 +131,40 @@ def test_one_scaler_per_checkpoint(ckpt_url):
     mgr = CheckpointManager(ckpt_url)
     with pytest.raises(ValueError, match="one scaler"):
         mgr.save(1, {"a": torch.amp.GradScaler("cpu"), "b": torch.amp.GradScaler("cpu")})
+
+
+def test_save_arguments_are_checked_before_anything_is_written(ckpt_url, caplog):
+    """A step of 6.5 was saved as step 6, True as step 1, -1 as a folder 'step--00000001'; a list of models
+    failed inside with "'list' object has no attribute 'state_dict'". Each is a TypeError/ValueError naming the
+    argument now, and nothing is written."""
+    model = Net(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mgr = CheckpointManager(ckpt_url)
+    bad = [(dict(step=6.5), TypeError, "checkpoint step must be an int, got float 6.5"),
+           (dict(step=True), TypeError, "checkpoint step must be an int, got bool True"),
+           (dict(step="7"), TypeError, "got str '7'"),
+           (dict(step=-1), ValueError, "checkpoint step must be >= 0, got -1"),
+           (dict(step=1, epoch=-2), ValueError, "checkpoint epoch must be >= 0"),
+           (dict(step=torch.tensor(2.0)), TypeError, "must be an int, got Tensor"),
+           (dict(step=1, models=[model, Net(8)]), TypeError,
+            r"models= takes a model .* got list: name them in a dict, models=\{'a': ..., 'b': ...\}"),
+           (dict(step=1, optimizers={"main": opt, "other": None}), TypeError,
+            r"optimizers\['other'\] takes a optimizer .* got NoneType"),
+           (dict(step=1, schedulers="cosine"), TypeError, "schedulers= takes a scheduler .* got str")]
+    for kwargs, exc, message in bad:
+        with pytest.raises(exc, match=message):
+            mgr.save(**{"models": model, **kwargs})
+    assert mgr.latest() is None
+    # what a loop has at hand is accepted as it is: numpy and tensor integers, a loss still in the graph,
+    # metrics as 0-d tensors and numpy scalars (plain numbers in the checkpoint)
+    loss = model(torch.randn(2, 4)).sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warned about a loss still in the graph
+        mgr.save(np.int64(3), models=model, optimizers=opt, epoch=torch.tensor(1), loss=loss,
+                 metrics={"acc": torch.tensor(0.75), "f1": np.float32(0.5), "per_class": [torch.tensor(1.0)]})
+    mgr.close()
+    res = CheckpointManager(ckpt_url).restore(models=Net(8))
+    assert (res.step, res.epoch, res.loss) == (3, 1, pytest.approx(loss.item()))
+    assert res.metrics == {"acc": 0.75, "f1": 0.5, "per_class": [1.0]}
+    assert all(type(v) is float for v in (res.loss, res.metrics["acc"], res.metrics["f1"]))
+

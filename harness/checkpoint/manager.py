@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from harness import dist
-from harness.checkpoint import blobs, retention
+from harness.checkpoint import arguments, blobs, retention
 from harness.checkpoint.apply import RestoreOptions, RestoreResult
 from harness.checkpoint.context import Ctx
 from harness.checkpoint.discovery import list_checkpoints
@@ -126,8 +126,11 @@ class CheckpointManager:
         ``overlap=True`` (with ``async_save``): return once the snapshot is scheduled; the caller then
         calls :meth:`before_mutation` before changing the saved state (see the class docstring). A
         synchronous manager ignores it: its save is committed on return."""
-        targets = gather(state, models=models, optimizers=optimizers, schedulers=schedulers, scaler=scaler,
-                         extra=extra)
+        by_section = dict(models=models, optimizers=optimizers, schedulers=schedulers, scaler=scaler, extra=extra)
+        arguments.check_objects(by_section)
+        targets = gather(state, **by_section)
+        step, epoch = arguments.counter(step, "step"), arguments.counter(epoch, "epoch")
+        loss, metrics = arguments.summary(loss), arguments.summary(metrics)
         self._check_best_metric(metrics)
         self._saver.save(targets, step, epoch=epoch, position=position, loss=loss, metrics=metrics,
                          metadata=metadata, rank_state=rank_state, overlap=overlap)

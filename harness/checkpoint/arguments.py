@@ -1,0 +1,61 @@
+"""What ``CheckpointManager.save`` is given, checked and normalized before anything is captured.
+
+A step of 6.5 was saved as step 6, ``True`` as step 1, ``-1`` as a folder named ``step--00000001``; a list of
+models failed deep inside with ``'list' object has no attribute 'state_dict'``; a loss still attached to the
+graph made torch warn, and a metric given as a 0-d tensor (what ``(pred == y).float().mean()`` is) was
+refused. Here: counters are non-negative integers (numpy and 0-d integer tensors included), every object given
+has ``state_dict()``/``load_state_dict()``, and summary numbers given as tensors or numpy scalars become plain
+numbers.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Mapping
+
+import torch
+
+from harness.checkpoint.kinds import EXTRA, KINDS
+from harness.state import Stateful
+
+
+def counter(value: Any, what: str) -> int:
+    """``step``/``epoch`` as a non-negative int; TypeError or ValueError naming what is wrong."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"checkpoint {what} must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"checkpoint {what} must be >= 0, got {value}")
+    return int(value)
+
+
+def summary(value: Any) -> Any:
+    """A loss or metrics as plain numbers: one-element tensors (detached, so torch does not warn about a
+    value still in the graph) and numpy scalars become Python numbers, inside dicts and lists too."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.detach().item()
+    if hasattr(value, "item") and type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    if isinstance(value, Mapping):
+        return {k: summary(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(summary(v) for v in value)
+    return value
+
+
+def check_objects(by_section: Mapping[str, Any]) -> None:
+    """Every object given by keyword (other than ``extra=``, which also takes plain values) can be saved
+    and restored: TypeError naming the argument and what it got (a list of models: name them in a dict)."""
+    for kind in KINDS:
+        objs = by_section.get(kind.section)
+        if kind is EXTRA or objs is None:
+            continue
+        table = objs if isinstance(objs, Mapping) else {kind.label: objs}
+        for name, obj in table.items():
+            if not isinstance(obj, Stateful):
+                where = f"{kind.section}[{name!r}]" if isinstance(objs, Mapping) else f"{kind.section}="
+                hint = (f": name them in a dict, {kind.section}={{'a': ..., 'b': ...}}"
+                        if isinstance(obj, (list, tuple)) else "")
+                raise TypeError(f"{where} takes a {kind.label} (an object with state_dict() and "
+                                f"load_state_dict()) or a dict of named ones, got {type(obj).__name__}{hint}")
