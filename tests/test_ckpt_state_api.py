@@ -149,12 +149,21 @@ def test_save_arguments_are_checked_before_anything_is_written(ckpt_url, caplog)
            (dict(step=1, models=[model, Net(8)]), TypeError,
             r"models= takes a model .* got list: name them in a dict, models=\{'a': ..., 'b': ...\}"),
            (dict(step=1, optimizers={"main": opt, "other": None}), TypeError,
-            r"optimizers\['other'\] takes a optimizer .* got NoneType"),
+            r"optimizers\['other'\] takes an optimizer .* got NoneType"),
+           (dict(step=1, models=opt), TypeError, r"models= got an optimizer \(SGD\): pass it as optimizers="),
            (dict(step=1, schedulers="cosine"), TypeError, "schedulers= takes a scheduler .* got str")]
     for kwargs, exc, message in bad:
         with pytest.raises(exc, match=message):
             mgr.save(**{"models": model, **kwargs})
     assert mgr.latest() is None
+    mgr.save(1, models=model)
+    for kwargs, exc, message in [(dict(models=[model]), TypeError, "got list: name them in a dict"),
+                                 (dict(models=model, optimizers=model), TypeError, "optimizers= got a model"),
+                                 (dict(models=model, step=1.0), TypeError, "step must be an int, got float"),
+                                 (dict(models=model, step="1"), TypeError, "step must be an int, got str")]:
+        with pytest.raises(exc, match=message):  # "no valid checkpoint at step 1" for "1"
+            mgr.restore(**kwargs)
+    assert mgr.restore(models=model, step=np.int64(1)).step == 1
     # what a loop has at hand is accepted as it is: numpy and tensor integers, a loss still in the graph,
     # metrics as 0-d tensors and numpy scalars (plain numbers in the checkpoint)
     loss = model(torch.randn(2, 4)).sum()

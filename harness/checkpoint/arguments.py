@@ -46,16 +46,28 @@ def summary(value: Any) -> Any:
 
 def check_objects(by_section: Mapping[str, Any]) -> None:
     """Every object given by keyword (other than ``extra=``, which also takes plain values) can be saved
-    and restored: TypeError naming the argument and what it got (a list of models: name them in a dict)."""
+    and restored, and is of its argument's kind: TypeError naming the argument and what it got (a list of
+    models: name them in a dict; an optimizer given as ``models=``: pass it as ``optimizers=``)."""
     for kind in KINDS:
         objs = by_section.get(kind.section)
         if kind is EXTRA or objs is None:
             continue
         table = objs if isinstance(objs, Mapping) else {kind.label: objs}
         for name, obj in table.items():
+            where = f"{kind.section}[{name!r}]" if isinstance(objs, Mapping) else f"{kind.section}="
+            other = next((k for k in KINDS if k not in (kind, EXTRA) and k.accepts(obj)), None)
+            if other is not None and not kind.accepts(obj):
+                raise TypeError(f"{where} got {_a(other.label)} ({type(obj).__name__}): pass it as {other.section}=")
             if not isinstance(obj, Stateful):
-                where = f"{kind.section}[{name!r}]" if isinstance(objs, Mapping) else f"{kind.section}="
                 hint = (f": name them in a dict, {kind.section}={{'a': ..., 'b': ...}}"
                         if isinstance(obj, (list, tuple)) else "")
-                raise TypeError(f"{where} takes a {kind.label} (an object with state_dict() and "
+                raise TypeError(f"{where} takes {_a(kind.label)} (an object with state_dict() and "
                                 f"load_state_dict()) or a dict of named ones, got {type(obj).__name__}{hint}")
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def optional_counter(value: Any, what: str) -> int | None:
+    return None if value is None else counter(value, what)

@@ -182,9 +182,11 @@ class CheckpointManager:
         same one. Returns None when there is no checkpoint at all (a first run). Out of memory, a failing
         accelerator or process group keep their exception type (retryable); only a problem of the
         checkpoint itself is a CheckpointError."""
+        by_section = dict(models=models, optimizers=optimizers, schedulers=schedulers, scaler=scaler, extra=extra)
+        arguments.check_objects(by_section)
+        step = arguments.optional_counter(step, "step")
         self.wait()
-        targets = gather(state, models=models, optimizers=optimizers, schedulers=schedulers, scaler=scaler,
-                         extra=extra)
+        targets = gather(state, **by_section)
         return _restore(self._ctx, targets, RestoreOptions(step=step, strict=strict,
                                                            skip_mismatched=skip_mismatched, rng=rng))
 
