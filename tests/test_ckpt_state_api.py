@@ -177,3 +177,30 @@ def test_save_arguments_are_checked_before_anything_is_written(ckpt_url, caplog)
     assert res.metrics == {"acc": 0.75, "f1": 0.5, "per_class": [1.0]}
     assert all(type(v) is float for v in (res.loss, res.metrics["acc"], res.metrics["f1"]))
 
+
+
+def test_manager_settings_are_checked_before_the_folder_is_touched(tmp_path, monkeypatch):
+    """A pathlib.Path folder failed with "argument of type 'PosixPath' is not iterable"; an empty one made
+    checkpoints in the working directory; io_threads=0, max_file_bytes=0, keep_last=2.5 or timeout_s=0
+    were taken without a word; keep_last=-1 raised after making the folder."""
+    monkeypatch.chdir(tmp_path)
+    bad = [(dict(dir=""), ValueError, "folder is empty"), (dict(dir=None), TypeError, "got NoneType"),
+           (dict(keep_last=-1), ValueError, "keep_last must be >= 0"),
+           (dict(keep_last=2.5), TypeError, "keep_last must be an int, got float"),
+           (dict(keep_best="1"), TypeError, "keep_best must be an int, got str"),
+           (dict(io_threads=0), ValueError, "io_threads must be > 0, got 0"),
+           (dict(max_file_bytes=-5), ValueError, "max_file_bytes must be > 0, got -5"),
+           (dict(timeout_s=0), ValueError, "timeout_s is in seconds and must be a finite number >= 1"),
+           (dict(timeout_s=float("nan")), ValueError, "timeout_s"),
+           (dict(best_mode="maximum"), ValueError, "best_mode must be 'min' or 'max'"),
+           (dict(best_metric=""), ValueError, "best_metric must name a metric")]
+    for kwargs, exc, message in bad:
+        with pytest.raises(exc, match=message):
+            CheckpointManager(**{"dir": "ck", **kwargs})
+    assert list(tmp_path.iterdir()) == []
+    model = Net(8)
+    mgr = CheckpointManager(tmp_path / "as-a-path", keep_last=np.int64(1))
+    mgr.save(1, models=model)
+    mgr.save(2, models=model)
+    mgr.close()
+    assert sorted(p.name for p in (tmp_path / "as-a-path").iterdir()) == ["step-000000002"]

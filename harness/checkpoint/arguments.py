@@ -10,11 +10,14 @@ numbers.
 
 from __future__ import annotations
 
+import math
 import numbers
+import os
 from typing import Any, Mapping
 
 import torch
 
+from harness.checkpoint.background import PRIORITIES as WRITER_PRIORITIES
 from harness.checkpoint.kinds import EXTRA, KINDS
 from harness.state import Stateful
 
@@ -71,3 +74,37 @@ def _a(word: str) -> str:
 
 def optional_counter(value: Any, what: str) -> int | None:
     return None if value is None else counter(value, what)
+
+
+def folder(value: Any) -> str:
+    """The manager's folder: a path (``str`` or ``pathlib.Path``) or a URL, not empty."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise TypeError(f"CheckpointManager takes a folder or URL (str or pathlib.Path), got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError("CheckpointManager's folder is empty: name the folder (or URL) the checkpoints go to")
+    return value
+
+
+def check_settings(**settings: Any) -> None:
+    """The constructor's numbers and choices, before the folder is touched: ValueError/TypeError naming the
+    argument (``io_threads=0`` or ``writer_priority='low'`` were taken without a word)."""
+    for name in ("keep_last", "keep_best"):
+        counter(settings[name], name)
+    for name in ("max_file_bytes", "shard_chunk_bytes", "io_threads"):
+        if isinstance(settings[name], numbers.Integral) and not isinstance(settings[name], bool) \
+                and settings[name] <= 0:
+            raise ValueError(f"checkpoint {name} must be > 0, got {settings[name]}")
+        counter(settings[name], name)
+    timeout = settings["timeout_s"]
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 1 <= timeout < math.inf:
+        raise ValueError(f"checkpoint timeout_s is in seconds and must be a finite number >= 1, got {timeout!r}")
+    if settings["writer_priority"] not in WRITER_PRIORITIES:
+        raise ValueError(f"checkpoint writer priority must be one of {', '.join(WRITER_PRIORITIES)}, "
+                         f"got {settings['writer_priority']!r}")
+    if settings["best_mode"] not in ("min", "max"):
+        raise ValueError(f"best_mode must be 'min' or 'max', got {settings['best_mode']!r}")
+    if not isinstance(settings["best_metric"], str) or not settings["best_metric"]:
+        raise ValueError(f"best_metric must name a metric ('loss' or a key of the saved metrics), "
+                         f"got {settings['best_metric']!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import os
 from typing import Any, Callable, Mapping
 
 import torch
@@ -65,13 +66,16 @@ class CheckpointManager:
     priority. ``writer_priority="normal"`` makes the writers compete with training as ordinary threads.
     """
 
-    def __init__(self, dir: str, *, keep_last: int = 3, keep_best: int = 0, best_metric: str = "loss",
+    def __init__(self, dir: str | os.PathLike, *, keep_last: int = 3, keep_best: int = 0, best_metric: str = "loss",
                  best_mode: str = "min", async_save: bool = False, storage_options: dict | None = None,
                  max_file_bytes: int = 256 << 20, io_threads: int = 4, timeout_s: float = 600.0,
                  split_replicated: bool = False, shard_chunk_bytes: int = blobs.CHUNK_BYTES,
                  read_only: bool = False, writer_priority: str = "idle") -> None:
+        arguments.check_settings(keep_last=keep_last, keep_best=keep_best, max_file_bytes=max_file_bytes,
+                                 shard_chunk_bytes=shard_chunk_bytes, io_threads=io_threads, timeout_s=timeout_s,
+                                 writer_priority=writer_priority, best_metric=best_metric, best_mode=best_mode)
         dist.require_group_if_launched("CheckpointManager")  # torchrun without init_process_group: refuse
-        self.storage = Storage(dir, storage_options)
+        self.storage = Storage(arguments.folder(dir), storage_options)
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self._group = dist.new_cpu_group(timeout_s)
         self._ctx = Ctx(self.storage, self._group, self.rank, self.world_size, io_threads)
