@@ -250,6 +250,28 @@ def test_warm_start_reports_key_by_key(tmp_path):
         assert any(ln.startswith("missing     adapter.weight") for ln in lines)
 
 
+def test_every_python_entry_point_takes_a_pathlib_path(tmp_path):
+    """`tmp_path / "run"` is what people pass: it failed everywhere with "argument of type 'PosixPath' is not
+    iterable" (or "'PosixPath' object has no attribute 'startswith'" in export)."""
+    torch.manual_seed(0)
+    src = Pretrained()
+    mgr = CheckpointManager(tmp_path / "run")
+    mgr.save(5, models=src)
+    mgr.close()
+    assert [c.step for c in list_checkpoints(Storage(tmp_path / "run"))] == [5]
+    export_checkpoint(tmp_path / "run", tmp_path / "out.pt", fmt="pt")
+    summary = import_checkpoint(tmp_path / "out.pt", tmp_path / "imported")
+    assert summary["step"] == 5
+    for source in (tmp_path / "run", tmp_path / "out.pt", tmp_path / "imported"):
+        model = harness.load_for_inference(source, Pretrained())
+        assert torch.equal(model.body.weight, src.body.weight), source
+        assert harness.warm_start(FineTune(), source).loaded == 2
+    for call in (lambda: harness.load_for_inference(tmp_path / "run", [Pretrained()]),
+                 lambda: harness.warm_start(src.state_dict(), tmp_path / "run")):
+        with pytest.raises(TypeError, match="takes the model .a torch.nn.Module. to load into, got"):
+            call()
+
+
 # -- load_for_inference -----------------------------------------------------------------------------
 
 def test_load_for_inference_step_best_and_file(tmp_path):

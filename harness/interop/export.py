@@ -76,7 +76,7 @@ def export_checkpoint(url: str, out: str, *, fmt: str = "pt", step: int | None =
     Raises NoCheckpointError when no committed checkpoint (at ``step``) verifies, and HarnessError for a
     bad argument or a model that cannot be rebuilt; the output files are then left untouched."""
     spec = _check_request(fmt, quantize)
-    out = _local_path(out)
+    url, out = os.fspath(url), _local_path(os.fspath(out))  # pathlib.Paths too
     _check_out_folder(out)
     storage = Storage(url, storage_options)
     name, (manifest, state), skipped, how = choose(storage, lambda n: _read(storage, n, io_threads), step=step,

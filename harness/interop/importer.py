@@ -245,6 +245,7 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
     one instead."""
     from harness.checkpoint.manager import CheckpointManager
 
+    src, url = os.fspath(src), os.fspath(url)  # pathlib.Paths too
     shown = redact_url(src)
     imp = understand(load_file(src), shown)
     notes: list[str] = []

@@ -12,6 +12,7 @@ loads on a CPU-only machine and the reverse.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,11 @@ class WarmStartReport(LoadReport):
         return out
 
 
+def _check_model(model: object, what: str) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{what} takes the model (a torch.nn.Module) to load into, got {type(model).__name__}")
+
+
 def _is_folder(source: str, storage_options: dict | None) -> bool:
     return Storage(source, storage_options).is_dir()
 
@@ -56,6 +62,7 @@ def read_weights(source: str, *, name: str | None = None, step: int | None = Non
                  storage_options: dict | None = None) -> tuple[str, str, dict]:
     """One model's state dict from a checkpoint folder or a file: (description of the source, model
     name, state_dict). ``name`` picks a model when there are several."""
+    source = os.fspath(source)  # a pathlib.Path too
     shown = redact_url(source)
     if _is_folder(source, storage_options):
         storage = Storage(source, storage_options)
@@ -86,6 +93,7 @@ def load_for_inference(dir: str, model: torch.nn.Module, *, step: int | None = N
     multi-model checkpoint. ``dir`` may also be a single exported file (pt or safetensors). The load is
     strict (every key and shape must match) unless ``strict=False``. DDP / torch.compile wrappers are
     fine: weights go into the wrapped module."""
+    _check_model(model, "load_for_inference")
     if device is not None:
         model = model.to(device)
     where, model_name, sd = read_weights(dir, name=name, step=step, best=best, metric=metric, mode=mode,
@@ -105,6 +113,7 @@ def warm_start(model: torch.nn.Module, source: str, *, name: str | None = None, 
     :class:`WarmStartReport` (a LoadReport): ``loaded_keys``, ``missing`` (in the model only),
     ``unexpected`` (in the source only), ``mismatched`` (key, saved shape, model shape); ``lines()``
     gives one line per key. Nothing is changed in training mode or device."""
+    _check_model(model, "warm_start")
     where, model_name, sd = read_weights(source, name=name, step=step, storage_options=storage_options)
     base = load_model_state(model, sd, strict=False, skip_mismatched=True, name=model_name)
     bad = {k for k, _, _ in base.mismatched}

@@ -42,7 +42,8 @@ def _clean_rel(rel: str) -> str:
 class Storage:
     """One checkpoint root folder on some backend (local disk, any fsspec filesystem, S3)."""
 
-    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+    def __init__(self, url: str | os.PathLike, storage_options: dict | None = None) -> None:
+        url = os.fspath(url)  # a pathlib.Path is a local folder
         secrets = [*redact.secret_values(storage_options), *redact.url_secrets(url)]
         self.url = url
         try:

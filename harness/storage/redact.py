@@ -15,16 +15,18 @@ _CRED_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 AWS_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECURITY_TOKEN")
 
 
-def redact_url(url: str) -> str:
+def redact_url(url: str | os.PathLike) -> str:
     """The URL without any user:password@ part, for logs and errors."""
+    url = os.fspath(url)
     if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
 
 
-def url_secrets(url: str) -> list[str]:
+def url_secrets(url: str | os.PathLike) -> list[str]:
     """The user:password part of a URL and its pieces: backends may echo them (e.g. in a bucket name)."""
+    url = os.fspath(url)
     if "://" not in url:
         return []
     netloc = url.split("://", 1)[1].split("/", 1)[0]
