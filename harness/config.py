@@ -288,7 +288,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def load(path: str | None, overrides: list[str] = ()) -> Config:
     """Read a TOML file (or start from defaults when path is None) and apply --set overrides."""
     raw = {} if path is None else _read_toml(path)
-    for text in overrides:
+    for text in [overrides] if isinstance(overrides, str) else overrides:  # one "section.key=value" as is
         keys, value = parse_override(text)
         node = raw
         for k in keys[:-1]:

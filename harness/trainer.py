@@ -21,7 +21,7 @@ import torch.distributed as torch_dist
 from harness import determinism, dist, faults, lease, recipe
 from harness.checkpoint import CheckpointManager
 from harness.checkpoint.prune import clean_leftovers
-from harness.config import Config
+from harness.config import Config, from_dict, load as load_config
 from harness.errors import CheckpointError, ConfigError, StateMismatchError, StorageError
 from harness.progress import MetricsLog, Progress
 from harness.recipe import (WorkloadBuilder, build_optimizer, build_scheduler, fsdp_wrap, safe_metadata,
@@ -479,10 +479,21 @@ class Trainer:
 _LEAVING: list[Trainer] = []
 
 
-def train(cfg: Config, builder: WorkloadBuilder | None = None, *, exit_after: bool = False) -> int:
-    """Run training with a config; ``builder(model_cfg, data_cfg, seed) -> Workload`` plugs in user code.
-    ``exit_after``: the process ends with the returned code (as ``harness train``): signals stay ignored once
-    the run is over, instead of the previous handlers coming back, and the trainer is never torn down."""
+def train(cfg: Config | dict | str | os.PathLike, builder: WorkloadBuilder | None = None, *,
+          exit_after: bool = False) -> int:
+    """Run training with a config (a Config, its dict form as TOML parses it, or a TOML file's path);
+    ``builder(model_cfg, data_cfg, seed) -> Workload`` plugs in user code. ``exit_after``: the process ends
+    with the returned code (as ``harness train``): signals stay ignored once the run is over, instead of the
+    previous handlers coming back, and the trainer is never torn down."""
+    if isinstance(cfg, (str, os.PathLike)):
+        cfg = load_config(os.fspath(cfg))
+    elif isinstance(cfg, dict):
+        cfg = from_dict(cfg)
+    elif not isinstance(cfg, Config):
+        raise TypeError(f"train takes a Config, a dict or a TOML file's path, got {type(cfg).__name__}")
+    if builder is not None and not callable(builder):
+        raise TypeError(f"train's builder is a function (model_cfg, data_cfg, seed) -> Workload, got "
+                        f"{type(builder).__name__} (a 'module:function' string goes in train.entry)")
     trainer = Trainer(cfg, builder, exit_after)
     if exit_after:
         _LEAVING.append(trainer)

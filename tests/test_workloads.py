@@ -336,3 +336,29 @@ def test_schedule_changes_name_what_shapes_the_schedule_and_nothing_else() -> No
                                                 "train.max_steps 100 -> 200"]
     constant = load(None, ["scheduler.name='none'", "train.max_steps=200"])
     assert schedule_changes(safe_metadata(constant)["config"], load(None, ["scheduler.name='none'"])) == []
+
+
+def test_train_from_python_takes_a_config_its_dict_or_a_toml_path(tmp_path) -> None:
+    """`harness.trainer.train(...)` given a TOML path or the dict TOML gives failed with "'str' object has no
+    attribute 'train'"; a 'module:function' string as the builder with "'str' object is not callable" once
+    training was set up. Paths and dicts are read as `harness train` reads them; the rest is a TypeError."""
+    import subprocess
+    import sys
+    (tmp_path / "c.toml").write_text('[train]\nmax_steps = 2\n[checkpoint]\ndir = "ck-a"\nevery_steps = 1\n')
+    script = (
+        "import pathlib, pytest, harness.config as config\n"
+        "from harness.trainer import train\n"
+        "assert train(pathlib.Path('c.toml')) == 0\n"
+        "assert train({'train': {'max_steps': 3}, 'checkpoint': {'dir': 'ck-b'}}) == 0\n"
+        "for bad, message in [((42,), 'train takes a Config, a dict or a TOML'),\n"
+        "                     ((config.Config(), 'pkg:build'), 'goes in train.entry')]:\n"
+        "    with pytest.raises(TypeError, match=message):\n"
+        "        train(*bad)\n"
+        "assert config.load(None, 'train.max_steps=5').train.max_steps == 5\n"
+        "print('ok')\n")
+    from trainer_helpers import base_env
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=base_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    assert (tmp_path / "ck-a" / "step-000000002" / "COMMIT").exists()
+    assert (tmp_path / "ck-b" / "step-000000003" / "COMMIT").exists()
