@@ -43,7 +43,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                      epilog=exitcodes.TABLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"harness {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    from harness.launch import add_launch_parser
+    from harness.launch_args import add_launch_parser
     add_launch_parser(sub)
     p = sub.add_parser("train", help="run training in this process (under torchrun for several processes)",
                        epilog=exitcodes.TABLE, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -40,6 +40,7 @@ from typing import Any, Iterator
 from harness import exitcodes, gcpause, rendezvous, torchcompat, workerstart
 from harness.errors import ConfigError
 from harness.exitcodes import Outcome
+from harness.launch_args import LaunchArgs, nodes, nproc, parse_args
 from harness.launch_folder import FINISHED_PREFIX, LAUNCH_DIR_ENV, POLL_S, STOPPING_FILE
 
 CPP_LOG_ENV = "TORCH_CPP_LOG_LEVEL"
@@ -176,108 +177,20 @@ def _setup_logging() -> None:
     gcpause.freeze_and_resume()  # torch's launcher is imported (paused by cli.entry: harness/gcpause.py)
 
 
-@dataclass
-class LaunchArgs:
-    nnodes: str
-    nproc_per_node: str
-    rdzv_endpoint: str
-    rdzv_id: str
-    max_restarts: int
-    standalone: bool
-    monitor_interval: float
-    config: str
-    overrides: list[str]
-    rejoin_s: float = rendezvous.REJOIN_S  # keep starting the agent this long after a lost rendezvous
-    rdzv_conf: dict[str, str] = field(default_factory=dict)  # --rdzv-conf, parsed
-    start_method: str = workerstart.FORKSERVER
-
-
-def _env_default(name: str, fallback: str) -> str:
-    """torchrun's convention: every option can come from PET_<OPTION> (what the Kubeflow operator sets)."""
-    return os.environ.get(f"PET_{name}", fallback)
-
-
-def add_launch_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "launch", help="run a job: torchrun's elastic agent with a config and storage check first",
-        description="Run training on this node under torchrun's elastic agent (in-process, torch's launcher API). "
-                    "Checks the config and the checkpoint storage before any worker starts. With one node and no "
-                    "--rdzv-endpoint it runs standalone (a local rendezvous); otherwise run the same command on "
-                    "every node (c10d rendezvous at --rdzv-endpoint, hosted by the node whose address it is). "
-                    "Options default to torchrun's PET_* environment variables (PET_NNODES, ...).",
-        epilog=exitcodes.TABLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nnodes", default=_env_default("NNODES", "1"), metavar="N|MIN:MAX",
-                   help="number of nodes, or an elastic range (default 1)")
-    p.add_argument("--nproc-per-node", default=_env_default("NPROC_PER_NODE", ""), metavar="N",
-                   help="workers on this node: N, gpu or cpu (default: one per GPU, else 1)")
-    p.add_argument("--standalone", action="store_true",
-                   help="a local rendezvous on one node (the default with --nnodes 1 and no --rdzv-endpoint)")
-    p.add_argument("--rdzv-endpoint", default=_env_default("RDZV_ENDPOINT", ""), metavar="HOST:PORT",
-                   help="c10d rendezvous endpoint (default: standalone on one node)")
-    p.add_argument("--rdzv-id", default=_env_default("RDZV_ID", ""), metavar="ID",
-                   help="job id, the same on every node (default: random with --standalone, else 'harness')")
-    p.add_argument("--rdzv-conf", default=_env_default("RDZV_CONF", ""), metavar="KEY=VALUE,...",
-                   help="c10d rendezvous settings, as for torchrun: join_timeout (default 600 s), "
-                        "last_call_timeout, close_timeout, read_timeout, ...")
-    p.add_argument("--max-restarts", default=_env_default("MAX_RESTARTS", "3"), metavar="K",
-                   help="worker-group restarts by the agent before it gives up (default 3); permanent errors "
-                        "(exit 2, 3) are never restarted")
-    p.add_argument("--start-method", choices=workerstart.METHODS, default=workerstart.FORKSERVER,
-                   help="how workers start: forked from a process that has imported torch beside the launcher "
-                        "(default: no import at each start and restart), or as fresh 'python -m harness train' "
-                        "processes, as torchrun starts them")
-    p.add_argument("--monitor-interval", type=float, default=0.1, help=argparse.SUPPRESS)
-    p.add_argument("--config", required=True, help="TOML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value; repeatable")
-
-
-def _nodes(text: str) -> tuple[int, int]:
-    parts = text.split(":")
-    try:
-        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
-    except ValueError:
-        lo = hi = 0
-    if not 0 < lo <= hi:
-        raise ConfigError(f"--nnodes must be N or MIN:MAX with 0 < MIN <= MAX, got {text!r}")
-    return lo, hi
-
-
-def _count(text: str, what: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise ConfigError(f"{what} must be an integer >= {minimum}, got {text!r}")
-    return value
-
-
-def _nproc(requested: str) -> int:
-    """N, or torchrun's words: ``gpu``/``auto`` (the Kubeflow operator's default) = one per GPU (else 1 here:
-    torchrun's ``auto`` would start one per CPU core), ``cpu`` = one per core."""
-    if requested == "cpu":
-        return os.cpu_count() or 1
-    if requested and requested not in ("auto", "gpu"):
-        return _count(requested, "--nproc-per-node", 1)
-    import torch
-    return torch.cuda.device_count() if torch.cuda.is_available() else 1
-
-
 def _check(args: LaunchArgs) -> Any:
     """Config and storage, before any worker: ConfigError (2) or StorageError (3) raise from here."""
     from harness import config, prefetch
     from harness.progress import prepare_output_dir
     from harness.storage import Storage
 
-    lo, hi = _nodes(args.nnodes)
-    nproc = _nproc(args.nproc_per_node)
+    lo, hi = nodes(args.nnodes)
+    workers = nproc(args.nproc_per_node)
     if args.standalone and (hi > 1 or args.rdzv_endpoint):
         raise ConfigError("--standalone runs one node: it cannot go with --nnodes > 1 or --rdzv-endpoint")
     cfg = config.load(args.config, args.overrides)
     if hi == 1:  # one machine: rank 0's (see harness.prefetch); before torch is imported here
         prefetch.start(cfg.checkpoint.dir)
-    _check_workload(cfg, lo * nproc)
+    _check_workload(cfg, lo * workers)
     storage = Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options)
     prepare_output_dir(cfg.output_dir, create=False)  # metrics.jsonl's: made once the storage is known good
     storage.check_access(write=True)
@@ -309,12 +222,12 @@ def _launch_config(args: LaunchArgs, cfg: Any, stopper: Stopper, preload_status:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig
 
-    lo, hi = _nodes(args.nnodes)
+    lo, hi = nodes(args.nnodes)
     standalone, logs = hi == 1 and not args.rdzv_endpoint, os.path.join(stopper.folder, "logs")
     # The workers must outlive their checkpoint: the agent SIGKILLs them this long after forwarding a signal.
     shutdown = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 0)) or int(cfg.checkpoint.grace_period_s) + 30
     return LaunchConfig(**torchcompat.launch_config_fields(LaunchConfig, cfg.checkpoint.grace_period_s, dict(
-        min_nodes=lo, max_nodes=hi, nproc_per_node=_nproc(args.nproc_per_node),
+        min_nodes=lo, max_nodes=hi, nproc_per_node=nproc(args.nproc_per_node),
         run_id=args.rdzv_id or (str(uuid.uuid4()) if standalone else "harness"),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0" if standalone else args.rdzv_endpoint,
         rdzv_configs=dict(args.rdzv_conf), max_restarts=args.max_restarts, monitor_interval=args.monitor_interval,
@@ -459,13 +372,10 @@ def _prepare(args: LaunchArgs, stopper: Stopper) -> Any:
 
 def run_launch(ns: argparse.Namespace) -> int:
     try:
-        restarts = _count(ns.max_restarts, "--max-restarts", 0)
-        rejoin_s, rdzv_conf = rendezvous.window(), rendezvous.parse_conf(ns.rdzv_conf)
+        args = parse_args(ns)
     except ConfigError as exc:
         exitcodes.print_line(exitcodes.classify(exc), exc)
         return exitcodes.EXIT_CONFIG
-    args = LaunchArgs(ns.nnodes, ns.nproc_per_node, ns.rdzv_endpoint, ns.rdzv_id, restarts, ns.standalone,
-                      ns.monitor_interval, ns.config, ns.overrides, rejoin_s, rdzv_conf, ns.start_method)
     folder = tempfile.mkdtemp(prefix="harness-launch-")
     stopper = Stopper(folder)
     stopper.install()  # from here on, a signal means "stop, exit 128+N"

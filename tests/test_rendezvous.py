@@ -168,6 +168,11 @@ def test_a_mistyped_rdzv_conf_key_is_named_with_the_right_one():
     ({rendezvous.REJOIN_ENV: "soon"}, [], rendezvous.REJOIN_ENV),
     ({}, ["--rdzv-conf", "join_timeout=ten"], "join_timeout='ten'"),
     ({"PET_RDZV_CONF": "join_timeout=ten"}, [], "join_timeout='ten'"),  # the operator's elasticPolicy.rdzvConf
+    # torch's ValueError from inside the agent, exit 1 (retried); an AssertionError with no text, exit 1
+    ({}, ["--nnodes", "2", "--rdzv-endpoint", "node-0:29_500"], "--rdzv-endpoint 'node-0:29_500': the port"),
+    ({}, ["--nnodes", "2", "--rdzv-endpoint", "node-0:99999"], "the port must be an integer from 0 to 65535"),
+    ({"PET_RDZV_ENDPOINT": "node 0:29500", "PET_NNODES": "2"}, [], "expected HOST:PORT"),
+    ({}, ["--monitor-interval", "0"], "--monitor-interval must be a number of seconds > 0, got 0.0"),
 ])
 def test_a_bad_rendezvous_setting_exits_2_before_anything_starts(env, flags, named, tmp_path):
     """HARNESS_RDZV_REJOIN_S, --rdzv-conf or PET_RDZV_CONF: exit 2, one line naming it, nothing started."""
@@ -177,3 +182,17 @@ def test_a_bad_rendezvous_setting_exits_2_before_anything_starts(env, flags, nam
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and named in lines[0], out.stderr
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("text", ["node-0:29500", "node-0", "10.0.0.7:0", "[::1]:29500", "[fe80::1]", "",
+                                  "n.example.com:65535"])
+def test_endpoints_torch_takes_are_taken(text):
+    from harness.launch_args import endpoint
+    assert endpoint(text) == text
+
+
+@pytest.mark.parametrize("text", ["node-0:", "node-0:http", "node-0:65536", ":29500", "no de:1", "[::1]:x"])
+def test_endpoints_torch_refuses_are_config_errors(text):
+    from harness.launch_args import endpoint
+    with pytest.raises(ConfigError, match="--rdzv-endpoint"):
+        endpoint(text)
