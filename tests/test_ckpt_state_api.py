@@ -204,3 +204,23 @@ def test_manager_settings_are_checked_before_the_folder_is_touched(tmp_path, mon
     mgr.save(2, models=model)
     mgr.close()
     assert sorted(p.name for p in (tmp_path / "as-a-path").iterdir()) == ["step-000000002"]
+
+
+def test_a_model_on_the_meta_device_is_refused_not_reported_loaded(tmp_path):
+    """Deferred init (`torch.device("meta")`) before `to_empty`: torch's load_state_dict skips meta tensors with a
+    warning, and restore reported `loaded=2` for a model that still had no weights."""
+    import harness
+    net = Net(8)
+    mgr = CheckpointManager(tmp_path / "ck")
+    mgr.save(1, models=net)
+    with torch.device("meta"):
+        deferred = Net(8)
+    for call in (lambda: mgr.restore(models=deferred),
+                 lambda: harness.load_for_inference(tmp_path / "ck", deferred),
+                 lambda: harness.warm_start(deferred, tmp_path / "ck")):
+        with pytest.raises(ValueError, match=r"model.* has 5 tensor\(s\) on the meta device \(calls, fc1.weight, "
+                                             r"fc1.bias, ...\): .* call model.to_empty\(device=...\) first"):
+            call()
+    deferred.to_empty(device="cpu")
+    assert mgr.restore(models=deferred).load_report["model"].loaded == 5
+    assert_bitwise(snapshot(deferred.state_dict()), snapshot(net.state_dict()))

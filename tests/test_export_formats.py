@@ -259,8 +259,25 @@ def test_quantize_refused_for_other_formats(runs, tmp_path, capsys, fmt):
 
 def test_export_errors_leave_no_file(runs, tmp_path):
     with pytest.raises(NoCheckpointError):
-        export_checkpoint(str(runs["mlp"][0]), str(tmp_path / "m.onnx"), fmt="torchscript", step=99)
+        export_checkpoint(str(runs["mlp"][0]), str(tmp_path / "m.ts"), fmt="torchscript", step=99)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt, name, named", [("pt", "m.safetensors", "safetensors"), ("safetensors", "m.pt", "pt"),
+                                              ("torchscript", "m.onnx", "onnx"), ("onnx", "m.PTH", "pt")])
+def test_an_output_named_as_another_format_is_refused(runs, tmp_path, capsys, fmt, name, named):
+    """`--format pt --out model.safetensors` wrote a pickle under a name safetensors' loader then refuses."""
+    assert cli("ckpt", "export", runs["mlp"][0], "--format", fmt, "--out", tmp_path / name) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{name} is named as a {named} file, but the format is {fmt}: use --format " \
+                                     f"{named}" in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_names_a_format_shares_or_none_claims_are_taken(runs, tmp_path):
+    for fmt, name in [("torchscript", "m.pt"), ("pt", "m.bin"), ("pt", "m.ckpt"), ("pt", "m.PTH"), ("pt", "model")]:
+        export_checkpoint(runs["mlp"][0], tmp_path / name, fmt=fmt)
+        assert (tmp_path / name).stat().st_size > 0
 
 
 def test_sharded_zero_checkpoint_is_consolidated(tmp_path):

@@ -68,10 +68,22 @@ def decode_state(manifest: Manifest, tensors: dict[str, torch.Tensor],
     return state, per_rank
 
 
+def refuse_meta(model: torch.nn.Module, name: str = "model") -> None:
+    """A model built on the meta device (``torch.device("meta")``, deferred init) has no memory: torch's
+    ``load_state_dict`` skips such tensors with a warning, and the restore reported them loaded. ValueError."""
+    meta = [k for k, v in unwrap_model(model).state_dict().items()
+            if isinstance(v, torch.Tensor) and getattr(v, "_local_tensor", v).is_meta]
+    if meta:
+        raise ValueError(f"{name} has {len(meta)} tensor(s) on the meta device ({', '.join(meta[:3])}"
+                         f"{', ...' if len(meta) > 3 else ''}): there is no memory to load them into; call "
+                         "model.to_empty(device=...) first")
+
+
 def load_model_state(model: torch.nn.Module, saved: dict, *, strict: bool = True,
                      skip_mismatched: bool = False, name: str = "model") -> LoadReport:
     """Load into a bare or wrapped model. strict=False tolerates missing/unexpected keys; mismatched
     shapes are an error unless skip_mismatched (fine-tuning: load only what fits)."""
+    refuse_meta(model, name)
     target = unwrap_model(model)
     saved = strip_prefix(saved)
     own = target.state_dict()

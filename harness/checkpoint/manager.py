@@ -19,6 +19,7 @@ from harness.checkpoint.apply import RestoreOptions, RestoreResult
 from harness.checkpoint.context import Ctx
 from harness.checkpoint.discovery import list_checkpoints
 from harness.checkpoint.kinds import Named, gather
+from harness.checkpoint.load import refuse_meta
 from harness.checkpoint.restore import restore as _restore
 from harness.checkpoint.save import Saver, SaveSettings
 from harness.checkpoint.snapshot import Snapshot
@@ -191,6 +192,8 @@ class CheckpointManager:
         step = arguments.optional_counter(step, "step")
         self.wait()
         targets = gather(state, **by_section)
+        for name, model in targets.models.items():
+            refuse_meta(model, f"model {name!r}")  # torch would skip its tensors; the restore said "loaded"
         return _restore(self._ctx, targets, RestoreOptions(step=step, strict=strict,
                                                            skip_mismatched=skip_mismatched, rng=rng))
 

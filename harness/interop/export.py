@@ -39,7 +39,8 @@ from harness.checkpoint.load import read_state
 from harness.checkpoint.select import choose
 from harness.errors import HarnessError, cause_chain
 from harness.interop import onnx, pt, safetensors, torchscript
-from harness.interop.formats import ExportFormat, ExportJob, get, quantizable, register, registered, summary_value
+from harness.interop.formats import (ExportFormat, ExportJob, get, quantizable, register, registered, suffix_mismatch,
+                                     summary_value)
 from harness.interop.quantize import QUANTIZE, quantize_available
 from harness.storage import Storage, redact_url
 from harness.storage.local import replaceable
@@ -77,6 +78,10 @@ def export_checkpoint(url: str, out: str, *, fmt: str = "pt", step: int | None =
     bad argument or a model that cannot be rebuilt; the output files are then left untouched."""
     spec = _check_request(fmt, quantize)
     url, out = os.fspath(url), _local_path(os.fspath(out))  # pathlib.Paths too
+    other = suffix_mismatch(spec, out)
+    if other is not None:
+        raise HarnessError(f"{os.path.basename(out)} is named as a {other} file, but the format is {spec.name}: "
+                           f"use --format {other} (fmt={other!r}), or a name that fits")
     _check_out_folder(out)
     storage = Storage(url, storage_options)
     name, (manifest, state), skipped, how = choose(storage, lambda n: _read(storage, n, io_threads), step=step,

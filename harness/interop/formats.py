@@ -62,6 +62,7 @@ class ExportFormat:
     quantizable: bool = False       # accepts quantize="int8"
     no_quantize_hint: str = ""      # appended to the refusal when it does not
     check: Callable[[], None] | None = None  # raise HarnessError early when a dependency is missing
+    suffixes: tuple[str, ...] = ()  # file name endings of this format (another format's ending is refused)
 
 
 _REGISTRY: dict[str, ExportFormat] = {}
@@ -80,6 +81,15 @@ def get(name: str) -> ExportFormat | None:
 def registered() -> tuple[str, ...]:
     """Names of the registered formats, in registration order."""
     return tuple(_REGISTRY)
+
+
+def suffix_mismatch(fmt: ExportFormat, out: str) -> str | None:
+    """The format whose file name ending ``out`` has, when that is not ``fmt``'s: ``--format pt --out
+    model.safetensors`` wrote a pickle that safetensors' loader then refuses, and the reverse."""
+    ext = os.path.splitext(out)[1].lower()
+    if not ext or ext in fmt.suffixes:
+        return None
+    return next((f.name for f in _REGISTRY.values() if ext in f.suffixes), None)
 
 
 def quantizable() -> tuple[str, ...]:

@@ -117,6 +117,6 @@ def write(job: ExportJob) -> Written:
     return write_programs(job, "onnx", _save)
 
 
-FORMAT = ExportFormat("onnx", write, check=require_onnx,
+FORMAT = ExportFormat("onnx", write, check=require_onnx, suffixes=(".onnx",),
                       no_quantize_hint=" (for ONNX, quantize the exported file with "
                                        "onnxruntime.quantization.quantize_dynamic)")

@@ -116,4 +116,4 @@ def count_tensors(obj: Any) -> int:
     return 0
 
 
-FORMAT = ExportFormat("pt", write, quantizable=True)
+FORMAT = ExportFormat("pt", write, quantizable=True, suffixes=(".pt", ".pth", ".tar"))

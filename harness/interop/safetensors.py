@@ -187,5 +187,5 @@ def write(job: ExportJob) -> Written:
                    len(tensors))
 
 
-FORMAT = ExportFormat("safetensors", write, no_quantize_hint=" (safetensors holds plain tensors, not int8 packed "
-                      "weights)")
+FORMAT = ExportFormat("safetensors", write, suffixes=(".safetensors",),
+                      no_quantize_hint=" (safetensors holds plain tensors, not int8 packed weights)")

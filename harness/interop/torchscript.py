@@ -51,4 +51,4 @@ def write(job: ExportJob) -> Written:
     return write_programs(job, "torchscript", _save)
 
 
-FORMAT = ExportFormat("torchscript", write, quantizable=True)
+FORMAT = ExportFormat("torchscript", write, quantizable=True, suffixes=(".ts", ".pt", ".pth"))
