@@ -264,7 +264,7 @@ def test_export_errors_leave_no_file(runs, tmp_path):
 
 
 @pytest.mark.parametrize("fmt, name, named", [("pt", "m.safetensors", "safetensors"), ("safetensors", "m.pt", "pt"),
-                                              ("torchscript", "m.onnx", "onnx"), ("onnx", "m.PTH", "pt")])
+                                              ("torchscript", "m.onnx", "onnx"), ("safetensors", "m.PTH", "pt")])
 def test_an_output_named_as_another_format_is_refused(runs, tmp_path, capsys, fmt, name, named):
     """`--format pt --out model.safetensors` wrote a pickle under a name safetensors' loader then refuses."""
     assert cli("ckpt", "export", runs["mlp"][0], "--format", fmt, "--out", tmp_path / name) == 1
