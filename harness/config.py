@@ -159,10 +159,21 @@ def _check_type(where: str, value: Any, kind: Any) -> Any:
         return float(value)
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
-        raise ConfigError(f"{where} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where} must be {kind.__name__}, got {type(value).__name__} {value!r}"
+                          + _type_hint(value, kind))
     if kind is float and not math.isfinite(value):  # TOML reads nan and inf: no setting means either
         raise ConfigError(f"{where} must be a finite number, got {value!r}")
     return value
+
+
+def _type_hint(value: Any, kind: Any) -> str:
+    """What TOML wanted, where the value says what was meant: `True`, `yes` for a bool, `1e3` for an int."""
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+        meant = "true" if value.lower() in ("true", "yes", "on") else "false"
+        return f" (TOML's booleans are true and false, unquoted: {meant})"
+    if kind is int and isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 63:
+        return f" (write {int(value)})"
+    return ""
 
 
 def _section(name: str, cls: type, raw: Any) -> Any:

@@ -152,6 +152,21 @@ def test_numbers_no_run_can_use_are_config_errors(setting, message):
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("train.amp=True", "train.amp must be bool, got str 'True' (TOML's booleans are true and false, unquoted: true)"),
+    ("train.deterministic=off", "(TOML's booleans are true and false, unquoted: false)"),
+    ("train.max_steps=1e3", "train.max_steps must be int, got float 1000.0 (write 1000)"),
+])
+def test_a_value_of_the_wrong_type_says_what_toml_wanted(setting, message):
+    """`--set train.amp=True` (Python's spelling) or `max_steps = 1e3` said only "must be bool/int"."""
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, [setting])
+    assert message in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        config.load(None, ["train.max_steps=2.5"])
+    assert str(caught.value) == "train.max_steps must be int, got float 2.5"  # no hint where none fits
+
+
 def test_the_limits_themselves_are_accepted():
     cfg = config.load(None, ["dist.timeout_s=1", "checkpoint.timeout_s=604800", "checkpoint.grace_period_s=0.5",
                              "optim.momentum=0", "scheduler.min_lr_ratio=0", "scheduler.gamma=1e-9"])
