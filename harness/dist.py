@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
 import socket
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch.distributed as dist
 
 from harness.errors import ConfigError
 from harness.exiting import leave  # noqa: F401 - the documented name (README: harness.dist.leave)
+
+_log = logging.getLogger("harness")
 
 
 def initialized() -> bool:
@@ -87,6 +92,26 @@ def broadcast_module(module: Any, src: int = 0) -> None:
         return
     for t in [*module.parameters(), *module.buffers()]:
         dist.broadcast(t.detach(), src=src)
+
+
+@contextlib.contextmanager
+def late_peers_warning(what: str, timeout_s: float) -> Iterator[None]:
+    """Around a collective one rank may call alone (``CheckpointManager.save`` under ``if rank == 0:``, the
+    habit ``torch.save`` teaches): if it has not completed after a quarter of its timeout (at most 30 s),
+    say what is wrong now, not only when the timeout (10 minutes by default) ends in a transport error."""
+    if not initialized() or world_size() < 2:
+        yield
+        return
+    after = min(30.0, timeout_s / 4)
+    timer = threading.Timer(after, lambda: _log.warning(
+        "rank %d has waited %.0f s for the other ranks in %s: it is collective, every rank must call it (a rank "
+        "that never does makes this one fail when its timeout, %.0f s, runs out)", rank(), after, what, timeout_s))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def broadcast(obj: Any, group: Any, src: int = 0) -> Any:

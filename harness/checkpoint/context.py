@@ -15,5 +15,6 @@ class Ctx:
     rank: int
     world_size: int
     io_threads: int
+    timeout_s: float = 600.0   # of the group's collectives
     # Checkpoints restore found damaged: retention neither counts nor deletes them (kept for a human).
     damaged: set[str] = field(default_factory=set)

@@ -79,7 +79,7 @@ class CheckpointManager:
         self.storage = Storage(arguments.folder(dir), storage_options)
         self.rank, self.world_size = dist.rank(), dist.world_size()
         self._group = dist.new_cpu_group(timeout_s)
-        self._ctx = Ctx(self.storage, self._group, self.rank, self.world_size, io_threads)
+        self._ctx = Ctx(self.storage, self._group, self.rank, self.world_size, io_threads, timeout_s)
         self._check_storage(write=not read_only)
         settings = SaveSettings(max_file_bytes=max_file_bytes, shard_chunk_bytes=shard_chunk_bytes,
                                 split_replicated=split_replicated,

@@ -228,7 +228,8 @@ class Saver:
         ctx = self.ctx
         if staging is not None:  # this thread is the copy thread (normal priority): copy first, then write
             staging.copy()
-        decision = dist.broadcast(self._free_name(c.step) if ctx.rank == 0 else None, ctx.group)
+        with dist.late_peers_warning(f"CheckpointManager.save(step={c.step})", ctx.timeout_s):
+            decision = dist.broadcast(self._free_name(c.step) if ctx.rank == 0 else None, ctx.group)
         if decision.error is not None:  # rank 0 could not even list the folder: nobody writes
             raise storage_failure(f"checkpoint at step {c.step} was not started: {decision.error}",
                                   decision.unavailable)
