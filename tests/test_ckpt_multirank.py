@@ -210,30 +210,37 @@ def test_the_state_of_ranks_a_smaller_run_lacks_is_still_verified(tmp_path):
         assert [n for n, _ in res["skipped"]] == ["step-000000002"] and "checksum mismatch" in res["skipped"][0][1]
 
 
-def save_on_rank0_only(rank: int, world: int, url: str) -> dict:
-    """The torch.save habit, `if rank == 0: mgr.save(...)`: rank 0 waits in the save's first collective."""
+def call_on_rank0_only(rank: int, world: int, url: str, what: str) -> dict:
+    """The torch.save habit, `if rank == 0:` around the manager (``what="construct"``) or around save: rank 0
+    waits in the first collective."""
     import logging
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda r: records.append(r.getMessage())
     logging.getLogger("harness").addHandler(handler)
-    mgr = CheckpointManager(url, timeout_s=4)
+    mgr = CheckpointManager(url, timeout_s=4) if what == "save" else None
     t0 = time.monotonic()
     error = ""
     if rank == 0:
         try:
+            mgr = mgr or CheckpointManager(url, timeout_s=4)
             mgr.save(1, models=Net())
-        except Exception as exc:  # noqa: BLE001 - the gloo timeout, whatever its type
+        except Exception as exc:  # noqa: BLE001 - the gloo or store timeout, whatever its type
             error = f"{type(exc).__name__}: {exc}"
     else:
-        time.sleep(6)  # alive, just never calling save
+        time.sleep(6)  # alive, just never calling it
     return {"error": error, "seconds": time.monotonic() - t0, "warned": [m for m in records if "collective" in m]}
 
 
-def test_a_save_called_on_one_rank_only_says_it_is_collective_before_it_times_out(tmp_path):
-    r0, r1 = run_ranks(tmp_path, save_on_rank0_only, WORLD, timeout_s=TIMEOUT_S, url=str(tmp_path / "ck"))
+@pytest.mark.parametrize("what, call", [("save", "CheckpointManager.save(step=1)"),
+                                        ("construct", "CheckpointManager(...)")])
+def test_a_collective_called_on_one_rank_only_says_so_before_it_times_out(tmp_path, what, call):
+    """It waited silently for checkpoint.timeout_s (10 minutes by default), then failed with a transport or
+    store timeout that says nothing about the cause."""
+    r0, r1 = run_ranks(tmp_path, call_on_rank0_only, WORLD, timeout_s=TIMEOUT_S, url=str(tmp_path / "ck"),
+                       what=what)
     assert r0["error"] and r0["seconds"] < 30, r0
-    assert r0["warned"] == ["rank 0 has waited 1 s for the other ranks in CheckpointManager.save(step=1): it is "
-                            "collective, every rank must call it (a rank that never does makes this one fail when "
-                            "its timeout, 4 s, runs out)"], r0
+    assert r0["warned"] == [f"rank 0 has waited 1 s for the other ranks in {call}: it is collective, every rank "
+                            "must call it (a rank that never does makes this one fail when its timeout, 4 s, runs "
+                            "out)"], r0
     assert r1["warned"] == []

@@ -78,7 +78,8 @@ class CheckpointManager:
         dist.require_group_if_launched("CheckpointManager")  # torchrun without init_process_group: refuse
         self.storage = Storage(arguments.folder(dir), storage_options)
         self.rank, self.world_size = dist.rank(), dist.world_size()
-        self._group = dist.new_cpu_group(timeout_s)
+        with dist.late_peers_warning("CheckpointManager(...)", timeout_s):  # made under `if rank == 0:`?
+            self._group = dist.new_cpu_group(timeout_s)
         self._ctx = Ctx(self.storage, self._group, self.rank, self.world_size, io_threads, timeout_s)
         self._check_storage(write=not read_only)
         settings = SaveSettings(max_file_bytes=max_file_bytes, shard_chunk_bytes=shard_chunk_bytes,
