@@ -224,3 +224,20 @@ def test_a_model_on_the_meta_device_is_refused_not_reported_loaded(tmp_path):
     deferred.to_empty(device="cpu")
     assert mgr.restore(models=deferred).load_report["model"].loaded == 5
     assert_bitwise(snapshot(deferred.state_dict()), snapshot(net.state_dict()))
+
+
+def test_a_data_position_given_as_an_object_is_saved_as_its_state(ckpt_url):
+    """`position=loader` (a torchdata StatefulDataLoader, a sampler of one's own) and `position=generator` were
+    refused with "use tensors... or give the object state_dict()/load_state_dict()", which the loader has.
+    They are saved as their state dict / `get_state()`, and restore gives that back to be set."""
+    gen = torch.Generator().manual_seed(7)
+    torch.randn(3, generator=gen)
+    expected = torch.randn(5, generator=torch.Generator().set_state(gen.get_state()))
+    cursor = Cursor(4)
+    mgr = CheckpointManager(ckpt_url)
+    mgr.save(1, models=Net(8), position=gen, rank_state=cursor)
+    res = mgr.restore(models=Net(8))
+    assert torch.equal(torch.randn(5, generator=torch.Generator().set_state(res.position)), expected)
+    again = Cursor()
+    again.load_state_dict(res.rank_state)
+    assert again.pos == 4 and torch.equal(again.seen, cursor.seen)

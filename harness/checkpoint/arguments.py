@@ -47,6 +47,17 @@ def summary(value: Any) -> Any:
     return value
 
 
+def own_state(value: Any) -> Any:
+    """``position``/``rank_state`` as saved: an object with ``state_dict()`` (a ``StatefulDataLoader``, a
+    sampler of one's own) as its state dict, a ``torch.Generator`` as ``get_state()``; restore gives that back
+    (``loader.load_state_dict(res.position)``, ``gen.set_state(res.position)``). Anything else as it is."""
+    if isinstance(value, Stateful):
+        return value.state_dict()
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    return value
+
+
 def check_objects(by_section: Mapping[str, Any]) -> None:
     """Every object given by keyword (other than ``extra=``, which also takes plain values) can be saved
     and restored, and is of its argument's kind: TypeError naming the argument and what it got (a list of
