@@ -81,6 +81,26 @@ def _info(step, loss, problem=None):
                           commit={"loss": loss}, problem=problem)
 
 
+def test_a_diverged_run_keeps_its_last_checkpoint_with_a_finite_loss(ckpt_url, caplog):
+    """keep_last=2 and the loss went nan at step 40: the saves of nan weights pushed the last good checkpoint out,
+    leaving nothing to resume from but nan. The newest checkpoint with a finite loss now stays, with a warning."""
+    nan = float("nan")
+    _save_all(ckpt_url, losses=[3.0, 2.0, 1.0, nan, nan, float("inf"), nan], keep_last=2)
+    assert _steps(ckpt_url) == [30, 60, 70]
+    assert "keeping step-000000030, the newest with a finite one" in caplog.text
+
+
+def test_best_of_a_run_with_no_finite_loss_says_so(tmp_path):
+    """It said the checkpoints do not record 'loss' (use --metric): they do, as nan."""
+    from harness.errors import NoCheckpointError
+    from harness.interop.export import export_checkpoint
+    _save_all(str(tmp_path / "ck"), losses=[float("nan"), float("inf")], keep_last=0)
+    with pytest.raises(NoCheckpointError, match=r"has a finite 'loss' \(the values recorded are inf, nan\): none is "
+                                                r"best; choose one with --step"):
+        export_checkpoint(tmp_path / "ck", tmp_path / "best.pt", best=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
 def test_select_deletions_unit():
     infos = [_info(10, 1.0), _info(20, 0.1, problem="bad commit"), _info(30, 3.0), _info(40, 4.0), _info(50, 5.0)]
     policy = RetentionPolicy(keep_last=1, keep_best=1)

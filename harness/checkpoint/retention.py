@@ -55,8 +55,21 @@ def select_deletions(infos: list[CheckpointInfo], policy: RetentionPolicy, prote
         return []
     keep = {i.name for i in healthy[-policy.keep_last:]}
     keep |= {i.name for i in best(healthy, policy, policy.keep_best)}
-    keep |= set(protect)
+    good = last_finite(healthy)
+    if good - keep:
+        log.warning("retention: the newest checkpoints record a non-finite loss; keeping %s, the newest with a "
+                    "finite one", ", ".join(good))
+    keep |= good | set(protect)
     return [i for i in healthy[:-1] if i.name not in keep]  # [:-1]: never the newest
+
+
+def last_finite(healthy: list[CheckpointInfo]) -> set[str]:
+    """The newest checkpoint whose loss is finite (or not recorded), when newer ones recorded nan or inf: a
+    run that diverged must not push its last good state out with keep_last checkpoints of nan weights."""
+    for info in reversed(healthy):
+        if info.commit.get("loss") is None or metric_value(info, "loss") is not None:
+            return {info.name}
+    return set()
 
 
 def stale_attempts(infos: list[CheckpointInfo]) -> list[str]:

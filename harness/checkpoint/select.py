@@ -83,10 +83,21 @@ def candidates(storage: Storage, *, step: int | None = None, best: bool = False,
     ranked = best_of(usable, RetentionPolicy(keep_last=0, keep_best=0, best_metric=metric, best_mode=mode),
                      len(usable))
     if infos and not ranked:
+        raw = [i.commit.get("loss") if metric == "loss" else (i.commit.get("metrics") or {}).get(metric)
+               for i in usable]
+        if any(v is not None for v in raw):  # recorded, but never a finite number: a run that diverged
+            raise NoCheckpointError(f"no checkpoint in {where} has a finite {metric!r} (the values recorded are "
+                                    f"{', '.join(sorted({_shown(v) for v in raw if v is not None}))}): none is "
+                                    "best; choose one with --step")
         raise NoCheckpointError(f"no checkpoint in {where} records the metric {metric!r} "
                                 f"(use --metric with 'loss' or a key of the saved metrics)")
     how = f"best by {metric} ({mode})"
     return ranked, how
+
+
+def _shown(value: object) -> str:
+    """A summary value as the commit record tags it (a nan loss is {"__float__": "nan"})."""
+    return str(value["__float__"]) if isinstance(value, dict) and "__float__" in value else repr(value)
 
 
 def walk_back(infos: Iterable[CheckpointInfo], load: Callable[[str], T],
