@@ -44,11 +44,17 @@ def run_list(storage: Storage, args: argparse.Namespace) -> int:
     return 0
 
 
+def loss_json(v: Any) -> Any:
+    """A commit record's loss for --json: a number, or "nan"/"inf"/"-inf" as ``ckpt inspect --json`` writes
+    them (the record's own tag, {"__float__": "nan"}, is the codec's business)."""
+    return v["__float__"] if isinstance(v, dict) and "__float__" in v else v
+
+
 def _row(storage: Storage, info: CheckpointInfo, full: bool) -> dict:
     c = info.commit if isinstance(info.commit, dict) else {}
     row: dict[str, Any] = {
         "name": info.name, "step": info.step, "attempt": info.attempt, "epoch": c.get("epoch"),
-        "loss": c.get("loss"), "size_bytes": c.get("total_bytes"), "size": None, "created": c.get("created"),
+        "loss": loss_json(c.get("loss")), "size_bytes": c.get("total_bytes"), "size": None, "created": c.get("created"),
         "world_size": c.get("world_size"), "sharding": c.get("sharding"), "committed": info.committed,
         "valid": False, "status": "",
     }

@@ -28,6 +28,10 @@ def dash(v: Any) -> str:
 
 
 def loss_text(v: Any) -> str:
+    if isinstance(v, dict) and "__float__" in v:  # a commit record's nan/inf, as the codec tags it
+        v = v["__float__"]
+    if isinstance(v, str) and v.lstrip("-") in ("nan", "inf"):  # ckpt inspect's JSON form
+        return v
     return f"{v:.6g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ class Progress:
         self._t_last = self._t_print = time.perf_counter()
         self._step_last: int | None = None
         self._rate = 0.0  # steps per second, smoothed
+        self._diverged = False
 
     def start(self, step: int) -> None:
         """The loop begins at ``step`` (0, or the resumed one): the first line's rate is measured from here."""
@@ -37,6 +39,11 @@ class Progress:
     def update(self, step: int, loss: float, samples_per_step: int, every_steps: int) -> None:
         if not self.enabled:
             return
+        if not math.isfinite(loss) and not self._diverged:
+            self._diverged = True  # said once: a progress line of "loss nan" is easy to miss
+            log.warning("loss is %s at step %d: training has diverged (a learning rate too high? train.grad_clip?); "
+                        "it goes on, and checkpoint retention keeps the newest checkpoint with a finite loss",
+                        loss, step)
         now = time.perf_counter()
         if self._step_last is not None and now > self._t_last:
             rate = (step - self._step_last) / (now - self._t_last)
@@ -90,7 +97,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.path:
             return
-        line = (json.dumps({"time": round(time.time(), 3), **record}) + "\n").encode()
+        line = (json.dumps(_strict({"time": round(time.time(), 3), **record})) + "\n").encode()
         try:
             _append_whole(self.path, line)
         except OSError as exc:
@@ -102,6 +109,12 @@ class MetricsLog:
         if self.dropped:
             log.warning("metrics: appending to %s again; %d record(s) were dropped", self.path, self.dropped)
             self.dropped = 0
+
+
+def _strict(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON as jq, JavaScript and every strict parser read it: a nan or inf value (a diverged loss) is null,
+    not Python's bare NaN, which they refuse (the whole line with it)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def _append_whole(path: str, data: bytes) -> None:

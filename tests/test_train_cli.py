@@ -81,6 +81,25 @@ def test_standalone_quickstart_runs_to_completion(runner, tmp_path):
     assert "INFO training on cpu: 1 rank(s), ddp, 0.02M parameters, amp off\n" in proc.log(), proc.tail()
 
 
+def test_a_diverged_run_says_so_and_its_records_stay_strict_json(runner, tmp_path):
+    """optim.lr = 1e8: the loss is nan from the first log step. The run said nothing (a progress line "loss nan"),
+    metrics.jsonl held bare NaN (refused by jq and JavaScript, line by line) and `ckpt list` showed the loss as
+    "-", as if none was recorded. Now: one warning, null in metrics.jsonl, "nan" in the listing."""
+    import json
+    proc = runner.run("diverged", standalone_cmd(tmp_path, "optim.lr=1e8", f"train.max_steps={EVERY}"))
+    assert proc.rc == 0, proc.tail()
+    assert proc.log().count("training has diverged") == 1, proc.tail()
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert any("loss" in r and r["loss"] is None for r in records), records
+    listing = subprocess.run([sys.executable, "-m", "harness", "ckpt", "list", str(tmp_path / "ck"), "--json"],
+                             env=base_env(), capture_output=True, text=True, timeout=60)
+    assert {row["loss"] for row in json.loads(listing.stdout)} == {"nan"}, listing.stdout
+
+
 def test_a_gpu_config_on_a_machine_without_one_says_where_it_trains(runner, tmp_path):
     """train.device = "auto" and train.amp on a CPU-only machine: it trains on the CPU, without autocast, and
     the first line says so (it was silent: a GPU config crawled on the CPU without a word)."""
