@@ -136,6 +136,7 @@ _POSITIVE = {("train", "max_steps"), ("train", "batch_size"), ("train", "log_eve
              ("checkpoint", "grace_period_s"), ("checkpoint", "lease_timeout_s"), ("dist", "timeout_s"),
              ("optim", "lr"), ("scheduler", "step_size"),
              ("scheduler", "gamma")}  # a negative gamma flips the LR's sign every step_size steps
+_NAMES = {("checkpoint", "best_metric")}  # must name something: not empty
 _NON_NEGATIVE = {("checkpoint", "keep_last"), ("checkpoint", "keep_best"), ("train", "grad_clip"),
                  ("train", "step_sleep_s"), ("optim", "weight_decay"), ("scheduler", "warmup_steps"),
                  ("train", "seed"), ("optim", "momentum"), ("scheduler", "min_lr_ratio")}
@@ -200,6 +201,8 @@ def _check_value(section: str, key: str, value: Any) -> Any:
     choices = _CHOICES.get((section, key))
     if choices and value not in choices:
         raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}, got {value!r}")
+    if (section, key) in _NAMES and not value.strip():
+        raise ConfigError(f"{section}.{key} is empty: name a metric ('loss' or a key of the saved metrics)")
     if (section, key) in _POSITIVE and value <= 0:
         raise ConfigError(f"{section}.{key} must be > 0, got {value!r}")
     if (section, key) in _NON_NEGATIVE and value < 0:

@@ -38,6 +38,8 @@ def test_config_errors_fail_fast_with_one_line(tmp_path):
         "bom": ([], str(tmp_path / "bom.toml"), 2, "optim.lr must be > 0"),
         "nan": (["optim.lr=nan"], CONFIG, 2, "optim.lr must be a finite number, got nan"),
         "ms-timeout": (["dist.timeout_s=0.5"], CONFIG, 2, "dist.timeout_s is in seconds and must be >= 1"),
+        # the manager refuses an empty best_metric: it must be a config error, not a worker's ValueError
+        "empty-metric": (["checkpoint.best_metric=''"], CONFIG, 2, "checkpoint.best_metric is empty"),
         # one slash: it trained into a local folder named "s3:" in the working directory, exit 0
         "half-url": (["checkpoint.dir='s3:/bucket/run'"], CONFIG, 2, "did you mean 's3://bucket/run'?"),
         # two: it trained to keys under an empty folder name, which s3://bucket/run does not list, exit 0
