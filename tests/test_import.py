@@ -98,6 +98,59 @@ def test_tutorial_import_then_train_resumes(tmp_path, capsys):
     assert [e["step"] for e in events if "event" not in e] == [8, 10]  # the step log lines
 
 
+def lightning_checkpoint(path, cfg, steps=6, attribute="model"):
+    """What PyTorch Lightning's `trainer.save_checkpoint` writes for a LightningModule holding the network as
+    ``self.<attribute>`` (the keys Lightning 2.x uses; no lightning package needed to write them)."""
+    tutorial_checkpoint(path, cfg, steps=steps, prefix=f"{attribute}.")
+    plain = torch.load(path, weights_only=True)
+    torch.save({"epoch": 1, "global_step": steps, "pytorch-lightning_version": "2.4.0",
+                "state_dict": plain["model_state_dict"], "optimizer_states": [plain["optimizer_state_dict"]],
+                "lr_schedulers": [plain["scheduler_state_dict"]],
+                "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": 1}}}},
+                "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}": {"best_model_score": torch.tensor(0.5)}},
+                "hparams_name": "kwargs", "hyper_parameters": {"lr": cfg.optim.lr}}, path)
+    return plain
+
+
+def test_a_lightning_checkpoint_imports_and_resumes_and_warm_starts(tmp_path, capsys):
+    """A Lightning .ckpt imported as weights only: its optimizer_states/lr_schedulers lists were "keys not
+    imported", and its weights kept the LightningModule's 'model.' prefix, which no plain model has."""
+    cfg = quickstart_config()
+    src = tmp_path / "epoch=1-step=6.ckpt"
+    plain = lightning_checkpoint(src, cfg)
+    dest = tmp_path / "ckpt"
+    assert cli("ckpt", "import", src, dest, "--config", QUICKSTART) == 0
+    out = capsys.readouterr().out
+    assert "as step-000000006: step 6 (file's step), epoch 1" in out, out
+    assert "note: a PyTorch Lightning checkpoint (Lightning 2.4.0)" in out
+    assert "note: model weights: the LightningModule's attribute prefix 'model.' removed" in out
+    assert "note: Lightning's own state not imported: loops, callbacks, hparams_name, hyper_parameters" in out
+    _, m2, o2, s2 = trainer_objects(cfg)
+    res = CheckpointManager(dest).restore(models={"model": m2}, optimizers={"optimizer": o2},
+                                          schedulers={"scheduler": s2})
+    assert res.step == 6 and res.epoch == 1
+    assert_same_state(m2.state_dict(), {k.removeprefix("model."): v for k, v in plain["model_state_dict"].items()})
+    saved = plain["optimizer_state_dict"]["state"]
+    assert all(torch.equal(st["exp_avg"], saved[pid]["exp_avg"]) for pid, st in o2.state_dict()["state"].items())
+    fresh = trainer_objects(cfg)[1]
+    assert harness.warm_start(fresh, src).loaded == len(m2.state_dict())
+    assert_same_state(fresh.state_dict(), m2.state_dict())
+
+
+def test_a_lightning_module_with_several_attributes_keeps_its_keys_and_a_gan_its_optimizers(tmp_path):
+    from harness.interop.importer import understand
+    enc, dec = nn.Linear(2, 3), nn.Linear(3, 2)
+    opts = [torch.optim.SGD(enc.parameters(), lr=0.1), torch.optim.Adam(dec.parameters())]
+    ckpt = {"pytorch-lightning_version": "2.4.0", "epoch": 0, "global_step": 0,
+            "state_dict": {**{f"encoder.{k}": v for k, v in enc.state_dict().items()},
+                           **{f"decoder.{k}": v for k, v in dec.state_dict().items()}},
+            "optimizer_states": [o.state_dict() for o in opts], "lr_schedulers": []}
+    imp = understand(ckpt, "gan.ckpt")
+    assert sorted(imp.models["model"]) == ["decoder.bias", "decoder.weight", "encoder.bias", "encoder.weight"]
+    assert list(imp.optimizers) == ["optimizer", "optimizer_1"] and imp.schedulers == {}
+    assert not any("prefix" in n for n in imp.notes)
+
+
 def test_import_without_config_keeps_state_as_is(tmp_path, capsys):
     cfg = small_config("mlp")
     src = tmp_path / "t.pt"

@@ -8,6 +8,8 @@ Accepted files:
   ``scaler_state_dict``, the plural ``*_state_dicts`` of a multi-model file and ``config``, as
   ``harness ckpt export --format pt`` writes them; ``state_dict`` is read as the model's weights);
 - a bare ``state_dict`` (every value a tensor), read as the model's weights;
+- a PyTorch Lightning checkpoint (``.ckpt``: ``state_dict``, ``optimizer_states``, ``lr_schedulers``,
+  ``global_step``), translated by :mod:`harness.interop.lightning`;
 - a ``.safetensors`` file (model weights), read by a small checked reader of our own
   (:func:`harness.interop.safetensors.read_safetensors`).
 
@@ -42,6 +44,7 @@ from harness import recipe
 from harness.checkpoint.discovery import list_checkpoints
 from harness.checkpoint.load import load_model_state
 from harness.errors import CheckpointError, CheckpointFormatError, ConfigError, HarnessError
+from harness.interop import lightning
 from harness.interop.safetensors import looks_like_safetensors, read_safetensors
 from harness.state import capture_rng, restore_rng, strip_prefix
 from harness.storage import Storage, open_url, redact_url
@@ -110,6 +113,7 @@ class Imported:
     config: dict | None = None
     bare: bool = False
     ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what reading the file involved (a Lightning checkpoint)
 
 
 _SINGLE = {"model_state_dict": "models", "state_dict": "models", "optimizer_state_dict": "optimizers",
@@ -130,6 +134,8 @@ def understand(obj: Any, shown: str = "file") -> Imported:
         raise CheckpointFormatError(f"{shown} holds int8-quantized weights (an inference export): they cannot be "
                                     "trained from; import the float export instead")
     imp = Imported()
+    if lightning.is_lightning(obj):
+        obj, imp.notes = lightning.translate(obj)
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         imp.models["model"], imp.bare = _model_sd(obj, shown, "state_dict"), True
         return imp
@@ -248,7 +254,7 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
     src, url = os.fspath(src), os.fspath(url)  # pathlib.Paths too
     shown = redact_url(src)
     imp = understand(load_file(src), shown)
-    notes: list[str] = []
+    notes: list[str] = list(imp.notes)
     cfg = _as_config(config)
     if cfg is None and imp.config is not None:
         try:
