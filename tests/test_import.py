@@ -325,6 +325,35 @@ def test_every_python_entry_point_takes_a_pathlib_path(tmp_path):
             call()
 
 
+def test_a_hugging_face_model_folder_is_a_source_of_weights(tmp_path):
+    """`save_pretrained`'s folder (sharded safetensors with model.safetensors.index.json, or one
+    pytorch_model.bin) for warm_start / load_for_inference / checkpoint.init_from: it said "no committed
+    checkpoint" (it looked for harness's step-* folders only)."""
+    from safetensors.torch import save_file
+    from harness.errors import CheckpointFormatError
+    torch.manual_seed(0)
+    src = Pretrained()
+    sd = src.state_dict()
+    hf = tmp_path / "hf-model"
+    hf.mkdir()
+    save_file({k: sd[k] for k in ("body.weight", "body.bias")}, hf / "model-00001-of-00002.safetensors")
+    save_file({k: sd[k] for k in ("head.weight", "head.bias")}, hf / "model-00002-of-00002.safetensors")
+    index = {"metadata": {"total_size": 0}, "weight_map": {
+        k: f"model-0000{1 if k.startswith('body') else 2}-of-00002.safetensors" for k in sd}}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    model = harness.load_for_inference(hf, Pretrained())
+    assert_same_state(model.state_dict(), sd)
+    assert harness.warm_start(FineTune(), hf).loaded == 2  # body; head has another shape
+    bin_folder = tmp_path / "bin-model"
+    bin_folder.mkdir()
+    torch.save(sd, bin_folder / "pytorch_model.bin")
+    assert_same_state(harness.load_for_inference(bin_folder, Pretrained()).state_dict(), sd)
+    for shard in ("../outside.safetensors", "sub/x.safetensors"):
+        (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"body.weight": shard}}))
+        with pytest.raises(CheckpointFormatError, match="not plain file names in the folder"):
+            harness.load_for_inference(hf, Pretrained())
+
+
 # -- load_for_inference -----------------------------------------------------------------------------
 
 def test_load_for_inference_step_best_and_file(tmp_path):
