@@ -354,6 +354,18 @@ def test_a_hugging_face_model_folder_is_a_source_of_weights(tmp_path):
             harness.load_for_inference(hf, Pretrained())
 
 
+def test_load_for_inference_names_a_device_it_cannot_use(tmp_path):
+    """torch said "Invalid device string" or "Torch not compiled with CUDA enabled" (an AssertionError)."""
+    mgr = CheckpointManager(tmp_path / "run")
+    mgr.save(1, models=Pretrained())
+    with pytest.raises(ValueError, match="device='gpu0' is not a device"):
+        harness.load_for_inference(tmp_path / "run", Pretrained(), device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' but no CUDA device is available here: use device='cpu'"):
+            harness.load_for_inference(tmp_path / "run", Pretrained(), device="cuda")
+    assert harness.load_for_inference(tmp_path / "run", Pretrained(), device="cpu").body.weight.device.type == "cpu"
+
+
 # -- load_for_inference -----------------------------------------------------------------------------
 
 def test_load_for_inference_step_best_and_file(tmp_path):

@@ -55,6 +55,19 @@ def _check_model(model: object, what: str) -> None:
         raise TypeError(f"{what} takes the model (a torch.nn.Module) to load into, got {type(model).__name__}")
 
 
+def _device(device: str | torch.device) -> torch.device:
+    """``device`` checked before anything is read: torch said "Invalid device string" or, for "cuda" on a
+    machine without one, "Torch not compiled with CUDA enabled" from deep inside ``Module.to``."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a device (cpu, cuda, cuda:1, mps, ...): {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA device is available here: use device='cpu' (a "
+                         "checkpoint saved on a GPU loads on the CPU)")
+    return dev
+
+
 def _is_folder(source: str, storage_options: dict | None) -> bool:
     return Storage(source, storage_options).is_dir()
 
@@ -102,7 +115,7 @@ def load_for_inference(dir: str, model: torch.nn.Module, *, step: int | None = N
     fine: weights go into the wrapped module."""
     _check_model(model, "load_for_inference")
     if device is not None:
-        model = model.to(device)
+        model = model.to(_device(device))
     where, model_name, sd = read_weights(dir, name=name, step=step, best=best, metric=metric, mode=mode,
                                          storage_options=storage_options)
     load_model_state(model, sd, strict=strict, skip_mismatched=not strict, name=model_name)
