@@ -348,6 +348,13 @@ def test_a_hugging_face_model_folder_is_a_source_of_weights(tmp_path):
     bin_folder.mkdir()
     torch.save(sd, bin_folder / "pytorch_model.bin")
     assert_same_state(harness.load_for_inference(bin_folder, Pretrained()).state_dict(), sd)
+    imported = import_checkpoint(hf, tmp_path / "imported")  # `harness ckpt import FOLDER`: IsADirectoryError
+    assert imported["models"] == ["model"] and imported["step"] == 0
+    assert_same_state(harness.load_for_inference(tmp_path / "imported", Pretrained()).state_dict(), sd)
+    for folder, message in [(tmp_path / "imported", "a harness checkpoint folder already: use it as checkpoint.dir"),
+                            (tmp_path, "a folder without model weights")]:
+        with pytest.raises(CheckpointFormatError, match=message):
+            import_checkpoint(folder, tmp_path / "again")
     for shard in ("../outside.safetensors", "sub/x.safetensors"):
         (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"body.weight": shard}}))
         with pytest.raises(CheckpointFormatError, match="not plain file names in the folder"):

@@ -84,6 +84,23 @@ def load_file(src: str) -> Any:
                                         f"{type(exc).__name__}: {_first_line(exc)}") from None
 
 
+def _read_source(src: str, shown: str, storage_options: dict | None) -> Any:
+    """A file's contents, or a Hugging Face model folder's weights in one state dict."""
+    from harness.interop import hf
+    folder = Storage(src, storage_options)
+    if not folder.is_dir():
+        return load_file(src)
+    files = hf.weight_files(folder)
+    if files is None:
+        reads = ("import reads one file, or a Hugging Face model folder (model.safetensors, pytorch_model.bin or "
+                 "their index.json)")
+        if list_checkpoints(folder):
+            raise CheckpointFormatError(f"{shown} is a harness checkpoint folder already: use it as checkpoint.dir "
+                                        f"or checkpoint.init_from ({reads})")
+        raise CheckpointFormatError(f"{shown} is a folder without model weights: {reads}")
+    return hf.read_folder(src, files, load_file)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else ""
@@ -253,7 +270,7 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
 
     src, url = os.fspath(src), os.fspath(url)  # pathlib.Paths too
     shown = redact_url(src)
-    imp = understand(load_file(src), shown)
+    imp = understand(_read_source(src, shown, storage_options), shown)
     notes: list[str] = list(imp.notes)
     cfg = _as_config(config)
     if cfg is None and imp.config is not None:
