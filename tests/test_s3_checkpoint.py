@@ -191,3 +191,24 @@ def test_scheme_case_chained_urls_and_empty_folder_names(s3_bucket, s3_server, c
     assert "empty folder name" in capsys.readouterr().err
     fs.invalidate_cache()
     assert sorted(fs.ls(s3_bucket)) == [f"{s3_bucket}/run"]
+
+
+def test_a_hugging_face_model_folder_in_s3_is_a_source_of_weights(s3_bucket, s3_server, tmp_path):
+    """checkpoint.init_from = "s3://bucket/hf-model" (save_pretrained's files uploaded as they are)."""
+    import json
+
+    import harness
+    from safetensors.torch import save_file
+    model, _, _ = simple_run()
+    sd = model.state_dict()
+    names = sorted(sd)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    fs = fsspec.filesystem("s3")
+    for shard, keys in halves.items():
+        save_file({k: sd[k].contiguous() for k in keys}, tmp_path / shard)
+        fs.put(str(tmp_path / shard), f"{s3_bucket}/hf-model/{shard}")
+    index = {"weight_map": {k: shard for shard, keys in halves.items() for k in keys}}
+    fs.pipe(f"{s3_bucket}/hf-model/model.safetensors.index.json", json.dumps(index).encode())
+    fresh = harness.load_for_inference(f"s3://{s3_bucket}/hf-model", type(model)())
+    assert_bitwise(dict(fresh.state_dict()), dict(sd))
