@@ -190,7 +190,7 @@ def _check(args: LaunchArgs) -> Any:
     cfg = config.load(args.config, args.overrides)
     if hi == 1:  # one machine: rank 0's (see harness.prefetch); before torch is imported here
         prefetch.start(cfg.checkpoint.dir)
-    _check_workload(cfg, lo * workers)
+    _check_workload(cfg, lo * workers, workers)
     storage = Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options)
     prepare_output_dir(cfg.output_dir, create=False)  # metrics.jsonl's: made once the storage is known good
     storage.check_access(write=True)
@@ -199,7 +199,7 @@ def _check(args: LaunchArgs) -> Any:
     return cfg
 
 
-def _check_workload(cfg: Any, world: int) -> None:
+def _check_workload(cfg: Any, world: int, per_node: int = 1) -> None:
     """The built-in model/data options as the workers will build them, deferred (the model on the meta device,
     no weights drawn, the datasets' tables not drawn), and a batch the data can fill at ``world`` ranks (the
     fewest the job starts with): a bad option is a ConfigError here, before any worker, in milliseconds.
@@ -209,11 +209,28 @@ def _check_workload(cfg: Any, world: int) -> None:
         return
     from harness import recipe
     try:
-        recipe.loader(cfg, recipe.workload(cfg, deferred=True).dataset, world, 0)
+        w = recipe.workload(cfg, deferred=True)
+        recipe.loader(cfg, w.dataset, world, 0)
     except ConfigError:
         raise
     except Exception:  # noqa: BLE001 - not a config problem: the workers build it for real
-        pass
+        return
+    _warn_host_memory(cfg, recipe.training_state_bytes(cfg, w.model, world), per_node)
+
+
+def _warn_host_memory(cfg: Any, per_rank: int, ranks: int) -> None:
+    """A CPU run whose ranks on this node need more memory for weights, gradients and optimizer state alone
+    than the host has available: said before any worker starts (otherwise each rank fails at its first large
+    allocation, "out of host memory", and the agent restarts them into the same failure)."""
+    import torch
+    from harness.hostinfo import available_memory
+    on_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    avail = available_memory()
+    if on_cpu and avail is not None and per_rank * ranks > avail:
+        print(f"harness launch: warning: {ranks} rank(s) on this node need at least {per_rank * ranks / 1e9:.1f} GB "
+              f"for the model's weights, gradients and {cfg.optim.name} state on the CPU ({per_rank / 1e9:.1f} GB "
+              f"each, before activations); {avail / 1e9:.1f} GB is available: expect 'out of host memory'",
+              file=sys.stderr)
 
 
 def _launch_config(args: LaunchArgs, cfg: Any, stopper: Stopper, preload_status: str) -> Any:

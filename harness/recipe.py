@@ -27,7 +27,7 @@ WorkloadBuilder = Callable[[dict, dict, int], Workload]
 
 __all__ = ["WorkloadBuilder", "seed_everything", "build_optimizer", "build_scheduler", "fsdp_wrap",
            "safe_metadata", "schedule_changes", "workload", "materialize", "initialize", "workload_from_dict",
-           "ddp_wrap", "loader"]
+           "ddp_wrap", "loader", "training_state_bytes"]
 
 
 def seed_everything(seed: int) -> None:
@@ -179,6 +179,20 @@ def _checked_workload(result: Any, name: str) -> Workload:
     if problems:
         raise ConfigError(f"{name} returned a Workload whose " + "; ".join(problems))
     return result
+
+
+def training_state_bytes(cfg: Config, model: torch.nn.Module, world: int) -> int:
+    """What one of ``world`` ranks holds for ``model`` (built on any device, the meta device included) before
+    a single activation: weights, gradients and the optimizer's moments (AdamW/Adam two, SGD with momentum
+    one), each the size of the weights; the moments split across ranks under ZeRO, everything under FSDP.
+    A lower bound: activations, DDP's gradient buckets and a checkpoint's host copy come on top."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = {"adamw": 2, "adam": 2}.get(cfg.optim.name, 1 if cfg.optim.momentum else 0)
+    if cfg.train.parallel == "fsdp":
+        return weights * (2 + moments) // max(1, world)
+    if cfg.train.parallel == "zero":
+        return weights * 2 + weights * moments // max(1, world)
+    return weights * (2 + moments)
 
 
 def loader(cfg: Config, dataset: Any, world: int, rank: int) -> BatchLoader:

@@ -362,3 +362,33 @@ def test_train_from_python_takes_a_config_its_dict_or_a_toml_path(tmp_path) -> N
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
     assert (tmp_path / "ck-a" / "step-000000002" / "COMMIT").exists()
     assert (tmp_path / "ck-b" / "step-000000003" / "COMMIT").exists()
+
+
+def test_training_state_bytes_counts_weights_grads_and_moments_as_sharded() -> None:
+    from harness.config import load
+    from harness.recipe import training_state_bytes, workload
+    sets = ["model.name='gpt'", "data.name='synthetic_tokens'", "model.d_model=64", "model.n_layers=2",
+            "model.n_heads=4"]
+    cfg = load(None, sets)
+    model = workload(cfg, deferred=True).model  # the meta device: nothing allocated
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert training_state_bytes(cfg, model, 4) == weights * 4  # weights, grads, AdamW's two moments
+    assert training_state_bytes(load(None, [*sets, "optim.name='sgd'"]), model, 4) == weights * 3
+    assert training_state_bytes(load(None, [*sets, "optim.name='sgd'", "optim.momentum=0"]), model, 4) == weights * 2
+    assert training_state_bytes(load(None, [*sets, "train.parallel='zero'"]), model, 4) == weights * 2 + weights // 2
+    assert training_state_bytes(load(None, [*sets, "train.parallel='fsdp'"]), model, 4) == weights
+
+
+def test_a_cpu_run_too_large_for_the_host_is_warned_about_before_any_worker(capsys) -> None:
+    """Each rank failed at its first large allocation ("out of host memory"), restarted into the same failure."""
+    from harness import launch
+    from harness.config import load
+    from harness.hostinfo import available_memory
+    assert available_memory() is not None and available_memory() > 0  # Linux: MemAvailable (cgroup v2 limit)
+    launch._warn_host_memory(load(None, ["train.device='cpu'"]), 10 ** 15, 2)  # a petabyte a rank: no host has it
+    err = capsys.readouterr().err
+    assert err.startswith("harness launch: warning: 2 rank(s) on this node need at least 2000000.0 GB for the "
+                          "model's weights, gradients and adamw state on the CPU (1000000.0 GB each, before "
+                          "activations); ") and err.rstrip().endswith("available: expect 'out of host memory'"), err
+    launch._warn_host_memory(load(None, ["train.device='cpu'"]), 1 << 20, 2)  # 1 MiB a rank: nothing to say
+    assert capsys.readouterr().err == ""
