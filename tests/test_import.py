@@ -303,7 +303,7 @@ def test_warm_start_reports_key_by_key(tmp_path):
         assert any(ln.startswith("missing     adapter.weight") for ln in lines)
 
 
-def test_every_python_entry_point_takes_a_pathlib_path(tmp_path):
+def test_every_python_entry_point_takes_a_pathlib_path(tmp_path, monkeypatch):
     """`tmp_path / "run"` is what people pass: it failed everywhere with "argument of type 'PosixPath' is not
     iterable" (or "'PosixPath' object has no attribute 'startswith'" in export)."""
     torch.manual_seed(0)
@@ -313,6 +313,9 @@ def test_every_python_entry_point_takes_a_pathlib_path(tmp_path):
     mgr.close()
     assert [c.step for c in list_checkpoints(Storage(tmp_path / "run"))] == [5]
     export_checkpoint(tmp_path / "run", tmp_path / "out.pt", fmt="pt")
+    monkeypatch.setenv("HOME", str(tmp_path))  # a quoted '~/x.pt' is under the home folder, as a folder's ~ is
+    export_checkpoint("~/run", "~/home.pt", fmt="pt")  # it was ./~/home.pt: "folder ./~ does not exist"
+    assert (tmp_path / "home.pt").stat().st_size == (tmp_path / "out.pt").stat().st_size
     summary = import_checkpoint(tmp_path / "out.pt", tmp_path / "imported")
     assert summary["step"] == 5
     for source in (tmp_path / "run", tmp_path / "out.pt", tmp_path / "imported"):

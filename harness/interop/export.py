@@ -143,6 +143,7 @@ def _check_request(fmt: str, quantize: str | None) -> ExportFormat:
 
 
 def _local_path(out: str) -> str:
+    out = os.path.expanduser(out) if out.startswith("~") else out  # as the checkpoint folder's ~ is the home
     if out.startswith("file://"):
         out = out[len("file://"):]
     elif "://" in out:
