@@ -313,6 +313,17 @@ def load(path: str | None, overrides: list[str] = ()) -> Config:
     return from_dict(raw)
 
 
+def as_config(value: Any, what: str) -> Config:
+    """A Config from a Config, its dict form (as TOML parses it) or a TOML file's path; TypeError otherwise."""
+    if isinstance(value, Config):
+        return value
+    if isinstance(value, dict):
+        return from_dict(value)
+    if isinstance(value, (str, os.PathLike)):
+        return load(os.fspath(value))
+    raise TypeError(f"{what} takes a Config, a dict or a TOML file's path, got {type(value).__name__}")
+
+
 def _read_toml(path: str) -> dict:
     """The parsed file, or a one-line ConfigError: missing, unreadable (a folder, no permission), not UTF-8
     (TOML is; a byte-order mark, which some editors write, is accepted) or not TOML."""

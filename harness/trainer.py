@@ -21,7 +21,7 @@ import torch.distributed as torch_dist
 from harness import determinism, dist, faults, lease, recipe
 from harness.checkpoint import CheckpointManager
 from harness.checkpoint.prune import clean_leftovers
-from harness.config import Config, from_dict, load as load_config
+from harness.config import Config, as_config
 from harness.errors import CheckpointError, ConfigError, StateMismatchError, StorageError
 from harness.progress import MetricsLog, Progress
 from harness.recipe import (WorkloadBuilder, build_optimizer, build_scheduler, fsdp_wrap, safe_metadata,
@@ -173,8 +173,7 @@ class Trainer:
         self.mgr = CheckpointManager(c.dir, keep_last=c.keep_last, keep_best=c.keep_best, best_metric=c.best_metric,
                                      best_mode=c.best_mode, async_save=c.async_save,
                                      storage_options=c.storage_options, max_file_bytes=c.max_file_mb << 20,
-                                     io_threads=c.io_threads, timeout_s=c.timeout_s,
-                                     split_replicated=c.split_writes)
+                                     io_threads=c.io_threads, timeout_s=c.timeout_s, split_replicated=c.split_writes)
         # One job per checkpoint folder: refuse (exit 3) if another live run holds it (harness/lease.py).
         self.lease = lease.acquire(self.mgr.storage, cfg.run.id, c.lease_timeout_s, self.mgr._group,
                                    stopping=lambda: self.flag.signum, group_timeout_s=c.timeout_s)
@@ -273,8 +272,11 @@ class Trainer:
         """A schedule setting changed since the checkpoint (train.max_steps raised to train longer under
         cosine, another scheduler.name): the step count carries over, the shape is the config's, so the LR
         jumps. Said with both LRs, as Lightning users see a scheduler's saved T_max win instead."""
+        if self.step > self.cfg.train.max_steps and self.rank == 0:  # no step will use the schedule
+            log.warning("the checkpoint is at step %d, past train.max_steps = %d: nothing left to train",
+                        self.step, self.cfg.train.max_steps)
         changes = schedule_changes(saved, self.cfg) if self.rank == 0 else []
-        if not changes:
+        if not changes or self.step > self.cfg.train.max_steps:
             return
         sch = self.scheduler
         now = sch.base_lrs[0] * sch.lr_lambdas[0](sch.last_epoch)
@@ -485,12 +487,7 @@ def train(cfg: Config | dict | str | os.PathLike, builder: WorkloadBuilder | Non
     ``builder(model_cfg, data_cfg, seed) -> Workload`` plugs in user code. ``exit_after``: the process ends
     with the returned code (as ``harness train``): signals stay ignored once the run is over, instead of the
     previous handlers coming back, and the trainer is never torn down."""
-    if isinstance(cfg, (str, os.PathLike)):
-        cfg = load_config(os.fspath(cfg))
-    elif isinstance(cfg, dict):
-        cfg = from_dict(cfg)
-    elif not isinstance(cfg, Config):
-        raise TypeError(f"train takes a Config, a dict or a TOML file's path, got {type(cfg).__name__}")
+    cfg = as_config(cfg, "train")
     if builder is not None and not callable(builder):
         raise TypeError(f"train's builder is a function (model_cfg, data_cfg, seed) -> Workload, got "
                         f"{type(builder).__name__} (a 'module:function' string goes in train.entry)")

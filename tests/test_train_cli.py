@@ -128,6 +128,11 @@ def test_a_learning_rate_changed_for_a_resumed_run_is_warned_not_silently_ignore
         changed.log(), changed.tail()
     lrs = [r["lr"] for r in metrics(tmp_path) if "lr" in r and r["step"] > 2 * EVERY]
     assert lrs and max(lrs) <= 0.003, lrs
+    # lowered below the checkpoint's step: no schedule to speak of (it warned about LRs no step would use)
+    past = runner.run("past", standalone_cmd(tmp_path, f"train.max_steps={EVERY}", "optim.lr=0.5"))
+    assert past.rc == 0, past.tail()
+    assert (f"the checkpoint is at step {3 * EVERY}, past train.max_steps = {EVERY}: nothing left to train"
+            in past.log()) and "LR schedule differs" not in past.log(), past.tail()
 
 
 def _positions(ck) -> list[dict]:
