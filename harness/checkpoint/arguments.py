@@ -1,11 +1,13 @@
-"""What ``CheckpointManager.save`` is given, checked and normalized before anything is captured.
+"""What ``CheckpointManager`` is given (its constructor, ``save``, ``restore``), checked and normalized before
+the folder is touched or anything is captured.
 
 A step of 6.5 was saved as step 6, ``True`` as step 1, ``-1`` as a folder named ``step--00000001``; a list of
 models failed deep inside with ``'list' object has no attribute 'state_dict'``; a loss still attached to the
 graph made torch warn, and a metric given as a 0-d tensor (what ``(pred == y).float().mean()`` is) was
-refused. Here: counters are non-negative integers (numpy and 0-d integer tensors included), every object given
-has ``state_dict()``/``load_state_dict()``, and summary numbers given as tensors or numpy scalars become plain
-numbers.
+refused; a ``pathlib.Path`` folder failed, ``io_threads=0`` was taken. Here: counters are non-negative integers
+(numpy and 0-d integer tensors included), every object given has ``state_dict()``/``load_state_dict()`` and is
+of its argument's kind, summary numbers given as tensors or numpy scalars become plain numbers, and the
+constructor's settings are in range.
 """
 
 from __future__ import annotations
