@@ -115,7 +115,8 @@ def capture(targets: Targets, step: int, *, epoch: int, position: Any, loss: flo
             "metadata": codec.plain(dict(metadata or {}), "metadata"),
             "model_classes": {n: class_name(m) for n, m in targets.of(MODELS).items()
                               if isinstance(m, torch.nn.Module)},
-            "optimizer_classes": {n: class_name(o) for n, o in targets.of(OPTIMIZERS).items()}}
+            "optimizer_classes": {n: class_name(o) for n, o in targets.of(OPTIMIZERS).items()
+                                  if isinstance(o, torch.optim.Optimizer)}}  # not an import's bare state holder
     enc, own = codec.Encoder(), codec.Encoder()  # replicated tensors; tensors only this rank holds
     rep_tree, zero_trees = None, {}
     if ctx.rank == 0 or sharded.needs_collective(targets) or (split and ctx.world_size > 1):
