@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -419,6 +421,21 @@ def build_workload(model_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any], se
 _SPEC_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
+def _import_user_module(name: str) -> Any:
+    """``name`` imported as ``python -m`` would find it: the ``harness`` console script, unlike ``python -m
+    harness``, does not put the working directory on sys.path, so ``mymod.py`` beside the config was "No module
+    named 'mymod'" there. The working directory is searched last: it never shadows an installed module."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        top = name.split(".")[0]
+        if exc.name != top or here in sys.path or "" in sys.path:
+            raise
+        sys.path.append(here)
+        return importlib.import_module(name)
+
+
 def load_entry_point(spec: str) -> Callable[..., Any]:
     """Import ``"package.module:function"`` and return the callable.
 
@@ -431,7 +448,7 @@ def load_entry_point(spec: str) -> Callable[..., Any]:
         raise ValueError(f"entry point must look like 'package.module:function', got {spec!r}")
     module_name, attr_path = spec.strip().split(":")
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = _import_user_module(module_name)
     except Exception as exc:  # user code may raise anything at import time
         raise ValueError(f"cannot import module {module_name!r} for entry point {spec!r}: {exc}") from exc
     for attr in attr_path.split("."):

@@ -392,3 +392,25 @@ def test_a_cpu_run_too_large_for_the_host_is_warned_about_before_any_worker(caps
                           "activations); ") and err.rstrip().endswith("available: expect 'out of host memory'"), err
     launch._warn_host_memory(load(None, ["train.device='cpu'"]), 1 << 20, 2)  # 1 MiB a rank: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_a_builder_beside_the_config_is_found_by_the_console_script(tmp_path) -> None:
+    """`harness train --set train.entry=mymod:build` with mymod.py in the working directory: the console script
+    (unlike `python -m harness`) has no working directory on sys.path: "No module named 'mymod'", exit 2. It is
+    searched last now, as `python -m` would find it, without shadowing an installed module."""
+    import subprocess
+    import sys
+    from trainer_helpers import base_env
+    (tmp_path / "mymod_wl.py").write_text("def build(model_cfg, data_cfg, seed):\n    return None\n")
+    (tmp_path / "colorsys.py").write_text("raise SystemExit('the stdlib colorsys was shadowed')\n")
+    script = ("import os, sys\n"
+              "sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]  # as the console script starts\n"
+              "from harness.workloads import load_entry_point\n"
+              "assert load_entry_point('mymod_wl:build').__module__ == 'mymod_wl'\n"
+              "assert sys.path[-1] == os.getcwd()\n"
+              "assert 'colorsys' not in sys.modules\n"
+              "import colorsys; assert colorsys.__file__.startswith(sys.base_prefix), colorsys.__file__\n"
+              "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=base_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
