@@ -10,7 +10,7 @@ from typing import Any
 
 from harness import lease
 from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints, open_checkpoint, verify_checkpoint
-from harness.checkpoint.format import MANIFEST_FILE
+from harness.checkpoint.format import COMMIT_FILE, MANIFEST_FILE
 from harness.checkpoint.prune import prune
 from harness.ckpt_render import dash, error, human_size, loss_text, print_table, short_time, without_name
 from harness.errors import CheckpointError, HarnessError
@@ -101,26 +101,41 @@ def run_prune(storage: Storage, args: argparse.Namespace, secrets: list[str]) ->
 
 def run_verify(storage: Storage, args: argparse.Namespace) -> int:
     require_folder(storage)
-    infos = list_checkpoints(storage)
     where = redact_url(storage.url)
-    if args.step is not None:
-        infos = [i for i in infos if i.step == args.step][-1:]
+    for _ in range(3):  # the newest deleted while it was verified (a live job's retention): verify the next newest
+        infos = list_checkpoints(storage)
+        if args.step is not None:
+            infos = [i for i in infos if i.step == args.step][-1:]
+            if not infos:
+                raise CheckpointError(f"no committed checkpoint at step {args.step} in {where}")
+        elif not args.all:
+            infos = infos[-1:]
         if not infos:
-            raise CheckpointError(f"no committed checkpoint at step {args.step} in {where}")
-    elif not args.all:
-        infos = infos[-1:]
-    if not infos:
-        raise CheckpointError(f"no committed checkpoint in {where}")
-    ok = True
+            raise CheckpointError(f"no committed checkpoint in {where}")
+        ok, gone = _verify_each(storage, infos)
+        if not gone or args.all or args.step is not None:
+            return 0 if ok and not (gone and args.step is not None) else 1
+    print(f"the newest checkpoint in {where} was deleted three times while it was read: nothing verified")
+    return 1
+
+
+def _verify_each(storage: Storage, infos: list[CheckpointInfo]) -> tuple[bool, bool]:
+    """One line per checkpoint: OK, FAILED (damaged), or GONE (its commit record vanished while it was read: a
+    live job's retention deleted it, which is not damage). (all verified, any gone)."""
+    ok, gone = True, False
     for info in infos:
         try:
             if info.problem is not None:
                 raise CheckpointError(info.problem)
             manifest = verify_checkpoint(storage, info.name)
         except (CheckpointError, OSError, EOFError) as exc:
+            if info.problem is None and not storage.exists(f"{info.name}/{COMMIT_FILE}"):
+                print(f"GONE {info.name}: deleted while it was read (the retention of the job writing this folder)")
+                gone = True
+                continue
             print(f"FAILED {info.name}: {without_name(info.name, str(exc))}")
             ok = False
             continue
         total = sum(manifest.files.values()) + (storage.size(f"{info.name}/{MANIFEST_FILE}") or 0)
         print(f"OK {info.name} ({len(manifest.tensors)} tensors, {total / 1e6:.2f} MB)")
-    return 0 if ok else 1
+    return ok, gone

@@ -512,3 +512,43 @@ def test_real_process_exit_codes(single, tmp_path):
     rc, out, err = res["bad"]
     assert rc == 1 and out == "" and err.startswith("harness: error: no valid checkpoint at step 3")
     assert err.count("\n") == 1 and "checksum mismatch" in err and not (tmp_path / "o.pt").exists()
+
+
+def test_a_checkpoint_a_live_job_deletes_while_it_is_read_is_gone_not_damaged(tmp_path, capsys):
+    """`harness ckpt verify/export` beside a live job with keep_last=1: its retention may delete the newest
+    between the listing and the read. verify printed FAILED and exited 1, export warned "data file missing" /
+    "no commit record (the save never completed)", as if the checkpoint were damaged. Simulated through the
+    fault seam: the folder disappears right before its commit record is read a second time."""
+    import collections
+    import shutil
+
+    from harness import faults
+    ck = tmp_path / "ck"
+    mgr = CheckpointManager(str(ck), keep_last=0)
+    for step in (1, 2, 3):
+        mgr.save(step, models=nn.Linear(3, 3))
+    mgr.close()
+    reads = collections.Counter()
+
+    def retention_elsewhere(point, info):
+        if point == "discovery.read_commit" and info["name"] == "step-000000003":
+            reads[info["name"]] += 1
+            if reads[info["name"]] == 2:
+                shutil.rmtree(ck / "step-000000003")
+
+    faults.install(retention_elsewhere)
+    try:
+        assert cli("ckpt", "verify", ck) == 0
+        out = capsys.readouterr().out.splitlines()
+        gone = "GONE step-000000003: deleted while it was read (the retention of the job writing this folder)"
+        assert len(out) == 2 and out[0] == gone and out[1].startswith("OK step-000000002 ("), out
+        mgr = CheckpointManager(str(ck), keep_last=0)
+        mgr.save(3, models=nn.Linear(3, 3))  # the live job's next save, in a fresh step-000000003
+        mgr.close()
+        reads.clear()
+        assert cli("ckpt", "export", ck, "--format", "pt", "--out", tmp_path / "m.pt") == 0
+        err = capsys.readouterr().err
+        assert "skipped step-000000003: deleted while it was read (the retention of the job writing this folder)" \
+            in err, err
+    finally:
+        faults.install(None)

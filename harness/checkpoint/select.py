@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, TypeVar
 from harness.checkpoint import blobs, codec
 from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints, open_checkpoint, read_commits, scan
 from harness.checkpoint.errors import is_resource_error
-from harness.checkpoint.format import Manifest
+from harness.checkpoint.format import COMMIT_FILE, Manifest
 from harness.checkpoint.retention import RetentionPolicy, best as best_of
 from harness.errors import CheckpointError, HarnessError, NoCheckpointError, StorageError
 from harness.storage import Storage, redact_url
@@ -139,6 +139,7 @@ def choose(storage: Storage, load: Callable[[str], T], *, step: int | None = Non
     Raises NoCheckpointError when none is usable."""
     infos, how = candidates(storage, step=step, best=best, metric=metric, mode=mode)
     info, loaded, skipped = walk_back(infos, load)
+    skipped = [(n, _deleted_meanwhile(storage, n) or r) for n, r in skipped]
     if info is not None:
         return info.name, loaded, skipped, how
     where = redact_url(storage.url)
@@ -147,6 +148,16 @@ def choose(storage: Storage, load: Callable[[str], T], *, step: int | None = Non
         raise NoCheckpointError(f"no valid checkpoint{at} in {where}: "
                                 + "; ".join(f"{n}: {r}" for n, r in skipped))
     raise NoCheckpointError(f"no committed checkpoint{at} in {where}")
+
+
+def _deleted_meanwhile(storage: Storage, name: str) -> str | None:
+    """Why a checkpoint listed as committed failed to load, when the reason is that it is gone: the job
+    writing the folder deleted it (retention) while this process read it. Not damage, and not said as such."""
+    try:
+        gone = not storage.exists(f"{name}/{COMMIT_FILE}")
+    except Exception:  # noqa: BLE001 - only an explanation: keep the original reason
+        return None
+    return "deleted while it was read (the retention of the job writing this folder)" if gone else None
 
 
 def read_models(storage: Storage, name: str, threads: int = 4) -> tuple[Manifest, dict[str, dict]]:
