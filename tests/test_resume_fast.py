@@ -6,7 +6,6 @@ neither torch nor the checkpoint layer."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from harness import config, recipe
 from harness.trainer import Trainer
+from trainer_helpers import python_c
 
 REPO = Path(__file__).resolve().parents[1]
 WORKLOADS = {  # every built-in model, on each kind of data it takes
@@ -95,9 +95,7 @@ def test_resume_draws_no_weights_and_a_fresh_start_draws_todays(tmp_path):
 
 def _python(code: str) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter (what it imports is what a new process would); it must exit 0."""
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
+    return python_c(code, REPO)
 
 
 def test_launch_config_check_and_import_harness_stay_light():

@@ -342,8 +342,7 @@ def test_train_from_python_takes_a_config_its_dict_or_a_toml_path(tmp_path) -> N
     """`harness.trainer.train(...)` given a TOML path or the dict TOML gives failed with "'str' object has no
     attribute 'train'"; a 'module:function' string as the builder with "'str' object is not callable" once
     training was set up. Paths and dicts are read as `harness train` reads them; the rest is a TypeError."""
-    import subprocess
-    import sys
+    from trainer_helpers import python_c
     (tmp_path / "c.toml").write_text('[train]\nmax_steps = 2\n[checkpoint]\ndir = "ck-a"\nevery_steps = 1\n')
     script = (
         "import pathlib, pytest, harness.config as config\n"
@@ -356,10 +355,7 @@ def test_train_from_python_takes_a_config_its_dict_or_a_toml_path(tmp_path) -> N
         "        train(*bad)\n"
         "assert config.load(None, 'train.max_steps=5').train.max_steps == 5\n"
         "print('ok')\n")
-    from trainer_helpers import base_env
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=base_env(), capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    assert python_c(script, tmp_path, timeout=300).stdout.strip().endswith("ok")
     assert (tmp_path / "ck-a" / "step-000000002" / "COMMIT").exists()
     assert (tmp_path / "ck-b" / "step-000000003" / "COMMIT").exists()
 
@@ -398,9 +394,7 @@ def test_a_builder_beside_the_config_is_found_by_the_console_script(tmp_path) ->
     """`harness train --set train.entry=mymod:build` with mymod.py in the working directory: the console script
     (unlike `python -m harness`) has no working directory on sys.path: "No module named 'mymod'", exit 2. It is
     searched last now, as `python -m` would find it, without shadowing an installed module."""
-    import subprocess
-    import sys
-    from trainer_helpers import base_env
+    from trainer_helpers import python_c
     (tmp_path / "mymod_wl.py").write_text("def build(model_cfg, data_cfg, seed):\n    return None\n")
     (tmp_path / "colorsys.py").write_text("raise SystemExit('the stdlib colorsys was shadowed')\n")
     script = ("import os, sys\n"
@@ -411,6 +405,4 @@ def test_a_builder_beside_the_config_is_found_by_the_console_script(tmp_path) ->
               "assert 'colorsys' not in sys.modules\n"
               "import colorsys; assert colorsys.__file__.startswith(sys.base_prefix), colorsys.__file__\n"
               "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=base_env(), capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert python_c(script, tmp_path).stdout.strip() == "ok"

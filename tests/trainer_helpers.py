@@ -81,6 +81,14 @@ def harness_args(tmp: Path, *sets: str, config: str | None = CONFIG) -> list[str
     return args
 
 
+def python_c(code: str, cwd: Path | str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (``python -c``, the tests' environment) in ``cwd``; it must exit 0."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=base_env(), capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
 def launch_cmd(tmp: Path, *sets: str, nproc: int = 2, nnodes: int | str = 1, endpoint: str | None = None,
                rdzv_id: str | None = None, max_restarts: int = 0) -> list[str]:
     """``harness launch`` on the test config (one node of ``nnodes`` when ``endpoint`` is given)."""

@@ -17,6 +17,7 @@ import numbers
 import os
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from harness.checkpoint.background import PRIORITIES as WRITER_PRIORITIES
@@ -24,14 +25,14 @@ from harness.checkpoint.kinds import EXTRA, KINDS
 from harness.state import Stateful
 
 
-def counter(value: Any, what: str) -> int:
-    """``step``/``epoch`` as a non-negative int; TypeError or ValueError naming what is wrong."""
+def counter(value: Any, what: str, minimum: int = 0) -> int:
+    """``step``/``epoch`` (a setting: at least ``minimum``) as an int; TypeError or ValueError naming it."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"checkpoint {what} must be an int, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"checkpoint {what} must be >= 0, got {value}")
+    if value < minimum:
+        raise ValueError(f"checkpoint {what} must be {'>= 0' if minimum == 0 else f'> {minimum - 1}'}, got {value}")
     return int(value)
 
 
@@ -40,7 +41,7 @@ def summary(value: Any) -> Any:
     value still in the graph) and numpy scalars become Python numbers, inside dicts and lists too."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.detach().item()
-    if hasattr(value, "item") and type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+    if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Mapping):
         return {k: summary(v) for k, v in value.items()}
@@ -106,10 +107,7 @@ def check_settings(**settings: Any) -> None:
     for name in ("keep_last", "keep_best"):
         counter(settings[name], name)
     for name in ("max_file_bytes", "shard_chunk_bytes", "io_threads"):
-        if isinstance(settings[name], numbers.Integral) and not isinstance(settings[name], bool) \
-                and settings[name] <= 0:
-            raise ValueError(f"checkpoint {name} must be > 0, got {settings[name]}")
-        counter(settings[name], name)
+        counter(settings[name], name, minimum=1)
     timeout = settings["timeout_s"]
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 1 <= timeout < math.inf:
         raise ValueError(f"checkpoint timeout_s is in seconds and must be a finite number >= 1, got {timeout!r}")

@@ -83,7 +83,6 @@ def load_model_state(model: torch.nn.Module, saved: dict, *, strict: bool = True
                      skip_mismatched: bool = False, name: str = "model") -> LoadReport:
     """Load into a bare or wrapped model. strict=False tolerates missing/unexpected keys; mismatched
     shapes are an error unless skip_mismatched (fine-tuning: load only what fits)."""
-    refuse_meta(model, name)
     target = unwrap_model(model)
     saved = strip_prefix(saved)
     own = target.state_dict()

@@ -357,16 +357,16 @@ def _as_stored(imp: Imported, notes: list[str]) -> dict:
 def _as_config(config: Any) -> Any:
     if config is None:
         return None
-    from harness import config as config_mod
+    from harness.config import as_config
 
-    if isinstance(config, config_mod.Config):
-        return config
-    if isinstance(config, dict):
-        raw = copy.deepcopy(config)
-        if isinstance(raw.get("checkpoint"), dict):
-            raw["checkpoint"].pop("storage_options", None)
-        return config_mod.from_dict(raw)
-    raise HarnessError(f"config must be a harness.config.Config or a dict, got {type(config).__name__}")
+    if isinstance(config, dict):  # a recorded config: its storage options were another machine's
+        config = copy.deepcopy(config)
+        if isinstance(config.get("checkpoint"), dict):
+            config["checkpoint"].pop("storage_options", None)
+    try:
+        return as_config(config, "import's config")
+    except TypeError as exc:
+        raise HarnessError(str(exc)) from None
 
 
 def _build_with_config(cfg: Any, imp: Imported, step: int, notes: list[str]) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from harness import dist
 from harness.checkpoint.discovery import list_checkpoints
-from harness.checkpoint.load import LoadReport, load_model_state
+from harness.checkpoint.load import LoadReport, load_model_state, refuse_meta
 from harness.checkpoint.select import choose, pick_model, read_models
 from harness.errors import CheckpointError, ConfigError, HarnessError
 from harness.interop import hf
@@ -51,8 +51,10 @@ class WarmStartReport(LoadReport):
 
 
 def _check_model(model: object, what: str) -> None:
+    """Before anything is read: a module, with memory to load into (not on the meta device)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{what} takes the model (a torch.nn.Module) to load into, got {type(model).__name__}")
+    refuse_meta(model)
 
 
 def _device(device: str | torch.device) -> torch.device:
