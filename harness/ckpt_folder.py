@@ -10,8 +10,9 @@ from typing import Any
 
 from harness import lease
 from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints, open_checkpoint, verify_checkpoint
-from harness.checkpoint.format import COMMIT_FILE, MANIFEST_FILE
+from harness.checkpoint.format import MANIFEST_FILE
 from harness.checkpoint.prune import prune
+from harness.checkpoint.select import deleted_meanwhile
 from harness.ckpt_render import dash, error, human_size, loss_text, print_table, short_time, without_name
 from harness.errors import CheckpointError, HarnessError
 from harness.storage import Storage, redact_url
@@ -129,8 +130,9 @@ def _verify_each(storage: Storage, infos: list[CheckpointInfo]) -> tuple[bool, b
                 raise CheckpointError(info.problem)
             manifest = verify_checkpoint(storage, info.name)
         except (CheckpointError, OSError, EOFError) as exc:
-            if info.problem is None and not storage.exists(f"{info.name}/{COMMIT_FILE}"):
-                print(f"GONE {info.name}: deleted while it was read (the retention of the job writing this folder)")
+            why = deleted_meanwhile(storage, info.name) if info.problem is None else None
+            if why is not None:
+                print(f"GONE {info.name}: {why}")
                 gone = True
                 continue
             print(f"FAILED {info.name}: {without_name(info.name, str(exc))}")

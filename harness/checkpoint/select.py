@@ -139,7 +139,7 @@ def choose(storage: Storage, load: Callable[[str], T], *, step: int | None = Non
     Raises NoCheckpointError when none is usable."""
     infos, how = candidates(storage, step=step, best=best, metric=metric, mode=mode)
     info, loaded, skipped = walk_back(infos, load)
-    skipped = [(n, _deleted_meanwhile(storage, n) or r) for n, r in skipped]
+    skipped = [(n, deleted_meanwhile(storage, n) or r) for n, r in skipped]
     if info is not None:
         return info.name, loaded, skipped, how
     where = redact_url(storage.url)
@@ -150,7 +150,7 @@ def choose(storage: Storage, load: Callable[[str], T], *, step: int | None = Non
     raise NoCheckpointError(f"no committed checkpoint{at} in {where}")
 
 
-def _deleted_meanwhile(storage: Storage, name: str) -> str | None:
+def deleted_meanwhile(storage: Storage, name: str) -> str | None:
     """Why a checkpoint listed as committed failed to load, when the reason is that it is gone: the job
     writing the folder deleted it (retention) while this process read it. Not damage, and not said as such."""
     try:
