@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from harness import lease
+from harness.checkpoint import foreign
 from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints, open_checkpoint, verify_checkpoint
 from harness.checkpoint.format import MANIFEST_FILE
 from harness.checkpoint.prune import prune
@@ -36,7 +37,8 @@ def run_list(storage: Storage, args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print(f"no {'checkpoint folders' if args.all else 'committed checkpoints'} in {redact_url(storage.url)}")
+        print(f"no {'checkpoint folders' if args.all else 'committed checkpoints'} in {redact_url(storage.url)}"
+              f"{foreign.hint(storage)}")
         return 0
     header = ["NAME", "STEP", "EPOCH", "LOSS", "SIZE", "CREATED", "WORLD", "SHARDING", "STATUS"]
     table = [[r["name"], dash(r["step"]), dash(r["epoch"]), loss_text(r["loss"]), r["size"] or "-",
@@ -112,7 +114,7 @@ def run_verify(storage: Storage, args: argparse.Namespace) -> int:
         elif not args.all:
             infos = infos[-1:]
         if not infos:
-            raise CheckpointError(f"no committed checkpoint in {where}")
+            raise CheckpointError(f"no committed checkpoint in {where}{foreign.hint(storage)}")
         ok, gone = _verify_each(storage, infos)
         if not gone or args.all or args.step is not None:
             return 0 if ok and not (gone and args.step is not None) else 1

@@ -125,14 +125,17 @@ def _add_import(sub: Any, options: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "import", parents=[options], help="turn a plain torch.save checkpoint into a harness checkpoint",
         description="Write FILE, a torch.save general checkpoint with the PyTorch tutorial's keys (epoch, "
-        "model_state_dict, optimizer_state_dict, scheduler_state_dict, loss), a bare state_dict, or a "
-        "safetensors file, into DIR as a harness checkpoint (model 'model', optimizer 'optimizer', scheduler "
-        "'scheduler'), so `harness train` resumes from it. FILE is read with torch.load(weights_only=True): "
-        "a file that needs unpickling arbitrary objects is refused and nothing from it runs. A 'module.' "
+        "model_state_dict, optimizer_state_dict, scheduler_state_dict, loss), a bare state_dict, a Lightning "
+        ".ckpt, a safetensors file, a Hugging Face model folder or a torch.distributed.checkpoint folder "
+        "(dcp.save, torchtitan; sharded ones put back together), into DIR as a harness checkpoint (model "
+        "'model', optimizer 'optimizer', scheduler 'scheduler'), so `harness train` resumes from it. torch.save "
+        "bytes are read with torch.load(weights_only=True) and a DCP .metadata by an unpickler that knows only "
+        "DCP's records: anything that needs unpickling arbitrary objects is refused and nothing from it runs. A 'module.' "
         "prefix is stripped. With --config (the run's TOML, plus --set overrides) the model is checked "
         "against the config's model now, a missing optimizer or scheduler state is created from the config, "
         "and the config is recorded; without it the file's state is stored as is.")
-    p.add_argument("file", metavar="FILE", help="torch.save or safetensors file (local path or fsspec URL)")
+    p.add_argument("file", metavar="FILE", help="torch.save or safetensors file, Hugging Face or DCP folder (local "
+                   "path or fsspec URL)")
     p.add_argument("dir", metavar="DIR", help="checkpoint folder to write into (created if missing)")
     p.add_argument("--step", type=int, metavar="N",
                    help="global step to record (default: the file's step, else the optimizer's step counter, else 0)")

@@ -20,6 +20,7 @@ import torch.distributed as torch_dist
 
 from harness import determinism, dist, faults, lease, recipe
 from harness.checkpoint import CheckpointManager
+from harness.checkpoint.foreign import refuse_fresh_start
 from harness.checkpoint.prune import clean_leftovers
 from harness.config import Config, as_config
 from harness.errors import CheckpointError, ConfigError, StateMismatchError, StorageError
@@ -247,6 +248,7 @@ class Trainer:
         """No checkpoint yet: the weights a normal build draws, or checkpoint.init_from's where it has them
         (fine-tuning), and rank 0's on every rank (as DDP does)."""
         source = self.cfg.checkpoint.init_from
+        refuse_fresh_start(self.mgr.storage, source, self.mgr._group)  # torchtitan's or Lightning's are there
         if self.deferred:
             recipe.initialize(self.cfg, self.module)
         if source:  # imported here: the file readers it needs cost every other start nothing

@@ -280,3 +280,22 @@ def split_save(rank: int, world: int, url: str, split: bool, size: int, repeats:
         times.append(time.perf_counter() - t0)
     mgr.close()
     return {"times": times, "bytes": sum(p.numel() * p.element_size() for p in model.state_dict().values())}
+
+
+# -- torch.distributed.checkpoint folders for the importer ---------------------------------------------
+
+def dcp_fsdp_save(rank: int, world: int, url: str, ref: str) -> dict:
+    """What a torchtitan-style FSDP2 job leaves: ``dcp.save`` of sharded model and optimizer state (one chunk
+    per rank for every DTensor), and on rank 0 the full state as torch.save for the parent to compare with."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model, opt = _fsdp_setup(0)
+    for step in range(1, 4):
+        _fsdp_step(model, opt, step, rank)
+    msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd, "step": 3}, checkpoint_id=url)
+    full = {"model": _full(msd), "optim": _full(osd["state"])}
+    if rank == 0:
+        torch.save(full, ref)
+    return {"sharded": [k for k, v in msd.items() if sharded.codec.is_dtensor(v)]}

@@ -175,7 +175,7 @@ def restore(ctx: Ctx, targets: Targets, opts: RestoreOptions) -> RestoreResult |
         if choice.error is not None:
             raise (NoCheckpointError if choice.missing_step else CheckpointError)(choice.error)
         if choice.name is None:
-            log.info("no checkpoint in %s: starting fresh", redact_url(ctx.storage.url))
+            log.info("no checkpoint in %s to restore", redact_url(ctx.storage.url))
             return None
         strategy: Strategy = (Together(filled_together) if choice.together
                               else Broadcast(choice.each_reads, choice.shipped))

@@ -23,9 +23,10 @@ MAX_INDEX_BYTES = 64 << 20
 _SHARD_NAME = re.compile(r"[\w][\w.-]*")
 
 
-def weight_files(storage: Storage) -> list[str] | None:
-    """The weight files of the model folder ``storage`` is (shards in order), or None when it is not one."""
-    names = set(storage.listdir(""))
+def weight_files(storage: Storage, names: set[str] | None = None) -> list[str] | None:
+    """The weight files of the model folder ``storage`` is (shards in order), or None when it is not one.
+    ``names``: the folder's entries when they are listed already."""
+    names = set(storage.listdir("")) if names is None else names
     for index in INDEXES:
         if index in names:
             return _shards(storage, index)

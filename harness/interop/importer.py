@@ -32,8 +32,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import pickle
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +42,7 @@ from harness import recipe
 from harness.checkpoint.discovery import list_checkpoints
 from harness.checkpoint.load import load_model_state
 from harness.errors import CheckpointError, CheckpointFormatError, ConfigError, HarnessError
-from harness.interop import lightning
+from harness.interop import lightning, torchload
 from harness.interop.safetensors import looks_like_safetensors, read_safetensors
 from harness.state import capture_rng, restore_rng, strip_prefix
 from harness.storage import Storage, open_url, redact_url
@@ -68,49 +66,44 @@ def load_file(src: str) -> Any:
             tensors, _ = read_safetensors(f, shown)
             return tensors
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # refused below if it matters
-                return torch.load(f, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if not re.search(r"GLOBAL|global|[Cc]lass", str(exc)):  # no Python object asked for: not our format
-                raise CheckpointFormatError(f"{shown} is not a readable torch.save or safetensors file "
-                                            f"({_unpickling_reason(exc)}); nothing from it was run") from None
+            return torchload.load(f)
+        except torchload.NeedsObjects as exc:
             raise CheckpointFormatError(
-                f"{shown} is refused: loading it would need unpickling arbitrary Python objects "
-                f"({_unpickling_reason(exc)}); only tensors and plain containers are accepted "
-                "(torch.load weights_only=True) and nothing from the file was run") from None
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not its format
-            raise CheckpointFormatError(f"{shown} is not a readable torch.save or safetensors file: "
-                                        f"{type(exc).__name__}: {_first_line(exc)}") from None
+                f"{shown} is refused: loading it would need unpickling arbitrary Python objects ({exc}); only "
+                "tensors and plain containers are accepted (torch.load weights_only=True) and nothing from the "
+                "file was run") from None
+        except torchload.NotReadable as exc:
+            raise CheckpointFormatError(f"{shown} is not a readable torch.save or safetensors file ({exc}); "
+                                        "nothing from it was run") from None
 
 
-def _read_source(src: str, shown: str, storage_options: dict | None) -> Any:
-    """A file's contents, or a Hugging Face model folder's weights in one state dict."""
-    from harness.interop import hf
+def _read_source(src: str, shown: str, storage_options: dict | None) -> tuple[Any, list[str]]:
+    """A file's contents, or a Hugging Face model folder's or DCP checkpoint's in one state dict; notes."""
     folder = Storage(src, storage_options)
     if not folder.is_dir():
-        return load_file(src)
-    files = hf.weight_files(folder)
-    if files is None:
-        reads = ("import reads one file, or a Hugging Face model folder (model.safetensors, pytorch_model.bin or "
-                 "their index.json)")
+        return load_file(src), []
+    found = foreign_folder(folder, src, shown)
+    if found is None:
+        reads = ("import reads one file, a Hugging Face model folder (model.safetensors, pytorch_model.bin or "
+                 "their index.json) or a torch.distributed.checkpoint folder (.metadata)")
         if list_checkpoints(folder):
             raise CheckpointFormatError(f"{shown} is a harness checkpoint folder already: use it as checkpoint.dir "
                                         f"or checkpoint.init_from ({reads})")
         raise CheckpointFormatError(f"{shown} is a folder without model weights: {reads}")
-    return hf.read_folder(src, files, load_file)
+    return found[0], found[1]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""
-
-
-def _unpickling_reason(exc: BaseException) -> str:
-    text = str(exc)
-    m = re.search(r"([^\n]*GLOBAL [\w.]+[^\n]*|Unsupported operand \d+|invalid load key[^\n]*)", text)
-    reason = m.group(1) if m else _first_line(exc)
-    return " ".join(reason.split())[:200]
+def foreign_folder(folder: Storage, src: str, shown: str) -> tuple[Any, list[str], str] | None:
+    """A folder another tool wrote, read: its contents, notes, and which files were read. A DCP checkpoint
+    (``.metadata``) or a Hugging Face model folder; None for anything else (a harness run folder)."""
+    from harness.interop import dcp, dcp_general, hf
+    names = set(folder.listdir(""))
+    if dcp.is_dcp(names):
+        return dcp_general.read(folder, shown)
+    files = hf.weight_files(folder, names)
+    if files is None:
+        return None
+    return hf.read_folder(src, files, load_file), [], ", ".join(files) if len(files) < 4 else f"{len(files)} shards"
 
 
 # -- understanding what was loaded ------------------------------------------------------------------
@@ -142,17 +135,19 @@ _INFO = {"epoch", "step", "global_step", "loss", "metrics", "config", "scaler_st
          "harness_version", "quantization"}
 
 
-def understand(obj: Any, shown: str = "file") -> Imported:
-    """Map a loaded general checkpoint or bare state dict onto harness's names."""
+def understand(obj: Any, shown: str = "file", notes: list[str] | None = None) -> Imported:
+    """Map a loaded general checkpoint or bare state dict onto harness's names; ``notes``: what reading
+    it involved."""
     if not isinstance(obj, dict):
         raise CheckpointFormatError(f"{shown} holds a {type(obj).__name__}; expected a dict: a general checkpoint "
                                     "(model_state_dict, optimizer_state_dict, ...) or a state_dict")
     if "quantization" in obj:
         raise CheckpointFormatError(f"{shown} holds int8-quantized weights (an inference export): they cannot be "
                                     "trained from; import the float export instead")
-    imp = Imported()
+    imp = Imported(notes=list(notes or []))
     if lightning.is_lightning(obj):
-        obj, imp.notes = lightning.translate(obj)
+        obj, said = lightning.translate(obj)
+        imp.notes += said
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         imp.models["model"], imp.bare = _model_sd(obj, shown, "state_dict"), True
         return imp
@@ -270,7 +265,8 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
 
     src, url = os.fspath(src), os.fspath(url)  # pathlib.Paths too
     shown = redact_url(src)
-    imp = understand(_read_source(src, shown, storage_options), shown)
+    obj, read_notes = _read_source(src, shown, storage_options)
+    imp = understand(obj, shown, read_notes)
     notes: list[str] = list(imp.notes)
     cfg = _as_config(config)
     if cfg is None and imp.config is not None:

@@ -22,8 +22,7 @@ from harness.checkpoint.discovery import list_checkpoints
 from harness.checkpoint.load import LoadReport, load_model_state, refuse_meta
 from harness.checkpoint.select import choose, pick_model, read_models
 from harness.errors import CheckpointError, ConfigError, HarnessError
-from harness.interop import hf
-from harness.interop.importer import load_file, understand
+from harness.interop.importer import foreign_folder, load_file, understand
 from harness.state import strip_prefix, unwrap_model
 from harness.storage import Storage, redact_url
 
@@ -83,11 +82,11 @@ def read_weights(source: str, *, name: str | None = None, step: int | None = Non
     shown = redact_url(source)
     if _is_folder(source, storage_options):
         storage = Storage(source, storage_options)
-        files = hf.weight_files(storage) if step is None and not best else None
-        if files and not list_checkpoints(storage):  # a Hugging Face model folder, not a run's checkpoints
-            model_name, sd = pick_model(understand(hf.read_folder(source, files, load_file), shown).models,
-                                        name, shown)
-            return f"{shown} ({', '.join(files) if len(files) < 4 else f'{len(files)} shards'})", model_name, sd
+        found = foreign_folder(storage, source, shown) if step is None and not best else None
+        if found and not list_checkpoints(storage):  # a DCP or Hugging Face folder, not a run's checkpoints
+            obj, notes, files = found
+            model_name, sd = pick_model(understand(obj, shown, notes).models, name, shown)
+            return f"{shown} ({files})", model_name, sd
         ckpt, (_, models), skipped, how = choose(storage, lambda n: read_models(storage, n), step=step, best=best,
                                                  metric=metric, mode=mode)
         for n, reason in skipped:

@@ -1,0 +1,88 @@
+"""A checkpoint.dir holding another tool's checkpoints (torchtitan's DCP ``step-N`` folders, Lightning
+``.ckpt`` files) and none of harness's: `harness launch` and `harness train` stop with a config error (exit 2,
+one line saying how to import or start from them) instead of training from step 0 beside them; with
+checkpoint.init_from set, or once harness has a checkpoint of its own there, they are left alone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch.distributed.checkpoint as dcp
+
+from harness import recipe
+from harness.checkpoint.foreign import foreign_checkpoints
+from harness.storage import Storage
+
+from export_helpers import QUICKSTART, REPO, cli, quickstart_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process
+
+
+def harness_cmd(tmp_path, *args: str, launch: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = ([sys.executable, "-m", "harness", "launch", "--nproc-per-node", "2"] if launch
+           else [sys.executable, "-m", "harness", "train"])
+    return subprocess.run([*cmd, "--config", QUICKSTART, "--set", f"run.output_dir={tmp_path / 'out'}",
+                           "--set", "train.max_steps=4", *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def torchtitan_dir(root, steps=(500, 1000)):
+    model = recipe.workload_from_dict(recipe.safe_metadata(quickstart_config())["config"]).model
+    for step in steps:
+        dcp.save({"model": model.state_dict(), "step": step}, checkpoint_id=str(root / f"step-{step}"))
+    return root
+
+
+def test_the_launcher_refuses_to_start_over_in_torchtitans_checkpoint_folder(tmp_path):
+    ckpt = torchtitan_dir(tmp_path / "checkpoint")
+    before = sorted(os.listdir(ckpt))
+    proc = harness_cmd(tmp_path, "--set", f"checkpoint.dir={ckpt}", launch=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("harness:")]
+    assert len(lines) == 1 and lines[0].startswith(f"harness: config error: checkpoint.dir {ckpt} holds "
+                                                   "torch.distributed.checkpoint checkpoints (step-500, step-1000)")
+    assert f"`harness ckpt import {ckpt}/step-1000 NEW_DIR --config CONFIG`" in lines[0]
+    assert f'checkpoint.init_from = "{ckpt}/step-1000"' in lines[0]
+    assert sorted(os.listdir(ckpt)) == before  # nothing written beside them
+
+
+def test_the_way_out_it_names_works_and_init_from_or_own_checkpoints_are_not_refused(tmp_path):
+    ckpt = torchtitan_dir(tmp_path / "checkpoint", steps=(1000,))
+    proc = harness_cmd(tmp_path, "--set", f"checkpoint.dir={tmp_path / 'new'}",
+                       "--set", f"checkpoint.init_from={ckpt}/step-1000")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warm start of model from" in proc.stderr
+    shutil.copytree(tmp_path / "new", ckpt, dirs_exist_ok=True)  # harness's own checkpoint beside torchtitan's
+    proc = harness_cmd(tmp_path, "--set", f"checkpoint.dir={ckpt}", "--set", "train.max_steps=6")
+    assert proc.returncode == 0 and "resumed from step-000000004 at step 4" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_lightning_folder_and_a_dcp_folder_itself_are_refused_too(tmp_path):
+    lightning = tmp_path / "lightning"
+    lightning.mkdir()
+    for name in ("epoch=0-step=50.ckpt", "last.ckpt", "notes.txt"):
+        (lightning / name).write_bytes(b"x")
+    assert foreign_checkpoints(Storage(str(lightning))) == ["epoch=0-step=50.ckpt", "last.ckpt"]
+    proc = harness_cmd(tmp_path, "--set", f"checkpoint.dir={lightning}")
+    assert proc.returncode == 2
+    assert "holds PyTorch Lightning checkpoints (epoch=0-step=50.ckpt, last.ckpt)" in proc.stderr
+    assert f"harness ckpt import {lightning}/last.ckpt NEW_DIR" in proc.stderr
+
+    torchtitan_dir(tmp_path / "t", steps=(7,))
+    assert foreign_checkpoints(Storage(str(tmp_path / "t" / "step-7"))) == ["."]
+    assert foreign_checkpoints(Storage(str(tmp_path / "out-of-nothing"))) == []
+
+
+def test_ckpt_list_and_verify_say_what_the_folder_holds_instead(tmp_path, capsys):
+    ckpt = torchtitan_dir(tmp_path / "checkpoint", steps=(20, 100))
+    hint = (f"(it holds torch.distributed.checkpoint checkpoints: step-20, step-100; `harness ckpt import "
+            f"{ckpt}/step-100 NEW_DIR` makes one a harness checkpoint)")
+    assert cli("ckpt", "list", ckpt) == 0
+    assert capsys.readouterr().out.strip() == f"no committed checkpoints in {ckpt} {hint}"
+    assert cli("ckpt", "verify", ckpt) == 1
+    assert capsys.readouterr().err.strip() == f"harness: error: no committed checkpoint in {ckpt} {hint}"

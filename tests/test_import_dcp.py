@@ -1,0 +1,356 @@
+"""torch.distributed.checkpoint folders (``dcp.save``, torchtitan) as a source: `harness ckpt import`,
+warm_start, load_for_inference and checkpoint.init_from read them, sharded ones put back together, and a
+hostile ``.metadata`` (a pickle torch would run) is refused before anything from it runs.
+
+The folders are written by torch's own ``dcp.save`` in the layouts people have: the DCP tutorial's
+``{"app": AppState}``, torchtitan's (model keys at the top level, flattened optimizer state, ``train_state``
+with a BytesIO, ``dataloader``), and an FSDP2 job's sharded save from two real ranks."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict)
+
+import harness
+from harness import CheckpointManager, recipe
+from harness.checkpoint.discovery import list_checkpoints
+from harness.errors import CheckpointFormatError
+from harness.interop.importer import import_checkpoint
+from harness.storage import Storage
+
+from export_helpers import QUICKSTART, REPO, cli, quickstart_config
+from sharded_helpers import FNet, run_ranks
+from torch_features import needs_fsdp
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process
+
+
+def trained(cfg, steps: int = 6):
+    """The quickstart model, optimizer and a LambdaLR (torchtitan's kind) after ``steps`` steps."""
+    w = recipe.workload_from_dict(recipe.safe_metadata(cfg)["config"])
+    model = w.model
+    opt = recipe.build_optimizer(cfg, model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    for step in range(steps):
+        items = [w.dataset[step * 8 + i] for i in range(8)]
+        x, y = torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
+        opt.zero_grad()
+        w.loss_fn(model(x), y).backward()
+        opt.step()
+        sched.step()
+    return model, opt, sched
+
+
+def torchtitan_folder(path, cfg, steps: int = 6):
+    """What torchtitan's CheckpointManager saves: the model's keys at the top level, the optimizer flattened
+    by parameter name, its LR scheduler, train_state (step as an int32 tensor, losses in a BytesIO) and each
+    data-parallel rank's dataloader state as pickled bytes."""
+    model, opt, sched = trained(cfg, steps)
+    flat = get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    losses = io.BytesIO()
+    torch.save([0.5, 0.25], losses)
+    dcp.save({**get_model_state_dict(model), "optimizer": flat, "lr_scheduler": sched.state_dict(),
+              "train_state": {"step": torch.tensor(steps, dtype=torch.int32), "global_avg_losses": losses},
+              "dataloader": {"dp_rank_0": pickle.dumps({"sample": steps * 8})}}, checkpoint_id=str(path))
+    return model, opt
+
+
+def trainer_objects(cfg):
+    w = recipe.workload_from_dict(recipe.safe_metadata(cfg)["config"])
+    opt = recipe.build_optimizer(cfg, w.model.parameters())
+    return w.model, opt, recipe.build_scheduler(cfg, opt)
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def assert_same_optimizer(restored: torch.optim.Optimizer, saved: torch.optim.Optimizer) -> None:
+    want, got = saved.state_dict()["state"], restored.state_dict()["state"]
+    assert set(got) == set(want)
+    for pid in want:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(got[pid][name], want[pid][name]), (pid, name)
+
+
+# -- the layouts people have -------------------------------------------------------------------------
+
+def test_a_torchtitan_checkpoint_imports_and_harness_train_resumes_from_it(tmp_path, capsys):
+    cfg = quickstart_config()
+    src, dest = tmp_path / "step-6", tmp_path / "ckpt"
+    model, opt = torchtitan_folder(src, cfg)
+    assert cli("ckpt", "import", src, dest, "--config", QUICKSTART) == 0
+    out = capsys.readouterr().out
+    said = ["as step-000000006: step 6 (file's step)", "note: a torch.distributed.checkpoint folder: ",
+            "note: model weights: the tensors at the top level (torchtitan keeps the model's keys there)",
+            "note: optimizer state flattened by parameter name: 1 param group(s) rebuilt",
+            "train_state.global_avg_losses (needs unpickling _io.BytesIO)", "note: DCP state not imported: dataloader"]
+    assert [line for line in said if line not in out] == [], out
+    assert "config's schedule" not in out  # torchtitan's LambdaLR state loads into the config's (a LambdaLR too)
+
+    m2, o2, s2 = trainer_objects(cfg)
+    res = CheckpointManager(dest).restore(models={"model": m2}, optimizers={"optimizer": o2},
+                                          schedulers={"scheduler": s2})
+    assert res.step == 6 and s2.last_epoch == 6
+    assert_same(m2.state_dict(), model.state_dict())
+    assert_same_optimizer(o2, opt)
+    assert o2.param_groups[0]["weight_decay"] == opt.param_groups[0]["weight_decay"]
+
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "harness", "train", "--config", QUICKSTART,
+                           "--set", f"checkpoint.dir={dest}", "--set", "train.max_steps=8",
+                           "--set", f"run.output_dir={tmp_path / 'out'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from step-000000006 at step 6" in proc.stderr + proc.stdout
+    assert [i.step for i in list_checkpoints(Storage(str(dest)))] == [6, 8]
+
+
+def test_the_dcp_tutorial_layout_warm_starts_and_loads_for_inference(tmp_path):
+    """{"app": AppState} with get_state_dict's name-keyed optimizer state; warm_start, load_for_inference
+    and an import without a config all read it."""
+    cfg = quickstart_config()
+    model, opt, _ = trained(cfg, steps=4)
+    msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
+    src = tmp_path / "dcp"
+    dcp.save({"app": {"model": msd, "optim": osd}}, checkpoint_id=str(src))
+
+    fresh = trainer_objects(cfg)[0]
+    report = harness.warm_start(fresh, src)
+    assert report.loaded == len(model.state_dict()) and not report.missing and not report.unexpected
+    assert_same(fresh.state_dict(), model.state_dict())
+    again = harness.load_for_inference(str(src), trainer_objects(cfg)[0])
+    assert not again.training and torch.equal(again(torch.ones(2, 32)), model.eval()(torch.ones(2, 32)))
+
+    summary = import_checkpoint(src, tmp_path / "ckpt")  # no config: the state as stored
+    assert summary["step"] == 4 and summary["step_source"] == "optimizer's step counter"
+    assert "the state saved under 'app'" in summary["notes"]
+    m2, o2, _ = trainer_objects(cfg)
+    CheckpointManager(tmp_path / "ckpt").restore(models={"model": m2}, optimizers={"optimizer": o2})
+    assert_same_optimizer(o2, opt)
+
+
+def test_a_plain_optimizer_state_dict_keeps_its_numbering(tmp_path):
+    """``opt.state_dict()`` saved through DCP: its integer state keys come back as strings."""
+    cfg = quickstart_config()
+    model, opt, sched = trained(cfg, steps=3)
+    src = tmp_path / "dcp"
+    dcp.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 2}, checkpoint_id=str(src))
+    summary = import_checkpoint(src, tmp_path / "ckpt", config=cfg)
+    assert (summary["step"], summary["epoch"]) == (3, 2)
+    m2, o2, _ = trainer_objects(cfg)
+    CheckpointManager(tmp_path / "ckpt").restore(models={"model": m2}, optimizers={"optimizer": o2})
+    assert_same(m2.state_dict(), model.state_dict())
+    assert_same_optimizer(o2, opt)
+
+
+@needs_fsdp
+def test_an_fsdp2_sharded_save_from_two_ranks_is_put_back_together(tmp_path):
+    src, ref = tmp_path / "dcp", tmp_path / "full.pt"
+    results = run_ranks(tmp_path, "dcp_fsdp_save", 2, url=str(src), ref=str(ref))
+    assert results[0]["sharded"]  # the model state really was DTensors, one chunk per rank
+    assert {n for n in os.listdir(src) if n.endswith(".distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    full = torch.load(ref, weights_only=True)
+
+    torch.manual_seed(123)
+    fresh = FNet(13)
+    assert harness.warm_start(fresh, src).loaded == len(full["model"])
+    assert_same(fresh.state_dict(), full["model"])
+
+    summary = import_checkpoint(src, tmp_path / "ckpt")
+    assert summary["step"] == 3 and summary["step_source"] == "file's step"
+    plain = FNet(13)
+    opt = torch.optim.AdamW(plain.parameters(), lr=0.01, weight_decay=0.01)
+    CheckpointManager(tmp_path / "ckpt").restore(models={"model": plain}, optimizers={"optimizer": opt})
+    names = [n for n, _ in plain.named_parameters()]
+    for i, name in enumerate(names):
+        assert torch.equal(opt.state[opt.param_groups[0]["params"][i]]["exp_avg"], full["optim"][name]["exp_avg"])
+
+
+def test_checkpoint_init_from_a_dcp_folder(tmp_path):
+    """torchtitan's model-only final save (the model's keys alone) as a new run's initial weights."""
+    cfg = quickstart_config()
+    model = trained(cfg, steps=2)[0]
+    src = tmp_path / "final"
+    dcp.save(get_model_state_dict(model), checkpoint_id=str(src))
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "harness", "train", "--config", QUICKSTART,
+                           "--set", f"checkpoint.dir={tmp_path / 'ckpt'}", "--set", "train.max_steps=1",
+                           "--set", f"checkpoint.init_from={src}", "--set", f"run.output_dir={tmp_path / 'out'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = [json.loads(ln) for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "start" and events[0]["init_from"] == str(src)
+    assert f"warm start of model from {src} (__0_0.distcp): {len(model.state_dict())} tensors loaded" in proc.stderr
+
+
+# -- hostile and damaged folders ---------------------------------------------------------------------
+
+class Payload:
+    """Unpickling this runs ``touch MARKER``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def small_dcp(tmp_path):
+    src = tmp_path / "dcp"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    dcp.save({"model": model.state_dict(), "step": 5}, checkpoint_id=str(src))
+    return src, model
+
+
+def rewrite_metadata(src, change) -> None:
+    """Change torch's own Metadata object (read with the trusted pickle here, in the test) and write it back."""
+    path = src / ".metadata"
+    meta = pickle.loads(path.read_bytes())
+    change(meta)
+    path.write_bytes(pickle.dumps(meta))
+
+
+def storage_entry(meta, fqn):
+    return next((k, v) for k, v in meta.storage_data.items() if k.fqn == fqn)
+
+
+def test_a_metadata_pickle_that_would_run_code_is_refused_and_nothing_runs(small_dcp, tmp_path, capsys):
+    src, _ = small_dcp
+    marker = tmp_path / "ran"
+    (src / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    for attempt in (lambda: harness.warm_start(model, src), lambda: import_checkpoint(src, tmp_path / "ckpt")):
+        with pytest.raises(CheckpointFormatError, match=r"\.metadata is refused: global (posix|os)\.system is not "
+                                                        r"part of DCP's metadata; nothing from it was run"):
+            attempt()
+    assert not marker.exists()
+    assert cli("ckpt", "import", src, tmp_path / "ckpt") == 1 and not marker.exists()  # as for a refused .pt
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "posix.system is not part of DCP's metadata" in err
+
+
+def test_a_value_record_that_would_run_code_is_left_out_and_a_tensor_chunk_refused(small_dcp, tmp_path):
+    """The records in the .distcp files are torch.save pickles too: read with weights_only=True only."""
+    src, model = small_dcp
+    marker = tmp_path / "ran"
+    data = (src / "__0_0.distcp").read_bytes()
+    evil = io.BytesIO()
+    torch.save(Payload(marker), evil)
+
+    def swap(fqn):
+        meta = pickle.loads((src / ".metadata").read_bytes())
+        key, info = storage_entry(meta, fqn)
+        info.offset, info.length = len(data), len(evil.getvalue())
+        (src / ".metadata").write_bytes(pickle.dumps(meta))
+        (src / "__0_0.distcp").write_bytes(data + evil.getvalue())
+
+    swap("step")
+    summary = import_checkpoint(src, tmp_path / "ckpt")
+    assert summary["step"] == 0 and "step (needs unpickling posix.system)" in " ".join(summary["notes"])
+    swap("model.0.weight")
+    with pytest.raises(CheckpointFormatError, match=r"model\.0\.weight's chunk .* is refused: it needs unpickling "
+                                                    r"posix\.system; nothing from it was run"):
+        harness.warm_start(model, src)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda m: setattr(storage_entry(m, "model.0.weight")[1], "relative_path", "../elsewhere.distcp"),
+     r"model\.0\.weight is stored in '\.\./elsewhere\.distcp', not a plain file name in the folder"),
+    (lambda m: setattr(storage_entry(m, "model.0.weight")[1], "relative_path", "__9_0.distcp"),
+     r"stored in __9_0\.distcp, which is not in the folder"),
+    (lambda m: setattr(storage_entry(m, "model.0.weight")[1], "offset", 1 << 40),
+     r"model\.0\.weight: bytes 1099511627776\+\d+ are not inside __0_0\.distcp"),
+    (lambda m: setattr(m.state_dict_metadata["model.0.weight"], "size", torch.Size([1 << 20, 1 << 20])),
+     r"model\.0\.weight: its chunks hold 12 elements, its shape \[1048576, 1048576\] needs"),
+    (lambda m: setattr(m.state_dict_metadata["model.0.weight"].chunks[0], "sizes", torch.Size([3, 1 << 30])),
+     r"chunk at \[0, 0\] of size \[3, 1073741824\] is outside shape \[3, 4\]"),
+    (lambda m: storage_entry(m, "model.0.weight")[1].__setattr__("transform_descriptors", ["zstd"]),
+     r"stored through transforms \['zstd'\]"),
+])
+def test_a_metadata_that_lies_is_refused_before_any_data_is_read(small_dcp, change, error):
+    src, model = small_dcp
+    rewrite_metadata(src, change)
+    with pytest.raises(CheckpointFormatError, match=error):
+        harness.warm_start(model, src)
+
+
+def test_overlapping_chunks_and_a_huge_chunk_in_few_bytes_are_refused(small_dcp):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    src, model = small_dcp
+
+    def two_halves_overlapping(meta):
+        item = meta.state_dict_metadata["model.0.weight"]
+        item.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 4])),
+                       ChunkStorageMetadata(torch.Size([1, 0]), torch.Size([2, 4]))]
+        _, info = storage_entry(meta, "model.0.weight")
+        meta.storage_data[MetadataIndex("model.0.weight", torch.Size([1, 0]))] = info
+        item.size = torch.Size([4, 4])  # 16 elements, as many as the chunks hold: only the overlap is wrong
+
+    rewrite_metadata(src, two_halves_overlapping)
+    with pytest.raises(CheckpointFormatError, match=r"chunks at \[0, 0\] and \[1, 0\] overlap"):
+        harness.warm_start(model, src)
+
+    def huge(meta):
+        item = meta.state_dict_metadata["model.0.weight"]
+        item.size = torch.Size([1 << 16, 1 << 16])
+        item.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), item.size)]
+        key, info = storage_entry(meta, "model.0.weight")
+        del meta.storage_data[key]
+        meta.storage_data[MetadataIndex("model.0.weight", torch.Size([0, 0]))] = info
+
+    rewrite_metadata(src, huge)
+    with pytest.raises(CheckpointFormatError, match=r"chunk of \[65536, 65536\] torch\.float32 is stored in only "
+                                                    r"\d+ bytes"):
+        harness.warm_start(model, src)
+
+
+def test_truncated_garbled_and_partial_folders_get_one_clear_error(small_dcp, tmp_path):
+    src, model = small_dcp
+    data = (src / "__0_0.distcp").read_bytes()
+    (src / "__0_0.distcp").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointFormatError, match=r"are not inside __0_0\.distcp \(\d+ bytes\)"):
+        harness.warm_start(model, src)
+    (src / "__0_0.distcp").write_bytes(data[:100] + bytes(len(data) - 100))  # right size, zeros inside
+    with pytest.raises(CheckpointFormatError, match=r"model\.0\.weight at byte \d+ is not a torch.save record "
+                                                    r"\((Unsupported operand|RuntimeError)") as caught:
+        harness.warm_start(model, src)
+    assert "weights_only" not in str(caught.value)  # torch's advice to unpickle anyway is not passed on
+    (src / "__0_0.distcp").write_bytes(data)
+    meta = (src / ".metadata").read_bytes()
+    for garbled in (meta[: len(meta) // 2], b"\x00" * 64, b""):
+        (src / ".metadata").write_bytes(garbled)
+        with pytest.raises(CheckpointFormatError, match=r"\.metadata is not a readable DCP metadata file"):
+            harness.warm_start(model, src)
+    (src / ".metadata").write_bytes(pickle.dumps({"not": "metadata"}))
+    with pytest.raises(CheckpointFormatError, match=r"does not describe a DCP checkpoint: it holds a dict"):
+        harness.warm_start(model, src)
+
+
+def test_a_dcp_folder_in_s3_written_by_dcps_fsspec_writer(s3_url, tmp_path):
+    """DCP's own FsspecWriter to a real S3 endpoint (moto over HTTP): harness reads it in place."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    cfg = quickstart_config()
+    model, opt, _ = trained(cfg, steps=2)
+    src = f"{s3_url}/dcp"
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": 2}, storage_writer=FsspecWriter(src))
+    fresh = trainer_objects(cfg)[0]
+    assert harness.warm_start(fresh, src).loaded == len(model.state_dict())
+    assert_same(fresh.state_dict(), model.state_dict())
+    summary = import_checkpoint(src, f"{s3_url}/ckpt", config=cfg)
+    assert summary["step"] == 2
