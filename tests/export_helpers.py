@@ -86,3 +86,20 @@ def eval_out(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = model(x)
     model.train(was)
     return y
+
+
+def train_plainly(cfg: config.Config, steps: int, scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 2)):
+    """A plain PyTorch loop over cfg's workload (the trainer's model and optimizer, ``scheduler(opt)``), as the
+    other tools' checkpoints in the import tests are made from: (model, optimizer, scheduler) after ``steps``."""
+    w = recipe.workload_from_dict(recipe.safe_metadata(cfg)["config"])
+    model = w.model
+    opt = recipe.build_optimizer(cfg, model.parameters())
+    sched = scheduler(opt)
+    for step in range(steps):
+        items = [w.dataset[step * 8 + i] for i in range(8)]
+        x, y = torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
+        opt.zero_grad()
+        w.loss_fn(model(x), y).backward()
+        opt.step()
+        sched.step()
+    return model, opt, sched

@@ -299,3 +299,28 @@ def dcp_fsdp_save(rank: int, world: int, url: str, ref: str) -> dict:
     if rank == 0:
         torch.save(full, ref)
     return {"sharded": [k for k, v in msd.items() if sharded.codec.is_dtensor(v)]}
+
+
+def accelerate_fsdp_save(rank: int, world: int, folder: str, ref: str) -> dict:
+    """What ``accelerator.save_state`` leaves under FSDP with SHARDED_STATE_DICT: DCP folders
+    ``pytorch_model_fsdp_0`` ({"model": ...}) and ``optimizer_0`` ({"optimizer": ...}, keyed by parameter
+    name), the scheduler's state and one RNG file per process; the full state on rank 0 for comparison."""
+    import os
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model, opt = _fsdp_setup(0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    for step in range(1, 4):
+        _fsdp_step(model, opt, step, rank)
+        sched.step()
+    msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
+    dcp.save({"model": msd}, checkpoint_id=os.path.join(folder, "pytorch_model_fsdp_0"))
+    dcp.save({"optimizer": osd}, checkpoint_id=os.path.join(folder, "optimizer_0"))
+    torch.save({"step": 3, "torch_manual_seed": torch.get_rng_state()},
+               os.path.join(folder, f"random_states_{rank}.pkl"))
+    full = {"model": _full(msd), "optim": _full(osd["state"])}
+    if rank == 0:
+        torch.save(sched.state_dict(), os.path.join(folder, "scheduler.bin"))
+        torch.save(full, ref)
+    return {}

@@ -211,20 +211,20 @@ def test_the_state_of_ranks_a_smaller_run_lacks_is_still_verified(tmp_path):
 
 
 def call_on_rank0_only(rank: int, world: int, url: str, what: str) -> dict:
-    """The torch.save habit, `if rank == 0:` around the manager (``what="construct"``) or around save: rank 0
-    waits in the first collective."""
+    """The torch.save habit, `if rank == 0:` around the manager (``what="construct"``), around save or around
+    restore: rank 0 waits in the first collective."""
     import logging
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda r: records.append(r.getMessage())
     logging.getLogger("harness").addHandler(handler)
-    mgr = CheckpointManager(url, timeout_s=4) if what == "save" else None
+    mgr = CheckpointManager(url, timeout_s=4) if what != "construct" else None
     t0 = time.monotonic()
     error = ""
     if rank == 0:
         try:
             mgr = mgr or CheckpointManager(url, timeout_s=4)
-            mgr.save(1, models=Net())
+            mgr.restore(models=Net()) if what == "restore" else mgr.save(1, models=Net())
         except Exception as exc:  # noqa: BLE001 - the gloo or store timeout, whatever its type
             error = f"{type(exc).__name__}: {exc}"
     else:
@@ -233,7 +233,8 @@ def call_on_rank0_only(rank: int, world: int, url: str, what: str) -> dict:
 
 
 @pytest.mark.parametrize("what, call", [("save", "CheckpointManager.save(step=1)"),
-                                        ("construct", "CheckpointManager(...)")])
+                                        ("construct", "CheckpointManager(...)"),
+                                        ("restore", "CheckpointManager.restore()")])
 def test_a_collective_called_on_one_rank_only_says_so_before_it_times_out(tmp_path, what, call):
     """It waited silently for checkpoint.timeout_s (10 minutes by default), then failed with a transport or
     store timeout that says nothing about the cause."""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed.checkpoint as dcp
 
 from harness import recipe
@@ -86,3 +87,47 @@ def test_ckpt_list_and_verify_say_what_the_folder_holds_instead(tmp_path, capsys
     assert capsys.readouterr().out.strip() == f"no committed checkpoints in {ckpt} {hint}"
     assert cli("ckpt", "verify", ckpt) == 1
     assert capsys.readouterr().err.strip() == f"harness: error: no committed checkpoint in {ckpt} {hint}"
+    assert cli("ckpt", "export", ckpt / "step-100", "--format", "pt", "--out", tmp_path / "x.pt") == 1
+    assert capsys.readouterr().err.strip() == (
+        f"harness: error: no committed checkpoint in {ckpt}/step-100 (it is a torch.distributed.checkpoint "
+        f"checkpoint: `harness ckpt import {ckpt}/step-100 NEW_DIR` makes it a harness checkpoint)")
+
+
+def test_an_own_loop_restore_warns_what_the_folder_holds_instead(tmp_path, caplog):
+    from harness import CheckpointManager
+    ckpt = torchtitan_dir(tmp_path / "checkpoint", steps=(3,))
+    model = recipe.workload_from_dict(recipe.safe_metadata(quickstart_config())["config"]).model
+    with caplog.at_level("INFO", logger="harness"):
+        assert CheckpointManager(ckpt).restore(models=model) is None
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "no checkpoint in" in r.getMessage()]
+    assert len(warned) == 1 and "it holds torch.distributed.checkpoint checkpoints: step-3" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="harness"):
+        assert CheckpointManager(tmp_path / "empty").restore(models=model) is None
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_the_folder_of_step_folders_itself_is_a_source_its_newest_read(tmp_path):
+    """checkpoint.init_from / warm_start / import pointed at torchtitan's checkpoint folder (not one step-N
+    inside it) read the newest step; a Lightning folder its last.ckpt, and several .ckpt without one are named."""
+    import harness
+    from harness.errors import CheckpointFormatError
+    from harness.interop.importer import import_checkpoint
+
+    ckpt = torchtitan_dir(tmp_path / "checkpoint", steps=(500, 1000))
+    model = recipe.workload_from_dict(recipe.safe_metadata(quickstart_config())["config"]).model
+    report = harness.warm_start(model, ckpt)
+    assert report.loaded == len(model.state_dict()) and report.source == f"{ckpt} (step-1000: __0_0.distcp)"
+    summary = import_checkpoint(ckpt, tmp_path / "imported")
+    assert summary["step"] == 1000 and f"the newest of 2 checkpoints in {ckpt}: step-1000" in summary["notes"]
+
+    lightning = tmp_path / "lightning"
+    lightning.mkdir()
+    for name in ("epoch=0-step=5.ckpt", "epoch=1-step=10.ckpt"):
+        torch.save({"state_dict": model.state_dict(), "global_step": 5, "pytorch-lightning_version": "2.4.0"},
+                   lightning / name)
+    with pytest.raises(CheckpointFormatError, match=r"holds 2 Lightning checkpoints and no last\.ckpt"):
+        harness.warm_start(model, lightning)
+    torch.save({"state_dict": model.state_dict(), "global_step": 10, "pytorch-lightning_version": "2.4.0"},
+               lightning / "last.ckpt")
+    assert import_checkpoint(lightning, tmp_path / "from-lightning")["step"] == 10

@@ -28,7 +28,7 @@ from harness.errors import CheckpointFormatError
 from harness.interop.importer import import_checkpoint
 from harness.storage import Storage
 
-from export_helpers import QUICKSTART, REPO, cli, quickstart_config
+from export_helpers import QUICKSTART, REPO, cli, quickstart_config, train_plainly
 from sharded_helpers import FNet, run_ranks
 from torch_features import needs_fsdp
 
@@ -37,18 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled") 
 
 def trained(cfg, steps: int = 6):
     """The quickstart model, optimizer and a LambdaLR (torchtitan's kind) after ``steps`` steps."""
-    w = recipe.workload_from_dict(recipe.safe_metadata(cfg)["config"])
-    model = w.model
-    opt = recipe.build_optimizer(cfg, model.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    for step in range(steps):
-        items = [w.dataset[step * 8 + i] for i in range(8)]
-        x, y = torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
-        opt.zero_grad()
-        w.loss_fn(model(x), y).backward()
-        opt.step()
-        sched.step()
-    return model, opt, sched
+    return train_plainly(cfg, steps, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)))
 
 
 def torchtitan_folder(path, cfg, steps: int = 6):
@@ -354,3 +343,62 @@ def test_a_dcp_folder_in_s3_written_by_dcps_fsspec_writer(s3_url, tmp_path):
     assert_same(fresh.state_dict(), model.state_dict())
     summary = import_checkpoint(src, f"{s3_url}/ckpt", config=cfg)
     assert summary["step"] == 2
+
+
+# -- fuzzing: any bytes in .metadata or a .distcp file load or are refused, nothing else ------------------
+
+@pytest.fixture(scope="module")
+def fuzz_source(tmp_path_factory):
+    src = tmp_path_factory.mktemp("dcp-fuzz") / "dcp"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    dcp.save({"model": model.state_dict(), "optim": {"lr": 0.1, "betas": (0.9, 0.99)}, "step": 5},
+             checkpoint_id=str(src))
+    return {name: (src / name).read_bytes() for name in os.listdir(src)}
+
+
+def _mutations():
+    from hypothesis import strategies as st
+    edit = st.tuples(st.sampled_from(["flip", "cut", "insert"]), st.floats(0, 1), st.binary(min_size=1, max_size=8))
+    return st.tuples(st.sampled_from([".metadata", "__0_0.distcp"]), st.lists(edit, min_size=1, max_size=4))
+
+
+def _mutate(data: bytes, edits) -> bytes:
+    for kind, where, chunk in edits:
+        at = int(where * len(data))
+        if kind == "flip":
+            data = data[:at] + bytes(b ^ c for b, c in zip(data[at:at + len(chunk)], chunk)) + data[at + len(chunk):]
+        elif kind == "cut":
+            data = data[:at]
+        else:
+            data = data[:at] + chunk + data[at:]
+    return data
+
+
+def test_fuzzed_dcp_folders_load_or_are_refused(fuzz_source, tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+
+    marker = tmp_path_factory.mktemp("marker") / "ran"
+    payload = pickle.dumps(Payload(marker))
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(_mutations())
+    def prop(mutation):
+        target, edits = mutation
+        folder = tmp_path_factory.mktemp("fuzz")
+        for name, data in fuzz_source.items():
+            data = _mutate(data, edits) if name == target else data
+            (folder / name).write_bytes(data)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        try:
+            harness.warm_start(model, folder)
+        except CheckpointFormatError:
+            pass
+        assert not marker.exists()
+
+    prop()
+    bad = tmp_path_factory.mktemp("planted")
+    for name, data in fuzz_source.items():
+        (bad / name).write_bytes(data if name != ".metadata" else data[:40] + payload + data[40:])
+    with pytest.raises(CheckpointFormatError):
+        harness.warm_start(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)), bad)
+    assert not marker.exists()

@@ -22,11 +22,13 @@ LIGHTNING_SUFFIX = ".ckpt"
 _STEP = re.compile(r"\d+")
 
 
-def foreign_checkpoints(storage: Storage) -> list[str]:
+def foreign_checkpoints(storage: Storage, names: set[str] | None = None) -> list[str]:
     """What in the folder is another tool's checkpoint, newest last: "." for the folder itself, DCP
-    ``step-N`` subfolders by N, then Lightning files (``last.ckpt`` last). Two listings."""
-    top = set(storage.listdir(""))
-    dcp = [rel.partition("/")[0] for rel in storage.list_tree(prefix=NAME_PREFIX)
+    ``step-N`` subfolders by N, then Lightning files (``last.ckpt`` last). ``names``: the folder's entries
+    when they are listed already. The subfolders are listed only when there are step-N names not harness's."""
+    top = set(storage.listdir("")) if names is None else names
+    others = any(n.startswith(NAME_PREFIX) and parse_name(n) is None for n in top)
+    dcp = [rel.partition("/")[0] for rel in (storage.list_tree(prefix=NAME_PREFIX) if others else {})
            if rel.partition("/")[2] == DCP_METADATA and parse_name(rel.partition("/")[0]) is None]
     dcp.sort(key=lambda name: [int(n) for n in _STEP.findall(name)] or [0])
     lightning = sorted((n for n in top if n.endswith(LIGHTNING_SUFFIX)), key=lambda n: (n == "last.ckpt", n))
@@ -52,7 +54,10 @@ def hint(storage: Storage) -> str:
     if not found:
         return ""
     newest, kind, names = _newest(redact_url(storage.url), found)
-    return f" (it holds {kind} checkpoints: {names}; `harness ckpt import {newest} NEW_DIR` makes one a harness checkpoint)"
+    if found == ["."]:
+        return f" (it is a {kind} checkpoint: `harness ckpt import {newest} NEW_DIR` makes it a harness checkpoint)"
+    return (f" (it holds {kind} checkpoints: {names}; `harness ckpt import {newest} NEW_DIR` makes one a harness "
+            "checkpoint)")
 
 
 def _newest(shown: str, found: list[str]) -> tuple[str, str, str]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,7 +39,7 @@ from typing import Any, Protocol
 import torch
 
 from harness import dist, faults
-from harness.checkpoint import blobs, codec, direct_io, direct_read, select, sharded
+from harness.checkpoint import blobs, codec, direct_io, direct_read, foreign, select, sharded
 from harness.checkpoint.apply import RestoreOptions, RestoreResult, apply
 from harness.checkpoint.context import Ctx
 from harness.checkpoint.destinations import destinations
@@ -175,7 +176,9 @@ def restore(ctx: Ctx, targets: Targets, opts: RestoreOptions) -> RestoreResult |
         if choice.error is not None:
             raise (NoCheckpointError if choice.missing_step else CheckpointError)(choice.error)
         if choice.name is None:
-            log.info("no checkpoint in %s to restore", redact_url(ctx.storage.url))
+            other = foreign.hint(ctx.storage) if ctx.rank == 0 else ""  # torchtitan's, Lightning's: say so
+            log.log(logging.WARNING if other else logging.INFO, "no checkpoint in %s to restore%s",
+                    redact_url(ctx.storage.url), other)
             return None
         strategy: Strategy = (Together(filled_together) if choice.together
                               else Broadcast(choice.each_reads, choice.shipped))
@@ -262,7 +265,8 @@ def _decide(ctx: Ctx, step: int | None, probe: _Probe,
             own = exc
             problem = problem_of(exc, ctx.rank, damage_possible=False) if is_resource_error(exc) else None
             choice = Choice(error=f"{type(exc).__name__}: {exc}", problem=problem)
-    choice = dist.broadcast(choice, ctx.group)
+    with _rank0_waiting(ctx):
+        choice = dist.broadcast(choice, ctx.group)
     if choice.problem is not None:
         raise_resource(choice.problem, own)
     return choice, prefetched
@@ -371,13 +375,21 @@ def _scatter_own(ctx: Ctx, prefetched: Prefetched | None) -> dict:
     return dist.scatter(objs, ctx.group)
 
 
+def _rank0_waiting(ctx: Ctx) -> Any:
+    """Around restore's first collectives: rank 0 waits there only for ranks that never called restore
+    (`if rank == 0:`), so it warns; the others may be waiting for rank 0's verification of a large
+    checkpoint, so they do not."""
+    return dist.late_peers_warning("CheckpointManager.restore()", ctx.timeout_s) if ctx.rank == 0 else nullcontext()
+
+
 def _one_local_folder(ctx: Ctx) -> bool:
     """On rank 0: whether every rank sees the checkpoint folder as the same folder of the same running
     machine (boot id, device and inode agree), so any rank can read what rank 0 reads, from the same page
     cache. Collective (one gather) when the storage is local and there are several ranks; False elsewhere."""
     if ctx.world_size == 1 or not direct_io.is_local(ctx.storage):
         return False
-    ids = dist.gather(_folder_identity(ctx.storage), ctx.group)
+    with _rank0_waiting(ctx):
+        ids = dist.gather(_folder_identity(ctx.storage), ctx.group)
     return bool(ids) and ids[0] is not None and all(i == ids[0] for i in ids)
 
 

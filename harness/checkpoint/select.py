@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterable, TypeVar
 
-from harness.checkpoint import blobs, codec
+from harness.checkpoint import blobs, codec, foreign
 from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints, open_checkpoint, read_commits, scan
 from harness.checkpoint.errors import is_resource_error
 from harness.checkpoint.format import COMMIT_FILE, Manifest
@@ -147,7 +147,7 @@ def choose(storage: Storage, load: Callable[[str], T], *, step: int | None = Non
     if skipped:
         raise NoCheckpointError(f"no valid checkpoint{at} in {where}: "
                                 + "; ".join(f"{n}: {r}" for n, r in skipped))
-    raise NoCheckpointError(f"no committed checkpoint{at} in {where}")
+    raise NoCheckpointError(f"no committed checkpoint{at} in {where}{foreign.hint(storage)}")
 
 
 def deleted_meanwhile(storage: Storage, name: str) -> str | None:

@@ -32,9 +32,11 @@ _COUNTERS = ("step", "epoch", "loss")
 _TRAIN_STATE = "train_state"
 
 
-def read(storage: Storage, shown: str) -> tuple[dict, list[str], str]:
-    """A DCP folder as a general checkpoint, notes on what reading it involved, and what was read."""
-    found = dcp.read_folder(storage, shown)
+def read(storage: Storage, shown: str, models_only: bool = False) -> tuple[dict, list[str], str]:
+    """A DCP folder as a general checkpoint, notes on what reading it involved, and what was read.
+    ``models_only``: optimizer and scheduler state is not read (warm_start needs the weights alone)."""
+    skip = set(_OPTIMIZER) | set(_SCHEDULER) if models_only else set()
+    found = dcp.read_folder(storage, shown, keep=lambda path: not skip & set(path[:2]))  # [:2]: one wrapper
     files = ", ".join(found.files) if len(found.files) < 4 else f"{len(found.files)} files"
     notes = [f"a torch.distributed.checkpoint folder: {found.tensors} tensors in {files or 'no files'}"]
     if found.skipped:

@@ -11,7 +11,9 @@ Accepted files:
 - a PyTorch Lightning checkpoint (``.ckpt``: ``state_dict``, ``optimizer_states``, ``lr_schedulers``,
   ``global_step``), translated by :mod:`harness.interop.lightning`;
 - a ``.safetensors`` file (model weights), read by a small checked reader of our own
-  (:func:`harness.interop.safetensors.read_safetensors`).
+  (:func:`harness.interop.safetensors.read_safetensors`);
+- a folder: a Hugging Face model folder (:mod:`harness.interop.hf`), an Accelerate ``save_state`` folder
+  (:mod:`harness.interop.accelerate`) or a torch.distributed.checkpoint folder (:mod:`harness.interop.dcp`).
 
 torch files are read with ``torch.load(FILE, weights_only=True)`` only: a file that needs to unpickle
 arbitrary Python objects is refused with :class:`~harness.errors.CheckpointFormatError` before any of
@@ -85,7 +87,8 @@ def _read_source(src: str, shown: str, storage_options: dict | None) -> tuple[An
     found = foreign_folder(folder, src, shown)
     if found is None:
         reads = ("import reads one file, a Hugging Face model folder (model.safetensors, pytorch_model.bin or "
-                 "their index.json) or a torch.distributed.checkpoint folder (.metadata)")
+                 "their index.json), an Accelerate save_state folder or a torch.distributed.checkpoint folder "
+                 "(.metadata)")
         if list_checkpoints(folder):
             raise CheckpointFormatError(f"{shown} is a harness checkpoint folder already: use it as checkpoint.dir "
                                         f"or checkpoint.init_from ({reads})")
@@ -93,17 +96,43 @@ def _read_source(src: str, shown: str, storage_options: dict | None) -> tuple[An
     return found[0], found[1]
 
 
-def foreign_folder(folder: Storage, src: str, shown: str) -> tuple[Any, list[str], str] | None:
+def foreign_folder(folder: Storage, src: str, shown: str,
+                   models_only: bool = False) -> tuple[Any, list[str], str] | None:
     """A folder another tool wrote, read: its contents, notes, and which files were read. A DCP checkpoint
-    (``.metadata``) or a Hugging Face model folder; None for anything else (a harness run folder)."""
-    from harness.interop import dcp, dcp_general, hf
+    (``.metadata``), an Accelerate ``save_state`` folder or a Hugging Face model folder; None for anything
+    else (a harness run folder). ``models_only``: only what holds model weights is read."""
+    from harness.interop import accelerate, dcp, dcp_general, hf
     names = set(folder.listdir(""))
     if dcp.is_dcp(names):
-        return dcp_general.read(folder, shown)
+        return dcp_general.read(folder, shown, models_only)
+    if accelerate.is_accelerate(names):
+        return accelerate.read(folder, names, load_file, shown, models_only)
     files = hf.weight_files(folder, names)
     if files is None:
-        return None
+        return _newest_inside(folder, names, src, shown, models_only)
     return hf.read_folder(src, files, load_file), [], ", ".join(files) if len(files) < 4 else f"{len(files)} shards"
+
+
+def _newest_inside(folder: Storage, names: set[str], src: str, shown: str,
+                   models_only: bool) -> tuple[Any, list[str], str] | None:
+    """A folder of another tool's checkpoints, as torchtitan and Lightning keep them: the newest DCP ``step-N``
+    folder, else Lightning's ``last.ckpt`` (or its only ``.ckpt``), with a note saying which; None if none."""
+    from harness.checkpoint.foreign import LIGHTNING_SUFFIX, foreign_checkpoints
+    from harness.interop import dcp_general
+    found = [f for f in foreign_checkpoints(folder, names) if f != "."]
+    steps = [f for f in found if not f.endswith(LIGHTNING_SUFFIX)]
+    files = [f for f in found if f.endswith(LIGHTNING_SUFFIX)]
+    if not steps and len(files) > 1 and "last.ckpt" not in files:
+        raise CheckpointFormatError(f"{shown} holds {len(files)} Lightning checkpoints and no last.ckpt "
+                                    f"({', '.join(files[:4])}): name the file to read")
+    if not found:
+        return None
+    newest = steps[-1] if steps else files[-1]
+    note = f"the newest of {len(found)} checkpoints in {shown}: {newest}"
+    if newest.endswith(LIGHTNING_SUFFIX):
+        return load_file(f"{src.rstrip('/')}/{newest}"), [note], newest
+    obj, notes, what = dcp_general.read(folder.child(newest), f"{shown.rstrip('/')}/{newest}", models_only)
+    return obj, [note, *notes], f"{newest}: {what}"
 
 
 # -- understanding what was loaded ------------------------------------------------------------------

@@ -9,6 +9,7 @@ the backend (:mod:`harness.storage.backend`, chosen by URL scheme) does the I/O.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -71,6 +72,15 @@ class Storage:
         if not rel:
             return self.root
         return self.root + rel if self.root.endswith("/") else f"{self.root}/{rel}"
+
+    def child(self, rel: str) -> "Storage":
+        """The folder ``rel`` inside this one as a Storage of its own, on the same backend (its credentials,
+        its connections): a folder another tool nests in its checkpoint (Accelerate's DCP subfolders)."""
+        inner = copy.copy(self)
+        inner.root = self.path(rel)
+        inner.url = f"{self.url.rstrip('/')}/{_clean_rel(rel)}"
+        inner._identity = hashlib.sha256(f"{self._identity}/{_clean_rel(rel)}".encode()).hexdigest()[:32]
+        return inner
 
     # -- fail fast ------------------------------------------------------------------------------------
 

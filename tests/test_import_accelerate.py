@@ -1,0 +1,114 @@
+"""Hugging Face Accelerate ``save_state`` folders as a source: `harness ckpt import` takes the models,
+optimizers, schedulers and scaler (it took the weights alone, as from a save_pretrained folder, and said the
+optimizer starts fresh); warm_start and load_for_inference read the weights and nothing else.
+
+The folders are written with the files and names Accelerate's ``save_accelerator_state`` uses (safetensors
+weights, torch.save'd optimizer/scheduler state dicts, RNG states with numpy objects in them, a pickled
+sampler); no accelerate package is needed to write them."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import harness
+from harness import CheckpointManager, recipe
+from harness.errors import CheckpointFormatError
+from harness.interop.importer import import_checkpoint
+
+from export_helpers import QUICKSTART, cli, quickstart_config, train_plainly
+from sharded_helpers import FNet, run_ranks
+from torch_features import needs_fsdp
+
+
+def save_state(folder, models, optimizers, schedulers, safe: bool = True):
+    """What ``accelerator.save_state(folder)`` leaves (its file names and serializers)."""
+    folder.mkdir(parents=True)
+    for i, model in enumerate(models):
+        n = f"_{i}" if i else ""
+        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if safe:
+            save_file(sd, folder / f"model{n}.safetensors")
+        else:
+            torch.save(sd, folder / f"pytorch_model{n}.bin")
+    for stem, objects in (("optimizer", optimizers), ("scheduler", schedulers)):
+        for i, obj in enumerate(objects):
+            torch.save(obj.state_dict(), folder / f"{stem}{'_%d' % i if i else ''}.bin")
+    torch.save({"step": 5, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+                "torch_manual_seed": torch.get_rng_state()}, folder / "random_states_0.pkl")
+    (folder / "sampler.bin").write_bytes(pickle.dumps(object()))
+    return folder
+
+
+def test_an_accelerate_checkpoint_imports_with_its_optimizer_and_scheduler(tmp_path, capsys):
+    cfg = quickstart_config()
+    model, opt, sched = train_plainly(cfg, 5)
+    src = save_state(tmp_path / "checkpoints" / "checkpoint_0", [model], [opt], [sched])
+    dest = tmp_path / "ckpt"
+    assert cli("ckpt", "import", src, dest, "--config", QUICKSTART) == 0
+    out = capsys.readouterr().out
+    said = ["as step-000000005: step 5 (optimizer's step counter)", "note: an Accelerate save_state folder",
+            "note: Accelerate's RNG, sampler and custom states not imported: random_states_0.pkl, sampler.bin"]
+    assert [line for line in said if line not in out] == [] and "starts fresh" not in out, out  # optimizer kept
+    w = recipe.workload_from_dict(recipe.safe_metadata(cfg)["config"])
+    o2 = recipe.build_optimizer(cfg, w.model.parameters())
+    CheckpointManager(dest).restore(models={"model": w.model}, optimizers={"optimizer": o2})
+    assert all(torch.equal(a, b) for a, b in zip(w.model.state_dict().values(), model.state_dict().values()))
+    want = opt.state_dict()["state"]
+    assert all(torch.equal(st["exp_avg"], want[pid]["exp_avg"]) for pid, st in o2.state_dict()["state"].items())
+
+
+def test_warm_start_reads_the_weights_alone(tmp_path):
+    cfg = quickstart_config()
+    model, opt, sched = train_plainly(cfg, 2)
+    src = save_state(tmp_path / "state", [model], [opt], [sched], safe=False)
+    (src / "optimizer.bin").write_bytes(b"not a torch file")  # not read by warm_start; refused by import
+    fresh = recipe.workload_from_dict(recipe.safe_metadata(cfg)["config"]).model
+    report = harness.warm_start(fresh, src)
+    assert report.loaded == len(model.state_dict()) and "pytorch_model.bin" in report.source
+    with pytest.raises(CheckpointFormatError, match=r"optimizer\.bin is not a readable torch\.save"):
+        import_checkpoint(src, tmp_path / "ckpt")
+
+
+def test_two_models_and_optimizers_keep_their_names(tmp_path):
+    """A GAN prepared with two models and two optimizers: model.safetensors and model_1.safetensors."""
+    gen, disc = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+    opts = [torch.optim.Adam(m.parameters()) for m in (gen, disc)]
+    for m, o in zip((gen, disc), opts):
+        m.weight.grad = torch.ones_like(m.weight)
+        o.step()
+    src = save_state(tmp_path / "gan", [gen, disc], opts, [])
+    summary = import_checkpoint(src, tmp_path / "ckpt")
+    assert summary["models"] == ["model", "model_1"] and summary["optimizers"] == ["optimizer", "optimizer_1"]
+    second = torch.nn.Linear(8, 1)
+    assert harness.warm_start(second, src, name="model_1").loaded == 2
+    assert torch.equal(second.weight, disc.weight)
+
+
+@needs_fsdp
+def test_an_fsdp_sharded_save_state_from_two_ranks(tmp_path):
+    """Under FSDP with SHARDED_STATE_DICT the model and optimizer are DCP folders (pytorch_model_fsdp_0,
+    optimizer_0) written by every rank; the optimizer's state is keyed by parameter name."""
+    src, ref = tmp_path / "checkpoint_0", tmp_path / "full.pt"
+    run_ranks(tmp_path, "accelerate_fsdp_save", 2, folder=str(src), ref=str(ref))
+    full = torch.load(ref, weights_only=True)
+    summary = import_checkpoint(src, tmp_path / "ckpt")
+    assert (summary["models"], summary["optimizers"], summary["schedulers"]) == (["model"], ["optimizer"],
+                                                                                 ["scheduler"])
+    assert "an Accelerate save_state folder" in summary["notes"] and summary["step"] == 3
+    plain = FNet(13)
+    opt = torch.optim.AdamW(plain.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    CheckpointManager(tmp_path / "ckpt").restore(models={"model": plain}, optimizers={"optimizer": opt},
+                                                 schedulers={"scheduler": sched})
+    assert all(torch.equal(v, full["model"][k]) for k, v in plain.state_dict().items())
+    for i, (name, _) in enumerate(plain.named_parameters()):
+        assert torch.equal(opt.state[opt.param_groups[0]["params"][i]]["exp_avg"], full["optim"][name]["exp_avg"])
+    assert sched.last_epoch == 3
+    fresh = FNet(13)
+    assert harness.warm_start(fresh, src).loaded == len(full["model"])
