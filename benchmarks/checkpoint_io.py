@@ -154,18 +154,7 @@ class Bench:
         files = list_files(path)
         info: dict[str, Any] = {"files": len(files), "fadvise_ok": None, "drop_caches_ok": None}
         if self.cold_mode in ("fadvise", "both"):
-            ok = True
-            for f in files:
-                try:
-                    fd = os.open(f, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)  # DONTNEED leaves dirty pages alone: make them clean first
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                    finally:
-                        os.close(fd)
-                except (OSError, AttributeError):
-                    ok = False
-            info["fadvise_ok"] = ok
+            info["fadvise_ok"] = fadvise_out(files)
         if self.cold_mode in ("drop_caches", "both"):
             info["drop_caches_ok"] = drop_caches()
         total = sum(os.path.getsize(f) for f in files)
@@ -175,6 +164,23 @@ class Bench:
         info["resident_frac"] = None if resident is None or not total else resident / total
         self.eviction.append(info)
         return info
+
+
+def fadvise_out(files: list[str]) -> bool:
+    """fsync + POSIX_FADV_DONTNEED on each file: out of the page cache without root (for clean pages);
+    False if that failed for any."""
+    ok = True
+    for f in files:
+        try:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # DONTNEED leaves dirty pages alone: make them clean first
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):
+            ok = False
+    return ok
 
 
 def list_files(path: Path) -> list[str]:

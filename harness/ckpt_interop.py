@@ -8,8 +8,9 @@ import argparse
 import json
 
 from harness.ckpt_folder import require_folder
-from harness.ckpt_render import config_line, human_size, loss_text, num_text, warn_skipped
+from harness.ckpt_render import config_line, human_size, loss_text, num_text, print_table, warn_skipped
 from harness.errors import HarnessError
+from harness.interop import dcp
 from harness.interop.export import export_checkpoint
 from harness.interop.importer import import_checkpoint
 from harness.interop.inspection import diff_checkpoints, inspect_checkpoint
@@ -77,6 +78,8 @@ def run_import(args: argparse.Namespace, options: dict) -> int:
 
 def run_inspect(storage: Storage, args: argparse.Namespace, options: dict) -> int:
     require_folder(storage)
+    if args.step is None and dcp.is_dcp(set(storage.listdir(""))):
+        return _inspect_dcp(dcp.describe(storage, redact_url(storage.url)), args.json)
     info = inspect_checkpoint(args.dir, step=args.step, storage_options=options)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -99,6 +102,24 @@ def run_inspect(storage: Storage, args: argparse.Namespace, options: dict) -> in
         print(f"  metadata: {json.dumps(other, default=str)[:300]}")
     for g in info["groups"]:
         _print_group(g)
+    return 0
+
+
+def _inspect_dcp(info: dict, as_json: bool) -> int:
+    """A torch.distributed.checkpoint folder (torchtitan's step-N), from its metadata."""
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return 0
+    files = ", ".join(info["files"][:3]) + (f" and {len(info['files']) - 3} more" if len(info["files"]) > 3 else "")
+    print(f"torch.distributed.checkpoint folder {info['url']} (from its .metadata alone; `harness ckpt import` "
+          "reads and checks the data)")
+    values = ", ".join(info["values"][:3]) + (", ..." if len(info["values"]) > 3 else "")
+    print(f"  {len(info['tensors'])} tensors, {human_size(info['bytes'])}, in {files}; "
+          f"{len(info['values'])} other values{': ' + values if values else ''}")
+    rows = [[t["key"], t["dtype"], str(t["shape"]), human_size(t["bytes"])
+             + (f" in {t['chunks']} chunks" if t["chunks"] > 1 else "")] for t in info["tensors"]]
+    if rows:
+        print_table(["KEY", "DTYPE", "SHAPE", "SIZE"], rows, right=set())
     return 0
 
 

@@ -66,7 +66,8 @@ def _add_inspect(sub: Any, common: argparse.ArgumentParser) -> None:
                        "versions, step, epoch, loss, metrics, world size, sharding, the run config, sizes per "
                        "model, optimizer, scheduler and rank, and every tensor with dtype, shape and size. Reads "
                        "only the commit record and the manifest (data file sizes are checked, checksums are not: "
-                       "use 'verify').")
+                       "use 'verify'). DIR may also be a torch.distributed.checkpoint folder (torchtitan's step-N): "
+                       "its tensors and other values from its .metadata, read without running its pickle.")
     p.add_argument("--step", type=int, metavar="N", help="inspect the checkpoint of step N")
     p.add_argument("--json", action="store_true", help="print everything as one JSON object")
 

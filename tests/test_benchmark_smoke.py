@@ -372,3 +372,17 @@ def test_checkpoint_io_stopped_by_sigterm_writes_what_it_measured(tmp_path):
         assert by[name]["seconds"] > 0, by[name]
     assert by["torch_save"]["skipped"].startswith("not selected")
     assert res["direct_restore"] is None  # stopped inside it: no half-measured medians
+
+
+def test_import_dcp_benchmark_tiny_cpu(tmp_path):
+    """benchmarks/import_dcp.py at a tiny state: every method measured warm and cold; no timing asserted."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "import_dcp.py"), "--size-gb", "0.005",
+                           "--repeat", "1", "--out", str(out), "--dir", str(tmp_path)],
+                          cwd=REPO, env=uninstalled_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    result = json.loads((out / "import_dcp_cpu_latest.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["torch_empty_planner", "torch_in_place", "harness_read",
+                                                     "harness_import"]
+    assert result["state_bytes"] > 0 and all(r["cold_s"] > 0 and r["warm_s"] > 0 for r in result["rows"])
+    assert "harness_read" in proc.stdout

@@ -131,3 +131,23 @@ def test_the_folder_of_step_folders_itself_is_a_source_its_newest_read(tmp_path)
     torch.save({"state_dict": model.state_dict(), "global_step": 10, "pytorch-lightning_version": "2.4.0"},
                lightning / "last.ckpt")
     assert import_checkpoint(lightning, tmp_path / "from-lightning")["step"] == 10
+
+
+def test_ckpt_inspect_shows_a_dcp_folder_from_its_metadata(tmp_path, capsys):
+    import json
+    step = torchtitan_dir(tmp_path / "checkpoint", steps=(9,)) / "step-9"
+    model = recipe.workload_from_dict(recipe.safe_metadata(quickstart_config())["config"]).model
+    assert cli("ckpt", "inspect", step) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"torch.distributed.checkpoint folder {step} (from its .metadata alone; `harness ckpt import` "
+                      "reads and checks the data)")
+    n_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
+    assert out[1].startswith(f"  {len(model.state_dict())} tensors, ") and out[1].endswith(
+        "in __0_0.distcp; 1 other values: step")
+    assert out[2].split() == ["KEY", "DTYPE", "SHAPE", "SIZE"]
+    assert out[3].split()[:2] == ["model.net.0.weight", "float32"]
+    assert cli("ckpt", "inspect", step, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bytes"] == n_bytes and info["values"] == ["step"] and info["files"] == ["__0_0.distcp"]
+    assert {t["key"]: t["shape"] for t in info["tensors"]} == {
+        f"model.{k}": list(v.shape) for k, v in model.state_dict().items()}

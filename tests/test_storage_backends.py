@@ -81,6 +81,18 @@ def test_write_read_list_remove(store):
     assert store.listdir() == [] and not store.exists("a")
 
 
+def test_a_child_folder_is_a_storage_on_the_same_backend(store):
+    store.makedirs("sub/inner")
+    store.write_bytes("sub/inner/x", b"abc")
+    store.write_bytes("sub/y", b"de")
+    child = store.child("sub")
+    assert child.backend is store.backend and child.url == f"{store.url.rstrip('/')}/sub"
+    assert child.listdir() == ["inner", "y"] and child.read_bytes("inner/x") == b"abc"
+    assert {k: v for k, v in child.list_tree("").items() if v is not None} == {"inner/x": 3, "y": 2}
+    with pytest.raises(StorageError, match="leaves the checkpoint folder"):
+        store.child("../elsewhere")
+
+
 def test_list_tree_is_one_listing_with_sizes(store, kind):
     """Discovery's one listing: every file under a folder with its size (folders as None where the store
     has them; S3 has only objects), by path relative to the folder; empty for a folder that is not there."""

@@ -136,7 +136,7 @@ def read_layout(storage: Storage, shown: str) -> Layout:
                                     f"{type(exc).__name__}: {exc}") from None
     try:
         return _checked(meta, storage.list_tree(""))
-    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
         raise CheckpointFormatError(f"{shown}/{METADATA} does not describe a DCP checkpoint: {exc}") from None
 
 
@@ -269,40 +269,100 @@ def read_folder(storage: Storage, shown: str, keep: Callable[[tuple], bool] = la
     out = DcpState(state={}, tensors=len(layout.tensors),
                    files=sorted({c.file for _, _, cs in layout.tensors.values() for c in cs}
                                 | {c.file for c in layout.values.values()}))
-    for fqn, (dtype, shape, chunks) in layout.tensors.items():
-        full = torch.empty(shape, dtype=dtype)
-        for c in chunks:
+    with _Files(storage, shown) as files:
+        for fqn, (dtype, shape, chunks) in layout.tensors.items():
+            _place(out.state, layout.paths.get(fqn, (fqn,)), _tensor_from(files, fqn, dtype, shape, chunks), shown)
+        for fqn, c in layout.values.items():
             try:
-                part = _record_at(storage, shown, fqn, c)
-            except torchload.NeedsObjects as exc:
-                raise CheckpointFormatError(f"{shown}: {fqn}'s chunk in {c.file} at byte {c.offset} is refused: it "
-                                            f"needs unpickling {torchload.global_named(exc)}; nothing from it was "
-                                            "run") from None
-            if not isinstance(part, torch.Tensor) or part.dtype != dtype or tuple(part.shape) != c.sizes:
-                raise CheckpointFormatError(f"{shown}: {fqn}'s chunk in {c.file} at byte {c.offset} holds "
-                                            f"{_what(part)}, the metadata says a {dtype} tensor of {list(c.sizes)}")
-            _narrowed(full, c).copy_(part)
-        _place(out.state, layout.paths.get(fqn, (fqn,)), full, shown)
-    for fqn, c in layout.values.items():
-        try:
-            value = _record_at(storage, shown, fqn, c)
-        except torchload.NeedsObjects as exc:  # a BytesIO, an object: left out, not run
-            out.skipped[fqn] = f"needs unpickling {torchload.global_named(exc)}"
-            continue
-        _place(out.state, layout.paths.get(fqn, (fqn,)), value, shown)
+                value = files.record(fqn, c)
+            except torchload.NeedsObjects as exc:  # a BytesIO, an object: left out, not run
+                out.skipped[fqn] = f"needs unpickling {torchload.global_named(exc)}"
+                continue
+            _place(out.state, layout.paths.get(fqn, (fqn,)), value, shown)
     return out
 
 
-def _record_at(storage: Storage, shown: str, fqn: str, c: Chunk) -> Any:
-    data = storage.read_bytes(c.file, c.offset, c.offset + c.length)
-    if len(data) != c.length:
-        raise CheckpointFormatError(f"{shown}/{c.file} is truncated: {fqn} needs bytes "
-                                    f"{c.offset}..{c.offset + c.length}")
-    try:
-        return torchload.load(io.BytesIO(data))
-    except torchload.NotReadable as exc:
-        raise CheckpointFormatError(f"{shown}/{c.file}: {fqn} at byte {c.offset} is not a torch.save record "
-                                    f"({exc})") from None
+def _tensor_from(files: "_Files", fqn: str, dtype: torch.dtype, shape: tuple[int, ...],
+                 chunks: list[Chunk]) -> torch.Tensor:
+    """The tensor its chunks make up; a tensor stored whole is the one its record loads (no second copy)."""
+    full = None
+    for c in chunks:
+        try:
+            part = files.record(fqn, c)
+        except torchload.NeedsObjects as exc:
+            raise CheckpointFormatError(f"{files.shown}: {fqn}'s chunk in {c.file} at byte {c.offset} is refused: "
+                                        f"it needs unpickling {torchload.global_named(exc)}; nothing from it was "
+                                        "run") from None
+        if not isinstance(part, torch.Tensor) or part.dtype != dtype or tuple(part.shape) != c.sizes:
+            raise CheckpointFormatError(f"{files.shown}: {fqn}'s chunk in {c.file} at byte {c.offset} holds "
+                                        f"{_what(part)}, the metadata says a {dtype} tensor of {list(c.sizes)}")
+        if len(chunks) == 1:
+            return part
+        full = torch.empty(shape, dtype=dtype) if full is None else full
+        _narrowed(full, c).copy_(part)
+    return torch.empty(shape, dtype=dtype) if full is None else full  # no chunks: an empty tensor
+
+
+class _Files:
+    """The folder's data files, each opened once, and the torch.save records at offsets in them, loaded
+    straight from the file through a window (no copy of the record's bytes first)."""
+
+    def __init__(self, storage: Storage, shown: str) -> None:
+        self.storage, self.shown = storage, shown
+        self.open: dict[str, Any] = {}
+
+    def __enter__(self) -> "_Files":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for f in self.open.values():
+            f.close()
+
+    def record(self, fqn: str, c: Chunk) -> Any:
+        if c.file not in self.open:
+            self.open[c.file] = self.storage.open_read(c.file)
+        try:
+            return torchload.load(_Window(self.open[c.file], c.offset, c.length))
+        except torchload.NotReadable as exc:
+            raise CheckpointFormatError(f"{self.shown}/{c.file}: {fqn} at byte {c.offset} is not a torch.save "
+                                        f"record ({exc})") from None
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``start .. start+length`` of a seekable file, as a file of their own (what torch.load reads)."""
+
+    def __init__(self, f: Any, start: int, length: int) -> None:
+        super().__init__()
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), self.length - self.pos))
+        if n == 0:
+            return 0
+        self.f.seek(self.start + self.pos)
+        view = memoryview(b).cast("B")[:n]
+        if hasattr(self.f, "readinto"):  # straight into torch's buffer
+            got = self.f.readinto(view) or 0
+        else:
+            data = self.f.read(n)
+            view[:len(data)] = data
+            got = len(data)
+        self.pos += got
+        return got
 
 
 def _what(value: Any) -> str:
@@ -349,3 +409,16 @@ def _set(node: Any, key: Any, value: Any, path: tuple, shown: str) -> None:
     if isinstance(node, list):
         node.extend([None] * (key + 1 - len(node)))
     node[key] = value
+
+
+def describe(storage: Storage, shown: str) -> dict:
+    """What a DCP folder holds, from its ``.metadata`` alone (checked as for a read; no data read): every
+    tensor's key, dtype, shape, bytes and number of chunks, the other values' keys, and the files."""
+    layout = read_layout(storage, shown)
+    tensors = [{"key": fqn, "dtype": str(dtype).removeprefix("torch."), "shape": list(shape),
+                "bytes": _numel(shape) * dtype.itemsize, "chunks": len(chunks)}
+               for fqn, (dtype, shape, chunks) in layout.tensors.items()]
+    files = sorted({c.file for _, _, cs in layout.tensors.values() for c in cs}
+                   | {c.file for c in layout.values.values()})
+    return {"format": "torch.distributed.checkpoint", "url": shown, "tensors": tensors, "values": list(layout.values),
+            "bytes": sum(t["bytes"] for t in tensors), "files": files}
