@@ -132,9 +132,10 @@ def _add_import(sub: Any, options: argparse.ArgumentParser) -> None:
         "(dcp.save, torchtitan; sharded ones put back together), into DIR as a harness checkpoint (model "
         "'model', optimizer 'optimizer', scheduler 'scheduler'), so `harness train` resumes from it. torch.save "
         "bytes are read with torch.load(weights_only=True) and a DCP .metadata by an unpickler that knows only "
-        "DCP's records: anything that needs unpickling arbitrary objects is refused and nothing from it runs. A 'module.' "
-        "prefix is stripped. With --config (the run's TOML, plus --set overrides) the model is checked "
-        "against the config's model now, a missing optimizer or scheduler state is created from the config, "
+        "DCP's records: a pickle that would call a function is refused and nothing from it runs; an object of a "
+        "class harness does not import is not built (a note names it). A 'module.' prefix is stripped. With "
+        "--config (the run's TOML, plus --set overrides) the model is checked against the config's model now, "
+        "a missing optimizer or scheduler state is created from the config, "
         "and the config is recorded; without it the file's state is stored as is.")
     p.add_argument("file", metavar="FILE", help="torch.save or safetensors file, Hugging Face or DCP folder (local "
                    "path or fsspec URL)")

@@ -230,6 +230,38 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_objects_of_unknown_classes_are_not_built_and_a_function_call_is_still_refused(tmp_path, capsys):
+    """A Lightning checkpoint whose hyperparameters hold an argparse.Namespace and a pathlib.Path (what
+    `save_hyperparameters(args)` keeps) was refused whole ("unpickling arbitrary Python objects"): those objects
+    are not built now, a stand-in takes their place and a note names them; a class used to run something
+    (subprocess.Popen) runs nothing, and a function call (os.system) is refused as before."""
+    import argparse
+    import pathlib
+    import subprocess as sp
+    cfg = quickstart_config()
+    src = tmp_path / "hp.ckpt"
+    plain = lightning_checkpoint(src, cfg)
+    ckpt = torch.load(src, weights_only=True)
+    ckpt["hyper_parameters"] = {"args": argparse.Namespace(lr=0.1), "data_dir": pathlib.PosixPath("/data")}
+    torch.save(ckpt, src)
+    assert cli("ckpt", "import", src, tmp_path / "ck", "--config", QUICKSTART) == 0
+    out = capsys.readouterr().out
+    assert ("note: objects of classes harness does not import were not built (nothing of them ran; they are not "
+            "used): argparse.Namespace, pathlib.PosixPath") in out, out
+    fresh = trainer_objects(cfg)[1]
+    assert harness.warm_start(fresh, src).loaded == len(plain["model_state_dict"])
+
+    marker = tmp_path / "PWNED"
+
+    class Spawn:
+        def __reduce__(self):
+            return (sp.Popen, (["touch", str(marker)],))
+
+    torch.save({"model_state_dict": {"w": torch.zeros(2)}, "epoch": 1, "extra": Spawn()}, tmp_path / "spawn.pt")
+    summary = import_checkpoint(tmp_path / "spawn.pt", tmp_path / "ck2")
+    assert any("subprocess.Popen" in n for n in summary["notes"]) and not marker.exists()
+
+
 def test_import_refusals(tmp_path, capsys):
     cfg = small_config("mlp")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")

@@ -15,9 +15,11 @@ Accepted files:
 - a folder: a Hugging Face model folder (:mod:`harness.interop.hf`), an Accelerate ``save_state`` folder
   (:mod:`harness.interop.accelerate`) or a torch.distributed.checkpoint folder (:mod:`harness.interop.dcp`).
 
-torch files are read with ``torch.load(FILE, weights_only=True)`` only: a file that needs to unpickle
-arbitrary Python objects is refused with :class:`~harness.errors.CheckpointFormatError` before any of
-its code runs. A ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix on every key is stripped.
+torch files are read with ``torch.load(FILE, weights_only=True)`` only (:mod:`harness.interop.torchload`): a
+file that would call a function as it is unpickled (``os.system``: a lower-case global) is refused with
+:class:`~harness.errors.CheckpointFormatError` before any of its code runs; an object of a class harness
+does not import (a config dataclass, ``pathlib.Path``, ``argparse.Namespace`` in Lightning's
+hyperparameters) is not built either: a stand-in takes its place and a note names it. A ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix on every key is stripped.
 
 The checkpoint is written with :class:`harness.CheckpointManager` under the names ``harness train``
 uses: model ``model``, optimizer ``optimizer``, scheduler ``scheduler``. Given the run's config
@@ -68,7 +70,7 @@ def load_file(src: str) -> Any:
             tensors, _ = read_safetensors(f, shown)
             return tensors
         try:
-            return torchload.load(f)
+            return torchload.load(f, stand_in_classes=True)
         except torchload.NeedsObjects as exc:
             raise CheckpointFormatError(
                 f"{shown} is refused: loading it would need unpickling arbitrary Python objects ({exc}); only "
@@ -174,6 +176,10 @@ def understand(obj: Any, shown: str = "file", notes: list[str] | None = None) ->
         raise CheckpointFormatError(f"{shown} holds int8-quantized weights (an inference export): they cannot be "
                                     "trained from; import the float export instead")
     imp = Imported(notes=list(notes or []))
+    stood_in = torchload.not_built(obj)
+    if stood_in:
+        imp.notes.append("objects of classes harness does not import were not built (nothing of them ran; they "
+                         f"are not used): {', '.join(sorted(stood_in)[:6])}")
     if lightning.is_lightning(obj):
         obj, said = lightning.translate(obj)
         imp.notes += said

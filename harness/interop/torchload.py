@@ -8,6 +8,7 @@ weights_only will not build (nothing from them ran), :class:`NotReadable` when t
 
 from __future__ import annotations
 
+import _compat_pickle
 import pickle
 import re
 import warnings
@@ -24,12 +25,80 @@ class NotReadable(Exception):
     """Not torch.save bytes, or damaged ones (why, in the message)."""
 
 
-def load(f: IO[bytes]) -> Any:
-    """What ``f`` holds, on the CPU, built from tensors and plain containers only."""
+MAX_STAND_INS = 16  # each class met costs a read of the file again
+_CLASS_NAME = re.compile(r"[A-Z]\w*")
+
+
+class NotBuilt:
+    """Stands in for an object of a class the file names but harness does not import (a config dataclass, a
+    ``pathlib.Path``, ``argparse.Namespace`` in a Lightning checkpoint's hyperparameters): nothing of it is
+    built and none of its code runs; ``harness_global`` says what it was."""
+
+    harness_global = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<{self.harness_global}: not built>"
+
+
+def load(f: IO[bytes], stand_in_classes: bool = False) -> Any:
+    """What ``f`` holds, on the CPU, built from tensors and plain containers only. ``stand_in_classes``: an
+    object of a class the file names (a CamelCase global) becomes a :class:`NotBuilt` instead of refusing
+    the file; a function the file would call (``os.system``, a lower-case global) is refused all the same.
+    ``f`` must be seekable then (it is read again for each class met)."""
+    stand_ins: dict[str, type] = {}
+    while True:
+        try:
+            return _load(f, stand_ins)
+        except NeedsObjects as exc:
+            name = global_named(exc)
+            if (not stand_in_classes or name in stand_ins or len(stand_ins) >= MAX_STAND_INS
+                    or not _CLASS_NAME.fullmatch(name.rpartition(".")[2]) or not _can_stand_in()):
+                raise
+            stand_ins[name] = type(name.rpartition(".")[2], (NotBuilt,), {"harness_global": _python3_name(name)})
+            f.seek(0)
+
+
+def _python3_name(name: str) -> str:
+    """torch.save's pickle protocol 2 writes some globals under their Python 2 names (``subprocess`` as
+    ``commands``); the name as Python 3 knows it, for the note."""
+    module, _, attr = name.rpartition(".")
+    module, attr = _compat_pickle.NAME_MAPPING.get((module, attr), (module, attr))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}"
+
+
+def _can_stand_in() -> bool:
+    """torch >= 2.5 maps a global to an object of ours (``safe_globals([(obj, "module.Name")])``)."""
+    return hasattr(torch.serialization, "safe_globals")
+
+
+def not_built(obj: Any, found: set[str] | None = None) -> set[str]:
+    """The classes of every :class:`NotBuilt` in a loaded object (dicts, lists and tuples walked)."""
+    found = set() if found is None else found
+    if isinstance(obj, NotBuilt):
+        found.add(obj.harness_global)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            not_built(v, found)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            not_built(v, found)
+    return found
+
+
+def _load(f: IO[bytes], stand_ins: dict[str, type]) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # refused below if it matters
-            return torch.load(f, map_location="cpu", weights_only=True)
+            if not stand_ins:
+                return torch.load(f, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([(cls, name) for name, cls in stand_ins.items()]):
+                return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if re.search(r"GLOBAL|global|[Cc]lass", str(exc)):
             raise NeedsObjects(reason(exc)) from None
