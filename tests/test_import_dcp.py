@@ -402,3 +402,31 @@ def test_fuzzed_dcp_folders_load_or_are_refused(fuzz_source, tmp_path_factory):
     with pytest.raises(CheckpointFormatError):
         harness.warm_start(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)), bad)
     assert not marker.exists()
+
+
+def test_a_lightning_sharded_checkpoint_folder(tmp_path):
+    """What Lightning's FSDPStrategy(state_dict_type="sharded") saves: a DCP folder of {"model", "optimizer_0"}
+    (the optimizer keyed by parameter name) and meta.pt beside it with epoch, global_step, the LR schedulers,
+    loops, callbacks and hyperparameters (an argparse.Namespace among them)."""
+    import argparse
+    cfg = quickstart_config()
+    model, opt, sched = train_plainly(cfg, 4)
+    src = tmp_path / "epoch=0-step=4.ckpt"
+    dcp.save({"model": model.state_dict(), "optimizer_0": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(src))
+    torch.save({"epoch": 0, "global_step": 4, "pytorch-lightning_version": "2.5.0",
+                "lr_schedulers": [sched.state_dict()], "loops": {"fit_loop": {}}, "callbacks": {},
+                "hyper_parameters": {"args": argparse.Namespace(lr=0.1)}}, src / "meta.pt")
+    summary = import_checkpoint(src, tmp_path / "ckpt", config=cfg)
+    assert (summary["step"], summary["step_source"], summary["epoch"]) == (4, "file's step", 0)
+    assert summary["optimizers"] == ["optimizer"]
+    assert ("a PyTorch Lightning sharded checkpoint (Lightning 2.5.0): epoch, step and LR schedulers from meta.pt"
+            in summary["notes"]), summary["notes"]
+    m2, o2, _ = trainer_objects(cfg)
+    CheckpointManager(tmp_path / "ckpt").restore(models={"model": m2}, optimizers={"optimizer": o2})
+    assert_same(m2.state_dict(), model.state_dict())
+    assert_same_optimizer(o2, opt)
+    fresh = trainer_objects(cfg)[0]
+    assert harness.warm_start(fresh, src).loaded == len(model.state_dict())
+    fresh = trainer_objects(cfg)[0]  # the folder Lightning's ModelCheckpoint keeps them in: its last one
+    assert harness.warm_start(fresh, tmp_path).source == f"{tmp_path} (epoch=0-step=4.ckpt: __0_0.distcp)"

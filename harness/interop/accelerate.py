@@ -30,8 +30,6 @@ MARKERS = ("optimizer.bin", "scheduler.bin", "scaler.pt", "optimizer_0", "pytorc
 _MODEL_FILES = (("model", ".safetensors"), ("pytorch_model", ".bin"), ("pytorch_model_fsdp", ".bin"))
 _SHARDED = {"model": "pytorch_model_fsdp_", "optimizer": "optimizer_"}  # + index: DCP folders
 _DCP_FOLDER = re.compile(r"(pytorch_model_fsdp|optimizer)_\d+")
-_KINDS = (("optimizer", "optimizer_state_dict", "optimizer_state_dicts"),
-          ("scheduler", "scheduler_state_dict", "scheduler_state_dicts"))
 _LEFT_OUT = ("random_states_", "sampler", "dl_state_dict", "custom_checkpoint_")
 
 
@@ -54,15 +52,13 @@ def read(folder: Storage, names: set[str], load_file: Callable[[str], Any], show
         return load_file(f"{folder.url.rstrip('/')}/{name}")
 
     out: dict[str, Any] = {}
-    models = {f"model{_n(i)}": load(n) for i, n in enumerate(_numbered(names, _MODEL_FILES, _SHARDED["model"]))}
-    _put(out, models, "model_state_dict", "model_state_dicts")
-    for stem, single, plural in () if models_only else _KINDS:
-        files = _numbered(names, ((stem, ".bin"),), _SHARDED.get(stem))
-        states = {f"{stem}{_n(i)}": load(n) for i, n in enumerate(files)}
+    models = [load(n) for n in _numbered(names, _MODEL_FILES, _SHARDED["model"])]
+    dcp_general.put_numbered(out, models, "model")
+    for stem in () if models_only else ("optimizer", "scheduler"):
+        states = [load(n) for n in _numbered(names, ((stem, ".bin"),), _SHARDED.get(stem))]
         if stem == "optimizer":  # FSDP's optim_state_dict is keyed by parameter name
-            keys = list(next(iter(models.values()), {}))
-            states = {k: dcp_general.optimizer_by_ids(v, keys, notes) for k, v in states.items()}
-        _put(out, states, single, plural)
+            states = [dcp_general.optimizer_by_ids(v, list(models[0] if models else {}), notes) for v in states]
+        dcp_general.put_numbered(out, states, stem)
     if "scaler.pt" in names and not models_only:
         out["scaler_state_dict"] = load("scaler.pt")
     left = sorted(n for n in names if n.startswith(_LEFT_OUT))
@@ -89,11 +85,3 @@ def _numbered(names: set[str], candidates: tuple[tuple[str, str], ...], sharded:
     while sharded and f"{sharded}{len(found)}" in names:
         found.append(f"{sharded}{len(found)}")
     return found
-
-
-def _put(out: dict, states: dict, single: str, plural: str) -> None:
-    """One state under the tutorial's key; several (a GAN's) by name under the plural key."""
-    if len(states) == 1:
-        out[single] = next(iter(states.values()))
-    elif states:
-        out[plural] = states

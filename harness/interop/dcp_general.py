@@ -17,18 +17,21 @@ the order a fresh optimizer over ``model.parameters()`` has.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 
 from harness.errors import CheckpointFormatError
-from harness.interop import dcp
+from harness.interop import dcp, lightning, torchload
 from harness.storage import Storage
 
 _MODEL = ("model", "model_state_dict", "state_dict", "module")
 _OPTIMIZER = ("optimizer", "optim", "optimizer_state_dict")
 _SCHEDULER = ("lr_scheduler", "scheduler", "lr_scheduler_state_dict", "scheduler_state_dict")
 _COUNTERS = ("step", "epoch", "loss")
+_NUMBERED_OPTIMIZER = re.compile(r"optimizer_\d+")
+LIGHTNING_META = "meta.pt"
 _TRAIN_STATE = "train_state"
 
 
@@ -36,13 +39,19 @@ def read(storage: Storage, shown: str, models_only: bool = False) -> tuple[dict,
     """A DCP folder as a general checkpoint, notes on what reading it involved, and what was read.
     ``models_only``: optimizer and scheduler state is not read (warm_start needs the weights alone)."""
     skip = set(_OPTIMIZER) | set(_SCHEDULER) if models_only else set()
-    found = dcp.read_folder(storage, shown, keep=lambda path: not skip & set(path[:2]))  # [:2]: one wrapper
+
+    def keep(path: tuple) -> bool:  # [:2]: under one wrapper key too
+        return not models_only or not (skip & set(path[:2]) or _NUMBERED_OPTIMIZER.fullmatch(str(path[0])))
+    found = dcp.read_folder(storage, shown, keep=keep)
     files = ", ".join(found.files) if len(found.files) < 4 else f"{len(found.files)} files"
     notes = [f"a torch.distributed.checkpoint folder: {found.tensors} tensors in {files or 'no files'}"]
     if found.skipped:
         notes.append("values not read (loading them would need unpickling Python objects; nothing from them ran): "
                      + ", ".join(f"{k} ({why})" for k, why in list(found.skipped.items())[:8]))
-    return general(found.state, notes), notes, files
+    out = general(found.state, notes)
+    if storage.exists(LIGHTNING_META):
+        _with_lightning_meta(storage, out, notes, models_only)
+    return out, notes, files
 
 
 def general(state: dict, notes: list[str]) -> dict:
@@ -61,9 +70,12 @@ def general(state: dict, notes: list[str]) -> dict:
     if model:
         out["model_state_dict"] = model
     optimizer_key = next((k for k in _OPTIMIZER if isinstance(state.get(k), dict)), None)
-    if optimizer_key:
-        used.add(optimizer_key)
-        out["optimizer_state_dict"] = optimizer_by_ids(state[optimizer_key], list(model), notes)
+    numbered = sorted((k for k in state if _NUMBERED_OPTIMIZER.fullmatch(str(k)) and isinstance(state[k], dict)),
+                      key=lambda k: int(k.rpartition("_")[2]))  # Lightning's sharded save: optimizer_0, ...
+    for key in [optimizer_key] if optimizer_key else numbered:
+        used.add(key)
+    put_numbered(out, [optimizer_by_ids(state[k], list(model), notes) for k in
+                       ([optimizer_key] if optimizer_key else numbered)], "optimizer")
     scheduler_key = next((k for k in _SCHEDULER if isinstance(state.get(k), dict)), None)
     if scheduler_key:
         used.add(scheduler_key)
@@ -79,6 +91,35 @@ def general(state: dict, notes: list[str]) -> dict:
     if rest:
         notes.append(f"DCP state not imported: {', '.join(rest[:12])}")
     return out
+
+
+def put_numbered(out: dict, states: list, kind: str) -> None:
+    """One optimizer's (scheduler's) state under the tutorial's key, several by name (``optimizer_1``...)."""
+    if len(states) == 1:
+        out[f"{kind}_state_dict"] = states[0]
+    elif states:
+        out[f"{kind}_state_dicts"] = {kind if i == 0 else f"{kind}_{i}": sd for i, sd in enumerate(states)}
+
+
+def _with_lightning_meta(storage: Storage, out: dict, notes: list[str], models_only: bool) -> None:
+    """Lightning's sharded checkpoints (FSDPStrategy, ModelParallelStrategy) keep what is not a tensor in
+    ``meta.pt`` beside the DCP files: epoch, global_step, LR schedulers (loops and callbacks are left out)."""
+    try:
+        with storage.open_read(LIGHTNING_META) as f:
+            meta = torchload.load(f, stand_in_classes=True)
+    except (torchload.NeedsObjects, torchload.NotReadable) as exc:
+        notes.append(f"{LIGHTNING_META} not read ({exc})")
+        return
+    if not isinstance(meta, dict):
+        return
+    notes.append(f"a PyTorch Lightning sharded checkpoint (Lightning {meta.get(lightning.VERSION_KEY, 'version')}"
+                 f"): epoch, step and LR schedulers from {LIGHTNING_META}")
+    for key, source in (("epoch", "epoch"), ("step", "global_step")):
+        if meta.get(source) is not None:
+            out.setdefault(key, meta[source])
+    schedulers = meta.get("lr_schedulers")
+    if not models_only and isinstance(schedulers, list) and "scheduler_state_dict" not in out:
+        put_numbered(out, [s for s in schedulers if isinstance(s, dict)], "scheduler")
 
 
 def _unwrapped(state: dict, notes: list[str]) -> dict:

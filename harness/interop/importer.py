@@ -131,9 +131,11 @@ def _newest_inside(folder: Storage, names: set[str], src: str, shown: str,
         return None
     newest = steps[-1] if steps else files[-1]
     note = f"the newest of {len(found)} checkpoints in {shown}: {newest}"
-    if newest.endswith(LIGHTNING_SUFFIX):
+    inner = folder.child(newest)
+    if newest.endswith(LIGHTNING_SUFFIX) and not inner.is_dir():
         return load_file(f"{src.rstrip('/')}/{newest}"), [note], newest
-    obj, notes, what = dcp_general.read(folder.child(newest), f"{shown.rstrip('/')}/{newest}", models_only)
+    # a DCP step-N folder, or a Lightning .ckpt that is one (its sharded strategies save folders)
+    obj, notes, what = dcp_general.read(inner, f"{shown.rstrip('/')}/{newest}", models_only)
     return obj, [note, *notes], f"{newest}: {what}"
 
 
