@@ -127,7 +127,8 @@ def _add_import(sub: Any, options: argparse.ArgumentParser) -> None:
         "import", parents=[options], help="turn a plain torch.save checkpoint into a harness checkpoint",
         description="Write FILE, a torch.save general checkpoint with the PyTorch tutorial's keys (epoch, "
         "model_state_dict, optimizer_state_dict, scheduler_state_dict, loss), a bare state_dict, a Lightning "
-        ".ckpt, a safetensors file, a Hugging Face model folder, an Accelerate save_state folder or a "
+        ".ckpt, a safetensors file, a Hugging Face model folder or Trainer checkpoint-N, an Accelerate save_state "
+        "folder or a "
         "torch.distributed.checkpoint folder "
         "(dcp.save, torchtitan; sharded ones put back together), into DIR as a harness checkpoint (model "
         "'model', optimizer 'optimizer', scheduler 'scheduler'), so `harness train` resumes from it. torch.save "

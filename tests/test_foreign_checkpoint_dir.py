@@ -151,3 +151,30 @@ def test_ckpt_inspect_shows_a_dcp_folder_from_its_metadata(tmp_path, capsys):
     assert info["bytes"] == n_bytes and info["values"] == ["step"] and info["files"] == ["__0_0.distcp"]
     assert {t["key"]: t["shape"] for t in info["tensors"]} == {
         f"model.{k}": list(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_trainer_and_accelerate_output_folders_are_recognised(tmp_path, capsys):
+    """transformers' Trainer keeps checkpoint-N folders (trainer_state.json inside), Accelerate's automatic
+    naming checkpoint_N folders (optimizer.bin inside): a checkpoint.dir of them is refused like torchtitan's."""
+    out = tmp_path / "out"
+    for n in (500, 1000, 50):
+        (out / f"checkpoint-{n}").mkdir(parents=True)
+        (out / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-7").mkdir()  # no trainer_state.json: not a Trainer checkpoint
+    (out / "runs").mkdir()
+    assert foreign_checkpoints(Storage(str(out))) == ["checkpoint-50", "checkpoint-500", "checkpoint-1000"]
+    proc = harness_cmd(tmp_path, "--set", f"checkpoint.dir={out}")
+    assert proc.returncode == 2
+    assert (f"checkpoint.dir {out} holds Hugging Face Trainer checkpoints (checkpoint-50, checkpoint-500, "
+            "checkpoint-1000) and none of harness's") in proc.stderr
+    assert f"`harness ckpt import {out}/checkpoint-1000 NEW_DIR --config CONFIG`" in proc.stderr
+
+    acc = tmp_path / "project" / "checkpoints"
+    for n in (0, 1):
+        (acc / f"checkpoint_{n}").mkdir(parents=True)
+        (acc / f"checkpoint_{n}" / "optimizer.bin").write_bytes(b"x")
+    assert foreign_checkpoints(Storage(str(acc))) == ["checkpoint_0", "checkpoint_1"]
+    assert cli("ckpt", "list", acc) == 0
+    assert capsys.readouterr().out.strip().endswith(
+        f"(it holds Accelerate checkpoints: checkpoint_0, checkpoint_1; `harness ckpt import {acc}/checkpoint_1 "
+        "NEW_DIR` makes one a harness checkpoint)")

@@ -19,7 +19,8 @@ from harness import CheckpointManager, recipe
 from harness.checkpoint.discovery import list_checkpoints
 from harness.errors import CheckpointError, CheckpointFormatError, HarnessError
 from harness.interop.export import export_checkpoint
-from harness.interop.importer import import_checkpoint, load_file
+from harness.interop.importer import import_checkpoint
+from harness.interop.sources import load_file
 from harness.storage import Storage
 
 from ckpt_helpers import read_manifest

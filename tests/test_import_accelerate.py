@@ -112,3 +112,49 @@ def test_an_fsdp_sharded_save_state_from_two_ranks(tmp_path):
     assert sched.last_epoch == 3
     fresh = FNet(13)
     assert harness.warm_start(fresh, src).loaded == len(full["model"])
+
+
+def trainer_folder(folder, model, opt, sched, step: int = 5):
+    """What transformers' Trainer saves at a step: save_pretrained's weights, optimizer.pt, scheduler.pt,
+    trainer_state.json, per-process RNG states and the pickled TrainingArguments."""
+    import json
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    torch.save(opt.state_dict(), folder / "optimizer.pt")
+    torch.save(sched.state_dict(), folder / "scheduler.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({
+        "global_step": step, "epoch": 1.25, "best_metric": None,
+        "log_history": [{"loss": 0.75, "step": step - 1}, {"loss": 0.5, "step": step}, {"eval_loss": 0.6}]}))
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state()}, folder / "rng_state.pth")
+    (folder / "training_args.bin").write_bytes(pickle.dumps({"output_dir": "out"}))
+    return folder
+
+
+def test_a_hugging_face_trainer_checkpoint_imports_with_its_training_state(tmp_path):
+    """checkpoint-N of transformers' Trainer was read as a save_pretrained folder: weights only, step 0,
+    "the optimizer starts fresh"."""
+    cfg = quickstart_config()
+    model, opt, sched = train_plainly(cfg, 5)
+    src = trainer_folder(tmp_path / "out" / "checkpoint-5", model, opt, sched)
+    summary = import_checkpoint(src, tmp_path / "ckpt", config=cfg)
+    assert (summary["step"], summary["step_source"], summary["epoch"], summary["loss"]) == (5, "file's step", 1, 0.5)
+    assert summary["notes"][:2] == ["a Hugging Face Trainer checkpoint (global_step 5, epoch 1.25)",
+                                    "the Trainer's RNG states and arguments not imported: rng_state.pth, "
+                                    "training_args.bin"], summary["notes"]
+    w = recipe.workload_from_dict(recipe.safe_metadata(cfg)["config"])
+    o2 = recipe.build_optimizer(cfg, w.model.parameters())
+    CheckpointManager(tmp_path / "ckpt").restore(models={"model": w.model}, optimizers={"optimizer": o2})
+    assert all(torch.equal(a, b) for a, b in zip(w.model.state_dict().values(), model.state_dict().values()))
+    want = opt.state_dict()["state"]
+    assert all(torch.equal(st["exp_avg"], want[pid]["exp_avg"]) for pid, st in o2.state_dict()["state"].items())
+
+    (src / "optimizer.pt").write_bytes(b"garbage")  # warm_start reads the weights alone
+    fresh = recipe.workload_from_dict(recipe.safe_metadata(cfg)["config"]).model
+    assert harness.warm_start(fresh, src).loaded == len(model.state_dict())
+    trainer_folder(tmp_path / "out" / "checkpoint-2", model, opt, sched, step=2)  # the Trainer's output_dir:
+    report = harness.warm_start(fresh, tmp_path / "out")                          # its newest checkpoint-N
+    assert report.source == f"{tmp_path / 'out'} (checkpoint-5: model.safetensors)"
+    (src / "model.safetensors").unlink()
+    (src / "adapter_model.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointFormatError, match=r"Trainer checkpoint without model weights \(adapter_model"):
+        harness.warm_start(fresh, src)

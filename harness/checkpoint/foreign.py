@@ -1,5 +1,6 @@
 """Checkpoints of other tools where harness's would be: torch.distributed.checkpoint folders (torchtitan's
-``step-1000``, or ``checkpoint.dir`` itself) and PyTorch Lightning ``.ckpt`` files.
+``step-1000``, or ``checkpoint.dir`` itself), Hugging Face Trainer ``checkpoint-500`` folders, Accelerate's
+``checkpoint_3`` folders and PyTorch Lightning ``.ckpt`` files.
 
 harness resumes only from its own checkpoints, so a ``checkpoint.dir`` that holds only these would be
 started over from step 0, silently, with the user's previous training beside it. A user moving a run over
@@ -20,19 +21,33 @@ from harness.storage import Storage, redact_url
 DCP_METADATA = ".metadata"
 LIGHTNING_SUFFIX = ".ckpt"
 _STEP = re.compile(r"\d+")
+# Folders of checkpoints other tools keep side by side: (folder name, prefix to list, file inside, tool).
+NESTED = ((re.compile(r"step-\d+"), NAME_PREFIX, DCP_METADATA, "torch.distributed.checkpoint"),  # torchtitan
+          (re.compile(r"checkpoint-\d+"), "checkpoint-", "trainer_state.json", "Hugging Face Trainer"),
+          (re.compile(r"checkpoint_\d+"), "checkpoint_", "optimizer.bin", "Accelerate"))
 
 
 def foreign_checkpoints(storage: Storage, names: set[str] | None = None) -> list[str]:
-    """What in the folder is another tool's checkpoint, newest last: "." for the folder itself, DCP
-    ``step-N`` subfolders by N, then Lightning files (``last.ckpt`` last). ``names``: the folder's entries
-    when they are listed already. The subfolders are listed only when there are step-N names not harness's."""
+    """What in the folder is another tool's checkpoint, newest last: "." for the folder itself (a DCP folder),
+    then subfolders by the number in their name (torchtitan's ``step-N``, the Trainer's ``checkpoint-N``,
+    Accelerate's ``checkpoint_N``), then Lightning's ``.ckpt`` (``last.ckpt`` last). ``names``: the folder's
+    entries when they are listed already. Subfolders are listed only when there are names of that pattern."""
     top = set(storage.listdir("")) if names is None else names
-    others = any(n.startswith(NAME_PREFIX) and parse_name(n) is None for n in top)
-    dcp = [rel.partition("/")[0] for rel in (storage.list_tree(prefix=NAME_PREFIX) if others else {})
-           if rel.partition("/")[2] == DCP_METADATA and parse_name(rel.partition("/")[0]) is None]
-    dcp.sort(key=lambda name: [int(n) for n in _STEP.findall(name)] or [0])
+    nested: list[str] = []
+    for pattern, prefix, marker, _ in NESTED:
+        if any(pattern.fullmatch(n) and parse_name(n) is None for n in top):
+            inner = storage.list_tree(prefix=prefix)
+            nested += sorted((n for n in top if pattern.fullmatch(n) and f"{n}/{marker}" in inner),
+                             key=lambda name: int(_STEP.findall(name)[0]))
     lightning = sorted((n for n in top if n.endswith(LIGHTNING_SUFFIX)), key=lambda n: (n == "last.ckpt", n))
-    return (["."] if DCP_METADATA in top else []) + dcp + lightning
+    return (["."] if DCP_METADATA in top else []) + nested + lightning
+
+
+def tool(name: str) -> str:
+    """Which tool writes a checkpoint named so (an entry :func:`foreign_checkpoints` found)."""
+    if name.endswith(LIGHTNING_SUFFIX):
+        return "PyTorch Lightning"
+    return next((t for pattern, _, _, t in NESTED if pattern.fullmatch(name)), "torch.distributed.checkpoint")
 
 
 def refuse_fresh_start(storage: Storage, init_from: str, group: Any) -> None:
@@ -62,7 +77,7 @@ def hint(storage: Storage) -> str:
 
 def _newest(shown: str, found: list[str]) -> tuple[str, str, str]:
     newest = shown if found[-1] == "." else f"{shown.rstrip('/')}/{found[-1]}"
-    kind = "PyTorch Lightning" if newest.endswith(LIGHTNING_SUFFIX) else "torch.distributed.checkpoint"
+    kind = tool(found[-1])
     return newest, kind, ", ".join("the folder itself" if f == "." else f for f in found[-3:])
 
 

@@ -19,7 +19,9 @@ torch files are read with ``torch.load(FILE, weights_only=True)`` only (:mod:`ha
 file that would call a function as it is unpickled (``os.system``: a lower-case global) is refused with
 :class:`~harness.errors.CheckpointFormatError` before any of its code runs; an object of a class harness
 does not import (a config dataclass, ``pathlib.Path``, ``argparse.Namespace`` in Lightning's
-hyperparameters) is not built either: a stand-in takes its place and a note names it. A ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix on every key is stripped.
+hyperparameters) is not built either: a stand-in takes its place and a note names it. A ``module.`` (DDP)
+or ``_orig_mod.`` (torch.compile) prefix on every key is stripped. Reading the sources is
+:mod:`harness.interop.sources`'s; understanding and writing them is this module's.
 
 The checkpoint is written with :class:`harness.CheckpointManager` under the names ``harness train``
 uses: model ``model``, optimizer ``optimizer``, scheduler ``scheduler``. Given the run's config
@@ -47,97 +49,13 @@ from harness.checkpoint.discovery import list_checkpoints
 from harness.checkpoint.load import load_model_state
 from harness.errors import CheckpointError, CheckpointFormatError, ConfigError, HarnessError
 from harness.interop import lightning, torchload
-from harness.interop.safetensors import looks_like_safetensors, read_safetensors
+from harness.interop.sources import read_source
 from harness.state import capture_rng, restore_rng, strip_prefix
-from harness.storage import Storage, open_url, redact_url
+from harness.storage import Storage, redact_url
 
 log = logging.getLogger("harness")
 
 _PREFIXES = ("module.", "_orig_mod.")
-
-# -- reading files safely ---------------------------------------------------------------------------
-
-def load_file(src: str) -> Any:
-    """The contents of a torch.save file (weights only) or a safetensors file (a dict of tensors).
-
-    Raises CheckpointFormatError for a file that needs arbitrary unpickling (nothing from it runs), or
-    that is neither format; FileNotFoundError when it does not exist."""
-    shown = redact_url(src)
-    with open_url(src) as f:
-        head = f.read(9)
-        f.seek(0)
-        if looks_like_safetensors(head):
-            tensors, _ = read_safetensors(f, shown)
-            return tensors
-        try:
-            return torchload.load(f, stand_in_classes=True)
-        except torchload.NeedsObjects as exc:
-            raise CheckpointFormatError(
-                f"{shown} is refused: loading it would need unpickling arbitrary Python objects ({exc}); only "
-                "tensors and plain containers are accepted (torch.load weights_only=True) and nothing from the "
-                "file was run") from None
-        except torchload.NotReadable as exc:
-            raise CheckpointFormatError(f"{shown} is not a readable torch.save or safetensors file ({exc}); "
-                                        "nothing from it was run") from None
-
-
-def _read_source(src: str, shown: str, storage_options: dict | None) -> tuple[Any, list[str]]:
-    """A file's contents, or a Hugging Face model folder's or DCP checkpoint's in one state dict; notes."""
-    folder = Storage(src, storage_options)
-    if not folder.is_dir():
-        return load_file(src), []
-    found = foreign_folder(folder, src, shown)
-    if found is None:
-        reads = ("import reads one file, a Hugging Face model folder (model.safetensors, pytorch_model.bin or "
-                 "their index.json), an Accelerate save_state folder or a torch.distributed.checkpoint folder "
-                 "(.metadata)")
-        if list_checkpoints(folder):
-            raise CheckpointFormatError(f"{shown} is a harness checkpoint folder already: use it as checkpoint.dir "
-                                        f"or checkpoint.init_from ({reads})")
-        raise CheckpointFormatError(f"{shown} is a folder without model weights: {reads}")
-    return found[0], found[1]
-
-
-def foreign_folder(folder: Storage, src: str, shown: str,
-                   models_only: bool = False) -> tuple[Any, list[str], str] | None:
-    """A folder another tool wrote, read: its contents, notes, and which files were read. A DCP checkpoint
-    (``.metadata``), an Accelerate ``save_state`` folder or a Hugging Face model folder; None for anything
-    else (a harness run folder). ``models_only``: only what holds model weights is read."""
-    from harness.interop import accelerate, dcp, dcp_general, hf
-    names = set(folder.listdir(""))
-    if dcp.is_dcp(names):
-        return dcp_general.read(folder, shown, models_only)
-    if accelerate.is_accelerate(names):
-        return accelerate.read(folder, names, load_file, shown, models_only)
-    files = hf.weight_files(folder, names)
-    if files is None:
-        return _newest_inside(folder, names, src, shown, models_only)
-    return hf.read_folder(src, files, load_file), [], ", ".join(files) if len(files) < 4 else f"{len(files)} shards"
-
-
-def _newest_inside(folder: Storage, names: set[str], src: str, shown: str,
-                   models_only: bool) -> tuple[Any, list[str], str] | None:
-    """A folder of another tool's checkpoints, as torchtitan and Lightning keep them: the newest DCP ``step-N``
-    folder, else Lightning's ``last.ckpt`` (or its only ``.ckpt``), with a note saying which; None if none."""
-    from harness.checkpoint.foreign import LIGHTNING_SUFFIX, foreign_checkpoints
-    from harness.interop import dcp_general
-    found = [f for f in foreign_checkpoints(folder, names) if f != "."]
-    steps = [f for f in found if not f.endswith(LIGHTNING_SUFFIX)]
-    files = [f for f in found if f.endswith(LIGHTNING_SUFFIX)]
-    if not steps and len(files) > 1 and "last.ckpt" not in files:
-        raise CheckpointFormatError(f"{shown} holds {len(files)} Lightning checkpoints and no last.ckpt "
-                                    f"({', '.join(files[:4])}): name the file to read")
-    if not found:
-        return None
-    newest = steps[-1] if steps else files[-1]
-    note = f"the newest of {len(found)} checkpoints in {shown}: {newest}"
-    inner = folder.child(newest)
-    if newest.endswith(LIGHTNING_SUFFIX) and not inner.is_dir():
-        return load_file(f"{src.rstrip('/')}/{newest}"), [note], newest
-    # a DCP step-N folder, or a Lightning .ckpt that is one (its sharded strategies save folders)
-    obj, notes, what = dcp_general.read(inner, f"{shown.rstrip('/')}/{newest}", models_only)
-    return obj, [note, *notes], f"{newest}: {what}"
-
 
 # -- understanding what was loaded ------------------------------------------------------------------
 
@@ -302,7 +220,7 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
 
     src, url = os.fspath(src), os.fspath(url)  # pathlib.Paths too
     shown = redact_url(src)
-    obj, read_notes = _read_source(src, shown, storage_options)
+    obj, read_notes = read_source(src, shown, storage_options)
     imp = understand(obj, shown, read_notes)
     notes: list[str] = list(imp.notes)
     cfg = _as_config(config)

@@ -22,7 +22,8 @@ from harness.checkpoint.discovery import list_checkpoints
 from harness.checkpoint.load import LoadReport, load_model_state, refuse_meta
 from harness.checkpoint.select import choose, pick_model, read_models
 from harness.errors import CheckpointError, ConfigError, HarnessError
-from harness.interop.importer import foreign_folder, load_file, understand
+from harness.interop.importer import understand
+from harness.interop.sources import foreign_folder, load_file
 from harness.state import strip_prefix, unwrap_model
 from harness.storage import Storage, redact_url
 
