@@ -63,10 +63,11 @@ def run_import(args: argparse.Namespace, options: dict) -> int:
 
         cfg = config_mod.load(args.config, args.overrides)
     summary = import_checkpoint(args.file, args.dir, step=args.step, epoch=args.epoch, config=cfg,
-                                fresh_optimizer=args.fresh_optimizer, storage_options=options)
+                                fresh_optimizer=args.fresh_optimizer, dry_run=args.dry_run, storage_options=options)
     kinds = [f"{what} {', '.join(map(repr, summary[key]))}" for what, key in
              (("model", "models"), ("optimizer", "optimizers"), ("scheduler", "schedulers")) if summary[key]]
-    print(f"imported {redact_url(args.file)} into {redact_url(args.dir)} as {summary['checkpoint']}: step "
+    done = "dry run: would import" if args.dry_run else "imported"
+    print(f"{done} {redact_url(args.file)} into {redact_url(args.dir)} as {summary['checkpoint']}: step "
           f"{summary['step']} ({summary['step_source']}), epoch {summary['epoch']}, loss "
           f"{loss_text(summary['loss'])}; {'; '.join(kinds)}" + ("; from a bare state_dict" if summary["bare"] else ""))
     for note in summary["notes"]:

@@ -127,8 +127,8 @@ def _add_import(sub: Any, options: argparse.ArgumentParser) -> None:
         "import", parents=[options], help="turn a plain torch.save checkpoint into a harness checkpoint",
         description="Write FILE, a torch.save general checkpoint with the PyTorch tutorial's keys (epoch, "
         "model_state_dict, optimizer_state_dict, scheduler_state_dict, loss), a bare state_dict, a Lightning "
-        ".ckpt, a safetensors file, a Hugging Face model folder or Trainer checkpoint-N, an Accelerate save_state "
-        "folder or a "
+        ".ckpt, a safetensors file, a Hugging Face model folder or Trainer checkpoint-N, a DeepSpeed checkpoint, an "
+        "Accelerate save_state folder or a "
         "torch.distributed.checkpoint folder "
         "(dcp.save, torchtitan; sharded ones put back together), into DIR as a harness checkpoint (model "
         "'model', optimizer 'optimizer', scheduler 'scheduler'), so `harness train` resumes from it. torch.save "
@@ -147,6 +147,9 @@ def _add_import(sub: Any, options: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="TOML", help="the config of the run that will resume from the import")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (as for `harness train`); repeatable")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read and check everything (with --config: the model, optimizer and schedule against it), "
+                   "write nothing, and say what the import would write")
     p.add_argument("--fresh-optimizer", action="store_true",
                    help="ignore the file's optimizer state (e.g. another optimizer than the config's)")
 

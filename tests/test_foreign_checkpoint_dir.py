@@ -174,6 +174,12 @@ def test_trainer_and_accelerate_output_folders_are_recognised(tmp_path, capsys):
         (acc / f"checkpoint_{n}").mkdir(parents=True)
         (acc / f"checkpoint_{n}" / "optimizer.bin").write_bytes(b"x")
     assert foreign_checkpoints(Storage(str(acc))) == ["checkpoint_0", "checkpoint_1"]
+    ds = tmp_path / "ds"
+    for n in (200, 1000):
+        (ds / f"global_step{n}").mkdir(parents=True)
+        (ds / f"global_step{n}" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (ds / "latest").write_text("global_step1000")
+    assert foreign_checkpoints(Storage(str(ds))) == ["global_step200", "global_step1000"]
     assert cli("ckpt", "list", acc) == 0
     assert capsys.readouterr().out.strip().endswith(
         f"(it holds Accelerate checkpoints: checkpoint_0, checkpoint_1; `harness ckpt import {acc}/checkpoint_1 "

@@ -263,6 +263,21 @@ def test_objects_of_unknown_classes_are_not_built_and_a_function_call_is_still_r
     assert any("subprocess.Popen" in n for n in summary["notes"]) and not marker.exists()
 
 
+def test_import_dry_run_checks_everything_and_writes_nothing(tmp_path, capsys):
+    cfg = quickstart_config()
+    src, dest = tmp_path / "tutorial.pt", tmp_path / "ckpt"
+    tutorial_checkpoint(src, cfg, steps=6)
+    assert cli("ckpt", "import", src, dest, "--config", QUICKSTART, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"dry run: would import {src} into {dest} as step-000000006: step 6 (optimizer's step "
+                          "counter), epoch 1"), out
+    assert "using the config's schedule (cosine) at step 6" in out and not dest.exists()
+    # a config whose model the file does not fit: the error the import itself would give, before any write
+    assert cli("ckpt", "import", src, dest, "--config", QUICKSTART, "--set", "model.hidden=64", "--dry-run") == 1
+    assert "the file's model weights do not fit the config's model (mlp)" in capsys.readouterr().err
+    assert not dest.exists()
+
+
 def test_import_refusals(tmp_path, capsys):
     cfg = small_config("mlp")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")

@@ -158,3 +158,50 @@ def test_a_hugging_face_trainer_checkpoint_imports_with_its_training_state(tmp_p
     (src / "adapter_model.safetensors").write_bytes(b"x")
     with pytest.raises(CheckpointFormatError, match=r"Trainer checkpoint without model weights \(adapter_model"):
         harness.warm_start(fresh, src)
+
+
+def deepspeed_save(save_dir, model, opt, sched, step: int, zero3: bool = False, bf16: bool = True):
+    """What ``engine.save_checkpoint(save_dir)`` leaves under ZeRO-1/2 (``zero3``: ZeRO-3's placeholders):
+    ``latest`` naming ``global_step<N>``, whose mp_rank_00_model_states.pt holds the module (bf16 under
+    bf16 training), scheduler, step, config and the script's argparse.Namespace, beside the optimizer
+    partitions."""
+    import argparse
+    tag = save_dir / f"global_step{step}"
+    tag.mkdir(parents=True)
+    module = {k: (torch.empty(0, dtype=v.dtype) if zero3 else v.to(torch.bfloat16 if bf16 else v.dtype))
+              for k, v in model.state_dict().items()}
+    shapes = [{k: v.shape for k, v in model.named_parameters()}]
+    torch.save({"module": module, "optimizer": None, "lr_scheduler": sched.state_dict(), "param_shapes": shapes,
+                "global_steps": step, "global_samples": step * 8, "dp_world_size": 2, "mp_world_size": 1,
+                "ds_config": {"zero_optimization": {"stage": 3 if zero3 else 2}}, "ds_version": "0.16.4",
+                "args": argparse.Namespace(local_rank=0)}, tag / "mp_rank_00_model_states.pt")
+    for r in range(2):
+        torch.save({"optimizer_state_dict": {"fp32_flat_groups": [torch.zeros(4)]}},
+                   tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    (save_dir / "latest").write_text(tag.name)
+    (save_dir / "zero_to_fp32.py").write_text("# DeepSpeed's script\n")
+    return save_dir
+
+
+def test_a_deepspeed_checkpoint_imports_its_weights_step_and_schedule(tmp_path, capsys):
+    cfg = quickstart_config()
+    model, opt, sched = train_plainly(cfg, 3)
+    src = deepspeed_save(tmp_path / "ds", model, opt, sched, step=3, bf16=False)
+    assert cli("ckpt", "import", src, tmp_path / "ckpt", "--config", QUICKSTART) == 0
+    out = capsys.readouterr().out
+    said = ["as step-000000003: step 3 (file's step)", "note: DeepSpeed's latest checkpoint: global_step3",
+            "note: a DeepSpeed checkpoint (DeepSpeed 0.16.4)", "note: ZeRO optimizer partitions not imported (2 "
+            "files, flat fp32 partitions: bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt...): the optimizer "
+            "starts fresh from these weights", "note: objects of classes harness does not import were not built"]
+    assert [line for line in said if line not in out] == [], out
+    w = recipe.workload_from_dict(recipe.safe_metadata(cfg)["config"])
+    CheckpointManager(tmp_path / "ckpt").restore(models={"model": w.model})
+    assert all(torch.equal(a, b) for a, b in zip(w.model.state_dict().values(), model.state_dict().values()))
+
+    bf = deepspeed_save(tmp_path / "bf16", model, opt, sched, step=4)  # bf16 training: bf16 weights, said
+    report = harness.warm_start(w.model, bf / "global_step4")
+    assert report.loaded == len(model.state_dict()) and report.source.endswith("(mp_rank_00_model_states.pt)")
+    zero3 = deepspeed_save(tmp_path / "z3", model, opt, sched, step=5, zero3=True)
+    with pytest.raises(CheckpointFormatError, match=r"is a ZeRO-3 DeepSpeed checkpoint: its weights \(net\.0\.weight, "
+                                                    r"\.\.\.\) are partitioned .* run DeepSpeed's zero_to_fp32\.py"):
+        harness.warm_start(w.model, zero3)

@@ -1,6 +1,6 @@
 """Checkpoints of other tools where harness's would be: torch.distributed.checkpoint folders (torchtitan's
 ``step-1000``, or ``checkpoint.dir`` itself), Hugging Face Trainer ``checkpoint-500`` folders, Accelerate's
-``checkpoint_3`` folders and PyTorch Lightning ``.ckpt`` files.
+``checkpoint_3`` folders, DeepSpeed's ``global_step100`` folders and PyTorch Lightning ``.ckpt`` files.
 
 harness resumes only from its own checkpoints, so a ``checkpoint.dir`` that holds only these would be
 started over from step 0, silently, with the user's previous training beside it. A user moving a run over
@@ -24,7 +24,8 @@ _STEP = re.compile(r"\d+")
 # Folders of checkpoints other tools keep side by side: (folder name, prefix to list, file inside, tool).
 NESTED = ((re.compile(r"step-\d+"), NAME_PREFIX, DCP_METADATA, "torch.distributed.checkpoint"),  # torchtitan
           (re.compile(r"checkpoint-\d+"), "checkpoint-", "trainer_state.json", "Hugging Face Trainer"),
-          (re.compile(r"checkpoint_\d+"), "checkpoint_", "optimizer.bin", "Accelerate"))
+          (re.compile(r"checkpoint_\d+"), "checkpoint_", "optimizer.bin", "Accelerate"),
+          (re.compile(r"global_step\d+"), "global_step", "mp_rank_00_model_states.pt", "DeepSpeed"))
 
 
 def foreign_checkpoints(storage: Storage, names: set[str] | None = None) -> list[str]:

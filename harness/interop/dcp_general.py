@@ -114,6 +114,7 @@ def _with_lightning_meta(storage: Storage, out: dict, notes: list[str], models_o
         return
     notes.append(f"a PyTorch Lightning sharded checkpoint (Lightning {meta.get(lightning.VERSION_KEY, 'version')}"
                  f"): epoch, step and LR schedulers from {LIGHTNING_META}")
+    notes += torchload.not_built_notes(meta)
     for key, source in (("epoch", "epoch"), ("step", "global_step")):
         if meta.get(source) is not None:
             out.setdefault(key, meta[source])

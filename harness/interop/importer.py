@@ -50,6 +50,7 @@ from harness.checkpoint.load import load_model_state
 from harness.errors import CheckpointError, CheckpointFormatError, ConfigError, HarnessError
 from harness.interop import lightning, torchload
 from harness.interop.sources import read_source
+from harness.layout import ckpt_name
 from harness.state import capture_rng, restore_rng, strip_prefix
 from harness.storage import Storage, redact_url
 
@@ -95,11 +96,7 @@ def understand(obj: Any, shown: str = "file", notes: list[str] | None = None) ->
     if "quantization" in obj:
         raise CheckpointFormatError(f"{shown} holds int8-quantized weights (an inference export): they cannot be "
                                     "trained from; import the float export instead")
-    imp = Imported(notes=list(notes or []))
-    stood_in = torchload.not_built(obj)
-    if stood_in:
-        imp.notes.append("objects of classes harness does not import were not built (nothing of them ran; they "
-                         f"are not used): {', '.join(sorted(stood_in)[:6])}")
+    imp = Imported(notes=list(notes or []) + torchload.not_built_notes(obj))
     if lightning.is_lightning(obj):
         obj, said = lightning.translate(obj)
         imp.notes += said
@@ -203,21 +200,21 @@ class ImportedState:
 
 
 def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int | None = None,
-                      config: Any = None, fresh_optimizer: bool = False,
+                      config: Any = None, fresh_optimizer: bool = False, dry_run: bool = False,
                       storage_options: dict | None = None) -> dict:
     """Write the plain checkpoint ``src`` (local path or fsspec URL) as a harness checkpoint under ``url``.
 
     ``step``: the global step to record (default: the file's ``step``, else the optimizer's own step
     counter, else 0). ``epoch``: default the file's ``epoch``, else 0. ``config``: a
     :class:`harness.config.Config` (or its dict form) of the run that will resume; see the module's
-    documentation. ``fresh_optimizer``: ignore the file's optimizer state.
+    documentation. ``fresh_optimizer``: ignore the file's optimizer state. ``dry_run``: everything but the
+    write (the source read, the config's model, optimizer and schedule built and checked against it, the
+    destination checked): the summary says what the import would write.
 
     Returns a summary: checkpoint, step, step_source, epoch, loss, models, optimizers, schedulers,
     config (bool), notes (list of lines), ignored (file keys not used). Refuses (HarnessError) when
     ``url`` already holds a checkpoint at this step or later: ``harness train`` would resume from that
     one instead."""
-    from harness.checkpoint.manager import CheckpointManager
-
     src, url = os.fspath(src), os.fspath(url)  # pathlib.Paths too
     shown = redact_url(src)
     obj, read_notes = read_source(src, shown, storage_options)
@@ -252,26 +249,34 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
             recipe.seed_everything(cfg.train.seed)  # the RNG state a fresh `harness train` rank 0 starts from
         else:
             objects = _as_stored(imp, notes)
-        mgr = CheckpointManager(url, keep_last=0, storage_options=storage_options)
-        try:
-            mgr.save(step, models=objects["models"], optimizers=objects["optimizers"],
-                     schedulers=objects["schedulers"],
-                     scaler=ImportedState(imp.scaler) if imp.scaler is not None else None,
-                     epoch=epoch, position={"epoch": epoch, "position": 0}, loss=imp.loss, metrics=imp.metrics,
-                     metadata=metadata)
-            mgr.wait()
-            name = mgr.last_saved
-        finally:
-            mgr.close()
+        name = ckpt_name(step) if dry_run else _write(url, step, epoch, objects, imp, metadata, storage_options)
     finally:
         restore_rng(rng)
     if imp.ignored:
         notes.append(f"keys not imported: {', '.join(imp.ignored)}")
-    log.info("imported %s into %s as %s (step %d)", shown, redact_url(url), name, step)
+    if not dry_run:
+        log.info("imported %s into %s as %s (step %d)", shown, redact_url(url), name, step)
     return {"checkpoint": name, "step": step, "step_source": step_source, "epoch": epoch, "loss": imp.loss,
             "models": list(objects["models"]), "optimizers": list(objects["optimizers"]),
             "schedulers": list(objects["schedulers"]), "config": cfg is not None, "bare": imp.bare,
             "notes": notes, "ignored": imp.ignored}
+
+
+def _write(url: str, step: int, epoch: int, objects: dict, imp: Imported, metadata: dict,
+           storage_options: dict | None) -> str:
+    """The import as a committed harness checkpoint; its name."""
+    from harness.checkpoint.manager import CheckpointManager
+
+    mgr = CheckpointManager(url, keep_last=0, storage_options=storage_options)
+    try:
+        mgr.save(step, models=objects["models"], optimizers=objects["optimizers"], schedulers=objects["schedulers"],
+                 scaler=ImportedState(imp.scaler) if imp.scaler is not None else None,
+                 epoch=epoch, position={"epoch": epoch, "position": 0}, loss=imp.loss, metrics=imp.metrics,
+                 metadata=metadata)
+        mgr.wait()
+        return mgr.last_saved
+    finally:
+        mgr.close()
 
 
 def _step_of(step: int | None, imp: Imported) -> tuple[int, str]:

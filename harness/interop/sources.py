@@ -63,15 +63,23 @@ def read_source(src: str, shown: str, storage_options: dict | None) -> tuple[Any
 def foreign_folder(folder: Storage, src: str, shown: str,
                    models_only: bool = False) -> tuple[Any, list[str], str] | None:
     """A folder another tool wrote, read: its contents, notes, and which files were read. A DCP checkpoint
-    (``.metadata``), a Hugging Face Trainer checkpoint, an Accelerate ``save_state`` folder or a Hugging Face
-    model folder; None for anything
-    else (a harness run folder). ``models_only``: only what holds model weights is read."""
-    from harness.interop import accelerate, dcp, dcp_general, hf, hf_trainer
+    (``.metadata``), a DeepSpeed checkpoint (its tag folder, or the folder whose ``latest`` names it), a Hugging
+    Face Trainer checkpoint, an Accelerate ``save_state`` folder, a Hugging Face model folder, or a folder of
+    such checkpoints (its newest); None for anything else (a harness run folder). ``models_only``: only what
+    holds model weights is read."""
+    from harness.interop import accelerate, dcp, dcp_general, deepspeed, hf, hf_trainer
     names = set(folder.listdir(""))
     if dcp.is_dcp(names):
         return dcp_general.read(folder, shown, models_only)
-    if hf_trainer.is_trainer(names):  # before Accelerate's: both may hold a scaler.pt
-        return hf_trainer.read(folder, src, names, load_file, shown, models_only)
+    if deepspeed.is_deepspeed(names):
+        return deepspeed.read(src, names, load_file, shown, models_only)
+    tag = deepspeed.latest_tag(folder, names)  # a Trainer's or Accelerate's folder under DeepSpeed has one too
+    if hf_trainer.is_trainer(names) and (tag is None or hf.weight_files(folder, names) is not None):
+        return hf_trainer.read(folder, src, names, load_file, shown, models_only)  # (before Accelerate: scaler.pt)
+    if tag is not None:
+        obj, notes, what = deepspeed.read(f"{src.rstrip('/')}/{tag}", set(folder.listdir(tag)), load_file,
+                                          f"{shown.rstrip('/')}/{tag}", models_only)
+        return obj, [f"DeepSpeed's latest checkpoint: {tag}", *notes], f"{tag}/{what}"
     if accelerate.is_accelerate(names):
         return accelerate.read(folder, names, load_file, shown, models_only)
     files = hf.weight_files(folder, names)

@@ -91,6 +91,15 @@ def not_built(obj: Any, found: set[str] | None = None) -> set[str]:
     return found
 
 
+def not_built_notes(obj: Any) -> list[str]:
+    """The importer's note on the stand-ins in a loaded object, if there are any."""
+    names = not_built(obj)
+    if not names:
+        return []
+    return [f"objects of classes harness does not import were not built (nothing of them ran; they are not used): "
+            f"{', '.join(sorted(names)[:6])}"]
+
+
 def _load(f: IO[bytes], stand_ins: dict[str, type]) -> Any:
     try:
         with warnings.catch_warnings():
