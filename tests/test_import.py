@@ -24,6 +24,7 @@ from harness.interop.sources import load_file
 from harness.storage import Storage
 
 from ckpt_helpers import read_manifest
+from torch_features import needs_stand_ins
 from export_helpers import QUICKSTART, REPO, batch_inputs, cli, eval_out, make_run, quickstart_config, small_config
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -231,6 +232,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
     assert not marker.exists()
 
 
+@needs_stand_ins
 def test_objects_of_unknown_classes_are_not_built_and_a_function_call_is_still_refused(tmp_path, capsys):
     """A Lightning checkpoint whose hyperparameters hold an argparse.Namespace and a pathlib.Path (what
     `save_hyperparameters(args)` keeps) was refused whole ("unpickling arbitrary Python objects"): those objects

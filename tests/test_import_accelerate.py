@@ -23,7 +23,7 @@ from harness.interop.importer import import_checkpoint
 
 from export_helpers import QUICKSTART, cli, quickstart_config, train_plainly
 from sharded_helpers import FNet, run_ranks
-from torch_features import needs_fsdp
+from torch_features import needs_fsdp, needs_stand_ins
 
 
 def save_state(folder, models, optimizers, schedulers, safe: bool = True):
@@ -183,6 +183,7 @@ def deepspeed_save(save_dir, model, opt, sched, step: int, zero3: bool = False, 
     return save_dir
 
 
+@needs_stand_ins
 def test_a_deepspeed_checkpoint_imports_its_weights_step_and_schedule(tmp_path, capsys):
     cfg = quickstart_config()
     model, opt, sched = train_plainly(cfg, 3)

@@ -30,7 +30,7 @@ from harness.storage import Storage
 
 from export_helpers import QUICKSTART, REPO, cli, quickstart_config, train_plainly
 from sharded_helpers import FNet, run_ranks
-from torch_features import needs_fsdp
+from torch_features import needs_fsdp, needs_stand_ins
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process
 
@@ -404,6 +404,7 @@ def test_fuzzed_dcp_folders_load_or_are_refused(fuzz_source, tmp_path_factory):
     assert not marker.exists()
 
 
+@needs_stand_ins
 def test_a_lightning_sharded_checkpoint_folder(tmp_path):
     """What Lightning's FSDPStrategy(state_dict_type="sharded") saves: a DCP folder of {"model", "optimizer_0"}
     (the optimizer keyed by parameter name) and meta.pt beside it with epoch, global_step, the LR schedulers,

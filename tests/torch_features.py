@@ -11,6 +11,7 @@ import pytest
 from torch.distributed.launcher.api import LaunchConfig
 
 from harness import torchcompat
+from harness.interop import torchload
 
 BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
 if BENCHMARKS not in sys.path:
@@ -26,3 +27,8 @@ needs_dcp_best = pytest.mark.skipif(not DCP_BEST, reason=str(DCP_BEST_UNAVAILABL
 
 # Without LaunchConfig.signals_to_handle torch's agent handler takes every signal, SIGHUP under nohup too.
 SIGNALS_TO_HANDLE = "signals_to_handle" in {f.name for f in dataclasses.fields(LaunchConfig)}
+
+# An object of a class the importer does not import is stood in for only where torch maps a named global to an
+# object of ours (safe_globals with (obj, "module.Name")); older torch refuses such files as before.
+needs_stand_ins = pytest.mark.skipif(not torchload.can_stand_in(),
+                                     reason="this torch cannot map a global to a stand-in (safe_globals by name)")

@@ -9,6 +9,8 @@ weights_only will not build (nothing from them ran), :class:`NotReadable` when t
 from __future__ import annotations
 
 import _compat_pickle
+import functools
+import io
 import pickle
 import re
 import warnings
@@ -58,7 +60,7 @@ def load(f: IO[bytes], stand_in_classes: bool = False) -> Any:
         except NeedsObjects as exc:
             name = global_named(exc)
             if (not stand_in_classes or name in stand_ins or len(stand_ins) >= MAX_STAND_INS
-                    or not _CLASS_NAME.fullmatch(name.rpartition(".")[2]) or not _can_stand_in()):
+                    or not _CLASS_NAME.fullmatch(name.rpartition(".")[2]) or not can_stand_in()):
                 raise
             stand_ins[name] = type(name.rpartition(".")[2], (NotBuilt,), {"harness_global": _python3_name(name)})
             f.seek(0)
@@ -72,9 +74,22 @@ def _python3_name(name: str) -> str:
     return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}"
 
 
-def _can_stand_in() -> bool:
-    """torch >= 2.5 maps a global to an object of ours (``safe_globals([(obj, "module.Name")])``)."""
-    return hasattr(torch.serialization, "safe_globals")
+@functools.lru_cache(maxsize=1)
+def can_stand_in() -> bool:
+    """Whether this torch maps a global to an object of ours (``safe_globals([(obj, "module.Name")])``, newer
+    torch): tried once on a tiny pickle; without it such files are refused as before."""
+    import argparse
+    if not hasattr(torch.serialization, "safe_globals"):
+        return False
+    buf = io.BytesIO()
+    torch.save({"x": argparse.Namespace()}, buf)
+    buf.seek(0)
+    probe = type("Namespace", (NotBuilt,), {"harness_global": "argparse.Namespace"})
+    try:
+        with torch.serialization.safe_globals([(probe, "argparse.Namespace")]):
+            return isinstance(torch.load(buf, weights_only=True)["x"], probe)
+    except Exception:  # noqa: BLE001 - an older torch's way of not supporting it
+        return False
 
 
 def not_built(obj: Any, found: set[str] | None = None) -> set[str]:
