@@ -248,7 +248,7 @@ class Trainer:
         """No checkpoint yet: the weights a normal build draws, or checkpoint.init_from's where it has them
         (fine-tuning), and rank 0's on every rank (as DDP does)."""
         source = self.cfg.checkpoint.init_from
-        refuse_fresh_start(self.mgr.storage, source, self.mgr._group)  # torchtitan's or Lightning's are there
+        refuse_fresh_start(self.mgr.storage, source, self.mgr._group, self.mgr.other_tools_checkpoints)
         if self.deferred:
             recipe.initialize(self.cfg, self.module)
         if source:  # imported here: the file readers it needs cost every other start nothing

@@ -97,8 +97,10 @@ def test_an_own_loop_restore_warns_what_the_folder_holds_instead(tmp_path, caplo
     from harness import CheckpointManager
     ckpt = torchtitan_dir(tmp_path / "checkpoint", steps=(3,))
     model = recipe.workload_from_dict(recipe.safe_metadata(quickstart_config())["config"]).model
+    mgr = CheckpointManager(ckpt)
     with caplog.at_level("INFO", logger="harness"):
-        assert CheckpointManager(ckpt).restore(models=model) is None
+        assert mgr.restore(models=model) is None
+    assert mgr.other_tools_checkpoints == ["step-3"]  # what the trainer's refusal uses: the folder listed once
     warned = [r for r in caplog.records if r.levelname == "WARNING" and "no checkpoint in" in r.getMessage()]
     assert len(warned) == 1 and "it holds torch.distributed.checkpoint checkpoints: step-3" in warned[0].getMessage()
     caplog.clear()

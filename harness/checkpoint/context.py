@@ -18,3 +18,5 @@ class Ctx:
     timeout_s: float = 600.0   # of the group's collectives
     # Checkpoints restore found damaged: retention neither counts nor deletes them (kept for a human).
     damaged: set[str] = field(default_factory=set)
+    # Rank 0, after a restore that found no checkpoint: other tools' checkpoints there (checkpoint.foreign).
+    others: list[str] | None = None

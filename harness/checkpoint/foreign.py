@@ -51,12 +51,13 @@ def tool(name: str) -> str:
     return next((t for pattern, _, _, t in NESTED if pattern.fullmatch(name)), "torch.distributed.checkpoint")
 
 
-def refuse_fresh_start(storage: Storage, init_from: str, group: Any) -> None:
+def refuse_fresh_start(storage: Storage, init_from: str, group: Any, found: list[str] | None = None) -> None:
     """Raise ConfigError on every rank when the run would start over in a folder of another tool's
-    checkpoints (no ``checkpoint.init_from``). Collective; rank 0 lists."""
+    checkpoints (no ``checkpoint.init_from``). Collective; rank 0 lists, unless ``found`` (what the restore
+    that found nothing listed) says already."""
     problem = None
     if dist.rank() == 0 and not init_from:
-        found = foreign_checkpoints(storage)
+        found = foreign_checkpoints(storage) if found is None else found
         if found:
             problem = _why(redact_url(storage.url), found)
     problem = dist.broadcast(problem, group)
@@ -64,9 +65,10 @@ def refuse_fresh_start(storage: Storage, init_from: str, group: Any) -> None:
         raise ConfigError(problem)
 
 
-def hint(storage: Storage) -> str:
-    """For ``harness ckpt list``/``verify`` finding none of harness's checkpoints: what else is there, or ""."""
-    found = foreign_checkpoints(storage)
+def hint(storage: Storage, found: list[str] | None = None) -> str:
+    """For ``harness ckpt list``/``verify`` or a restore finding none of harness's checkpoints: what else is
+    there (``found``, else listed now), or ""."""
+    found = foreign_checkpoints(storage) if found is None else found
     if not found:
         return ""
     newest, kind, names = _newest(redact_url(storage.url), found)

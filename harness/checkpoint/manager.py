@@ -114,6 +114,12 @@ class CheckpointManager:
         return self._saver.snapshot
 
     @property
+    def other_tools_checkpoints(self) -> list[str] | None:
+        """On rank 0, after a restore that found no checkpoint: other tools' checkpoints in the folder (torchtitan's
+        ``step-N``, Lightning's ``.ckpt``...; :mod:`harness.checkpoint.foreign`), newest last; else None."""
+        return self._ctx.others
+
+    @property
     def _pool(self) -> cf.ThreadPoolExecutor | None:  # the background save thread (None: sync saves)
         return self._saver.pool
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -176,7 +176,8 @@ def restore(ctx: Ctx, targets: Targets, opts: RestoreOptions) -> RestoreResult |
         if choice.error is not None:
             raise (NoCheckpointError if choice.missing_step else CheckpointError)(choice.error)
         if choice.name is None:
-            other = foreign.hint(ctx.storage) if ctx.rank == 0 else ""  # torchtitan's, Lightning's: say so
+            ctx.others = foreign.foreign_checkpoints(ctx.storage) if ctx.rank == 0 else None  # torchtitan's...: say so
+            other = foreign.hint(ctx.storage, ctx.others or [])
             log.log(logging.WARNING if other else logging.INFO, "no checkpoint in %s to restore%s",
                     redact_url(ctx.storage.url), other)
             return None

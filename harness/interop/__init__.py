@@ -7,8 +7,8 @@ Modules: ``export`` (the driver: choose a checkpoint, consolidate, dispatch to a
 also holds the reader the importer uses), ``live`` (rebuilding models and checking converted programs),
 ``quantize``, ``importer`` (understanding and writing), ``sources`` (reading a file or another tool's folder:
 ``lightning``, ``hf``, ``hf_trainer``, ``accelerate``, ``deepspeed``, ``dcp`` with ``dcp_general``),
-``torchload`` (the one ``torch.load(weights_only=True)``), ``inspection``, ``inference``. Output files are written by the project's one
-atomic local writer, :mod:`harness.storage.local`.
+``torchload`` (the one ``torch.load(weights_only=True)``), ``inspection``, ``inference``. Output files are
+written by the project's one atomic local writer, :mod:`harness.storage.local`.
 
 Nothing here is imported by ``checkpoint/`` or ``storage/``; this package uses them and ``recipe``, never the
 trainer or the CLI.

@@ -29,7 +29,7 @@ from harness.storage import Storage
 MARKERS = ("optimizer.bin", "scheduler.bin", "scaler.pt", "optimizer_0", "pytorch_model_fsdp_0")
 _MODEL_FILES = (("model", ".safetensors"), ("pytorch_model", ".bin"), ("pytorch_model_fsdp", ".bin"))
 _SHARDED = {"model": "pytorch_model_fsdp_", "optimizer": "optimizer_"}  # + index: DCP folders
-_DCP_FOLDER = re.compile(r"(pytorch_model_fsdp|optimizer)_\d+")
+_DCP_FOLDER = re.compile("(" + "|".join(map(re.escape, _SHARDED.values())) + r")\d+")
 _LEFT_OUT = ("random_states_", "sampler", "dl_state_dict", "custom_checkpoint_")
 
 
@@ -47,8 +47,11 @@ def read(folder: Storage, names: set[str], load_file: Callable[[str], Any], show
     def load(name: str) -> Any:
         read_files.append(name)
         if _DCP_FOLDER.fullmatch(name):  # {"model": ...} or {"optimizer": ...}
-            state = dcp.read_folder(folder.child(name), f"{shown}/{name}").state
-            return state.get("model", state.get("optimizer", state))
+            found = dcp.read_folder(folder.child(name), f"{shown}/{name}")
+            if found.skipped:
+                notes.append(f"{name}: values not read (they need unpickling Python objects): "
+                             + ", ".join(list(found.skipped)[:6]))
+            return found.state.get("model", found.state.get("optimizer", found.state))
         return load_file(f"{folder.url.rstrip('/')}/{name}")
 
     out: dict[str, Any] = {}

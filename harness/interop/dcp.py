@@ -29,6 +29,7 @@ import torch
 from harness.errors import CheckpointFormatError
 from harness.interop import torchload
 from harness.storage import Storage
+from harness.storage.seekable import Window
 
 METADATA = ".metadata"
 MAX_METADATA_BYTES = 256 << 20
@@ -116,6 +117,12 @@ class Layout:
     tensors: dict[str, tuple[torch.dtype, tuple[int, ...], list[Chunk]]] = field(default_factory=dict)
     values: dict[str, Chunk] = field(default_factory=dict)  # non-tensor values: one torch.save record each
     paths: dict[str, tuple] = field(default_factory=dict)   # flattened key -> path in the nested state dict
+    listed: dict[str, int | None] = field(default_factory=dict)  # the folder's entries and sizes
+
+    def files(self) -> list[str]:
+        """The data files the entries are stored in."""
+        stored = [c for _, _, chunks in self.tensors.values() for c in chunks] + list(self.values.values())
+        return sorted({c.file for c in stored})
 
 
 def is_dcp(names: set[str]) -> bool:
@@ -134,8 +141,9 @@ def read_layout(storage: Storage, shown: str) -> Layout:
     except Exception as exc:  # noqa: BLE001 - truncated or garbled pickles raise many types
         raise CheckpointFormatError(f"{shown}/{METADATA} is not a readable DCP metadata file: "
                                     f"{type(exc).__name__}: {exc}") from None
+    listed = storage.list_tree("")
     try:
-        return _checked(meta, storage.list_tree(""))
+        return _checked(meta, listed)
     except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
         raise CheckpointFormatError(f"{shown}/{METADATA} does not describe a DCP checkpoint: {exc}") from None
 
@@ -144,7 +152,7 @@ def _checked(meta: Any, sizes: dict[str, int | None]) -> Layout:
     if getattr(meta, "kind", None) != "Metadata" or not isinstance(meta.state_dict_metadata, dict):
         raise ValueError(f"it holds a {getattr(meta, 'kind', type(meta).__name__)}, not DCP's Metadata")
     where = _locations(getattr(meta, "storage_data", None) or {}, sizes)
-    layout = Layout(paths=_paths(getattr(meta, "planner_data", None) or {}))
+    layout = Layout(paths=_paths(getattr(meta, "planner_data", None) or {}), listed=sizes)
     for fqn, item in meta.state_dict_metadata.items():
         if not isinstance(fqn, str):
             raise ValueError(f"key {fqn!r} is not a string")
@@ -254,9 +262,8 @@ class DcpState:
     """A DCP folder's state dict, nested as it was saved, and the values left out (with why)."""
 
     state: dict
+    layout: Layout
     skipped: dict[str, str] = field(default_factory=dict)
-    tensors: int = 0
-    files: list[str] = field(default_factory=list)
 
 
 def read_folder(storage: Storage, shown: str, keep: Callable[[tuple], bool] = lambda path: True) -> DcpState:
@@ -266,9 +273,7 @@ def read_folder(storage: Storage, shown: str, keep: Callable[[tuple], bool] = la
     for entries in (layout.tensors, layout.values):
         for fqn in [f for f in entries if not keep(layout.paths.get(f, (f,)))]:
             del entries[fqn]
-    out = DcpState(state={}, tensors=len(layout.tensors),
-                   files=sorted({c.file for _, _, cs in layout.tensors.values() for c in cs}
-                                | {c.file for c in layout.values.values()}))
+    out = DcpState(state={}, layout=layout)
     with _Files(storage, shown) as files:
         for fqn, (dtype, shape, chunks) in layout.tensors.items():
             _place(out.state, layout.paths.get(fqn, (fqn,)), _tensor_from(files, fqn, dtype, shape, chunks), shown)
@@ -296,8 +301,8 @@ def _tensor_from(files: "_Files", fqn: str, dtype: torch.dtype, shape: tuple[int
         if not isinstance(part, torch.Tensor) or part.dtype != dtype or tuple(part.shape) != c.sizes:
             raise CheckpointFormatError(f"{files.shown}: {fqn}'s chunk in {c.file} at byte {c.offset} holds "
                                         f"{_what(part)}, the metadata says a {dtype} tensor of {list(c.sizes)}")
-        if len(chunks) == 1:
-            return part
+        if len(chunks) == 1:  # stored whole: the tensor as loaded, unless it holds on to a larger storage
+            return part if part.untyped_storage().nbytes() == part.nbytes else part.clone()
         full = torch.empty(shape, dtype=dtype) if full is None else full
         _narrowed(full, c).copy_(part)
     return torch.empty(shape, dtype=dtype) if full is None else full  # no chunks: an empty tensor
@@ -322,47 +327,10 @@ class _Files:
         if c.file not in self.open:
             self.open[c.file] = self.storage.open_read(c.file)
         try:
-            return torchload.load(_Window(self.open[c.file], c.offset, c.length))
+            return torchload.load(Window(self.open[c.file], c.offset, c.length))
         except torchload.NotReadable as exc:
             raise CheckpointFormatError(f"{self.shown}/{c.file}: {fqn} at byte {c.offset} is not a torch.save "
                                         f"record ({exc})") from None
-
-
-class _Window(io.RawIOBase):
-    """Bytes ``start .. start+length`` of a seekable file, as a file of their own (what torch.load reads)."""
-
-    def __init__(self, f: Any, start: int, length: int) -> None:
-        super().__init__()
-        self.f, self.start, self.length, self.pos = f, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self.length - self.pos))
-        if n == 0:
-            return 0
-        self.f.seek(self.start + self.pos)
-        view = memoryview(b).cast("B")[:n]
-        if hasattr(self.f, "readinto"):  # straight into torch's buffer
-            got = self.f.readinto(view) or 0
-        else:
-            data = self.f.read(n)
-            view[:len(data)] = data
-            got = len(data)
-        self.pos += got
-        return got
 
 
 def _what(value: Any) -> str:
@@ -418,7 +386,5 @@ def describe(storage: Storage, shown: str) -> dict:
     tensors = [{"key": fqn, "dtype": str(dtype).removeprefix("torch."), "shape": list(shape),
                 "bytes": _numel(shape) * dtype.itemsize, "chunks": len(chunks)}
                for fqn, (dtype, shape, chunks) in layout.tensors.items()]
-    files = sorted({c.file for _, _, cs in layout.tensors.values() for c in cs}
-                   | {c.file for c in layout.values.values()})
     return {"format": "torch.distributed.checkpoint", "url": shown, "tensors": tensors, "values": list(layout.values),
-            "bytes": sum(t["bytes"] for t in tensors), "files": files}
+            "bytes": sum(t["bytes"] for t in tensors), "files": layout.files()}

@@ -43,13 +43,14 @@ def read(storage: Storage, shown: str, models_only: bool = False) -> tuple[dict,
     def keep(path: tuple) -> bool:  # [:2]: under one wrapper key too
         return not models_only or not (skip & set(path[:2]) or _NUMBERED_OPTIMIZER.fullmatch(str(path[0])))
     found = dcp.read_folder(storage, shown, keep=keep)
-    files = ", ".join(found.files) if len(found.files) < 4 else f"{len(found.files)} files"
-    notes = [f"a torch.distributed.checkpoint folder: {found.tensors} tensors in {files or 'no files'}"]
+    names = found.layout.files()
+    files = ", ".join(names) if len(names) < 4 else f"{len(names)} files"
+    notes = [f"a torch.distributed.checkpoint folder: {len(found.layout.tensors)} tensors in {files or 'no files'}"]
     if found.skipped:
         notes.append("values not read (loading them would need unpickling Python objects; nothing from them ran): "
                      + ", ".join(f"{k} ({why})" for k, why in list(found.skipped.items())[:8]))
     out = general(found.state, notes)
-    if storage.exists(LIGHTNING_META):
+    if LIGHTNING_META in found.layout.listed:  # from the listing the metadata was checked against
         _with_lightning_meta(storage, out, notes, models_only)
     return out, notes, files
 
@@ -69,13 +70,11 @@ def general(state: dict, notes: list[str]) -> dict:
         notes.append("model weights: the tensors at the top level (torchtitan keeps the model's keys there)")
     if model:
         out["model_state_dict"] = model
-    optimizer_key = next((k for k in _OPTIMIZER if isinstance(state.get(k), dict)), None)
-    numbered = sorted((k for k in state if _NUMBERED_OPTIMIZER.fullmatch(str(k)) and isinstance(state[k], dict)),
-                      key=lambda k: int(k.rpartition("_")[2]))  # Lightning's sharded save: optimizer_0, ...
-    for key in [optimizer_key] if optimizer_key else numbered:
-        used.add(key)
-    put_numbered(out, [optimizer_by_ids(state[k], list(model), notes) for k in
-                       ([optimizer_key] if optimizer_key else numbered)], "optimizer")
+    optimizers = [k for k in _OPTIMIZER if isinstance(state.get(k), dict)][:1] or sorted(
+        (k for k in state if _NUMBERED_OPTIMIZER.fullmatch(str(k)) and isinstance(state[k], dict)),
+        key=lambda k: int(k.rpartition("_")[2]))  # else Lightning's sharded save: optimizer_0, ...
+    used.update(optimizers)
+    put_numbered(out, [optimizer_by_ids(state[k], list(model), notes) for k in optimizers], "optimizer")
     scheduler_key = next((k for k in _SCHEDULER if isinstance(state.get(k), dict)), None)
     if scheduler_key:
         used.add(scheduler_key)

@@ -33,14 +33,16 @@ def is_deepspeed(names: set[str]) -> bool:
     return MODEL_STATES in names
 
 
-def latest_tag(folder: Storage, names: set[str]) -> str | None:
-    """The tag ``save_dir/latest`` names, when it names a folder of this one that holds a checkpoint."""
+def latest_tag(folder: Storage, names: set[str]) -> tuple[str, set[str]] | None:
+    """The tag ``save_dir/latest`` names and that folder's entries, when it is a folder of this one that holds
+    a checkpoint."""
     if LATEST not in names:
         return None
     tag = folder.read_bytes(LATEST, 0, 256).decode("utf-8", "replace").strip()
-    if not _TAG.fullmatch(tag) or ".." in tag or tag not in names or not folder.exists(f"{tag}/{MODEL_STATES}"):
+    if not _TAG.fullmatch(tag) or ".." in tag or tag not in names:
         return None
-    return tag
+    inner = set(folder.listdir(tag))
+    return (tag, inner) if MODEL_STATES in inner else None
 
 
 def read(src: str, names: set[str], load_file: Callable[[str], Any], shown: str,

@@ -33,12 +33,18 @@ def weight_files(storage: Storage, names: set[str] | None = None) -> list[str] |
     return next(([single] for single in SINGLES if single in names), None)
 
 
+def read_json(storage: Storage, name: str, max_bytes: int = MAX_INDEX_BYTES) -> Any:
+    """A small JSON file another tool wrote (an index, the Trainer's state), at most ``max_bytes``; ValueError
+    when it is larger or not JSON."""
+    data = storage.read_bytes(name, 0, max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"more than {max_bytes} bytes")
+    return json.loads(data)
+
+
 def _shards(storage: Storage, index: str) -> list[str]:
-    data = storage.read_bytes(index, 0, MAX_INDEX_BYTES + 1)
     try:
-        if len(data) > MAX_INDEX_BYTES:
-            raise ValueError(f"more than {MAX_INDEX_BYTES} bytes")
-        weight_map = json.loads(data)["weight_map"]
+        weight_map = read_json(storage, index)["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointFormatError(f"{index} is not a model index (a weight_map of tensor -> file): {exc}") from None

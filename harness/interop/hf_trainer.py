@@ -12,7 +12,6 @@ and left out.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Callable
 
@@ -56,11 +55,8 @@ def read(folder: Storage, src: str, names: set[str], load_file: Callable[[str], 
 
 
 def _trainer_state(folder: Storage, shown: str) -> dict:
-    data = folder.read_bytes(STATE, 0, MAX_STATE_BYTES + 1)
     try:
-        if len(data) > MAX_STATE_BYTES:
-            raise ValueError(f"more than {MAX_STATE_BYTES} bytes")
-        state = json.loads(data)
+        state = hf.read_json(folder, STATE, MAX_STATE_BYTES)
         if not isinstance(state, dict):
             raise ValueError(f"a {type(state).__name__}, not an object")
     except ValueError as exc:

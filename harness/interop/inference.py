@@ -84,7 +84,7 @@ def read_weights(source: str, *, name: str | None = None, step: int | None = Non
     if _is_folder(source, storage_options):
         storage = Storage(source, storage_options)
         found = foreign_folder(storage, source, shown, models_only=True) if step is None and not best else None
-        if found and not list_checkpoints(storage):  # a DCP or Hugging Face folder, not a run's checkpoints
+        if found and not list_checkpoints(storage):  # another tool's folder, not a run's checkpoints
             obj, notes, files = found
             model_name, sd = pick_model(understand(obj, shown, notes).models, name, shown)
             return f"{shown} ({files})", model_name, sd

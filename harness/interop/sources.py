@@ -44,15 +44,15 @@ def load_file(src: str) -> Any:
 
 
 def read_source(src: str, shown: str, storage_options: dict | None) -> tuple[Any, list[str]]:
-    """A file's contents, or a Hugging Face model folder's or DCP checkpoint's in one state dict; notes."""
+    """A file's contents, or those of a folder another tool wrote (:func:`foreign_folder`); notes."""
     folder = Storage(src, storage_options)
     if not folder.is_dir():
         return load_file(src), []
     found = foreign_folder(folder, src, shown)
     if found is None:
-        reads = ("import reads one file, a Hugging Face model folder (model.safetensors, pytorch_model.bin or "
-                 "their index.json), an Accelerate save_state folder or a torch.distributed.checkpoint folder "
-                 "(.metadata)")
+        reads = ("import reads one file, or a folder: a Hugging Face model folder (model.safetensors, "
+                 "pytorch_model.bin or their index.json) or Trainer checkpoint-N, an Accelerate save_state folder, "
+                 "a DeepSpeed checkpoint, a torch.distributed.checkpoint folder (.metadata), or a folder of them")
         if list_checkpoints(folder):
             raise CheckpointFormatError(f"{shown} is a harness checkpoint folder already: use it as checkpoint.dir "
                                         f"or checkpoint.init_from ({reads})")
@@ -73,12 +73,13 @@ def foreign_folder(folder: Storage, src: str, shown: str,
         return dcp_general.read(folder, shown, models_only)
     if deepspeed.is_deepspeed(names):
         return deepspeed.read(src, names, load_file, shown, models_only)
-    tag = deepspeed.latest_tag(folder, names)  # a Trainer's or Accelerate's folder under DeepSpeed has one too
-    if hf_trainer.is_trainer(names) and (tag is None or hf.weight_files(folder, names) is not None):
+    latest = deepspeed.latest_tag(folder, names)  # a Trainer's or Accelerate's folder under DeepSpeed has one too
+    if hf_trainer.is_trainer(names) and (latest is None or hf.weight_files(folder, names) is not None):
         return hf_trainer.read(folder, src, names, load_file, shown, models_only)  # (before Accelerate: scaler.pt)
-    if tag is not None:
-        obj, notes, what = deepspeed.read(f"{src.rstrip('/')}/{tag}", set(folder.listdir(tag)), load_file,
-                                          f"{shown.rstrip('/')}/{tag}", models_only)
+    if latest is not None:
+        tag, inner = latest
+        obj, notes, what = deepspeed.read(f"{src.rstrip('/')}/{tag}", inner, load_file, f"{shown.rstrip('/')}/{tag}",
+                                          models_only)
         return obj, [f"DeepSpeed's latest checkpoint: {tag}", *notes], f"{tag}/{what}"
     if accelerate.is_accelerate(names):
         return accelerate.read(folder, names, load_file, shown, models_only)

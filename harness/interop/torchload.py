@@ -9,6 +9,7 @@ weights_only will not build (nothing from them ran), :class:`NotReadable` when t
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
 import functools
 import io
 import pickle
@@ -62,8 +63,13 @@ def load(f: IO[bytes], stand_in_classes: bool = False) -> Any:
             if (not stand_in_classes or name in stand_ins or len(stand_ins) >= MAX_STAND_INS
                     or not _CLASS_NAME.fullmatch(name.rpartition(".")[2]) or not can_stand_in()):
                 raise
-            stand_ins[name] = type(name.rpartition(".")[2], (NotBuilt,), {"harness_global": _python3_name(name)})
+            stand_ins[name] = _stand_in(name)
             f.seek(0)
+
+
+def _stand_in(name: str) -> type:
+    """A :class:`NotBuilt` class for the global ``name``."""
+    return type(name.rpartition(".")[2], (NotBuilt,), {"harness_global": _python3_name(name)})
 
 
 def _python3_name(name: str) -> str:
@@ -84,7 +90,7 @@ def can_stand_in() -> bool:
     buf = io.BytesIO()
     torch.save({"x": argparse.Namespace()}, buf)
     buf.seek(0)
-    probe = type("Namespace", (NotBuilt,), {"harness_global": "argparse.Namespace"})
+    probe = _stand_in("argparse.Namespace")
     try:
         with torch.serialization.safe_globals([(probe, "argparse.Namespace")]):
             return isinstance(torch.load(buf, weights_only=True)["x"], probe)
@@ -119,9 +125,9 @@ def _load(f: IO[bytes], stand_ins: dict[str, type]) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # refused below if it matters
-            if not stand_ins:
-                return torch.load(f, map_location="cpu", weights_only=True)
-            with torch.serialization.safe_globals([(cls, name) for name, cls in stand_ins.items()]):
+            mapped = (torch.serialization.safe_globals([(cls, name) for name, cls in stand_ins.items()])
+                      if stand_ins else contextlib.nullcontext())
+            with mapped:
                 return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if re.search(r"GLOBAL|global|[Cc]lass", str(exc)):

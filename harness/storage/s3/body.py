@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
+
+from harness.storage.seekable import SeekableRaw
 
 
 @dataclass(frozen=True)
@@ -12,33 +13,6 @@ class Fresh:
     """An upload body to be wrapped in a new :class:`BufferBody` for every attempt."""
 
     buf: Any
-
-
-class SeekableRaw(io.RawIOBase):
-    """A read-only, seekable raw file of a known length: the position bookkeeping of :class:`BufferBody` and
-    the S3 object reader. Subclasses set ``_length`` and implement ``readinto``."""
-
-    _length = 0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
 
 
 class BufferBody(SeekableRaw):

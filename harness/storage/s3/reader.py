@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from harness.storage.s3.body import SeekableRaw
+from harness.storage.seekable import SeekableRaw
 from harness.storage.s3.client import S3Client
 from harness.storage.s3.retry import ShortReadError, client_error_info
 
