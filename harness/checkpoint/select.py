@@ -8,7 +8,7 @@ validates and verifies what it reads), recording the ones passed over and why, a
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from harness.checkpoint import blobs, codec, foreign
 from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints, open_checkpoint, read_commits, scan
@@ -131,23 +131,73 @@ def walk_back(infos: Iterable[CheckpointInfo], load: Callable[[str], T],
     return None, None, skipped
 
 
+# A reader beside a live job (export, inspect, inference polling the newest) may lose the race with the job's
+# retention: the newest it listed is deleted while it reads it, because a newer one was committed. It lists the
+# folder again, this many times, rather than walking back to older ones that are next in line for deletion.
+RELISTS = 4
+GONE = "deleted while it was read (the retention of the job writing this folder)"
+
+
+class _Gone(Exception):
+    """The candidate ``name`` was deleted while it was read (not damaged)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
 def choose(storage: Storage, load: Callable[[str], T], *, step: int | None = None, best: bool = False,
            metric: str | None = None, mode: str | None = None) -> tuple[str, T, list[tuple[str, str]], str]:
     """The first candidate that ``load(name)`` accepts: (name, what load returned, skipped, how).
 
-    ``skipped`` lists (name, reason) for candidates that failed (damaged, truncated, bad checksum).
-    Raises NoCheckpointError when none is usable."""
-    infos, how = candidates(storage, step=step, best=best, metric=metric, mode=mode)
-    info, loaded, skipped = walk_back(infos, load)
-    skipped = [(n, deleted_meanwhile(storage, n) or r) for n, r in skipped]
-    if info is not None:
-        return info.name, loaded, skipped, how
+    ``skipped`` lists (name, reason) for candidates that failed (damaged, truncated, bad checksum) or that
+    the job writing the folder deleted while they were read (the folder is then listed again: a newer one
+    exists). Raises NoCheckpointError when none is usable."""
     where = redact_url(storage.url)
     at = f" at step {step}" if step is not None else ""
-    if skipped:
-        raise NoCheckpointError(f"no valid checkpoint{at} in {where}: "
-                                + "; ".join(f"{n}: {r}" for n, r in skipped))
-    raise NoCheckpointError(f"no committed checkpoint{at} in {where}{foreign.hint(storage)}")
+    gone: list[tuple[str, str]] = []
+    for _ in range(RELISTS + 1):
+        infos, how = candidates(storage, step=step, best=best, metric=metric, mode=mode)
+        try:
+            info, loaded, skipped = walk_back(_unless_gone(infos), _load_unless_gone(storage, load))
+        except _Gone as exc:
+            if step is not None:  # that step is gone for good: nothing newer is what was asked for
+                raise NoCheckpointError(f"checkpoint {exc.name} in {where} was {GONE}") from None
+            log.info("checkpoint %s was %s: listing %s again", exc.name, GONE, where)
+            gone.append((exc.name, GONE))
+            continue
+        skipped = gone + skipped
+        if info is not None:
+            return info.name, loaded, skipped, how
+        if skipped:
+            raise NoCheckpointError(f"no valid checkpoint{at} in {where}: "
+                                    + "; ".join(f"{n}: {r}" for n, r in skipped))
+        raise NoCheckpointError(f"no committed checkpoint{at} in {where}{foreign.hint(storage)}")
+    raise NoCheckpointError(f"no checkpoint in {where} could be read before the job writing it deleted it "
+                            f"({', '.join(n for n, _ in gone)}, each in turn): it replaces them faster than "
+                            "they are read; choose one it keeps (--step of a kept one, --best) or let it keep "
+                            "more (checkpoint.keep_last)")
+
+
+def _unless_gone(infos: Iterable[CheckpointInfo]) -> Iterator[CheckpointInfo]:
+    """``infos`` (listed with a commit record), stopping at one whose record was gone when read: deleted
+    since the listing (retention removes the record first)."""
+    for info in infos:
+        if not info.committed:
+            raise _Gone(info.name)
+        yield info
+
+
+def _load_unless_gone(storage: Storage, load: Callable[[str], T]) -> Callable[[str], T]:
+    """``load``, raising _Gone instead of its error when the checkpoint failed because it is gone."""
+    def guarded(name: str) -> T:
+        try:
+            return load(name)
+        except Exception:
+            if deleted_meanwhile(storage, name):  # one existence check, on failures only
+                raise _Gone(name) from None
+            raise
+    return guarded
 
 
 def deleted_meanwhile(storage: Storage, name: str) -> str | None:
@@ -157,7 +207,7 @@ def deleted_meanwhile(storage: Storage, name: str) -> str | None:
         gone = not storage.exists(f"{name}/{COMMIT_FILE}")
     except Exception:  # noqa: BLE001 - only an explanation: keep the original reason
         return None
-    return "deleted while it was read (the retention of the job writing this folder)" if gone else None
+    return GONE if gone else None
 
 
 def read_models(storage: Storage, name: str, threads: int = 4) -> tuple[Manifest, dict[str, dict]]:

@@ -91,7 +91,7 @@ def read_weights(source: str, *, name: str | None = None, step: int | None = Non
         ckpt, (_, models), skipped, how = choose(storage, lambda n: read_models(storage, n), step=step, best=best,
                                                  metric=metric, mode=mode)
         for n, reason in skipped:
-            log.warning("skipped damaged checkpoint %s: %s", n, reason)
+            log.warning("skipped checkpoint %s: %s", n, reason)
         where = f"{shown}/{ckpt}"
         model_name, sd = pick_model(models, name, where)
         return f"{where} ({how})", model_name, sd

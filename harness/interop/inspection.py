@@ -30,9 +30,10 @@ _KINDS = (("models", "model"), ("optimizers", "optimizer"), ("schedulers", "sche
 def inspect_checkpoint(url: str, *, step: int | None = None, storage_options: dict | None = None) -> dict:
     """A JSON-able description of the newest checkpoint whose manifest validates (or the one at ``step``)."""
     storage = Storage(url, storage_options)
-    name, manifest, skipped, how = choose(storage, lambda n: open_checkpoint(storage, n), step=step)
+    # The commit record is read with the manifest: beside a live job the checkpoint may be gone a moment later.
+    name, (manifest, commit), skipped, how = choose(
+        storage, lambda n: (open_checkpoint(storage, n), read_commit(storage, n)), step=step)
     raw = manifest.raw
-    commit = read_commit(storage, name)
     by_key = _entries_by_key(manifest)
     state = raw.get("state") if isinstance(raw.get("state"), dict) else {}
     groups = []
