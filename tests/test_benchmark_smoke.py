@@ -386,3 +386,19 @@ def test_import_dcp_benchmark_tiny_cpu(tmp_path):
                                                      "harness_import"]
     assert result["state_bytes"] > 0 and all(r["cold_s"] > 0 and r["warm_s"] > 0 for r in result["rows"])
     assert "harness_read" in proc.stdout
+
+
+def test_many_checkpoints_benchmark_tiny(tmp_path):
+    """benchmarks/many_checkpoints.py end to end on local disk at tiny folder sizes: both managers save, the
+    one that remembers what it read reads one commit record per save, the forgetful one every record. No
+    timing assertions."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "many_checkpoints.py"), "--counts", "3,6",
+                           "--s3-counts", "", "--saves", "2", "--out", str(out)], cwd=REPO, env=uninstalled_env(),
+                          capture_output=True, text=True, timeout=300)  # a hang guard, not a timing check
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "many_checkpoints_latest.json").read_text())["rows"]
+    assert [(r["backend"], r["checkpoints"]) for r in rows] == [("local", 3), ("local", 6)]
+    for r in rows:
+        assert r["now"]["records_read_per_save"] == 1.0, r
+        assert r["every record"]["records_read_per_save"] > r["checkpoints"], r

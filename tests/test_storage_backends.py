@@ -124,12 +124,13 @@ def test_list_tree_prefix_lists_only_matching_entries(store, kind, monkeypatch):
     listed: list[str] = []
     if kind != "s3":
         want.update({"step-1": None, "step-1/sub": None, "step-2": None})
-        real_ls = store.backend.fs.ls
+        owner, attr = (os, "scandir") if kind == "local" else (store.backend.fs, "ls")  # local: os.scandir
+        real = getattr(owner, attr)
 
-        def ls(path, *args, **kwargs):  # records what the walk opens; the listing itself is the real one
+        def spy(path, *args, **kwargs):  # records what the walk opens; the listing itself is the real one
             listed.append(str(path))
-            return real_ls(path, *args, **kwargs)
-        monkeypatch.setattr(store.backend.fs, "ls", ls)
+            return real(path, *args, **kwargs)
+        monkeypatch.setattr(owner, attr, spy)
     assert store.list_tree("s", prefix="step-") == want
     assert kind == "s3" or any(p.endswith("step-1/sub") for p in listed), listed  # the spy saw the walk
     assert not any("/tb" in p for p in listed), listed

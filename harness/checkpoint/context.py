@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.checkpoint.discovery import CommitCache
 from harness.storage import Storage
 
 
@@ -20,3 +21,5 @@ class Ctx:
     damaged: set[str] = field(default_factory=set)
     # Rank 0, after a restore that found no checkpoint: other tools' checkpoints there (checkpoint.foreign).
     others: list[str] | None = None
+    # Rank 0: commit records retention has read (each once; see CommitCache).
+    commits: CommitCache = field(default_factory=CommitCache)

@@ -50,30 +50,63 @@ def scan(storage: Storage) -> list[CheckpointInfo]:
     return sorted(out, key=lambda i: (i.step, i.attempt))
 
 
-def read_commits(storage: Storage, infos: Iterable[CheckpointInfo]) -> Iterator[CheckpointInfo]:
+class CommitCache:
+    """Commit records already read, by folder name and record size. A committed record never changes (a
+    checkpoint is never rewritten in place), so the job writing a folder reads each one once, not at every
+    retention pass (a run keeping its 300 checkpoints read 300 records after each save: seconds on S3). Only
+    that job keeps one: it alone creates and deletes folders there (the lease), and it forgets a name it
+    deletes, so a later checkpoint of that name is read afresh."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, tuple[int, dict]] = {}
+
+    def get(self, name: str, size: int | None) -> dict | None:
+        hit = self._by_name.get(name)
+        return hit[1] if hit is not None and size is not None and hit[0] == size else None
+
+    def put(self, name: str, size: int | None, commit: dict) -> None:
+        if size is not None:
+            self._by_name[name] = (size, commit)
+
+    def keep_only(self, names: Iterable[str]) -> None:
+        """Forget every name not in ``names`` (the folders that exist): deleted ones, so the cache stays
+        as small as the folder."""
+        keep = set(names)
+        for name in [n for n in self._by_name if n not in keep]:
+            del self._by_name[name]
+
+
+def read_commits(storage: Storage, infos: Iterable[CheckpointInfo],
+                 cache: CommitCache | None = None) -> Iterator[CheckpointInfo]:
     """``infos`` in their order, each committed one's commit record read as it is reached (once): a caller
     that stops early (restore's walk back stops at the first checkpoint that verifies) reads no older
     record. A damaged record sets ``problem``; one gone since the listing makes the folder uncommitted;
-    a failing store (StorageError, OSError) raises: it is not a damaged checkpoint."""
+    a failing store (StorageError, OSError) raises: it is not a damaged checkpoint. ``cache``: records
+    read before, taken from it (and records read now put in it) when the listed size matches."""
     for info in infos:
         if info.committed and not info.commit_read:
             size = None if info.files is None else info.files.get(COMMIT_FILE)
+            cached = cache.get(info.name, size) if cache is not None else None
             try:
-                info.commit = read_commit(storage, info.name, size)
+                info.commit = cached if cached is not None else read_commit(storage, info.name, size)
             except FileNotFoundError:
                 info.committed = False
             except StorageError:
                 raise  # the store failed (a StorageError is a CheckpointError too): not a damaged record
             except CheckpointError as exc:
                 info.problem = str(exc)  # a commit record exists but is damaged
+            else:
+                if cache is not None and cached is None:
+                    cache.put(info.name, size, info.commit)
             info.commit_read = True
         yield info
 
 
-def list_checkpoints(storage: Storage, committed_only: bool = True) -> list[CheckpointInfo]:
+def list_checkpoints(storage: Storage, committed_only: bool = True,
+                     cache: CommitCache | None = None) -> list[CheckpointInfo]:
     """Checkpoint folders, oldest first, every commit record read (retention, ``harness ckpt list`` and
     prune need them all). Only folders with a commit record exist for readers."""
-    return [i for i in read_commits(storage, scan(storage)) if i.committed or not committed_only]
+    return [i for i in read_commits(storage, scan(storage), cache) if i.committed or not committed_only]
 
 
 def read_commit(storage: Storage, name: str, size: int | None = None) -> dict:

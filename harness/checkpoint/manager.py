@@ -17,7 +17,7 @@ from harness import dist
 from harness.checkpoint import arguments, blobs, retention
 from harness.checkpoint.apply import RestoreOptions, RestoreResult
 from harness.checkpoint.context import Ctx
-from harness.checkpoint.discovery import list_checkpoints
+from harness.checkpoint.discovery import scan
 from harness.checkpoint.kinds import Named, gather
 from harness.checkpoint.load import refuse_meta
 from harness.checkpoint.restore import restore as _restore
@@ -206,6 +206,6 @@ class CheckpointManager:
                                                            skip_mismatched=skip_mismatched, rng=rng))
 
     def latest(self) -> str | None:
-        """Name of the newest committed checkpoint (not verified), or None."""
-        infos = list_checkpoints(self.storage)
-        return infos[-1].name if infos else None
+        """Name of the newest committed checkpoint (not verified), or None. One listing: no record is read."""
+        committed = [i for i in scan(self.storage) if i.committed]
+        return committed[-1].name if committed else None

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from harness import faults
-from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints
+from harness.checkpoint.discovery import CheckpointInfo, CommitCache, list_checkpoints
 from harness.checkpoint.format import COMMIT_FILE
 from harness.storage import Storage
 
@@ -82,9 +82,10 @@ def stale_attempts(infos: list[CheckpointInfo]) -> list[str]:
 
 
 def apply(storage: Storage, policy: RetentionPolicy, protect: set[str],
-          damaged: set[str] = frozenset()) -> list[str]:
-    """Delete what the policy lets go. A failed delete is logged, never raised: training goes on."""
-    everything = list_checkpoints(storage, committed_only=False)  # one listing serves both rules
+          damaged: set[str] = frozenset(), cache: CommitCache | None = None) -> list[str]:
+    """Delete what the policy lets go. A failed delete is logged, never raised: training goes on.
+    ``cache``: the saving job's commit records read before (each is read once in its life)."""
+    everything = list_checkpoints(storage, committed_only=False, cache=cache)  # one listing serves both rules
     victims = [i.name for i in select_deletions([i for i in everything if i.committed], policy, protect, damaged)]
     victims += [n for n in stale_attempts(everything) if n not in protect and n not in damaged]
     deleted = []
@@ -97,6 +98,8 @@ def apply(storage: Storage, policy: RetentionPolicy, protect: set[str],
             deleted.append(name)
         except Exception as exc:  # noqa: BLE001 - retention must never stop training
             log.warning("retention: could not delete %s: %s: %s", name, type(exc).__name__, exc)
+    if cache is not None:  # a name deleted now may be used again by a later save: its record is read afresh
+        cache.keep_only(i.name for i in everything if i.name not in deleted)
     if deleted:
         log.info("retention: deleted %s", ", ".join(deleted))
     return deleted

@@ -313,7 +313,8 @@ class Saver:
             log.warning("checkpoint %s is committed, but a step after writing its commit record failed: %s: %s",
                         name, type(exc).__name__, exc)
         try:  # the checkpoint is committed: a retention failure must not fail the save (or hang the others)
-            retention.apply(storage, self.settings.policy, protect={name}, damaged=self.ctx.damaged)
+            retention.apply(storage, self.settings.policy, protect={name}, damaged=self.ctx.damaged,
+                            cache=self.ctx.commits)
         except Exception as exc:  # noqa: BLE001
             log.warning("retention after %s failed: %s: %s", name, type(exc).__name__, exc)
         return CommitOutcome(bytes=sum(f["size"] for f in manifest["files"].values()))

@@ -108,6 +108,32 @@ class LocalBackend(FsspecBackend):
     def check_access(self, root: str, write: bool) -> None:
         probe_access(self, root, write)
 
+    def list_tree(self, path: str, prefix: str = "") -> dict[str, int | None]:
+        """As :meth:`FsspecBackend.list_tree`, with ``os.scandir``: one stat per file and none per folder,
+        where fsspec's walk builds an info dict per entry (5x slower; the job saving lists its folder after
+        every save, and a run that keeps its checkpoints has thousands of entries)."""
+        out: dict[str, int | None] = {}
+        todo = [("", self.fs._strip_protocol(path).rstrip("/") or "/")]
+        while todo:
+            rel, where = todo.pop()
+            try:
+                with os.scandir(where) as it:
+                    entries = list(it)
+            except (FileNotFoundError, NotADirectoryError):  # not there (or removed during the walk): empty
+                continue
+            for e in entries:
+                if not rel and prefix and not e.name.startswith(prefix):
+                    continue  # prune the top level: walk only what can match
+                try:
+                    if e.is_dir():
+                        out[rel + e.name] = None
+                        todo.append((f"{rel}{e.name}/", e.path))
+                    else:
+                        out[rel + e.name] = e.stat().st_size
+                except FileNotFoundError:
+                    continue  # removed since the folder was read
+        return out
+
     def makedirs(self, path: str) -> None:
         self.fs.makedirs(path, exist_ok=True)
         fsync_dir(os.path.dirname(path) or ".")
