@@ -7,6 +7,7 @@ commit record nor manifest (rank 0 sends the manifest with its choice)."""
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from typing import Any
 
@@ -223,3 +224,38 @@ def test_a_name_retention_deleted_and_a_later_save_reused_is_read_afresh(tmp_pat
     mgr.close()
     kept = {i.step: i.commit["loss"] for i in list_checkpoints(Storage(url))}
     assert kept == {5: 0.25, 7: 1.25}, kept
+
+
+def test_a_full_listing_reads_commit_records_together_and_keeps_their_meaning(tmp_path):
+    """list_checkpoints (retention's first pass, `ckpt list`) reads the records it needs several at a time
+    (latency on S3): still a damaged record is a problem of that checkpoint, a record gone since the listing an
+    uncommitted folder, and a failing store an error, not a damaged or missing checkpoint."""
+    url = str(tmp_path / "ck")
+    model, _, _ = simple_run()
+    mgr = CheckpointManager(url, keep_last=0)
+    for step in range(1, 21):
+        mgr.save(step, models=model, loss=float(step))
+    mgr.close()
+    storage = Storage(url)
+    storage.write_bytes("step-000000007/COMMIT", b"{not json")
+    threads = set()
+
+    def seam(point: str, info: dict) -> None:
+        if point != "discovery.read_commit":
+            return
+        threads.add(threading.current_thread().name)
+        if info["name"] == "step-000000012":
+            storage.remove_tree("step-000000012")   # deleted between the listing and the read
+    faults.install(seam)
+    infos = {i.name: i for i in list_checkpoints(storage, committed_only=False)}
+    assert len(threads) > 1 and all(t.startswith("harness-commits") for t in threads), threads
+    assert infos["step-000000007"].problem and not infos["step-000000012"].committed
+    assert [i.commit["loss"] for n, i in sorted(infos.items()) if i.committed and not i.problem] == \
+        [float(s) for s in range(1, 21) if s not in (7, 12)]
+
+    def failing(point: str, info: dict) -> None:
+        if point == "discovery.read_commit" and info["name"] == "step-000000015":
+            raise StorageError("Input/output error (injected)")
+    faults.install(failing)
+    with pytest.raises(StorageError, match="injected"):
+        list_checkpoints(storage)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -76,6 +77,11 @@ class CommitCache:
             del self._by_name[name]
 
 
+# Commit records are a few hundred bytes: reading them is all latency on S3, so a listing that needs every one
+# (retention's first pass in a job, `harness ckpt list`) reads them this many at a time.
+READ_THREADS = 16
+
+
 def read_commits(storage: Storage, infos: Iterable[CheckpointInfo],
                  cache: CommitCache | None = None) -> Iterator[CheckpointInfo]:
     """``infos`` in their order, each committed one's commit record read as it is reached (once): a caller
@@ -84,29 +90,47 @@ def read_commits(storage: Storage, infos: Iterable[CheckpointInfo],
     a failing store (StorageError, OSError) raises: it is not a damaged checkpoint. ``cache``: records
     read before, taken from it (and records read now put in it) when the listed size matches."""
     for info in infos:
-        if info.committed and not info.commit_read:
-            size = None if info.files is None else info.files.get(COMMIT_FILE)
-            cached = cache.get(info.name, size) if cache is not None else None
-            try:
-                info.commit = cached if cached is not None else read_commit(storage, info.name, size)
-            except FileNotFoundError:
-                info.committed = False
-            except StorageError:
-                raise  # the store failed (a StorageError is a CheckpointError too): not a damaged record
-            except CheckpointError as exc:
-                info.problem = str(exc)  # a commit record exists but is damaged
-            else:
-                if cache is not None and cached is None:
-                    cache.put(info.name, size, info.commit)
-            info.commit_read = True
+        _read_one(storage, info, cache)
         yield info
+
+
+def _read_one(storage: Storage, info: CheckpointInfo, cache: CommitCache | None,
+              from_cache_only: bool = False) -> None:
+    """Fill ``info``'s commit record (see :func:`read_commits`); with ``from_cache_only``, only from the cache."""
+    if not info.committed or info.commit_read:
+        return
+    size = None if info.files is None else info.files.get(COMMIT_FILE)
+    cached = cache.get(info.name, size) if cache is not None else None
+    if cached is None and from_cache_only:
+        return
+    try:
+        info.commit = cached if cached is not None else read_commit(storage, info.name, size)
+    except FileNotFoundError:
+        info.committed = False
+    except StorageError:
+        raise  # the store failed (a StorageError is a CheckpointError too): not a damaged record
+    except CheckpointError as exc:
+        info.problem = str(exc)  # a commit record exists but is damaged
+    else:
+        if cache is not None and cached is None:
+            cache.put(info.name, size, info.commit)
+    info.commit_read = True
 
 
 def list_checkpoints(storage: Storage, committed_only: bool = True,
                      cache: CommitCache | None = None) -> list[CheckpointInfo]:
     """Checkpoint folders, oldest first, every commit record read (retention, ``harness ckpt list`` and
-    prune need them all). Only folders with a commit record exist for readers."""
-    return [i for i in read_commits(storage, scan(storage), cache) if i.committed or not committed_only]
+    prune need them all), those not in ``cache`` READ_THREADS at a time. Only folders with a commit record
+    exist for readers."""
+    infos = scan(storage)
+    for info in infos:
+        _read_one(storage, info, cache, from_cache_only=True)
+    todo = [i for i in infos if i.committed and not i.commit_read]
+    if len(todo) > 1:
+        with cf.ThreadPoolExecutor(min(READ_THREADS, len(todo)), thread_name_prefix="harness-commits") as pool:
+            for _ in pool.map(lambda i: _read_one(storage, i, cache), todo):
+                pass  # the first failing store raises here
+    return [i for i in read_commits(storage, infos, cache) if i.committed or not committed_only]
 
 
 def read_commit(storage: Storage, name: str, size: int | None = None) -> dict:
