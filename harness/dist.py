@@ -104,8 +104,9 @@ def late_peers_warning(what: str, timeout_s: float) -> Iterator[None]:
         return
     after = min(30.0, timeout_s / 4)
     timer = threading.Timer(after, lambda: _log.warning(
-        "rank %d has waited %.0f s for the other ranks in %s: it is collective, every rank must call it (a rank "
-        "that never does makes this one fail when its timeout, %.0f s, runs out)", rank(), after, what, timeout_s))
+        "rank %d has waited %.0f s for the other ranks in %s: they are slow to get there, or do not call it; it is "
+        "collective, every rank must call it (a rank that never does makes this one fail when its timeout, %.0f s, "
+        "runs out)", rank(), after, what, timeout_s))
     timer.daemon = True
     timer.start()
     try:
