@@ -1,13 +1,15 @@
-"""The cost of a save in a folder that keeps its checkpoints (``keep_last = 0``, or a large keep_last/keep_best).
+"""The cost of a save in a folder that keeps many checkpoints (a large keep_last/keep_best).
 
     python benchmarks/many_checkpoints.py --counts 10,100,1000 --s3-counts 10,100,300
 
 After every save the saving job applies retention, which lists the folder and needs every checkpoint's commit
 record (its step, loss and metrics rank them). It used to read all of them at every save: one GET per
 checkpoint on S3, so a run keeping hundreds of checkpoints spent seconds per save there, on the training's
-time when saves are synchronous. The job now reads each record once in its life (they never change).
+time when saves are synchronous. The job now reads each record once in its life (they never change), and
+with ``keep_last = 0`` (keep every checkpoint) none: nothing is ranked.
 
-For each folder size N this fills a folder with N tiny checkpoints (an 8x8 Linear: the data is negligible, the
+For each folder size N (keep_last = 10**6: everything kept, every record needed) this fills a folder with N tiny
+checkpoints (an 8x8 Linear: the data is negligible, the
 folder's size is what is measured), then times ``--saves`` more saves two ways in the same run, one after the other:
 ``now`` (the job's own CheckpointManager, records read once) and ``every record`` (a manager that forgets
 what it read: what each save cost before). Median seconds per save and commit records read per save
@@ -37,6 +39,9 @@ from harness import CheckpointManager, faults  # noqa: E402
 from harness.checkpoint.discovery import CommitCache  # noqa: E402
 
 
+KEEP = 10**6  # ranks every checkpoint (keep_last=0 would read no record at all) and deletes none
+
+
 class Forgetful(CommitCache):
     """A cache that never hits: every retention pass reads every record, as before."""
 
@@ -45,7 +50,7 @@ class Forgetful(CommitCache):
 
 
 def fill(url: str, n: int, model: torch.nn.Module) -> None:
-    mgr = CheckpointManager(url, keep_last=0)
+    mgr = CheckpointManager(url, keep_last=KEEP)
     for step in range(1, n + 1):
         mgr.save(step, models=model, loss=1.0 / step)
     mgr.close()
@@ -53,7 +58,7 @@ def fill(url: str, n: int, model: torch.nn.Module) -> None:
 
 def time_saves(url: str, first: int, saves: int, model: torch.nn.Module) -> dict:
     """``saves`` saves with each manager in turn (the folder grows by one each time): median s, reads/save."""
-    mgrs = {"now": CheckpointManager(url, keep_last=0), "every record": CheckpointManager(url, keep_last=0)}
+    mgrs = {"now": CheckpointManager(url, keep_last=KEEP), "every record": CheckpointManager(url, keep_last=KEEP)}
     mgrs["every record"]._ctx.commits = Forgetful()
     times: dict[str, list[float]] = {k: [] for k in mgrs}
     reads: dict[str, int] = {k: 0 for k in mgrs}

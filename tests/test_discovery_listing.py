@@ -8,6 +8,7 @@ commit record nor manifest (rank 0 sends the manifest with its choice)."""
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -192,21 +193,28 @@ def test_a_store_failing_on_a_commit_record_fails_the_restore_instead_of_walking
 
 
 def test_a_run_keeping_its_checkpoints_reads_each_commit_record_once(url):
-    """Retention after each save read every commit record in the folder: a run keeping all its checkpoints
-    (keep_last=0) made one GET per checkpoint it had, at every save (300 checkpoints on moto: 1.1 s per save,
-    seconds on S3). Now the saving job reads each record once in its life: a save lists the folder once and
-    reads only the record it just wrote."""
+    """Retention after each save read every commit record in the folder: a run keeping its checkpoints
+    (keep_last=0, or a large keep_last) made one GET per checkpoint it had, at every save (300 checkpoints on
+    moto: 1.1 s per save, seconds on S3). Now the saving job reads each record once in its life: a save lists
+    the folder once and reads only the record it just wrote; keeping every checkpoint reads none."""
     model, opt, sched = simple_run()
-    mgr = CheckpointManager(url, keep_last=0)
+    mgr = CheckpointManager(url, keep_last=100, keep_best=2)
     for step in range(1, 9):
-        mgr.save(step, models=model)
+        mgr.save(step, models=model, loss=1.0 / step)
     counter = counting(mgr.storage)
     for step in range(9, 12):
-        mgr.save(step, models=model)
+        mgr.save(step, models=model, loss=1.0 / step)
     mgr.close()
     assert counter.reads_of(COMMIT_FILE) == ["step-000000009", "step-000000010", "step-000000011"]
     assert counter.count()["list_tree"] == 3  # one listing per save (retention's)
     assert [i.step for i in list_checkpoints(Storage(url))] == list(range(1, 12))
+    mgr = CheckpointManager(url, keep_last=0)  # keep every one: a new job, and no record is read at all
+    counter = counting(mgr.storage)
+    for step in range(12, 14):
+        mgr.save(step, models=model)
+    mgr.close()
+    assert counter.reads_of(COMMIT_FILE) == [] and counter.count()["list_tree"] == 2
+    assert [i.step for i in list_checkpoints(Storage(url))] == list(range(1, 14))
 
 
 def test_a_name_retention_deleted_and_a_later_save_reused_is_read_afresh(tmp_path):
@@ -226,11 +234,12 @@ def test_a_name_retention_deleted_and_a_later_save_reused_is_read_afresh(tmp_pat
     assert kept == {5: 0.25, 7: 1.25}, kept
 
 
-def test_a_full_listing_reads_commit_records_together_and_keeps_their_meaning(tmp_path):
+def test_a_full_listing_reads_commit_records_together_and_keeps_their_meaning():
     """list_checkpoints (retention's first pass, `ckpt list`) reads the records it needs several at a time
-    (latency on S3): still a damaged record is a problem of that checkpoint, a record gone since the listing an
-    uncommitted folder, and a failing store an error, not a damaged or missing checkpoint."""
-    url = str(tmp_path / "ck")
+    from a store that is not a local disk (latency on S3; memory:// here): still a damaged record is a problem
+    of that checkpoint, a record gone since the listing an uncommitted folder, and a failing store an error,
+    not a damaged or missing checkpoint."""
+    url = f"memory://listing-{uuid.uuid4().hex}/ck"
     model, _, _ = simple_run()
     mgr = CheckpointManager(url, keep_last=0)
     for step in range(1, 21):

@@ -78,7 +78,7 @@ class CommitCache:
 
 
 # Commit records are a few hundred bytes: reading them is all latency on S3, so a listing that needs every one
-# (retention's first pass in a job, `harness ckpt list`) reads them this many at a time.
+# (retention's first pass in a job, `harness ckpt list`) reads them this many at a time from a remote store.
 READ_THREADS = 16
 
 
@@ -120,13 +120,13 @@ def _read_one(storage: Storage, info: CheckpointInfo, cache: CommitCache | None,
 def list_checkpoints(storage: Storage, committed_only: bool = True,
                      cache: CommitCache | None = None) -> list[CheckpointInfo]:
     """Checkpoint folders, oldest first, every commit record read (retention, ``harness ckpt list`` and
-    prune need them all), those not in ``cache`` READ_THREADS at a time. Only folders with a commit record
-    exist for readers."""
+    prune need them all), those not in ``cache`` READ_THREADS at a time (from a remote store). Only folders
+    with a commit record exist for readers."""
     infos = scan(storage)
     for info in infos:
         _read_one(storage, info, cache, from_cache_only=True)
     todo = [i for i in infos if i.committed and not i.commit_read]
-    if len(todo) > 1:
+    if len(todo) > 1 and storage.local_path() is None:  # a local disk answers at once: threads only cost
         with cf.ThreadPoolExecutor(min(READ_THREADS, len(todo)), thread_name_prefix="harness-commits") as pool:
             for _ in pool.map(lambda i: _read_one(storage, i, cache), todo):
                 pass  # the first failing store raises here

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from harness import faults
-from harness.checkpoint.discovery import CheckpointInfo, CommitCache, list_checkpoints
+from harness.checkpoint.discovery import CheckpointInfo, CommitCache, list_checkpoints, scan
 from harness.checkpoint.format import COMMIT_FILE
 from harness.storage import Storage
 
@@ -85,7 +85,10 @@ def apply(storage: Storage, policy: RetentionPolicy, protect: set[str],
           damaged: set[str] = frozenset(), cache: CommitCache | None = None) -> list[str]:
     """Delete what the policy lets go. A failed delete is logged, never raised: training goes on.
     ``cache``: the saving job's commit records read before (each is read once in its life)."""
-    everything = list_checkpoints(storage, committed_only=False, cache=cache)  # one listing serves both rules
+    if policy.keep_last == 0:  # nothing committed goes: the listing alone finds the dead attempts, no record read
+        everything = scan(storage)
+    else:
+        everything = list_checkpoints(storage, committed_only=False, cache=cache)  # one listing, both rules
     victims = [i.name for i in select_deletions([i for i in everything if i.committed], policy, protect, damaged)]
     victims += [n for n in stale_attempts(everything) if n not in protect and n not in damaged]
     deleted = []
