@@ -63,7 +63,8 @@ def run_import(args: argparse.Namespace, options: dict) -> int:
 
         cfg = config_mod.load(args.config, args.overrides)
     summary = import_checkpoint(args.file, args.dir, step=args.step, epoch=args.epoch, config=cfg,
-                                fresh_optimizer=args.fresh_optimizer, dry_run=args.dry_run, storage_options=options)
+                                fresh_optimizer=args.fresh_optimizer, dry_run=args.dry_run, storage_options=options,
+                                lease_timeout_s=args.lease_timeout)
     kinds = [f"{what} {', '.join(map(repr, summary[key]))}" for what, key in
              (("model", "models"), ("optimizer", "optimizers"), ("scheduler", "schedulers")) if summary[key]]
     done = "dry run: would import" if args.dry_run else "imported"

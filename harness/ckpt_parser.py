@@ -137,7 +137,8 @@ def _add_import(sub: Any, options: argparse.ArgumentParser) -> None:
         "class harness does not import is not built (a note names it). A 'module.' prefix is stripped. With "
         "--config (the run's TOML, plus --set overrides) the model is checked against the config's model now, "
         "a missing optimizer or scheduler state is created from the config, "
-        "and the config is recorded; without it the file's state is stored as is.")
+        "and the config is recorded; without it the file's state is stored as is. Refuses (exit 3) while a live "
+        "job holds DIR's RUN_LEASE.")
     p.add_argument("file", metavar="FILE", help="torch.save or safetensors file, Hugging Face or DCP folder (local "
                    "path or fsspec URL)")
     p.add_argument("dir", metavar="DIR", help="checkpoint folder to write into (created if missing)")
@@ -152,6 +153,7 @@ def _add_import(sub: Any, options: argparse.ArgumentParser) -> None:
                    "write nothing, and say what the import would write")
     p.add_argument("--fresh-optimizer", action="store_true",
                    help="ignore the file's optimizer state (e.g. another optimizer than the config's)")
+    _lease_timeout(p)
 
 
 def _add_prune(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -163,6 +165,11 @@ def _add_prune(sub: Any, common: argparse.ArgumentParser) -> None:
         "never touched. `harness train` does the same on every start. Refuses (exit 3) while a live job holds "
         "the folder's RUN_LEASE. Exit 0 when done, 1 if something could not be removed.")
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    _lease_timeout(p)
+
+
+def _lease_timeout(p: argparse.ArgumentParser) -> None:
+    """``--lease-timeout`` of the commands that refuse a folder a live job holds (prune, import)."""
     p.add_argument("--lease-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="a lease whose heartbeat is younger than this belongs to a live job (the run's "
                    "checkpoint.lease_timeout_s; default 60)")

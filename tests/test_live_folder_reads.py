@@ -1,9 +1,10 @@
-"""Reading the folder of a job that is still training: `harness ckpt export/inspect/diff`,
+"""The folder of a job that is still training. Reading it: `harness ckpt export/inspect/diff`,
 `harness.load_for_inference` and `warm_start` take "the newest checkpoint", and the job's retention may delete
 that one while they read it, because it just committed a newer one. Before: the reader walked back to older
 checkpoints (next in line for deletion, and on S3 all gone with keep_last=1) and failed ("no valid checkpoint
 ... deleted while it was read") in most exports of a live S3 run, or (inspect) with a bare FileNotFoundError.
-Now it lists the folder again and reads the newer one."""
+Now it lists the folder again and reads the newer one. Writing into it: `harness ckpt import` is refused while
+the job lives."""
 
 from __future__ import annotations
 
@@ -148,5 +149,42 @@ def test_ckpt_commands_beside_a_live_training_job(tmp_path, request, where):
         assert job.poll() is None, job.tail()
         kill_tree(job, sig=15)
         assert job.wait() in (143, 0), job.tail()
+    finally:
+        runner.close()
+
+
+def test_import_into_a_live_jobs_folder_is_refused_until_it_stops(tmp_path):
+    """`harness ckpt import FILE DIR --step N` into the folder of a job that is training wrote there: the job's
+    retention then counted the import among its newest (keep_last=3 kept two of its own) and a restart resumed
+    from the import, not from the job's own progress. Now: exit 3, one line naming the job, nothing written
+    (--dry-run says the same); once the job has stopped, the import goes in."""
+    ck = tmp_path / "ck"
+    runner = Runner(tmp_path)
+    env = base_env()
+    try:
+        job = runner.start("train", [sys.executable, "-m", "harness", "train", "--config", CONFIG,
+                                     "--set", f"checkpoint.dir={ck}", "--set", f"run.output_dir={tmp_path}",
+                                     "--set", "train.max_steps=100000", "--set", "checkpoint.every_steps=5",
+                                     "--set", "train.step_sleep_s=0.01"])
+        wait_until("a checkpoint", lambda: list_checkpoints(Storage(str(ck))), [job])
+
+        def harness_cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "harness", *map(str, args)], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=120)
+        exported = harness_cli("ckpt", "export", ck, "--format", "pt", "--out", tmp_path / "src.pt")
+        assert exported.returncode == 0, exported.stderr[-3000:]
+        for dry in ([], ["--dry-run"]):
+            refused = harness_cli("ckpt", "import", tmp_path / "src.pt", ck, "--step", 10**7, "--config", CONFIG,
+                                  *dry)
+            assert refused.returncode == 3 and refused.stdout == "", (refused.returncode, refused.stderr[-3000:])
+            assert refused.stderr.count("\n") == 1 and refused.stderr.startswith(
+                f"harness: checkpoint error: {ck} is in use by a live job (run "), refused.stderr
+            assert "not importing into it" in refused.stderr
+        assert not (ck / "step-010000000").exists()
+        assert job.poll() is None, job.tail()
+        kill_tree(job, sig=15)
+        assert job.wait() == 143, job.tail()
+        done = harness_cli("ckpt", "import", tmp_path / "src.pt", ck, "--step", 10**7, "--config", CONFIG)
+        assert done.returncode == 0 and "as step-010000000" in done.stdout, done.stderr[-3000:]
     finally:
         runner.close()

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from harness import recipe
+from harness import lease, recipe
 from harness.checkpoint.discovery import list_checkpoints
 from harness.checkpoint.load import load_model_state
 from harness.errors import CheckpointError, CheckpointFormatError, ConfigError, HarnessError
@@ -199,9 +199,19 @@ class ImportedState:
         return groups if isinstance(groups, list) else []
 
 
+def _refuse_live_job(storage: Storage, lease_timeout_s: float) -> None:
+    holder = lease.live_holder(storage, lease_timeout_s)
+    if holder is not None:
+        raise lease.LeaseError(
+            f"{redact_url(storage.url)} is in use by a live job ({lease.describe(holder)}, heartbeat "
+            f"{lease.heartbeat_age(holder) or 0:.0f} s ago): not importing into it (its retention would take the "
+            "import for its newest checkpoint and a restart would resume from it, not from the job's own); "
+            "import into another folder, or once the job has stopped")
+
+
 def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int | None = None,
                       config: Any = None, fresh_optimizer: bool = False, dry_run: bool = False,
-                      storage_options: dict | None = None) -> dict:
+                      storage_options: dict | None = None, lease_timeout_s: float = 60.0) -> dict:
     """Write the plain checkpoint ``src`` (local path or fsspec URL) as a harness checkpoint under ``url``.
 
     ``step``: the global step to record (default: the file's ``step``, else the optimizer's own step
@@ -214,9 +224,13 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
     Returns a summary: checkpoint, step, step_source, epoch, loss, models, optimizers, schedulers,
     config (bool), notes (list of lines), ignored (file keys not used). Refuses (HarnessError) when
     ``url`` already holds a checkpoint at this step or later: ``harness train`` would resume from that
-    one instead."""
+    one instead; and (LeaseError, exit 3) while a live job holds ``url`` (its lease's heartbeat younger than
+    ``lease_timeout_s``): the job's retention would count the import as its own newest, and its next
+    restart would resume from it instead of from its own progress."""
     src, url = os.fspath(src), os.fspath(url)  # pathlib.Paths too
     shown = redact_url(src)
+    storage = Storage(url, storage_options)
+    _refuse_live_job(storage, lease_timeout_s)
     obj, read_notes = read_source(src, shown, storage_options)
     imp = understand(obj, shown, read_notes)
     notes: list[str] = list(imp.notes)
@@ -233,7 +247,6 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
     step, step_source = _step_of(step, imp)
     epoch = epoch if epoch is not None else (imp.epoch or 0)
 
-    storage = Storage(url, storage_options)
     later = [i for i in list_checkpoints(storage) if i.step >= step]
     if later:
         raise HarnessError(f"{redact_url(url)} already holds checkpoint {later[-1].name} (step {later[-1].step} >= "
