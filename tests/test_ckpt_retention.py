@@ -157,3 +157,29 @@ def test_a_failing_listing_does_not_fail_a_committed_save(ckpt_url, caplog, monk
     assert "listing failed" in caplog.text
     monkeypatch.undo()
     assert CheckpointManager(ckpt_url).restore(models=Net()).step == 10
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "different"])
+def test_a_commit_record_damaged_after_the_job_read_it_is_kept(ckpt_url, caplog, damage):
+    """The saving job ranks checkpoints by commit records it read once and kept (discovery.CommitCache). A
+    record damaged since (same size: the listing cannot tell) must still not be deleted: the record is read
+    again right before its checkpoint would go, and a changed one keeps it, as one found damaged at ranking."""
+    from harness.storage import Storage
+    model, _, _ = simple_run(steps=1)
+    mgr = CheckpointManager(ckpt_url, keep_last=3)
+    for step in (1, 2, 3):
+        mgr.save(step, models=model, loss=1.25)
+    storage = Storage(ckpt_url)
+    raw = storage.read_bytes("step-000000001/COMMIT")
+    bad = raw.replace(b"1.25", b"9.25") if damage == "different" else raw.replace(b"{", b"[", 1)
+    assert bad != raw and len(bad) == len(raw)
+    storage.write_bytes("step-000000001/COMMIT", bad)
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        mgr.save(4, models=model, loss=1.25)
+    mgr.close()
+    assert _steps(ckpt_url) == [1, 2, 3, 4]
+    assert any("step-000000001's commit record changed since it was read" in r.getMessage() for r in caplog.records)
+    mgr = CheckpointManager(ckpt_url, keep_last=3)   # a new job reads it damaged: not counted, not deleted
+    mgr.save(5, models=model, loss=1.25)
+    mgr.close()
+    assert _steps(ckpt_url) == [1, 3, 4, 5]

@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass
 
 from harness import faults
-from harness.checkpoint.discovery import CheckpointInfo, CommitCache, list_checkpoints, scan
+from harness.checkpoint.discovery import CheckpointInfo, CommitCache, list_checkpoints, read_commit, scan
 from harness.checkpoint.format import COMMIT_FILE
+from harness.errors import CheckpointError, StorageError
 from harness.storage import Storage
 
 log = logging.getLogger("harness")
@@ -89,14 +90,20 @@ def apply(storage: Storage, policy: RetentionPolicy, protect: set[str],
         everything = scan(storage)
     else:
         everything = list_checkpoints(storage, committed_only=False, cache=cache)  # one listing, both rules
-    victims = [i.name for i in select_deletions([i for i in everything if i.committed], policy, protect, damaged)]
+    chosen = select_deletions([i for i in everything if i.committed], policy, protect, damaged)
+    records = {i.name: i.commit for i in chosen}
+    victims = [i.name for i in chosen]
     victims += [n for n in stale_attempts(everything) if n not in protect and n not in damaged]
     deleted = []
     for name in victims:
         try:
             faults.point("retention.delete", name=name)
-            if storage.exists(f"{name}/{COMMIT_FILE}"):
-                storage.remove(f"{name}/{COMMIT_FILE}")  # invisible first, so a half-deleted one never shows
+            if name in records:  # committed: invisible first, so a half-deleted one never shows
+                now = _record_now(storage, name, records[name])
+                if now == "changed":
+                    continue
+                if now == "same":
+                    storage.remove(f"{name}/{COMMIT_FILE}")
             storage.remove_tree(name)
             deleted.append(name)
         except Exception as exc:  # noqa: BLE001 - retention must never stop training
@@ -106,3 +113,23 @@ def apply(storage: Storage, policy: RetentionPolicy, protect: set[str],
     if deleted:
         log.info("retention: deleted %s", ", ".join(deleted))
     return deleted
+
+
+def _record_now(storage: Storage, name: str, ranked: dict) -> str:
+    """A committed victim's record read now: "same" as the one it was ranked by (which may have come from the
+    job's cache, read long ago), "gone", or "changed" (no longer parses, or says something else: damaged, kept
+    for a human, as one found damaged at ranking is). The read stands in for the existence check a delete
+    needs anyway: no request more."""
+    try:
+        now = read_commit(storage, name)
+    except FileNotFoundError:
+        return "gone"
+    except StorageError:
+        raise
+    except CheckpointError:
+        now = None
+    if now != ranked:
+        log.warning("retention: %s's commit record changed since it was read (now %s): kept, not deleted",
+                    name, "unreadable" if now is None else "different")
+        return "changed"
+    return "same"
