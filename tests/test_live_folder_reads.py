@@ -188,3 +188,25 @@ def test_import_into_a_live_jobs_folder_is_refused_until_it_stops(tmp_path):
         assert done.returncode == 0 and "as step-010000000" in done.stdout, done.stderr[-3000:]
     finally:
         runner.close()
+
+
+def test_list_beside_a_live_job_says_deleted_not_damaged(tmp_path, capsys):
+    """`harness ckpt list` lists the folder, reads the commit records, then quick-checks each checkpoint; the
+    job's retention may delete one in between. Its status said "manifest.json is missing", as if damaged."""
+    import shutil
+
+    from harness import faults
+    ck = tmp_path / "ck"
+    mgr = CheckpointManager(str(ck), keep_last=0)
+    for step in (1, 2, 3):
+        mgr.save(step, models=linear(step))
+    mgr.close()
+
+    def retention_elsewhere(point, info):  # step 1's record is read (oldest first): then the job deletes it
+        if point == "discovery.read_commit" and info["name"] == "step-000000003" and (ck / "step-000000001").exists():
+            shutil.rmtree(ck / "step-000000001")
+    faults.install(retention_elsewhere)
+    assert cli("ckpt", "list", ck, "--json") == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["step-000000001"]["status"] == GONE and not rows["step-000000001"]["valid"]
+    assert [rows[f"step-00000000{s}"]["status"] for s in (2, 3)] == ["valid", "valid"]
