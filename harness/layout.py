@@ -26,3 +26,12 @@ def parse_name(name: str) -> tuple[int, int] | None:
     if not m:
         return None
     return int(m.group(1)), int(m.group(2) or 0)
+
+
+def free_name(step: int, taken: set[str]) -> str:
+    """The name a checkpoint of ``step`` gets in a folder holding ``taken``: never one already there (a
+    checkpoint is never overwritten in place; a killed save's folder makes the next ``step-N-a1``)."""
+    attempt = 0
+    while ckpt_name(step, attempt) in taken:
+        attempt += 1
+    return ckpt_name(step, attempt)

@@ -278,6 +278,13 @@ def test_import_dry_run_checks_everything_and_writes_nothing(tmp_path, capsys):
     assert cli("ckpt", "import", src, dest, "--config", QUICKSTART, "--set", "model.hidden=64", "--dry-run") == 1
     assert "the file's model weights do not fit the config's model (mlp)" in capsys.readouterr().err
     assert not dest.exists()
+    # a save of step 6 killed before its commit left its folder: the import is step-000000006-a1, dry or not
+    (dest / "step-000000006").mkdir(parents=True)
+    (dest / "step-000000006" / "data-0000.bin").write_bytes(b"partial")
+    for dry in (["--dry-run"], []):
+        assert cli("ckpt", "import", src, dest, "--config", QUICKSTART, *dry) == 0
+        assert " as step-000000006-a1: step 6 " in capsys.readouterr().out
+    assert [p.name for p in dest.iterdir()] == ["step-000000006-a1"]  # the dead attempt went with its commit
 
 
 def test_import_refusals(tmp_path, capsys):

@@ -26,12 +26,13 @@ from harness.checkpoint import blobs, codec, retention, sharded, stepwrite
 from harness.checkpoint.background import YieldingPool
 from harness.checkpoint.context import Ctx
 from harness.checkpoint.format import (CHECKSUM_ALGORITHM, COMMIT_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
-                                       TensorEntry, ckpt_name, dumps, make_commit, parse_name)
+                                       TensorEntry, dumps, make_commit, parse_name)
 from harness.checkpoint.kinds import MODELS, OPTIMIZERS, Targets, step_mutated, storage_key
 from harness.checkpoint.load import class_name
 from harness.checkpoint.snapshot import Snapshot
 from harness.checkpoint.staging import Staging
 from harness.errors import CheckpointError, is_storage_unavailable, storage_failure
+from harness.layout import free_name
 from harness.state import capture_rng
 
 log = logging.getLogger("harness")
@@ -256,10 +257,7 @@ class Saver:
             taken = {n for n in self.ctx.storage.listdir() if parse_name(n)}
         except Exception as exc:  # noqa: BLE001 - the other ranks wait on this broadcast
             return NameDecision(error=f"{type(exc).__name__}: {exc}", unavailable=is_storage_unavailable(exc))
-        attempt = 0
-        while ckpt_name(step, attempt) in taken:
-            attempt += 1
-        return NameDecision(name=ckpt_name(step, attempt))
+        return NameDecision(name=free_name(step, taken))
 
     def _write(self, name: str, c: Captured, staging: Staging | None = None,
                urgent: threading.Event | None = None, deadline: float | None = None) -> Fragment:

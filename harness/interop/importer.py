@@ -50,7 +50,7 @@ from harness.checkpoint.load import load_model_state
 from harness.errors import CheckpointError, CheckpointFormatError, ConfigError, HarnessError
 from harness.interop import lightning, torchload
 from harness.interop.sources import read_source
-from harness.layout import ckpt_name
+from harness.layout import free_name
 from harness.state import capture_rng, restore_rng, strip_prefix
 from harness.storage import Storage, redact_url
 
@@ -262,7 +262,8 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
             recipe.seed_everything(cfg.train.seed)  # the RNG state a fresh `harness train` rank 0 starts from
         else:
             objects = _as_stored(imp, notes)
-        name = ckpt_name(step) if dry_run else _write(url, step, epoch, objects, imp, metadata, storage_options)
+        name = (free_name(step, set(storage.listdir())) if dry_run
+                else _write(url, step, epoch, objects, imp, metadata, storage_options))
     finally:
         restore_rng(rng)
     if imp.ignored:
