@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
 
-from harness import recipe
+from harness import CheckpointManager, load_for_inference, recipe
 from harness.checkpoint.foreign import foreign_checkpoints
 from harness.storage import Storage
 
@@ -186,3 +187,19 @@ def test_trainer_and_accelerate_output_folders_are_recognised(tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith(
         f"(it holds Accelerate checkpoints: checkpoint_0, checkpoint_1; `harness ckpt import {acc}/checkpoint_1 "
         "NEW_DIR` makes one a harness checkpoint)")
+
+
+def test_a_run_folder_with_another_tools_file_beside_it_reads_harness_checkpoints(tmp_path):
+    """load_for_inference/warm_start/init_from read another tool's folder first and asked afterwards whether
+    harness checkpoints were there too: a stray file of another tool's layout (a broken `.metadata` a DCP
+    experiment left in the run folder) made the harness checkpoints beside it unreadable. Harness's own
+    checkpoints are looked for first now, and the other tool's files are not opened."""
+    ck = tmp_path / "ck"
+    torch.manual_seed(0)
+    saved = nn.Linear(3, 3)
+    mgr = CheckpointManager(str(ck), keep_last=0)
+    mgr.save(1, models=saved)
+    mgr.close()
+    (ck / ".metadata").write_bytes(b"not a pickle")
+    model = load_for_inference(str(ck), nn.Linear(3, 3))
+    assert torch.equal(model.weight, saved.weight)

@@ -210,3 +210,4 @@ def test_list_beside_a_live_job_says_deleted_not_damaged(tmp_path, capsys):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["step-000000001"]["status"] == GONE and not rows["step-000000001"]["valid"]
     assert [rows[f"step-00000000{s}"]["status"] for s in (2, 3)] == ["valid", "valid"]
+
