@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
+from harness.interop import torchload
 from harness.interop.formats import ExportFormat, ExportJob, Written
 from harness.interop.live import check_inputs, flat_outputs, max_abs_diff, tolerance, write_programs
 from harness.storage.local import atomic_file
@@ -35,10 +36,6 @@ def require_onnx() -> None:
 
 def _onnx_dynamo_available() -> bool:
     return importlib.util.find_spec("onnxscript") is not None
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else ""
 
 
 def to_onnx(module: torch.nn.Module, args: tuple, path: str, what: str = "model") -> dict:
@@ -62,7 +59,7 @@ def to_onnx(module: torch.nn.Module, args: tuple, path: str, what: str = "model"
                 torch.onnx.export(module, args, path, dynamo=True, external_data=False, verbose=False, **kwargs)
                 exporter = "dynamo"
             except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript-based exporter
-                errors.append(f"dynamo exporter: {type(exc).__name__}: {_first_line(exc)}")
+                errors.append(f"dynamo exporter: {type(exc).__name__}: {torchload.first_line(exc)}")
                 log.info("ONNX dynamo export failed, using the TorchScript-based exporter: %s", errors[-1])
         if exporter is None:
             try:
@@ -70,7 +67,7 @@ def to_onnx(module: torch.nn.Module, args: tuple, path: str, what: str = "model"
                 torch.onnx.export(module, args, path, **extra, **kwargs)
                 exporter = "torchscript"
             except Exception as exc:  # noqa: BLE001
-                errors.append(f"TorchScript-based exporter: {type(exc).__name__}: {_first_line(exc)}")
+                errors.append(f"TorchScript-based exporter: {type(exc).__name__}: {torchload.first_line(exc)}")
                 hint = ("" if _onnx_dynamo_available()
                         else " (the dynamo exporter needs onnxscript: pip install onnxscript)")
                 raise HarnessError(f"cannot export {what} to ONNX: " + "; ".join(errors) + hint) from None
