@@ -431,3 +431,65 @@ def test_a_lightning_sharded_checkpoint_folder(tmp_path):
     assert harness.warm_start(fresh, src).loaded == len(model.state_dict())
     fresh = trainer_objects(cfg)[0]  # the folder Lightning's ModelCheckpoint keeps them in: its last one
     assert harness.warm_start(fresh, tmp_path).source == f"{tmp_path} (epoch=0-step=4.ckpt: __0_0.distcp)"
+
+
+# -- from a remote store: small records read in spans, several at a time --------------------------------
+
+def _on_remote_store(src) -> Storage:
+    """``src``'s files in a memory:// folder: a store without a local path, read as S3 is."""
+    import uuid
+    storage = Storage(f"memory://dcp-{uuid.uuid4().hex}/dcp")
+    for name in os.listdir(src):
+        storage.write_bytes(name, (src / name).read_bytes())
+    return storage
+
+
+def test_a_dcp_folder_on_a_remote_store_is_read_in_spans_of_records(tmp_path, monkeypatch):
+    """Through a window on an S3 object, torch.load's reads at both ends of every record fetched a 16 MiB
+    block each, one record after the other (moto, 128 records of 2 MB: 8 s; in spans: 2.6 s). Small records
+    are read in spans of adjacent ones, one ranged read per span; a record over SPAN_BYTES is read alone
+    through a window (its bytes straight into the tensor). The same tensors as from a local folder."""
+    from harness.interop import dcp as hdcp
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)], torch.nn.Linear(8, 64))
+    src = tmp_path / "dcp"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(src))
+    local = hdcp.read_folder(Storage(str(src)), "local").state["model"]
+    storage = _on_remote_store(src)
+    layout = hdcp.read_layout(storage, "remote")
+    records = [(fqn, c) for fqn, (_, _, chunks) in layout.tensors.items() for c in chunks]
+    big = next(c.length for fqn, c in records if fqn == "model.6.weight")  # 64x8: the largest record
+    monkeypatch.setattr(hdcp, "SPAN_BYTES", big - 1)
+    small = [(f, c) for f, c in records if c.length <= hdcp.SPAN_BYTES]
+    spans = hdcp._spans(small)
+    assert 1 < len(spans) < len(small) < len(records)  # some records share a span; the 64x8 weight is alone
+    calls = []
+    real = storage.backend
+
+    class Counting:
+        def __getattr__(self, name):
+            attr = getattr(real, name)
+            return (lambda *a, **k: (calls.append(name), attr(*a, **k))[1]) if callable(attr) else attr
+    storage.backend = Counting()
+    remote = hdcp.read_folder(storage, "remote").state["model"]
+    assert calls.count("read") == 1 + len(spans) and calls.count("open_read") == 1, calls  # 1: .metadata
+    assert remote.keys() == local.keys() and all(torch.equal(remote[k], local[k]) for k in local)
+    assert all(torch.equal(remote[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_tensor_chunk_that_would_run_code_is_refused_from_a_remote_store(small_dcp, tmp_path):
+    src, model = small_dcp
+    marker = tmp_path / "ran"
+    data = (src / "__0_0.distcp").read_bytes()
+    evil = io.BytesIO()
+    torch.save(Payload(marker), evil)
+    meta = pickle.loads((src / ".metadata").read_bytes())
+    key, info = storage_entry(meta, "model.0.weight")
+    info.offset, info.length = len(data), len(evil.getvalue())
+    (src / ".metadata").write_bytes(pickle.dumps(meta))
+    (src / "__0_0.distcp").write_bytes(data + evil.getvalue())
+    storage = _on_remote_store(src)
+    with pytest.raises(CheckpointFormatError, match=r"model\.0\.weight's chunk .* is refused: it needs unpickling "
+                                                    r"posix\.system; nothing from it was run"):
+        harness.warm_start(model, storage.url)
+    assert not marker.exists()

@@ -18,6 +18,7 @@ checkpoint saved at any world size imports).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import io
 import pickle
 import re
@@ -30,6 +31,10 @@ from harness.errors import CheckpointFormatError
 from harness.interop import torchload
 from harness.storage import Storage
 from harness.storage.seekable import Window
+
+REMOTE_THREADS = 8         # spans of records read at a time from a remote store
+SPAN_BYTES = 16 << 20      # adjacent records read together from a remote store, up to this many bytes
+SPAN_GAP = 64 << 10        # records further apart than this are not read together (the gap would be read too)
 
 METADATA = ".metadata"
 MAX_METADATA_BYTES = 256 << 20
@@ -275,6 +280,8 @@ def read_folder(storage: Storage, shown: str, keep: Callable[[tuple], bool] = la
             del entries[fqn]
     out = DcpState(state={}, layout=layout)
     with _Files(storage, shown) as files:
+        if files.remote:
+            files.fetch([(fqn, c) for fqn, (_, _, chunks) in layout.tensors.items() for c in chunks])
         for fqn, (dtype, shape, chunks) in layout.tensors.items():
             _place(out.state, layout.paths.get(fqn, (fqn,)), _tensor_from(files, fqn, dtype, shape, chunks), shown)
         for fqn, c in layout.values.items():
@@ -309,12 +316,37 @@ def _tensor_from(files: "_Files", fqn: str, dtype: torch.dtype, shape: tuple[int
 
 
 class _Files:
-    """The folder's data files, each opened once, and the torch.save records at offsets in them, loaded
-    straight from the file through a window (no copy of the record's bytes first)."""
+    """The folder's data files and the torch.save records at offsets in them. On a local disk each file is
+    opened once and a record loaded straight from it through a window (no copy of its bytes first). From a
+    remote store (S3) :meth:`fetch` first reads the small records in spans of adjacent ones (up to
+    SPAN_BYTES each), several spans at a time: through a window on the object, torch.load's reads at both
+    ends of each record fetched a part-sized block (16 MiB) each time, one record after the other."""
 
     def __init__(self, storage: Storage, shown: str) -> None:
         self.storage, self.shown = storage, shown
         self.open: dict[str, Any] = {}
+        self.remote = storage.local_path() is None
+        self.fetched: dict[tuple[str, int], Any] = {}  # (file, offset) -> the record loaded, or its exception
+
+    def fetch(self, wanted: list[tuple[str, Chunk]]) -> None:
+        """Read and load the records up to SPAN_BYTES; larger ones are read when asked for, through a window
+        (their bytes straight into the tensor, as the store's concurrent parts: no copy held first)."""
+        small = [(fqn, c) for fqn, c in wanted if c.length <= SPAN_BYTES]
+        with cf.ThreadPoolExecutor(REMOTE_THREADS, thread_name_prefix="harness-dcp") as pool:
+            for loaded in pool.map(self._fetch_span, _spans(small)):
+                self.fetched.update(loaded)
+
+    def _fetch_span(self, span: list[tuple[str, Chunk]]) -> dict[tuple[str, int], Any]:
+        file, start = span[0][1].file, span[0][1].offset
+        end = max(c.offset + c.length for _, c in span)
+        buf = io.BytesIO(self.storage.read_bytes(file, start, end))
+        out: dict[tuple[str, int], Any] = {}
+        for fqn, c in span:
+            try:
+                out[(c.file, c.offset)] = self._load(fqn, c, Window(buf, c.offset - start, c.length))
+            except (CheckpointFormatError, torchload.NeedsObjects) as exc:  # raised when the record is asked for
+                out[(c.file, c.offset)] = exc
+        return out
 
     def __enter__(self) -> "_Files":
         return self
@@ -324,13 +356,35 @@ class _Files:
             f.close()
 
     def record(self, fqn: str, c: Chunk) -> Any:
+        if (c.file, c.offset) in self.fetched:
+            got = self.fetched.pop((c.file, c.offset))
+            if isinstance(got, Exception):
+                raise got
+            return got
         if c.file not in self.open:
             self.open[c.file] = self.storage.open_read(c.file)
+        return self._load(fqn, c, Window(self.open[c.file], c.offset, c.length))
+
+    def _load(self, fqn: str, c: Chunk, source: Any) -> Any:
         try:
-            return torchload.load(Window(self.open[c.file], c.offset, c.length))
+            return torchload.load(source)
         except torchload.NotReadable as exc:
             raise CheckpointFormatError(f"{self.shown}/{c.file}: {fqn} at byte {c.offset} is not a torch.save "
                                         f"record ({exc})") from None
+
+
+def _spans(wanted: list[tuple[str, Chunk]]) -> list[list[tuple[str, Chunk]]]:
+    """``wanted`` records in spans read by one ranged read each: adjacent records of one file, in file order,
+    up to SPAN_BYTES."""
+    spans: list[list[tuple[str, Chunk]]] = []
+    for fqn, c in sorted(wanted, key=lambda fc: (fc[1].file, fc[1].offset)):
+        last = spans[-1][-1][1] if spans else None
+        if (last is not None and last.file == c.file and 0 <= c.offset - (last.offset + last.length) <= SPAN_GAP
+                and c.offset + c.length - spans[-1][0][1].offset <= SPAN_BYTES):
+            spans[-1].append((fqn, c))
+        else:
+            spans.append([(fqn, c)])
+    return spans
 
 
 def _what(value: Any) -> str:
