@@ -388,6 +388,20 @@ def test_import_dcp_benchmark_tiny_cpu(tmp_path):
     assert "harness_read" in proc.stdout
 
 
+def test_import_dcp_benchmark_tiny_s3(tmp_path, s3_url):
+    """benchmarks/import_dcp.py --s3-url against the tests' moto: torch's FsspecReader both ways, harness in
+    spans and record by record, each measured; no timing asserted."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "import_dcp.py"), "--size-gb", "0.002",
+                           "--repeat", "1", "--out", str(out), "--dir", str(tmp_path), "--s3-url", f"{s3_url}/dcp"],
+                          cwd=REPO, env=uninstalled_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    result = json.loads((out / "import_dcp_s3_latest.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["torch_empty_planner", "torch_in_place", "harness_read",
+                                                     "harness_read_by_record"]
+    assert result["records"] > 1 and all(r["s"] > 0 for r in result["rows"]) and "harness_read" in proc.stdout
+
+
 def test_many_checkpoints_benchmark_tiny(tmp_path):
     """benchmarks/many_checkpoints.py end to end on local disk at tiny folder sizes: both managers save, the
     one that remembers what it read reads one commit record per save, the forgetful one every record. No
