@@ -196,19 +196,6 @@ def s3_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def s3_plot(result: dict, path: Path) -> str | None:
-    plt, why = pyplot()
-    if plt is None:
-        return why
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.bar([r["method"] for r in result["rows"]], [r["s"] for r in result["rows"]])
-    ax.tick_params(axis="x", rotation=15)
-    ax.set_ylabel("seconds (median)")
-    ax.set_title(f"Reading a {result['state_bytes'] / 1e9:.2f} GB DCP folder from S3 ({result['endpoint']})")
-    save_figure(plt, fig, path)
-    return None
-
-
 def table(result: dict) -> str:
     base = {r["method"]: r for r in result["rows"]}["torch_empty_planner"]
     cells = [["method", "cold s", "GB/s", "ratio", "warm s", "GB/s", "ratio"]]
@@ -222,18 +209,24 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> str | None:
+    """Seconds per method: cold and warm bars for a local folder, one bar each from S3."""
     plt, why = pyplot()
     if plt is None:
         return why
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    names = [r["method"] for r in result["rows"]]
-    for i, cache in enumerate(("cold", "warm")):
-        ax.bar([x + 0.4 * i for x in range(len(names))], [r[f"{cache}_s"] for r in result["rows"]], 0.4,
-               label=cache)
-    ax.set_xticks([x + 0.2 for x in range(len(names))], names, rotation=15)
+    rows = result["rows"]
+    series = ("cold_s", "warm_s") if "cold_s" in rows[0] else ("s",)
+    width = 0.8 / len(series)
+    for i, key in enumerate(series):
+        ax.bar([x + width * i for x in range(len(rows))], [r[key] for r in rows], width,
+               label=key[:-2] if len(series) > 1 else None)
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(rows))], [r["method"] for r in rows],
+                  rotation=15)
     ax.set_ylabel("seconds (median)")
-    ax.set_title(f"Reading a {result['state_bytes'] / 1e9:.2f} GB DCP folder")
-    ax.legend()
+    where = f" from S3 ({result['endpoint']})" if "endpoint" in result else ""
+    ax.set_title(f"Reading a {result['state_bytes'] / 1e9:.2f} GB DCP folder{where}")
+    if len(series) > 1:
+        ax.legend()
     save_figure(plt, fig, path)
     return None
 
@@ -259,7 +252,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     if result["benchmark"] == "import_dcp_s3":
-        write_results(out, "import_dcp_s3", stamp, result, lambda path: s3_plot(result, path))
+        write_results(out, "import_dcp_s3", stamp, result, lambda path: plot(result, path))
         print(s3_table(result))
         return 0
     write_results(out, "import_dcp_cpu", stamp, result, lambda path: plot(result, path))

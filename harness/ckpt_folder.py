@@ -98,9 +98,8 @@ def run_prune(storage: Storage, args: argparse.Namespace, secrets: list[str]) ->
     require_folder(storage)
     holder = lease.live_holder(storage, args.lease_timeout)
     if holder is not None:
-        error(f"checkpoint folder {redact_url(storage.url)} is in use by a live job ({lease.describe(holder)}, "
-              f"heartbeat {lease.heartbeat_age(holder) or 0:.0f} s ago): not pruning (its uncommitted folder may "
-              f"be the save in flight; the job cleans up by itself when it starts)", secrets)
+        error(f"checkpoint folder {lease.in_use(storage, holder)}: not pruning (its uncommitted folder may be the "
+              "save in flight; the job cleans up by itself when it starts)", secrets)
         return 3
     report = prune(storage, dry_run=args.dry_run)
     print(report.line())

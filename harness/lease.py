@@ -92,6 +92,13 @@ def describe(lease: dict) -> str:
             f"pid {lease.get('pid')}")
 
 
+def in_use(storage: Storage, holder: dict) -> str:
+    """"FOLDER is in use by a live job (run, host, pid, heartbeat N s ago)": what a tool that refuses a folder
+    a live job holds (``ckpt prune``, ``ckpt import``) starts its one line with."""
+    return (f"{redact_url(storage.url)} is in use by a live job ({describe(holder)}, heartbeat "
+            f"{heartbeat_age(holder) or 0:.0f} s ago)")
+
+
 def heartbeat_age(lease: dict) -> float | None:
     """Seconds since the record's last heartbeat; None when it has none."""
     beat = lease.get("heartbeat")

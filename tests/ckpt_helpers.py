@@ -1,5 +1,5 @@
 """Helpers shared by the checkpoint-core tests (test_ckpt_*.py): models, training steps, bitwise
-comparison and byte-level damage."""
+comparison, byte-level damage and counting the calls at the storage seam."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import math
 import random
 import struct
+from collections import Counter
 from typing import Any, Callable, Iterator
 from unittest import mock
 
@@ -207,3 +208,34 @@ def save_killed_before_commit(mgr: Any, step: int, **objects: Any) -> None:
             mgr.wait()
     finally:
         faults.install(None)
+
+
+# -- counting calls at the storage seam ---------------------------------------------------------------
+
+class Counting:
+    """The real backend, every call passed through as it is and recorded as (method, path relative to the
+    checkpoint folder). Installed in place of ``Storage.backend``: the seam every storage call goes through."""
+
+    def __init__(self, inner: Any, root: str) -> None:
+        self.inner, self.root, self.calls = inner, root.rstrip("/") + "/", []
+
+    def __getattr__(self, method: str) -> Any:
+        real = getattr(self.inner, method)
+
+        def counted(*args, **kwargs):
+            path = args[0] if args and isinstance(args[0], str) else ""
+            self.calls.append((method, path[len(self.root):] if path.startswith(self.root) else path))
+            return real(*args, **kwargs)
+        return counted
+
+    def count(self) -> Counter:
+        return Counter(m for m, _ in self.calls)
+
+    def reads_of(self, fname: str) -> list[str]:
+        """Folders whose ``fname`` was read, in order."""
+        return [p.rsplit("/", 1)[0] for m, p in self.calls if m in ("read", "open_read") and p.endswith(f"/{fname}")]
+
+
+def counting(storage: Storage) -> Counting:
+    storage.backend = Counting(storage.backend, storage.root)
+    return storage.backend

@@ -10,13 +10,12 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter
-from typing import Any
 
 import pytest
 import torch
 
-from ckpt_helpers import (Net, assert_bitwise, flip_byte, read_manifest, save_killed_before_commit, simple_run,
-                          snapshot, train_step)
+from ckpt_helpers import (Net, assert_bitwise, counting, flip_byte, read_manifest, save_killed_before_commit,
+                          simple_run, snapshot, train_step)
 from harness import CheckpointManager, faults
 from harness.checkpoint.discovery import list_checkpoints, read_commits, scan
 from harness.checkpoint.format import COMMIT_FILE, MANIFEST_FILE
@@ -25,35 +24,6 @@ from harness.storage import Storage
 from sharded_helpers import run_ranks
 
 GOOD, DAMAGED, UNCOMMITTED = "step-000000003", "step-000000004", "step-000000005"
-
-
-class Counting:
-    """The real backend, every call passed through as it is and recorded as (method, path relative to the
-    checkpoint folder). Installed in place of ``Storage.backend``: the seam every storage call goes through."""
-
-    def __init__(self, inner: Any, root: str) -> None:
-        self.inner, self.root, self.calls = inner, root.rstrip("/") + "/", []
-
-    def __getattr__(self, method: str) -> Any:
-        real = getattr(self.inner, method)
-
-        def counted(*args, **kwargs):
-            path = args[0] if args and isinstance(args[0], str) else ""
-            self.calls.append((method, path[len(self.root):] if path.startswith(self.root) else path))
-            return real(*args, **kwargs)
-        return counted
-
-    def count(self) -> Counter:
-        return Counter(m for m, _ in self.calls)
-
-    def reads_of(self, fname: str) -> list[str]:
-        """Folders whose ``fname`` was read, in order."""
-        return [p.rsplit("/", 1)[0] for m, p in self.calls if m in ("read", "open_read") and p.endswith(f"/{fname}")]
-
-
-def counting(storage: Storage) -> Counting:
-    storage.backend = Counting(storage.backend, storage.root)
-    return storage.backend
 
 
 def _flip_data(storage: Storage, name: str) -> None:

@@ -28,6 +28,7 @@ from harness.errors import CheckpointFormatError
 from harness.interop.importer import import_checkpoint
 from harness.storage import Storage
 
+from ckpt_helpers import counting
 from export_helpers import QUICKSTART, REPO, cli, quickstart_config, train_plainly
 from sharded_helpers import FNet, run_ranks
 from torch_features import needs_fsdp, needs_stand_ins
@@ -231,25 +232,27 @@ def test_a_metadata_pickle_that_would_run_code_is_refused_and_nothing_runs(small
     assert err.count("\n") == 1 and "posix.system is not part of DCP's metadata" in err
 
 
+def plant_payload(src, fqn: str, marker, data: bytes) -> None:
+    """``fqn``'s record replaced by a torch.save pickle that would run ``touch marker``, appended to the
+    folder's data file as it was (``data``), and the metadata pointed at it."""
+    evil = io.BytesIO()
+    torch.save(Payload(marker), evil)
+    meta = pickle.loads((src / ".metadata").read_bytes())
+    key, info = storage_entry(meta, fqn)
+    info.offset, info.length = len(data), len(evil.getvalue())
+    (src / ".metadata").write_bytes(pickle.dumps(meta))
+    (src / "__0_0.distcp").write_bytes(data + evil.getvalue())
+
+
 def test_a_value_record_that_would_run_code_is_left_out_and_a_tensor_chunk_refused(small_dcp, tmp_path):
     """The records in the .distcp files are torch.save pickles too: read with weights_only=True only."""
     src, model = small_dcp
     marker = tmp_path / "ran"
     data = (src / "__0_0.distcp").read_bytes()
-    evil = io.BytesIO()
-    torch.save(Payload(marker), evil)
-
-    def swap(fqn):
-        meta = pickle.loads((src / ".metadata").read_bytes())
-        key, info = storage_entry(meta, fqn)
-        info.offset, info.length = len(data), len(evil.getvalue())
-        (src / ".metadata").write_bytes(pickle.dumps(meta))
-        (src / "__0_0.distcp").write_bytes(data + evil.getvalue())
-
-    swap("step")
+    plant_payload(src, "step", marker, data)
     summary = import_checkpoint(src, tmp_path / "ckpt")
     assert summary["step"] == 0 and "step (needs unpickling posix.system)" in " ".join(summary["notes"])
-    swap("model.0.weight")
+    plant_payload(src, "model.0.weight", marker, data)
     with pytest.raises(CheckpointFormatError, match=r"model\.0\.weight's chunk .* is refused: it needs unpickling "
                                                     r"posix\.system; nothing from it was run"):
         harness.warm_start(model, src)
@@ -463,16 +466,10 @@ def test_a_dcp_folder_on_a_remote_store_is_read_in_spans_of_records(tmp_path, mo
     small = [(f, c) for f, c in records if c.length <= hdcp.SPAN_BYTES]
     spans = hdcp._spans(small)
     assert 1 < len(spans) < len(small) < len(records)  # some records share a span; the 64x8 weight is alone
-    calls = []
-    real = storage.backend
-
-    class Counting:
-        def __getattr__(self, name):
-            attr = getattr(real, name)
-            return (lambda *a, **k: (calls.append(name), attr(*a, **k))[1]) if callable(attr) else attr
-    storage.backend = Counting()
+    calls = counting(storage)
     remote = hdcp.read_folder(storage, "remote").state["model"]
-    assert calls.count("read") == 1 + len(spans) and calls.count("open_read") == 1, calls  # 1: .metadata
+    n = calls.count()
+    assert n["read"] == 1 + len(spans) and n["open_read"] == 1, calls.calls  # 1: .metadata
     assert remote.keys() == local.keys() and all(torch.equal(remote[k], local[k]) for k in local)
     assert all(torch.equal(remote[k], v) for k, v in model.state_dict().items())
 
@@ -480,16 +477,27 @@ def test_a_dcp_folder_on_a_remote_store_is_read_in_spans_of_records(tmp_path, mo
 def test_a_tensor_chunk_that_would_run_code_is_refused_from_a_remote_store(small_dcp, tmp_path):
     src, model = small_dcp
     marker = tmp_path / "ran"
-    data = (src / "__0_0.distcp").read_bytes()
-    evil = io.BytesIO()
-    torch.save(Payload(marker), evil)
-    meta = pickle.loads((src / ".metadata").read_bytes())
-    key, info = storage_entry(meta, "model.0.weight")
-    info.offset, info.length = len(data), len(evil.getvalue())
-    (src / ".metadata").write_bytes(pickle.dumps(meta))
-    (src / "__0_0.distcp").write_bytes(data + evil.getvalue())
+    plant_payload(src, "model.0.weight", marker, (src / "__0_0.distcp").read_bytes())
     storage = _on_remote_store(src)
     with pytest.raises(CheckpointFormatError, match=r"model\.0\.weight's chunk .* is refused: it needs unpickling "
                                                     r"posix\.system; nothing from it was run"):
         harness.warm_start(model, storage.url)
     assert not marker.exists()
+
+
+def test_an_oversized_metadata_is_refused_from_its_listed_size(small_dcp, monkeypatch):
+    """The size limit is checked against the listing before a byte is read (it was a ranged read of the limit
+    plus one: on S3 a 256 MiB buffer for every metadata file); over it, nothing is read."""
+    from harness.interop import dcp as hdcp
+    src, model = small_dcp
+    storage = _on_remote_store(src)
+    calls = counting(storage)
+    assert hdcp.read_layout(storage, "remote").tensors  # fits
+    assert ("read", ".metadata") in calls.calls
+    monkeypatch.setattr(hdcp, "MAX_METADATA_BYTES", (src / ".metadata").stat().st_size - 1)
+    calls.calls.clear()
+    with pytest.raises(CheckpointFormatError, match=r"\.metadata is larger than"):
+        harness.warm_start(model, storage.url)
+    with pytest.raises(CheckpointFormatError, match=r"\.metadata is larger than"):
+        hdcp.read_layout(storage, "remote")
+    assert not [c for c in calls.calls if c[0] == "read"]

@@ -94,15 +94,12 @@ def read_commits(storage: Storage, infos: Iterable[CheckpointInfo],
         yield info
 
 
-def _read_one(storage: Storage, info: CheckpointInfo, cache: CommitCache | None,
-              from_cache_only: bool = False) -> None:
-    """Fill ``info``'s commit record (see :func:`read_commits`); with ``from_cache_only``, only from the cache."""
+def _read_one(storage: Storage, info: CheckpointInfo, cache: CommitCache | None) -> None:
+    """Fill ``info``'s commit record (see :func:`read_commits`)."""
     if not info.committed or info.commit_read:
         return
-    size = None if info.files is None else info.files.get(COMMIT_FILE)
+    size = _listed_size(info)
     cached = cache.get(info.name, size) if cache is not None else None
-    if cached is None and from_cache_only:
-        return
     try:
         info.commit = cached if cached is not None else read_commit(storage, info.name, size)
     except FileNotFoundError:
@@ -117,15 +114,17 @@ def _read_one(storage: Storage, info: CheckpointInfo, cache: CommitCache | None,
     info.commit_read = True
 
 
+def _listed_size(info: CheckpointInfo) -> int | None:
+    return None if info.files is None else info.files.get(COMMIT_FILE)
+
+
 def list_checkpoints(storage: Storage, committed_only: bool = True,
                      cache: CommitCache | None = None) -> list[CheckpointInfo]:
     """Checkpoint folders, oldest first, every commit record read (retention, ``harness ckpt list`` and
     prune need them all), those not in ``cache`` READ_THREADS at a time (from a remote store). Only folders
     with a commit record exist for readers."""
     infos = scan(storage)
-    for info in infos:
-        _read_one(storage, info, cache, from_cache_only=True)
-    todo = [i for i in infos if i.committed and not i.commit_read]
+    todo = [i for i in infos if i.committed and (cache is None or cache.get(i.name, _listed_size(i)) is None)]
     if len(todo) > 1 and storage.local_path() is None:  # a local disk answers at once: threads only cost
         with cf.ThreadPoolExecutor(min(READ_THREADS, len(todo)), thread_name_prefix="harness-commits") as pool:
             for _ in pool.map(lambda i: _read_one(storage, i, cache), todo):

@@ -135,10 +135,16 @@ def is_dcp(names: set[str]) -> bool:
 
 
 def read_layout(storage: Storage, shown: str) -> Layout:
-    """``.metadata`` unpickled safely and checked against the folder's files (sizes from one listing)."""
-    data = storage.read_bytes(METADATA, 0, MAX_METADATA_BYTES + 1)
-    if len(data) > MAX_METADATA_BYTES:
+    """``.metadata`` unpickled safely and checked against the folder's files (sizes from one listing, taken
+    first: the metadata is read at its listed size, not into a buffer of the largest size allowed, which on S3
+    meant 256 MiB allocated for a few kilobytes)."""
+    listed = storage.list_tree("")
+    size = listed.get(METADATA)
+    if size is None:
+        raise FileNotFoundError(f"{shown}/{METADATA}")
+    if size > MAX_METADATA_BYTES:
         raise CheckpointFormatError(f"{shown}/{METADATA} is larger than {MAX_METADATA_BYTES >> 20} MiB")
+    data = storage.read_bytes(METADATA)
     try:
         meta = _MetadataUnpickler(io.BytesIO(data)).load()
     except _Refused as exc:
@@ -146,7 +152,6 @@ def read_layout(storage: Storage, shown: str) -> Layout:
     except Exception as exc:  # noqa: BLE001 - truncated or garbled pickles raise many types
         raise CheckpointFormatError(f"{shown}/{METADATA} is not a readable DCP metadata file: "
                                     f"{type(exc).__name__}: {exc}") from None
-    listed = storage.list_tree("")
     try:
         return _checked(meta, listed)
     except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:

@@ -203,10 +203,9 @@ def _refuse_live_job(storage: Storage, lease_timeout_s: float) -> None:
     holder = lease.live_holder(storage, lease_timeout_s)
     if holder is not None:
         raise lease.LeaseError(
-            f"{redact_url(storage.url)} is in use by a live job ({lease.describe(holder)}, heartbeat "
-            f"{lease.heartbeat_age(holder) or 0:.0f} s ago): not importing into it (its retention would take the "
-            "import for its newest checkpoint and a restart would resume from it, not from the job's own); "
-            "import into another folder, or once the job has stopped")
+            f"{lease.in_use(storage, holder)}: not importing into it (its retention would take the import for its "
+            "newest checkpoint and a restart would resume from it, not from the job's own); import into another "
+            "folder, or once the job has stopped")
 
 
 def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int | None = None,
