@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from harness import dist
-from harness.checkpoint import arguments, blobs, retention
+from harness.checkpoint import arguments, blobs, retention, shared
 from harness.checkpoint.apply import RestoreOptions, RestoreResult
 from harness.checkpoint.context import Ctx
 from harness.checkpoint.discovery import scan
@@ -25,7 +25,7 @@ from harness.checkpoint.save import Saver, SaveSettings
 from harness.checkpoint.snapshot import Snapshot
 from harness.errors import StorageError, is_storage_unavailable, storage_failure
 from harness.state import Stateful
-from harness.storage import Storage
+from harness.storage import Storage, redact_url
 
 __all__ = ["CheckpointManager", "RestoreResult"]
 
@@ -91,17 +91,26 @@ class CheckpointManager:
 
     def _check_storage(self, write: bool) -> None:
         """Fail fast: an unwritable folder, a missing bucket, rejected credentials or a missing permission is a
-        one-line StorageError on every rank now, not at the first save. Rank 0 checks; all ranks raise.
-        Skipped when ``harness launch`` checked the same storage moments ago (:meth:`Storage.access_remembered`)."""
-        problem = None
-        if self.rank == 0 and not self.storage.access_remembered(write):
+        one-line StorageError on every rank now, not at the first save. Rank 0 checks (skipped when ``harness
+        launch`` checked the same storage moments ago: :meth:`Storage.access_remembered`); all ranks raise.
+        A writer with several ranks also checks that they all see one folder (:mod:`~harness.checkpoint.shared`:
+        a job on several machines with the folder on each one's own disk)."""
+        problem, marker = None, None
+        if self.rank == 0:
             try:
-                self.storage.check_access(write=write)
+                if not self.storage.access_remembered(write):
+                    self.storage.check_access(write=write)
+                if write and self.world_size > 1:
+                    marker = shared.write_marker(self.storage)
             except StorageError as exc:
                 problem = (str(exc), is_storage_unavailable(exc))
-        problem = dist.broadcast(problem, self._group)
+            except Exception as exc:  # noqa: BLE001 - the marker's write: the others wait on the broadcast
+                problem = (f"checkpoint storage {redact_url(self.storage.url)} is not writable: "
+                           f"{type(exc).__name__}: {exc}", is_storage_unavailable(exc))
+        problem, marker = dist.broadcast((problem, marker), self._group)
         if problem:
             raise storage_failure(*problem, otherwise=StorageError)  # out of retries (exit 1) or refused (3)
+        shared.check(self.storage, marker, self._group, self.rank, self.world_size)
 
     @property
     def last_saved(self) -> str | None:

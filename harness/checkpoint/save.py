@@ -22,7 +22,7 @@ import torch
 
 from harness import dist, faults
 from harness._version import __version__
-from harness.checkpoint import blobs, codec, retention, sharded, stepwrite
+from harness.checkpoint import blobs, codec, retention, shared, sharded, stepwrite
 from harness.checkpoint.background import YieldingPool
 from harness.checkpoint.context import Ctx
 from harness.checkpoint.format import (CHECKSUM_ALGORITHM, COMMIT_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
@@ -292,6 +292,10 @@ class Saver:
                                  unavailable=all(f.unavailable for f in failed))
         storage = self.ctx.storage
         try:
+            unseen = shared.unseen(storage, name, frags)  # another rank's files landed elsewhere: not whole
+            if unseen:
+                log.error("checkpoint %s: %s", name, unseen)
+                return CommitOutcome(error=unseen)
             manifest = build_manifest(name, c, frags)
             raw = dumps(manifest)
             faults.point("save.before_manifest", step=c.step)
