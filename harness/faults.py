@@ -60,15 +60,34 @@ def forget_env() -> None:
     _env_spec, _env_fired = None, False
 
 
+ACTIONS = ("raise", "sigkill", "sigterm", "exit", "enospc")
+
+
+def check_env() -> None:
+    """Raise ValueError for a malformed HARNESS_FAULT (``harness launch`` calls it before any worker starts:
+    a typo in a test's fault is a config error there, not a failure at some later point)."""
+    _parse_env()
+
+
 def _parse_env() -> tuple[str, str, dict[str, str]] | None:
     spec = os.environ.get("HARNESS_FAULT", "")
     if not spec:
         return None
     parts = spec.split(":")
-    if len(parts) < 2:
+    if len(parts) < 2 or not parts[0] or any("=" not in p for p in parts[2:]):
         raise ValueError(f"HARNESS_FAULT must be NAME:ACTION[:key=value...], got {spec!r}")
-    match = dict(p.split("=", 1) for p in parts[2:])
-    return parts[0], parts[1], match
+    action = parts[1]
+    if action not in ACTIONS and not _is_sleep(action):
+        raise ValueError(f"HARNESS_FAULT {spec!r}: unknown action {action!r} (one of {', '.join(ACTIONS)}, "
+                         f"sleep=SECONDS)")
+    return parts[0], action, dict(p.split("=", 1) for p in parts[2:])
+
+
+def _is_sleep(action: str) -> bool:
+    try:
+        return action.startswith("sleep=") and float(action.split("=", 1)[1]) >= 0
+    except ValueError:
+        return False
 
 
 def _act(action: str, name: str) -> None:

@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from harness import exitcodes, gcpause, rendezvous, torchcompat, workerstart
+from harness import exitcodes, faults, gcpause, rendezvous, torchcompat, workerstart
 from harness.errors import ConfigError
 from harness.exitcodes import Outcome
 from harness.launch_args import LaunchArgs, nodes, nproc, parse_args
@@ -183,6 +183,10 @@ def _check(args: LaunchArgs) -> Any:
     from harness.progress import prepare_output_dir
     from harness.storage import Storage
 
+    try:
+        faults.check_env()  # the test seam's variable (harness/faults.py)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     lo, hi = nodes(args.nnodes)
     workers = nproc(args.nproc_per_node)
     if args.standalone and (hi > 1 or args.rdzv_endpoint):

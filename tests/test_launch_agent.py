@@ -120,6 +120,15 @@ def test_a_users_builder_with_the_wrong_signature_exits_2_without_restart(runner
     assert "Traceback" not in log and "will restart worker group" not in log, log[-3000:]
 
 
+@pytest.mark.parametrize("spec", ["garbage", "save.before_commit:boom", "save.before_commit:raise:step"])
+def test_a_malformed_fault_spec_is_a_config_error_before_any_worker(tmp_path, spec):
+    """The test seam's variable (harness/faults.py): a typo was exit 3, "could not take RUN_LEASE: ValueError"
+    (the first fault point a worker reached), or for an unknown action a fault that never fired."""
+    rc, err, _ = run_quick(launch_cmd(tmp_path, max_restarts=3), HARNESS_FAULT=spec)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("harness: config error: HARNESS_FAULT "), (rc, err)
+    assert not (tmp_path / "ck").exists()
+
+
 def test_missing_bucket_exits_3_before_any_worker_starts(tmp_path, s3_server):
     """... and makes no folder: the metrics folder derived from the URL (run.output_dir unset) was made first,
     leaving runs/remote/s3/<bucket>/run behind in the working directory."""
