@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from harness import determinism, dist, faults, lease, recipe
+from harness import determinism, dist, faults, lease, recipe, sameconfig
 from harness.checkpoint import CheckpointManager
 from harness.checkpoint.foreign import refuse_fresh_start
 from harness.checkpoint.prune import clean_leftovers
@@ -145,6 +145,7 @@ class Trainer:
         workload = recipe.workload(cfg, self.builder, deferred=self.deferred)
         self.device = init_distributed(cfg)
         self.rank, self.world = dist.rank(), dist.world_size()
+        sameconfig.check(cfg, vote_group := dist.new_cpu_group(cfg.dist.timeout_s))  # same settings everywhere, or 2
         self.loader = recipe.loader(cfg, workload.dataset, self.world, self.rank)  # before any storage work
         self.sampler = self.loader.sampler
         setup_logging(self.rank)
@@ -184,7 +185,7 @@ class Trainer:
         self.progress = Progress(cfg.train.max_steps, enabled=self.rank == 0)
         self.metrics_log = self._metrics_log(cfg.output_dir)
         self.stats = StepStats(self.device)
-        self.vote = StopVote(dist.new_cpu_group(cfg.dist.timeout_s))  # its own group: never waits on a save
+        self.vote = StopVote(vote_group)  # its own group: never waits on a save
         self._say_setup(parallel)  # after the storage checks: an error before it stays one line on stderr
 
     def _say_setup(self, parallel: str) -> None:

@@ -23,9 +23,9 @@ MAX_FUNCTION_LINES = 80
 # A name stands for the module and, for a package, everything in it. Keep in step with docs/architecture.md.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("harness._version", "harness.errors", "harness.exitcodes", "harness.config", "harness.faults",
-              "harness.dist", "harness.exiting", "harness.state", "harness.determinism", "harness.stepsync", "harness.progress",
-              "harness.data", "harness.workloads", "harness.synthetic", "harness.layout",
-              "harness.torchcompat", "harness.hostinfo", "harness.gcpause")),
+              "harness.dist", "harness.exiting", "harness.state", "harness.determinism", "harness.stepsync",
+              "harness.sameconfig", "harness.progress", "harness.data", "harness.workloads", "harness.synthetic",
+              "harness.layout", "harness.torchcompat", "harness.hostinfo", "harness.gcpause")),
     ("storage", ("harness.storage",)),
     ("checkpoint", ("harness.checkpoint", "harness.lease", "harness.prefetch")),
     ("recipe", ("harness.recipe",)),
