@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from harness import exitcodes, faults, gcpause, rendezvous, torchcompat, workerstart
+from harness import exitcodes, faults, gcpause, launch_folder, rendezvous, torchcompat, workerstart
 from harness.errors import ConfigError
 from harness.exitcodes import Outcome
 from harness.launch_args import LaunchArgs, nodes, nproc, parse_args
@@ -47,6 +47,7 @@ CPP_LOG_ENV = "TORCH_CPP_LOG_LEVEL"
 HANDLED = exitcodes.STOP_SIGNALS
 # torch's handler stays on these (its default set, less the ones the launcher handles itself).
 TORCH_SIGNALS = (signal.SIGHUP, signal.SIGQUIT)
+AGENT_LOGGER = "torch.distributed.elastic.agent.server.api"  # its restart decisions (INFO) are read here
 
 
 # -- launcher side -------------------------------------------------------------------------------------
@@ -164,6 +165,20 @@ class _TorchLogFilter(logging.Filter):
         return record.levelno >= logging.ERROR or "will restart worker group" in str(record.msg)
 
 
+class _RestartNote(logging.Filter):
+    """On torch's agent logger: its decision to restart the workers (a node joined, a worker failed) is logged
+    right before it stops them; the note lets them tell its SIGTERM from a stop of the job (launch_folder)."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "will restart worker group" in str(record.msg):
+            launch_folder.mark_agent_restart(self.folder)
+        return True
+
+
 def _setup_logging() -> None:
     """torch logs through handlers of its own ("torch", "torch.distributed"; they do not propagate): filter
     those, whatever their format."""
@@ -173,7 +188,7 @@ def _setup_logging() -> None:
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(_TorchLogFilter())
     # The agent's restart decision is an INFO record: let it reach the filter.
-    logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(os.environ.get("LOGLEVEL", "INFO"))
+    logging.getLogger(AGENT_LOGGER).setLevel(os.environ.get("LOGLEVEL", "INFO"))
     gcpause.freeze_and_resume()  # torch's launcher is imported (paused by cli.entry: harness/gcpause.py)
 
 
@@ -311,6 +326,7 @@ def _agent(args: LaunchArgs, cfg: Any, stopper: Stopper, preload_status: str = "
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
+    logging.getLogger(AGENT_LOGGER).addFilter(_RestartNote(stopper.folder))
     launch_cfg = _launch_config(args, cfg, stopper, preload_status)
     stopper.workers = launch_cfg.nproc_per_node
     _worker_env(stopper.folder, launch_cfg.nproc_per_node)

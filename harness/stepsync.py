@@ -30,23 +30,35 @@ class StopVote:
     signal) and casts this step's vote. Every rank calls it once per step, so every rank sees the same
     result at the same step and they all stop together. A signal thus stops the run at most two step
     boundaries after it arrives (the step it arrives in, plus the one the vote travels in): the grace period
-    must cover one step more than with a blocking vote."""
+    must cover one step more than with a blocking vote.
+
+    ``restart``: this rank's signal is its agent stopping the workers to restart them (harness/launch_folder.py),
+    not a stop of the job. Such a vote counts below any other signal (a preemption at the same time wins), and
+    ``agent_restart`` says whether the agreed stop is one."""
+
+    REAL = 1000  # a vote for a stop of the job: signum + REAL; for an agent's restart: signum
 
     def __init__(self, group: Any) -> None:
         self.group = group
+        self.agent_restart = False
         self._work: Any = None
         self._vote: torch.Tensor | None = None
 
-    def poll(self, signum: int) -> int:
+    def poll(self, signum: int, restart: bool = False) -> int:
+        vote = signum if restart or not signum else signum + self.REAL
         if self.group is None:  # one process: nothing to agree on
-            return signum
+            return self._agreed(vote)
         agreed = self._collect()
         if agreed:
-            return agreed  # every rank stops here, so no further vote is cast
-        self._vote = torch.tensor([signum], dtype=torch.int64)
+            return self._agreed(agreed)  # every rank stops here, so no further vote is cast
+        self._vote = torch.tensor([vote], dtype=torch.int64)
         self._work = torch_dist.all_reduce(self._vote, op=torch_dist.ReduceOp.MAX, group=self.group,
                                            async_op=True)
         return 0
+
+    def _agreed(self, vote: int) -> int:
+        self.agent_restart = 0 < vote < self.REAL
+        return vote - self.REAL if vote > self.REAL else vote
 
     def _collect(self) -> int:
         if self._work is None:
@@ -57,7 +69,7 @@ class StopVote:
 
     def drain(self) -> int:
         """Finish the vote in flight (before the group goes away); its result, 0 if none."""
-        return self._collect() if self.group is not None else 0
+        return self._agreed(self._collect()) if self.group is not None else 0
 
 
 class StepStats:

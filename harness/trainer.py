@@ -28,51 +28,15 @@ from harness.progress import MetricsLog, Progress
 from harness.recipe import (WorkloadBuilder, build_optimizer, build_scheduler, fsdp_wrap, safe_metadata,
                             schedule_changes, seed_everything)
 from harness.stepsync import StepStats, StopVote
+from harness.stopping import HANDLED_SIGNALS, PreemptionFlag, await_agent_restart, watch_launcher
 from harness.storage import redact_url
 # One meaning per exit code, for `harness train` and `harness launch` alike: harness/exitcodes.py, which also maps
 # an exception to its code (ConfigError 2, CheckpointError/StorageError 3, OOM/accelerator/communication 1).
 from harness import exitcodes
-from harness.exitcodes import EXIT_ERROR, EXIT_OK
+from harness.exitcodes import EXIT_OK
 
 log = logging.getLogger("harness")
 
-HANDLED_SIGNALS = exitcodes.STOP_SIGNALS
-
-
-class PreemptionFlag:
-    """Signal handlers only record the signal; the loop acts on it at a step boundary."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in HANDLED_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = self.signum or signum
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def watch_launcher(interval_s: float = 0.5) -> None:
-    """Under torchrun: exit when the agent dies. torchrun starts each worker in a session of its own, so
-    killing the agent (kill -9 of its process group, an OOM kill) would otherwise leave the workers
-    training and checkpointing on their own, side by side with the workers of the restarted job."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval_s)
-        log.error("torchrun agent (pid %d) is gone: exiting", parent)
-        os._exit(EXIT_ERROR)
-
-    threading.Thread(target=watch, name="harness-launcher-watch", daemon=True).start()
 
 
 # Libraries whose INFO records are their own bookkeeping (botocore: "Found credentials in environment
@@ -346,7 +310,7 @@ class Trainer:
     def stop_requested(self) -> int:
         """The ranks agree on a pending signal without a device sync: the vote cast at the previous step
         (harness/stepsync.py), so a signal on any rank stops all, one step after the one it arrived in."""
-        return self.vote.poll(self.flag.signum)
+        return self.vote.poll(self.flag.signum, restart=self.flag.signum != 0 and self.flag.agent_restart())
 
     def global_loss(self) -> float | None:
         """This step's loss, mean over ranks (what the progress line, metrics.jsonl and checkpoint report);
@@ -395,19 +359,25 @@ class Trainer:
                                 "blocked_s": round(time.perf_counter() - t0, 3)})
 
     def preempt(self, signum: int) -> int:
-        """Commit a checkpoint within the grace period, then exit 128+signal (retryable)."""
+        """Commit a checkpoint within the grace period, then exit 128+signal (retryable). The same when the
+        stop is the launcher's agent restarting the workers (harness/stopping.py): the new group resumes from
+        that checkpoint; the rank then waits for its own agent's stop rather than ending the job."""
         self.preempted = True  # also on ranks that learned of the signal from a peer (see close)
-        name = signal.Signals(signum).name
+        name, restart = signal.Signals(signum).name, self.vote.agent_restart
         grace = self.cfg.checkpoint.grace_period_s
-        log.warning("%s received: checkpointing step %d before exit (grace %.0f s)", name, self.step, grace)
+        log.warning("%s: checkpointing step %d before exit (grace %.0f s)", "the launcher restarts the workers "
+                    "(a node joined the job?)" if restart else f"{name} received", self.step, grace)
         watchdog = threading.Timer(grace, lambda: os._exit(128 + signum))  # a stuck save must not outlive grace
         watchdog.daemon = True
         watchdog.start()
         self.save(final=True)
         watchdog.cancel()
-        self.metrics_log.write({"event": "preempted", "step": self.step, "signal": name})
-        log.warning("checkpoint at step %d committed; exiting with %d so the scheduler requeues", self.step,
-                    128 + signum)
+        self.metrics_log.write({"event": "restart" if restart else "preempted", "step": self.step, "signal": name})
+        if restart and await_agent_restart():
+            log.info("checkpoint at step %d committed; the restarted workers resume from it", self.step)
+        else:
+            log.warning("checkpoint at step %d committed; exiting with %d so the scheduler requeues", self.step,
+                        128 + signum)
         return 128 + signum
 
     def loop(self) -> int:
