@@ -17,7 +17,8 @@ import torch
 from ckpt_helpers import Net, simple_run
 from harness import CheckpointManager, faults
 from harness.checkpoint.discovery import list_checkpoints, verify_checkpoint
-from harness.checkpoint.shared import MARKER_PREFIX
+from harness.checkpoint.save import Fragment
+from harness.checkpoint.shared import MARKER_PREFIX, unseen
 from harness.errors import CheckpointError, StorageError
 from harness.storage import Storage
 from sharded_helpers import run_ranks
@@ -132,3 +133,31 @@ def test_one_process_writes_no_marker(tmp_path):
     """A world of one has nothing to compare: no marker is written (the access probe is removed as before)."""
     CheckpointManager(tmp_path / "ck")
     assert _markers(tmp_path / "ck") == [] and os.listdir(tmp_path / "ck") == []
+
+
+class _StaleListing:
+    """A local folder whose listing is older than another client's files (NFS's attribute cache)."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def list_tree(self, rel: str = "", prefix: str = "") -> dict:
+        return {}
+
+
+def test_a_listing_older_than_the_files_does_not_fail_the_commit(tmp_path):
+    """Each file the listing misses is looked up by name before the save is failed: on NFS a listing may come
+    from a cache, a lookup of a new name never does."""
+    storage = Storage(str(tmp_path / "ck"))
+    storage.makedirs("step-000000002")
+    storage.write_bytes("step-000000002/data-r00001-000.bin", b"x" * 10)
+    frags = [Fragment(rank=0), Fragment(rank=1, files={"data-r00001-000.bin": {"size": 10, "rank": 1}})]
+    assert unseen(_StaleListing(storage), "step-000000002", frags) is None
+    frags[1].files["data-r00001-000.bin"]["size"] = 11
+    assert "has 10 bytes" in unseen(_StaleListing(storage), "step-000000002", frags)
+    storage.remove("step-000000002/data-r00001-000.bin")
+    assert "rank 1 wrote data-r00001-000.bin into step-000000002, but in rank 0's view of the folder it is not " \
+           "there" in unseen(storage, "step-000000002", frags)

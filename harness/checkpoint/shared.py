@@ -10,8 +10,8 @@ restart whose rank 0 lands on another machine finds none there and starts from s
 * on local storage, rank 0 also checks each commit (:func:`unseen`): every file the other ranks report must be
   in its view of the step folder at the size they wrote. A network filesystem unmounted under a running job
   leaves its mount point, a folder of the machine's own disk, and the writes go on there. One ``scandir`` of
-  the step folder. Not on object stores, where the first check settles it (one URL is one bucket for every
-  client) and a listing per save would cost a request.
+  the step folder (and a ``stat`` of any file it does not show as written). Not on object stores, where the
+  first check settles it (one URL is one bucket for every client) and a listing per save would cost a request.
 """
 
 from __future__ import annotations
@@ -90,7 +90,11 @@ def unseen(storage: Storage, name: str, frags: Iterable[Any]) -> str | None:
     if not expected:
         return None
     listed = storage.list_tree(name)
-    wrong = sorted((rank, fname, listed.get(fname)) for fname, size, rank in expected if listed.get(fname) != size)
+    # Each one the listing does not show as written, again by its name: a network filesystem may answer a listing
+    # from a cache older than another client's files (NFS: until the folder's attributes time out), never a
+    # lookup of a name it has not seen before.
+    wrong = sorted((rank, fname, got) for fname, size, rank in expected
+                   if listed.get(fname) != size and (got := storage.size(f"{name}/{fname}")) != size)
     if not wrong:
         return None
     rank, fname, got = wrong[0]
