@@ -6,15 +6,15 @@ from harness._version import __version__  # noqa: F401
 # config, a worker starting) loads neither torch nor the checkpoint layer until something asks for them.
 _EXPORTS = {
     "CheckpointManager": "harness.checkpoint.manager", "RestoreResult": "harness.checkpoint.manager",
-    "Stateful": "harness.state",
+    "Stateful": "harness.state", "StopSignals": "harness.stopping",
     **{name: "harness.errors" for name in ("HarnessError", "ConfigError", "CheckpointError", "CheckpointFormatError",
                                            "CheckpointCorruptError", "NoCheckpointError", "StorageError",
                                            "StateMismatchError")},
     "load_for_inference": "harness.interop.inference", "warm_start": "harness.interop.inference",
 }
 
-__all__ = ["CheckpointManager", "RestoreResult", "Stateful", "HarnessError", "ConfigError", "CheckpointError",
-           "CheckpointFormatError", "CheckpointCorruptError", "NoCheckpointError", "StorageError",
+__all__ = ["CheckpointManager", "RestoreResult", "Stateful", "StopSignals", "HarnessError", "ConfigError",
+           "CheckpointError", "CheckpointFormatError", "CheckpointCorruptError", "NoCheckpointError", "StorageError",
            "StateMismatchError", "load_for_inference", "warm_start"]
 
 

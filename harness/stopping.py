@@ -11,6 +11,9 @@ boundary, after the ranks agree on it (harness/stepsync.py). Which kind of stop 
   (scaling an elastic job up stopped it). The launcher notes a restart before its agent sends the signal
   (harness/launch_folder.py); the workers commit the same checkpoint, so the new group resumes exactly there,
   and leave without ending the job.
+
+:class:`StopSignals` gives a training loop of your own the trainer's behaviour: signals recorded, agreed on by
+every rank at the same step, acted on by the loop (commit a checkpoint, exit 128+N).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import threading
 import time
 from typing import Any
 
-from harness import exitcodes, launch_folder
+from harness import dist, exitcodes, launch_folder
+from harness.stepsync import StopVote
 
 log = logging.getLogger("harness")
 
@@ -83,3 +87,51 @@ def watch_launcher(interval_s: float = 0.5) -> None:
         os._exit(exitcodes.EXIT_ERROR)
 
     threading.Thread(target=watch, name="harness-launcher-watch", daemon=True).start()
+
+
+class StopSignals:
+    """Stop a training loop of your own on a scheduler's signal, at a step every rank agrees on.
+
+    Made on every rank (collective under torch.distributed: it makes a small gloo group), it records SIGTERM,
+    SIGUSR1 (SLURM's warning before a time limit), SIGUSR2 and SIGINT instead of letting them end the process.
+    :meth:`requested`, called once per step on every rank, returns the signal number once the ranks agree on one
+    (a signal on any rank stops every rank at the same step, at most one step after the one it arrived in; no
+    device sync, the vote runs on the CPU group), else 0. The loop then commits a checkpoint and leaves with
+    :attr:`exit_code` (128+N, what schedulers retry). :meth:`close` restores the previous handlers, or after a
+    stop ignores further signals, so that a repeated SIGTERM cannot kill the process during its last save::
+
+        stop = harness.StopSignals()
+        while step < max_steps:
+            ...one training step...
+            if stop.requested():
+                mgr.save(step, ...)          # every rank, as always
+                break
+        mgr.close(); stop.close()
+        harness.dist.leave(stop.exit_code)   # 0 when no signal came
+    """
+
+    def __init__(self, timeout_s: float = 300.0) -> None:
+        self._flag = PreemptionFlag()
+        self._vote = StopVote(dist.new_cpu_group(timeout_s))
+        self.signum = 0
+        self._flag.install()
+
+    def requested(self) -> int:
+        """The agreed signal's number (every rank the same, at the same call), or 0. Once per step, every rank."""
+        if not self.signum:
+            self.signum = self._vote.poll(self._flag.signum)
+        return self.signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the agreed signal (143 for SIGTERM), or 0 if none was agreed on."""
+        return 128 + self.signum if self.signum else 0
+
+    def close(self) -> None:
+        """Finish the vote in flight; then the previous handlers back, or after a stop signals ignored."""
+        self._vote.drain()
+        if self.signum:
+            for sig in HANDLED_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+        else:
+            self._flag.uninstall()
