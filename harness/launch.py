@@ -179,6 +179,13 @@ class _RestartNote(logging.Filter):
         return True
 
 
+def agent_log_level() -> int:
+    """The agent's restart decision is an INFO record: it must reach the filters whatever torch's LOGLEVEL says
+    (the workers learn of a restart from it: _RestartNote); a lower level (DEBUG) is kept."""
+    level = logging.getLevelName(os.environ.get("LOGLEVEL", "INFO").upper())
+    return min(level, logging.INFO) if isinstance(level, int) else logging.INFO
+
+
 def _setup_logging() -> None:
     """torch logs through handlers of its own ("torch", "torch.distributed"; they do not propagate): filter
     those, whatever their format."""
@@ -187,8 +194,7 @@ def _setup_logging() -> None:
     for name in ("torch", "torch.distributed"):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(_TorchLogFilter())
-    # The agent's restart decision is an INFO record: let it reach the filter.
-    logging.getLogger(AGENT_LOGGER).setLevel(os.environ.get("LOGLEVEL", "INFO"))
+    logging.getLogger(AGENT_LOGGER).setLevel(agent_log_level())
     gcpause.freeze_and_resume()  # torch's launcher is imported (paused by cli.entry: harness/gcpause.py)
 
 

@@ -10,6 +10,11 @@ two resumes from that checkpoint (harness/stopping.py).
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
+from harness.launch import agent_log_level
 from harness.stepsync import StopVote
 from sharded_helpers import run_ranks
 from trainer_helpers import committed_steps, events, free_port, launch_cmd, metrics, resumed_from, wait_until
@@ -65,3 +70,14 @@ def test_one_process_votes_alone():
     assert (v.poll(15, restart=True), v.agent_restart) == (15, True)
     assert (v.poll(15), v.agent_restart) == (15, False)
     assert (v.poll(0), v.agent_restart) == (0, False)
+
+
+@pytest.mark.parametrize("loglevel, level", [(None, logging.INFO), ("WARNING", logging.INFO), ("error", logging.INFO),
+                                             ("DEBUG", logging.DEBUG), ("nonsense", logging.INFO)])
+def test_the_agents_restart_record_is_read_whatever_loglevel_says(monkeypatch, loglevel, level):
+    """torch's LOGLEVEL=WARNING dropped the INFO record the restart note is made from: scaling up ended the job."""
+    if loglevel is None:
+        monkeypatch.delenv("LOGLEVEL", raising=False)
+    else:
+        monkeypatch.setenv("LOGLEVEL", loglevel)
+    assert agent_log_level() == level
