@@ -15,11 +15,11 @@ import shutil
 import torch
 
 from ckpt_helpers import Net, simple_run
-from harness import CheckpointManager, faults
+from harness import CheckpointManager, dist, faults
 from harness.checkpoint.discovery import list_checkpoints, verify_checkpoint
 from harness.checkpoint.save import Fragment
-from harness.checkpoint.shared import MARKER_PREFIX, unseen
-from harness.errors import CheckpointError, StorageError
+from harness.checkpoint.shared import MARKER_PREFIX, check, unseen, write_marker
+from harness.errors import CheckpointError, StorageError, StorageUnavailableError
 from harness.storage import Storage
 from sharded_helpers import run_ranks
 from trainer_helpers import free_port, launch_cmd
@@ -161,3 +161,35 @@ def test_a_listing_older_than_the_files_does_not_fail_the_commit(tmp_path):
     storage.remove("step-000000002/data-r00001-000.bin")
     assert "rank 1 wrote data-r00001-000.bin into step-000000002, but in rank 0's view of the folder it is not " \
            "there" in unseen(storage, "step-000000002", frags)
+
+
+class _Unreachable(_StaleListing):
+    """A store that stays unreachable through its retries when this rank looks."""
+
+    def size(self, rel: str):
+        raise StorageUnavailableError(f"S3 HEAD {rel} failed after 12 attempts in 120 s")
+
+
+def unreachable_on_rank_1(rank: int, world: int, url: str) -> dict:
+    storage = Storage(url)
+    if rank == 0:
+        storage.check_access(write=True)  # makes the folder, as the manager's check does
+    marker = dist.broadcast(write_marker(storage) if rank == 0 else None, None)
+    try:
+        check(storage if rank == 0 else _Unreachable(storage), marker, None, rank, world)
+    except StorageError as exc:
+        return {"kind": type(exc).__name__, "error": str(exc), "left": _markers(url)}
+    return {"kind": None}
+
+
+def test_a_store_unreachable_when_a_rank_looks_is_retryable_not_a_verdict_on_the_folder(tmp_path):
+    """Out of retries there is not "another folder": exit 1 (StorageUnavailableError), which the agent and
+    schedulers retry, with the rank and the store's words; rank 0 removes its marker."""
+    url = str(tmp_path / "ck")
+    res = run_ranks(tmp_path, unreachable_on_rank_1, 2, url=url)
+    for r in res:
+        assert r["kind"] == "StorageUnavailableError", r
+        assert "rank 1 on host " in r["error"], r
+        assert "could not look for it: StorageUnavailableError: S3 HEAD" in r["error"], r
+        assert NOT_SHARED not in r["error"], r
+    assert res[0]["left"] == []

@@ -22,12 +22,13 @@ import uuid
 from typing import Any, Iterable
 
 from harness import dist
-from harness.errors import StorageError
+from harness.errors import StorageError, is_storage_unavailable, storage_failure
 from harness.storage import Storage, redact_url
 
 log = logging.getLogger("harness")
 
 MARKER_PREFIX = ".harness-shared-"
+LOOK_FAILED = "could not look for it: "
 ADVICE = ("a job on several machines needs checkpoint.dir on storage they all share (a network filesystem such as "
           "NFS or Lustre, or s3://...), not a folder of each machine's own disk")
 
@@ -44,8 +45,8 @@ def check(storage: Storage, marker: str | None, group: Any, rank: int, world_siz
     every rank raises the same StorageError if any rank did not see it. Nothing to do in one process."""
     if world_size == 1 or marker is None:
         return
-    seen = None if rank == 0 else _sees(storage, marker)
-    views = dist.all_gather((seen, socket.gethostname(), redact_url(storage.url)), group)
+    seen, unavailable = (None, False) if rank == 0 else _sees(storage, marker)
+    views = dist.all_gather((seen, socket.gethostname(), redact_url(storage.url), unavailable), group)
     if rank == 0:
         try:
             storage.remove(marker)
@@ -53,30 +54,36 @@ def check(storage: Storage, marker: str | None, group: Any, rank: int, world_siz
             log.warning("could not remove %s from the checkpoint folder: %s: %s", marker, type(exc).__name__, exc)
     problem = verdict(views)
     if problem:
-        raise StorageError(problem)
+        # A store that stayed unreachable through its retries is retryable (exit 1), as everywhere else.
+        raise storage_failure(problem, all(v[3] for v in views if v[0] is not None), otherwise=StorageError)
 
 
-def _sees(storage: Storage, marker: str) -> str | None:
-    """None if this rank sees rank 0's marker whole, else what it sees instead."""
+def _sees(storage: Storage, marker: str) -> tuple[str | None, bool]:
+    """(None if this rank sees rank 0's marker whole, else what it sees instead; whether the store was
+    unreachable)."""
     try:
         size = storage.size(marker)
     except Exception as exc:  # noqa: BLE001 - reported to every rank, with the rank that could not look
-        return f"could not look for it: {type(exc).__name__}: {exc}"
+        return f"{LOOK_FAILED}{type(exc).__name__}: {exc}", is_storage_unavailable(exc)
     if size is None:
-        return "does not see it"
-    return None if size == len(marker.encode()) else f"sees it with {size} bytes instead of {len(marker)}"
+        return "does not see it", False
+    return (None if size == len(marker.encode()) else f"sees it with {size} bytes instead of {len(marker)}"), False
 
 
-def verdict(views: list[tuple[str | None, str, str]]) -> str | None:
-    """The one-line problem from every rank's (what it saw, host, folder URL), or None when all saw rank 0's
-    file. The URLs are one string on a real cluster; where a rank's differs, it is named."""
-    bad = [(r, why, host, url) for r, (why, host, url) in enumerate(views) if why is not None]
+def verdict(views: list[tuple[str | None, str, str, bool]]) -> str | None:
+    """The one-line problem from every rank's (what it saw, host, folder URL, store unreachable), or None when all
+    saw rank 0's file. The URLs are one string on a real cluster; where a rank's differs, it is named. A rank
+    that could not look is named as such, and only ranks that looked and did not see make it "not the same"."""
+    bad = [(r, why, host, url) for r, (why, host, url, _) in enumerate(views) if why is not None]
     if not bad:
         return None
-    _, host0, url0 = views[0]
+    _, host0, url0, _ = views[0]
     shown = "; ".join(f"rank {r} on host {host}" + (f" (folder {url})" if url != url0 else "") + f" {why}"
                       for r, why, host, url in bad[:4])
     more = f" (and {len(bad) - 4} more)" if len(bad) > 4 else ""
+    if all(why.startswith(LOOK_FAILED) for _, why, _, _ in bad):
+        return (f"checkpoint folder {url0}: checking that every rank sees the file rank 0 on host {host0} wrote "
+                f"there failed: {shown}{more}")
     return (f"checkpoint folder {url0} is not the same folder for every rank: rank 0 on host {host0} wrote a file "
             f"there, and {shown}{more}; {ADVICE}")
 
