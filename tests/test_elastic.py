@@ -11,9 +11,12 @@ two resumes from that checkpoint (harness/stopping.py).
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import pytest
 
+from harness import launch_folder, stopping
 from harness.launch import agent_log_level
 from harness.stepsync import StopVote
 from sharded_helpers import run_ranks
@@ -81,3 +84,20 @@ def test_the_agents_restart_record_is_read_whatever_loglevel_says(monkeypatch, l
     else:
         monkeypatch.setenv("LOGLEVEL", loglevel)
     assert agent_log_level() == level
+
+
+def test_a_rank_told_by_the_vote_waits_for_its_own_agents_restart(tmp_path, monkeypatch):
+    """A rank whose agent has not noticed the new node yet learns of the restart from the vote; after its
+    checkpoint it waits for its own agent's note (written right before that agent's SIGTERM), so its exit is a
+    restart, not a failure that spends one of --max-restarts. A note older than the worker is not about it."""
+    monkeypatch.setenv(launch_folder.LAUNCH_DIR_ENV, str(tmp_path))
+    launch_folder.mark_agent_restart(str(tmp_path))  # an earlier restart's note
+    time.sleep(0.01)
+    launch_folder.worker_started()
+    assert not launch_folder.agent_restarting()
+    assert stopping.await_agent_restart(timeout_s=0.2) is False  # never came: the caller reports a stop
+    threading.Timer(0.3, launch_folder.mark_agent_restart, [str(tmp_path)]).start()
+    t0 = time.monotonic()
+    assert stopping.await_agent_restart(timeout_s=10) is True
+    assert 0.25 < time.monotonic() - t0 < 5
+    assert launch_folder.agent_restarting()
