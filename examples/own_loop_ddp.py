@@ -28,6 +28,7 @@ def main(max_steps: int = 2000, ckpt_dir: str = "runs/own_loop_ddp/checkpoints")
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=500, gamma=0.5)
     data = torch.Generator().manual_seed(1 + rank)  # each rank's own data stream; its state is its position
     mgr = harness.CheckpointManager(ckpt_dir, keep_last=2)
+    mgr.hold_folder()  # one job per folder: one that another live job holds raises, naming it
     stop = harness.StopSignals()  # from here SIGTERM/SIGUSR1/SIGUSR2/SIGINT stop the loop at an agreed step
 
     res = mgr.restore(models=model, optimizers=opt, schedulers=sched)  # every rank; None on a first run

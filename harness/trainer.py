@@ -140,12 +140,10 @@ class Trainer:
                                      best_mode=c.best_mode, async_save=c.async_save,
                                      storage_options=c.storage_options, max_file_bytes=c.max_file_mb << 20,
                                      io_threads=c.io_threads, timeout_s=c.timeout_s, split_replicated=c.split_writes)
-        # One job per checkpoint folder: refuse (exit 3) if another live run holds it (harness/lease.py).
-        self.lease = lease.acquire(self.mgr.storage, cfg.run.id, c.lease_timeout_s, self.mgr._group,
-                                   stopping=lambda: self.flag.signum, group_timeout_s=c.timeout_s)
-        if self.lease is not None:  # rank 0 holds the folder: no live job writes an uncommitted save
-            clean_leftovers(self.mgr.storage)
-            self.mgr.set_write_guard(self.lease.taken_by)  # taken over by another job: save nothing more there
+        # One job per checkpoint folder: refuse (exit 3) if another live run holds it (harness/lease.py); a save
+        # after another job took it over writes nothing (the manager's write guard); released by mgr.close().
+        if self.mgr.hold_folder(cfg.run.id, c.lease_timeout_s, stopping=lambda: self.flag.signum):
+            clean_leftovers(self.mgr.storage)  # rank 0 holds the folder: no live job writes an uncommitted save
         self.progress = Progress(cfg.train.max_steps, enabled=self.rank == 0)
         self.metrics_log = self._metrics_log(cfg.output_dir)
         self.stats = StepStats(self.device)
@@ -430,8 +428,6 @@ class Trainer:
                     self.mgr.close()
                 except CheckpointError as exc:
                     log.error("last checkpoint failed: %s", exc)
-            if getattr(self, "lease", None) is not None:  # after the last save: the folder is ours till then
-                self.lease.release()
             if dist.initialized():
                 torch_dist.destroy_process_group()
         finally:

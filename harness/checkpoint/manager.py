@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from harness import dist
+from harness import dist, lease
 from harness.checkpoint import arguments, blobs, retention, shared
 from harness.checkpoint.apply import RestoreOptions, RestoreResult
 from harness.checkpoint.context import Ctx
@@ -88,6 +88,8 @@ class CheckpointManager:
                                 writer_priority=writer_priority)
         self._saver = Saver(self._ctx, settings, async_save)
         self._best_metric_warned = False
+        self._lease: lease.Lease | None = None  # hold_folder(), on rank 0
+        self._lease_held = False
 
     def _check_storage(self, write: bool) -> None:
         """Fail fast: an unwritable folder, a missing bucket, rejected credentials or a missing permission is a
@@ -188,9 +190,36 @@ class CheckpointManager:
         it gone) stops there, rather than write and prune beside the new one."""
         self._saver.guard = guard
 
+    def hold_folder(self, run_id: str = "", lease_timeout_s: float = 60.0,
+                    stopping: Callable[[], int] = lambda: 0) -> bool:
+        """One job per checkpoint folder, for a loop of your own (``harness train`` does it itself). Collective.
+
+        Rank 0 writes ``RUN_LEASE`` (run id, host, pid) and rewrites it every few seconds until :meth:`close`.
+        A folder another live job holds raises :class:`harness.lease.LeaseError` (a StorageError) naming that
+        job's host and pid, nothing written; a lease left by a job that is gone (its process on this host no
+        longer exists, or its record has not changed for ``lease_timeout_s``) is taken over. ``run_id``: the
+        same id takes its lease back at once (this job restarted); by default the scheduler's job id
+        (TORCHELASTIC_RUN_ID, SLURM_JOB_ID, PET_RDZV_ID), else one per process. From then on a save that finds
+        the folder taken over by another job raises CheckpointError instead of writing beside it. ``stopping()``:
+        a stop signal received meanwhile (0: none), which ends a watch of another job's lease with
+        :class:`harness.lease.LeaseStopped`. Returns True on rank 0 (which holds it), False elsewhere."""
+        if not self._lease_held:
+            self._lease = lease.acquire(self.storage, run_id, lease_timeout_s, self._group, stopping=stopping,
+                                        group_timeout_s=self._ctx.timeout_s)
+            self._lease_held = True
+            if self._lease is not None:  # rank 0: it asks the guard before each save
+                self.set_write_guard(self._lease.taken_by)
+        return self._lease is not None
+
     def close(self) -> None:
-        """Finish the save in flight, release the background thread and the snapshot buffer. Collective."""
-        self._saver.close()
+        """Finish the save in flight, release the background thread and the snapshot buffer (and the folder's
+        lease, if held). Collective."""
+        try:
+            self._saver.close()
+        finally:
+            if self._lease is not None:  # after the last save: the folder is ours till then
+                self._lease.release()
+                self._lease = None
 
     def restore(self, state: Mapping[str, Stateful | Any] | None = None, *,
                 models: Named[torch.nn.Module] = None, optimizers: Named[torch.optim.Optimizer] = None,
