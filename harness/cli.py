@@ -91,7 +91,7 @@ def _report_stop(code: int) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from harness import config, launch_folder, prefetch
+    from harness import config, launch_folder, prefetch, stopping
     try:
         cfg = config.load(args.config, args.overrides)
         # Before torch is imported: the disk reads the checkpoint to resume while the interpreter starts up.
@@ -100,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
         importlib.import_module("torch._dynamo")  # the optimizer's constructor imports it: here, before the freeze
         gcpause.freeze_and_resume()  # paused by entry() (harness/gcpause.py); a no-op in a forked worker
         code = trainer.train(cfg, exit_after=True)
-        if exitcodes.stopped(code) and not launch_folder.agent_restarting():  # a restart does not end the job
+        if exitcodes.stopped(code) and not stopping.stopped_for_restart():  # a restart does not end the job
             _report_stop(code)
         elif code == exitcodes.EXIT_OK:
             launch_folder.report_finished()

@@ -59,16 +59,26 @@ class PreemptionFlag:
         return self.signum == signal.SIGTERM and launch_folder.agent_restarting()
 
 
+_restarted = False  # this process stopped for its agent's restart (await_agent_restart saw the agent's note)
+
+
+def stopped_for_restart() -> bool:
+    """Whether this worker's stop was its agent's restart, confirmed: it must not report a stop of the job."""
+    return _restarted
+
+
 def await_agent_restart(timeout_s: float = RESTART_WAIT_S) -> bool:
     """After the checkpoint of a restart stop, on a rank whose own agent has not stopped it yet (it learned of
     the restart from the vote: another node's agent noticed first): wait for it, so that this rank's exit is
     its agent's restart, not a failure that spends one of ``--max-restarts``. False if it never came (the
     caller then reports a stop of the job, which resumes)."""
+    global _restarted
     deadline = time.monotonic() + timeout_s
     while not launch_folder.agent_restarting():
         if time.monotonic() > deadline:
             return False
         time.sleep(POLL_S)
+    _restarted = True
     return True
 
 

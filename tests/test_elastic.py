@@ -91,13 +91,15 @@ def test_a_rank_told_by_the_vote_waits_for_its_own_agents_restart(tmp_path, monk
     checkpoint it waits for its own agent's note (written right before that agent's SIGTERM), so its exit is a
     restart, not a failure that spends one of --max-restarts. A note older than the worker is not about it."""
     monkeypatch.setenv(launch_folder.LAUNCH_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(stopping, "_restarted", False)  # this process's record, put back after the test
     launch_folder.mark_agent_restart(str(tmp_path))  # an earlier restart's note
     time.sleep(0.01)
     launch_folder.worker_started()
     assert not launch_folder.agent_restarting()
     assert stopping.await_agent_restart(timeout_s=0.2) is False  # never came: the caller reports a stop
+    assert not stopping.stopped_for_restart()
     threading.Timer(0.3, launch_folder.mark_agent_restart, [str(tmp_path)]).start()
     t0 = time.monotonic()
     assert stopping.await_agent_restart(timeout_s=10) is True
     assert 0.25 < time.monotonic() - t0 < 5
-    assert launch_folder.agent_restarting()
+    assert launch_folder.agent_restarting() and stopping.stopped_for_restart()  # harness train: no stop reported
