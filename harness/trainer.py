@@ -413,9 +413,8 @@ class Trainer:
             return self.loop()
         except lease.LeaseStopped as stop:  # signalled while setup waited for the folder: nothing written yet
             self.preempted = True
-            if self.flag.agent_restart():  # the agent restarting the workers, not a stop of the job
+            if self.flag.agent_restart():  # the agent restarting the workers, not a stop of the job: no report
                 await_agent_restart()
-                return 128 + stop.signum
             log.warning("%s received while waiting for the checkpoint folder's lease: exiting, nothing written "
                         "(a restart resumes)", signal.Signals(stop.signum).name)
             return 128 + stop.signum

@@ -25,7 +25,7 @@ from harness.checkpoint.save import Saver, SaveSettings
 from harness.checkpoint.snapshot import Snapshot
 from harness.errors import StorageError, is_storage_unavailable, storage_failure
 from harness.state import Stateful
-from harness.storage import Storage, redact_url
+from harness.storage import Storage
 
 __all__ = ["CheckpointManager", "RestoreResult"]
 
@@ -107,8 +107,7 @@ class CheckpointManager:
             except StorageError as exc:
                 problem = (str(exc), is_storage_unavailable(exc))
             except Exception as exc:  # noqa: BLE001 - the marker's write: the others wait on the broadcast
-                problem = (f"checkpoint storage {redact_url(self.storage.url)} is not writable: "
-                           f"{type(exc).__name__}: {exc}", is_storage_unavailable(exc))
+                problem = (str(self.storage.access_error(exc)), is_storage_unavailable(exc))
         problem, marker = dist.broadcast((problem, marker), self._group)
         if problem:
             raise storage_failure(*problem, otherwise=StorageError)  # out of retries (exit 1) or refused (3)

@@ -93,8 +93,13 @@ class Storage:
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure here means the folder is unusable
-            raise StorageError(f"checkpoint storage {redact_url(self.url)} is not "
-                               f"{'writable' if write else 'readable'}: {type(exc).__name__}: {exc}") from None
+            raise self.access_error(exc, write) from None
+
+    def access_error(self, exc: BaseException, write: bool = True) -> StorageError:
+        """The one-line error for a folder that failed a fail-fast check (this one's, or the caller's own
+        probe: the shared-folder marker)."""
+        return StorageError(f"checkpoint storage {redact_url(self.url)} is not "
+                            f"{'writable' if write else 'readable'}: {type(exc).__name__}: {exc}")
 
     def remember_access(self, write: bool) -> None:
         """Record in this process's environment (which the processes it starts inherit) that
