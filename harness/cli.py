@@ -91,8 +91,9 @@ def _report_stop(code: int) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from harness import config, launch_folder, prefetch, stopping
+    from harness import config, launch_folder, prefetch, srun, stopping
     try:
+        srun.adopt()  # an srun task of several: torchrun's variables from SLURM's, before anything reads RANK
         cfg = config.load(args.config, args.overrides)
         # Before torch is imported: the disk reads the checkpoint to resume while the interpreter starts up.
         prefetch.start(cfg.checkpoint.dir)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from harness import determinism, dist, faults, lease, recipe, sameconfig
+from harness import determinism, dist, faults, lease, recipe, sameconfig, srun
 from harness.checkpoint import CheckpointManager
 from harness.checkpoint.foreign import refuse_fresh_start
 from harness.checkpoint.prune import clean_leftovers
@@ -67,8 +67,9 @@ def init_distributed(cfg: Config) -> torch.device:
                           "use dist.backend = 'gloo' (or 'auto')")
     if cfg.train.deterministic:
         determinism.enable()  # before CUDA is initialized: cuBLAS reads its workspace setting then
+    srun.adopt()  # harness.trainer.train() in an srun task (harness train did it already)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+    device = torch.device("cuda", srun.cuda_index(local_rank)) if want_cuda else torch.device("cpu")
     if want_cuda:
         torch.cuda.set_device(device)  # also what the checkpoint's CUDA RNG state refers to (harness/state.py)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.initialized():
@@ -113,6 +114,8 @@ class Trainer:
         self.loader = recipe.loader(cfg, workload.dataset, self.world, self.rank)  # before any storage work
         self.sampler = self.loader.sampler
         setup_logging(self.rank)
+        if self.rank == 0 and (task := srun.adopted()) is not None:
+            log.info("%s", task.line())
         self.flag.install()
         watch_launcher()
         model = (recipe.materialize(workload.model, self.device) if self.deferred

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "harness.dist", "harness.exiting", "harness.state", "harness.determinism", "harness.stepsync",
               "harness.sameconfig", "harness.progress", "harness.data", "harness.workloads", "harness.synthetic",
               "harness.layout", "harness.torchcompat", "harness.hostinfo", "harness.gcpause",
-              "harness.launch_folder", "harness.stopping")),
+              "harness.launch_folder", "harness.stopping", "harness.srun")),
     ("storage", ("harness.storage",)),
     ("checkpoint", ("harness.checkpoint", "harness.lease", "harness.prefetch")),
     ("recipe", ("harness.recipe",)),
