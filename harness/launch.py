@@ -220,6 +220,8 @@ def _check(args: LaunchArgs) -> Any:
     prepare_output_dir(cfg.output_dir, create=False)  # metrics.jsonl's: made once the storage is known good
     storage.check_access(write=True)
     storage.remember_access(write=True)  # the workers need not check again (see Storage.access_remembered)
+    from harness.checkpoint.foreign import refuse_before_workers
+    refuse_before_workers(storage, cfg.checkpoint.init_from)  # another tool's checkpoints and none of ours: 2
     prepare_output_dir(cfg.output_dir)  # (no runs/remote/s3/<missing bucket>, no empty checkpoint folder)
     return cfg
 

@@ -51,6 +51,17 @@ def test_the_launcher_refuses_to_start_over_in_torchtitans_checkpoint_folder(tmp
     assert f"`harness ckpt import {ckpt}/step-1000 NEW_DIR --config CONFIG`" in lines[0]
     assert f'checkpoint.init_from = "{ckpt}/step-1000"' in lines[0]
     assert sorted(os.listdir(ckpt)) == before  # nothing written beside them
+    assert "[rank " not in proc.stderr, proc.stderr[-2000:]  # found by the launcher: no worker started
+
+
+def test_the_launcher_leaves_a_folder_with_harness_checkpoint_folders_to_its_workers(tmp_path):
+    """An uncommitted harness folder beside torchtitan's is no checkpoint of ours: the workers (which read the
+    commit records) refuse it; a launcher that only lists cannot tell, so it lets them start."""
+    ckpt = torchtitan_dir(tmp_path / "checkpoint", steps=(1000,))
+    (ckpt / "step-000000004").mkdir()  # what a save killed before its commit record leaves
+    proc = harness_cmd(tmp_path, "--set", f"checkpoint.dir={ckpt}", launch=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "[rank 0]" in proc.stderr and "holds torch.distributed.checkpoint checkpoints (step-1000)" in proc.stderr
 
 
 def test_the_way_out_it_names_works_and_init_from_or_own_checkpoints_are_not_refused(tmp_path):

@@ -65,6 +65,21 @@ def refuse_fresh_start(storage: Storage, init_from: str, group: Any, found: list
         raise ConfigError(problem)
 
 
+def refuse_before_workers(storage: Storage, init_from: str) -> None:
+    """:func:`refuse_fresh_start` for ``harness launch``, before any worker starts (a config error is exit 2
+    without a worker start, as the exit-code contract says), when the folder holds no harness checkpoint folder
+    at all: one listing. A folder with some, committed or not, is left to the workers, which read their commit
+    records."""
+    if init_from:
+        return
+    names = set(storage.listdir(""))
+    if any(parse_name(n) is not None for n in names):
+        return
+    found = foreign_checkpoints(storage, names)
+    if found:
+        raise ConfigError(_why(redact_url(storage.url), found))
+
+
 def hint(storage: Storage, found: list[str] | None = None) -> str:
     """For ``harness ckpt list``/``verify`` or a restore finding none of harness's checkpoints: what else is
     there (``found``, else listed now), or ""."""
