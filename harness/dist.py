@@ -34,24 +34,36 @@ def world_size() -> int:
 def require_group_if_launched(what: str) -> None:
     """Refuse to act as a world of one inside a multi-process launch.
 
-    torchrun (and the Kubernetes operator's launchers) set WORLD_SIZE for every process they start, srun sets
-    SLURM_STEP_NUM_TASKS for the tasks of a step (harness/srun.py). A process that
-    never called ``init_process_group`` would see rank 0 of 1 here and, like each of its peers, save and
+    torchrun (and the Kubernetes operator's launchers) set WORLD_SIZE for every process they start. A process
+    that never called ``init_process_group`` would see rank 0 of 1 here and, like each of its peers, save and
     apply retention on the same folder on its own: N uncoordinated writers instead of one collective save.
+    srun's tasks (SLURM_STEP_NUM_TASKS, harness/srun.py) get a warning instead.
     """
     world = os.environ.get("WORLD_SIZE", "").strip()
-    how = f"WORLD_SIZE={world}, RANK={os.environ.get('RANK', '?')}"
-    if not world and os.environ.get("SLURM_STEP_NUM_TASKS", "").strip().isdigit():  # srun started it, not torchrun
-        world = os.environ["SLURM_STEP_NUM_TASKS"].strip()
-        how = (f"SLURM_STEP_NUM_TASKS={world}, SLURM_PROCID={os.environ.get('SLURM_PROCID', '?')}; "
-               "harness.srun.adopt() sets torchrun's variables from SLURM's for init_process_group")
-    if initialized() or not world.isdigit() or int(world) <= 1:
+    if initialized():
+        return
+    if not world:
+        _warn_srun_task(what)
+        return
+    if not world.isdigit() or int(world) <= 1:
         return
     raise ConfigError(
-        f"{what}: this process was launched as one of {world} ({how}) but torch.distributed is not "
-        f"initialized; call "
+        f"{what}: this process was launched as one of {world} (WORLD_SIZE={world}, RANK="
+        f"{os.environ.get('RANK', '?')}) but torch.distributed is not initialized; call "
         f"torch.distributed.init_process_group(...) first (e.g. init_process_group('gloo') on CPU, 'nccl' on "
         f"GPUs), then create {what} on every rank")
+
+
+def _warn_srun_task(what: str) -> None:
+    """srun's tasks may be one job (DDP the Lightning way) or independent runs (a sweep, a folder each): a
+    warning, not torchrun's error, since harness cannot tell which from one process."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "").strip()
+    if tasks.isdigit() and int(tasks) > 1:
+        _log.warning("%s: this process is task %s of %s of an srun step and torch.distributed is not "
+                     "initialized, so it saves as a job of its own: if the tasks are one training job, call "
+                     "harness.srun.adopt() and torch.distributed.init_process_group(...) first (tasks that "
+                     "share a folder without it overwrite each other's checkpoints)", what,
+                     os.environ.get("SLURM_PROCID", "?"), tasks)
 
 
 STORE_WAIT_S = 30.0  # the longest wait_for_store_host polls before init_process_group takes over
