@@ -128,7 +128,7 @@ def endpoint(text: str) -> str:
 
 def parse_args(ns: argparse.Namespace) -> LaunchArgs:
     """The parsed command line as LaunchArgs, every option checked (ConfigError)."""
-    srun.check_launcher()
+    srun.check_launcher(nodes(ns.nnodes)[1])
     restarts = count(ns.max_restarts, "--max-restarts", 0)
     rejoin_s, rdzv_conf = rendezvous.window(), rendezvous.parse_conf(ns.rdzv_conf)
     if not 0 < ns.monitor_interval < math.inf:

@@ -82,18 +82,28 @@ def adopt(env: MutableMapping[str, str] | None = None) -> SrunTask | None:
     return task
 
 
-def check_launcher(env: MutableMapping[str, str] | None = None) -> None:
-    """``harness launch`` as several tasks per node of an srun step (an sbatch header written for ``srun python
-    train.py``, ``--ntasks-per-node=8``, in front of the launcher): every launcher would start its own
-    ``--nproc-per-node`` workers, 8 jobs of 8 ranks on each node. A ConfigError, before any worker starts."""
+def check_launcher(max_nodes: int, env: MutableMapping[str, str] | None = None) -> None:
+    """``harness launch`` started by srun the way it cannot work, a ConfigError before any worker starts:
+
+    * several tasks per node (an sbatch header written for ``srun python train.py``, ``--ntasks-per-node=8``,
+      in front of the launcher): each launcher would start its own workers, 8 jobs of 8 ranks on each node;
+    * one per node on several nodes, each a job of one node (no ``--nnodes``): independent jobs on one folder
+      under one job id, taking its lease from each other."""
     env = os.environ if env is None else env
     tasks, nodes = step_tasks(env), env.get("SLURM_STEP_NUM_NODES", "").strip()
-    if tasks > 1 and nodes.isdigit() and 0 < int(nodes) < tasks:
+    if tasks <= 1 or not nodes.isdigit() or int(nodes) < 1:
+        return
+    how = f"(SLURM_STEP_NUM_TASKS={tasks}, SLURM_STEP_NUM_NODES={nodes})"
+    if int(nodes) < tasks:
         raise ConfigError(
-            f"harness launch runs as {tasks} srun tasks on {nodes} node(s) (SLURM_STEP_NUM_TASKS={tasks}, "
-            f"SLURM_STEP_NUM_NODES={nodes}), each starting its own workers: start one launcher per node "
-            "(srun --ntasks-per-node=1 harness launch ..., as launch/slurm.sbatch does), or let srun start the "
-            "ranks (srun --ntasks-per-node=N harness train ...)")
+            f"harness launch runs as {tasks} srun tasks on {nodes} node(s) {how}, each starting its own workers: "
+            "start one launcher per node (srun --ntasks-per-node=1 harness launch ..., as launch/slurm.sbatch "
+            "does), or let srun start the ranks (srun --ntasks-per-node=N harness train ...)")
+    if max_nodes < int(nodes):
+        raise ConfigError(
+            f"harness launch runs on the {nodes} nodes of this srun step {how} with --nnodes {max_nodes}: each "
+            f"node would be a job of its own; pass --nnodes {nodes} --rdzv-endpoint FIRST_HOST:29500 --rdzv-id "
+            "$SLURM_JOB_ID (launch/slurm.sbatch does)")
 
 
 def adopted() -> SrunTask | None:

@@ -152,9 +152,19 @@ def test_harness_launch_as_several_srun_tasks_per_node_is_refused_before_any_wor
     assert "srun --ntasks-per-node=1 harness launch" in lines[0] and not (tmp_path / "ck").exists()
 
 
-@pytest.mark.parametrize("tasks, nodes", [("2", "2"), ("1", "1"), ("", "")])
-def test_one_launcher_per_node_is_what_srun_should_start(tasks, nodes):
-    srun.check_launcher({"SLURM_STEP_NUM_TASKS": tasks, "SLURM_STEP_NUM_NODES": nodes})  # no error
+def test_harness_launch_on_several_nodes_each_a_job_of_one_node_is_refused(runner, tmp_path):
+    """srun --ntasks-per-node=1 harness launch ... on 2 nodes without --nnodes: two jobs, one folder, one job id."""
+    env = base_env(**_task(1, SLURM_STEP_NUM_NODES="2", SLURM_JOB_ID=_job_with_free_port()))
+    proc = runner.run("launch", launch_cmd(tmp_path), env=env, timeout=60)
+    assert proc.rc == 2, proc.tail()
+    lines = proc.log().strip().splitlines()
+    assert len(lines) == 1 and "harness launch runs on the 2 nodes of this srun step" in lines[0], lines
+    assert "with --nnodes 1: each node would be a job of its own; pass --nnodes 2" in lines[0]
+
+
+@pytest.mark.parametrize("tasks, nodes, nnodes", [("2", "2", 2), ("2", "2", 4), ("1", "1", 1), ("", "", 1)])
+def test_one_launcher_per_node_is_what_srun_should_start(tasks, nodes, nnodes):
+    srun.check_launcher(nnodes, {"SLURM_STEP_NUM_TASKS": tasks, "SLURM_STEP_NUM_NODES": nodes})  # no error
 
 
 def test_a_task_that_sees_one_gpu_trains_on_it_whatever_its_local_rank(monkeypatch):
