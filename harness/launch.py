@@ -48,6 +48,9 @@ HANDLED = exitcodes.STOP_SIGNALS
 # torch's handler stays on these (its default set, less the ones the launcher handles itself).
 TORCH_SIGNALS = (signal.SIGHUP, signal.SIGQUIT)
 AGENT_LOGGER = "torch.distributed.elastic.agent.server.api"  # its restart decisions (INFO) are read here
+# A signal after every worker finished training: how long the agent may go on collecting their results (they
+# are leaving with 0) before it is stopped as for any signal.
+FINISHED_WAIT_S = 15.0
 
 
 # -- launcher side -------------------------------------------------------------------------------------
@@ -72,6 +75,7 @@ class Stopper:
     self_stop: bool = False              # signum is the launcher's own SIGTERM, sent to stop for a worker's record
     workers: int = 0                     # worker processes this launcher starts (per restart), once known
     _raise: Any = None                   # torch's SignalException, imported by arm() (never in the handler)
+    _forced: bool = False                # the finished workers did not leave in FINISHED_WAIT_S: stop the agent
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def install(self) -> None:
@@ -86,6 +90,18 @@ class Stopper:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.phase == "done":  # close() ignores signals; one may still be on its way to this handler
             return
+        if self._forced:
+            self._forced = False
+            raise self._raise(f"harness launch got {exitcodes.signal_name(self.signum)}", sigval=signal.SIGTERM)
+        if not self.signum and self.phase == "agent" and self.all_finished():
+            # Every worker finished training and is handing the agent its result: let it collect them (0 in a
+            # moment). Raising would make it stop them instead: a SIGTERM they ignore by now, then SIGKILL after
+            # its shutdown timeout, the job's end ~50 s late for nothing.
+            self.signum = signum
+            timer = threading.Timer(FINISHED_WAIT_S, self._force_stop)
+            timer.daemon = True
+            timer.start()
+            return
         if self.signum:
             if not self.record and self.phase == "agent":
                 print(f"harness launch: got {exitcodes.signal_name(signum)} while stopping on "
@@ -99,6 +115,11 @@ class Stopper:
             # KeyboardInterrupt traceback from its interpreter's start; SIGTERM ends it quietly there.
             forward = signal.SIGTERM if signum == signal.SIGINT else signal.Signals(signum)
             raise self._raise(f"harness launch got {exitcodes.signal_name(signum)}", sigval=forward)
+
+    def _force_stop(self) -> None:
+        if self.phase == "agent":
+            self._forced = True
+            os.kill(os.getpid(), self.signum)  # the handler raises in the main thread, where the agent runs
 
     def stopping(self) -> bool:
         """Signalled, or a worker recorded an outcome that ends the job."""
@@ -353,7 +374,7 @@ def _agent(args: LaunchArgs, cfg: Any, stopper: Stopper, preload_status: str = "
         stopper.close()
         return _outcome(stopper) if stopper.record else _failed(exc, args.max_restarts)
     stopper.close()
-    return _outcome(stopper) if stopper.record else exitcodes.EXIT_OK
+    return _outcome(stopper) if stopper.record or stopper.signum else exitcodes.EXIT_OK
 
 
 def _outcome(stopper: Stopper) -> int:

@@ -278,6 +278,37 @@ def test_signal_after_the_workers_finished_exits_0(runner, tmp_path):
     assert committed_steps(tmp_path / "ck")[-1] == MAX_STEPS
 
 
+def test_a_signal_after_every_worker_finished_lets_the_agent_collect_them_then_stops_it(tmp_path, monkeypatch):
+    """The launcher's handler, in this process with real signals: once every worker said it finished, a SIGTERM
+    does not stop the agent (which is collecting their results: the job ends 0 in a moment; stopping it cost
+    ~50 s of SIGTERMs the workers ignore and a SIGKILL); only if they have not left after FINISHED_WAIT_S is the
+    agent stopped as for any signal."""
+    from harness import launch
+
+    class Stopped(Exception):
+        def __init__(self, msg, sigval):
+            super().__init__(msg)
+            self.sigval = sigval
+
+    monkeypatch.setattr(launch, "FINISHED_WAIT_S", 0.3)
+    stopper = launch.Stopper(str(tmp_path), workers=2)
+    previous = {sig: signal.getsignal(sig) for sig in launch.HANDLED}
+    try:
+        stopper.install()
+        stopper._raise, stopper.phase = Stopped, "agent"
+        for rank in (0, 1):
+            (tmp_path / f"finished-{rank}").touch()
+        os.kill(os.getpid(), signal.SIGTERM)  # handled here, between two bytecodes: no raise
+        assert stopper.signum == signal.SIGTERM and stopper.stopping()
+        with pytest.raises(Stopped) as stopped:
+            time.sleep(5)  # the timer's signal interrupts this
+        assert stopped.value.sigval == signal.SIGTERM
+    finally:
+        stopper.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _handles(pid: int, sig: int) -> bool:
     """True once process ``pid`` has a handler for ``sig`` (the SigCgt mask of /proc/PID/status)."""
     try:
