@@ -127,32 +127,43 @@ def endpoint(text: str) -> str:
     return text
 
 
-def several_nodes_endpoint(given: str, nnodes: str, standalone: bool) -> str:
-    """The rendezvous endpoint of a job of several nodes. Without one, torch's agent waited at this node's own
-    localhost for the others until its join timeout (600 s), then exit 1, retried the same way. The Kubeflow
-    operator's plain (not elastic) PyTorchJob gives every pod ``MASTER_ADDR``/``MASTER_PORT`` (``PET_MASTER_*``
-    too): that is the endpoint torchrun users pass, taken here."""
+def several_nodes_endpoint(given: str, nnodes: str, standalone: bool, run_id: str) -> tuple[str, str]:
+    """The rendezvous endpoint (and run id) of a job of several nodes. Without one, torch's agent waited at this
+    node's own localhost for the others until its join timeout (600 s), then exit 1, retried the same way.
+    Taken, when not given, from what the scheduler tells every node: the Kubeflow operator's plain (not elastic)
+    PyTorchJob gives each pod ``MASTER_ADDR``/``MASTER_PORT`` (``PET_MASTER_*`` too), the endpoint torchrun
+    users pass; an srun step with one launcher per node, its first node (the port and job id srun's own tasks
+    would use, harness/srun.py)."""
     if given or standalone or nodes(nnodes)[1] == 1:
-        return given
+        return given, run_id
     for prefix in ("PET_", ""):
         addr, port = os.environ.get(f"{prefix}MASTER_ADDR", ""), os.environ.get(f"{prefix}MASTER_PORT", "")
         if addr and port:
-            try:
-                found = endpoint(f"{addr}:{port}")
-            except ConfigError as exc:
-                raise ConfigError(f"{prefix}MASTER_ADDR:{prefix}MASTER_PORT, the rendezvous of --nnodes {nnodes}: "
-                                  f"{exc}".replace("--rdzv-endpoint ", "")) from None
-            print(f"harness launch: rendezvous at {found} ({prefix}MASTER_ADDR:{prefix}MASTER_PORT)", file=sys.stderr)
-            return found
+            return _announce(f"{addr}:{port}", f"{prefix}MASTER_ADDR:{prefix}MASTER_PORT", nnodes), run_id
+    if srun.step_tasks() > 1:
+        host, port = srun.step_master()
+        return (_announce(f"{host}:{port}", "the srun step's first node", nnodes),
+                run_id or os.environ.get("SLURM_JOB_ID", ""))
     raise ConfigError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the same on every node: a host:port of "
                       "one of them, which hosts the rendezvous (without one each node waits for the others at its "
                       "own localhost until the join timeout)")
 
 
+def _announce(found: str, source: str, nnodes: str) -> str:
+    try:
+        found = endpoint(found)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}, the rendezvous of --nnodes {nnodes}: "
+                          f"{exc}".replace("--rdzv-endpoint ", "")) from None
+    print(f"harness launch: rendezvous at {found} ({source})", file=sys.stderr)
+    return found
+
+
 def parse_args(ns: argparse.Namespace) -> LaunchArgs:
     """The parsed command line as LaunchArgs, every option checked (ConfigError)."""
     srun.check_launcher(nodes(ns.nnodes)[1])
-    ns.rdzv_endpoint = several_nodes_endpoint(endpoint(ns.rdzv_endpoint), ns.nnodes, ns.standalone)
+    ns.rdzv_endpoint, ns.rdzv_id = several_nodes_endpoint(endpoint(ns.rdzv_endpoint), ns.nnodes, ns.standalone,
+                                                          ns.rdzv_id)
     restarts = count(ns.max_restarts, "--max-restarts", 0)
     rejoin_s, rdzv_conf = rendezvous.window(), rendezvous.parse_conf(ns.rdzv_conf)
     if not 0 < ns.monitor_interval < math.inf:

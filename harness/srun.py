@@ -102,8 +102,8 @@ def check_launcher(max_nodes: int, env: MutableMapping[str, str] | None = None) 
     if max_nodes < int(nodes):
         raise ConfigError(
             f"harness launch runs on the {nodes} nodes of this srun step {how} with --nnodes {max_nodes}: each "
-            f"node would be a job of its own; pass --nnodes {nodes} --rdzv-endpoint FIRST_HOST:29500 --rdzv-id "
-            "$SLURM_JOB_ID (launch/slurm.sbatch does)")
+            f"node would be a job of its own; pass --nnodes {nodes} (the rendezvous is then at the step's first "
+            "node, as in launch/slurm.sbatch)")
 
 
 def adopted() -> SrunTask | None:
@@ -134,6 +134,12 @@ def first_host(nodelist: str) -> str:
     if not host or any(c in host for c in "[], "):
         raise ConfigError(f"cannot read the first host of SLURM's node list {nodelist!r}: set MASTER_ADDR")
     return host
+
+
+def step_master(env: MutableMapping[str, str] | None = None) -> tuple[str, int]:
+    """Where the ranks of this srun step meet: ``MASTER_ADDR``/``MASTER_PORT`` if set, else the step's first
+    node, on a port derived from the job id."""
+    return _master(os.environ if env is None else env)
 
 
 def _master(env: MutableMapping[str, str]) -> tuple[str, int]:

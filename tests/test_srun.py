@@ -162,6 +162,35 @@ def test_harness_launch_on_several_nodes_each_a_job_of_one_node_is_refused(runne
     assert "with --nnodes 1: each node would be a job of its own; pass --nnodes 2" in lines[0]
 
 
+def test_one_launcher_per_node_of_an_srun_step_meets_at_its_first_node(runner, tmp_path, ref):
+    """srun --nodes=2 --ntasks-per-node=1 harness launch --nnodes 2 ...: no endpoint, no run id given; the
+    launchers meet at the step's first node on the job's port, under the job's id (two launchers on loopback
+    with the environment srun gives one task per node)."""
+    job = _job_with_free_port()
+    env = lambda node: base_env(**_task(node, SLURM_LOCALID="0", SLURM_NODEID=str(node), SLURM_JOB_ID=job,  # noqa: E731
+                                        SLURM_STEP_NUM_NODES="2", SLURM_STEP_TASKS_PER_NODE="1(x2)"))
+    nodes = [runner.start(f"node{n}", launch_cmd(tmp_path, nproc=1, nnodes=2), env=env(n)) for n in (0, 1)]
+    assert [n.wait() for n in nodes] == [0, 0], "\n".join(n.tail() for n in nodes)
+    port = srun.PORT_BASE + int(job) % srun.PORT_SPAN
+    assert all(f"rendezvous at localhost:{port} (the srun step's first node)" in n.log() for n in nodes)
+    assert "training on cpu: 2 rank(s)" in nodes[0].log() + nodes[1].log()
+    assert_same_final(tmp_path, ref)
+
+
+def test_the_launchers_rendezvous_of_an_srun_step_is_named_by_the_job_unless_given(monkeypatch):
+    from harness.launch_args import several_nodes_endpoint
+    for key, value in _task(0, SLURM_STEP_NODELIST="gpu[07-08]", SLURM_STEP_NUM_NODES="2").items():
+        monkeypatch.setenv(key, value)
+    for key in ("MASTER_ADDR", "MASTER_PORT", "PET_MASTER_ADDR", "PET_MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert several_nodes_endpoint("", "2", False, "") == ("gpu07:18456", "123456")
+    assert several_nodes_endpoint("", "2", False, "mine") == ("gpu07:18456", "mine")
+    assert several_nodes_endpoint("node9:29500", "2", False, "") == ("node9:29500", "")  # given: as it is
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.5")
+    monkeypatch.setenv("MASTER_PORT", "29511")  # a scheduler's own variables come first
+    assert several_nodes_endpoint("", "2", False, "") == ("10.0.0.5:29511", "")
+
+
 @pytest.mark.parametrize("tasks, nodes, nnodes", [("2", "2", 2), ("2", "2", 4), ("1", "1", 1), ("", "", 1)])
 def test_one_launcher_per_node_is_what_srun_should_start(tasks, nodes, nnodes):
     srun.check_launcher(nnodes, {"SLURM_STEP_NUM_TASKS": tasks, "SLURM_STEP_NUM_NODES": nodes})  # no error
