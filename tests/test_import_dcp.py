@@ -232,6 +232,20 @@ def test_a_metadata_pickle_that_would_run_code_is_refused_and_nothing_runs(small
     assert err.count("\n") == 1 and "posix.system is not part of DCP's metadata" in err
 
 
+@pytest.mark.parametrize("module", [b"pathlib", b"pathlib._local"])
+def test_a_metadata_written_by_any_python_names_its_path_class_its_way(small_dcp, module):
+    """DCP pickles its checkpoint_id, a pathlib path: ``pathlib.PosixPath`` up to Python 3.12, and
+    ``pathlib._local.PosixPath`` from 3.13 (pathlib became a package), which the reader refused on every Python:
+    no torchtitan checkpoint saved on 3.13 imported."""
+    src, model = small_dcp
+    data = pickle.dumps(pickle.loads((src / ".metadata").read_bytes()), protocol=2)  # GLOBAL opcodes, no frames
+    path_class = next(g for g in (b"cpathlib\nPosixPath\n", b"cpathlib._local\nPosixPath\n") if g in data)
+    (src / ".metadata").write_bytes(data.replace(path_class, b"c" + module + b"\nPosixPath\n"))
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    harness.warm_start(fresh, src)
+    assert_same(fresh.state_dict(), model.state_dict())
+
+
 def plant_payload(src, fqn: str, marker, data: bytes) -> None:
     """``fqn``'s record replaced by a torch.save pickle that would run ``touch marker``, appended to the
     folder's data file as it was (``data``), and the metadata pointed at it."""

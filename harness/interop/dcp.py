@@ -76,7 +76,9 @@ _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.chec
 _DCP_NAMES = ("Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
               "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "_StorageInfo")
 _STAND_INS: dict[str, type] = {name: _record(name) for name in _DCP_NAMES}
-_PATHS = {("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")}
+# Python 3.13 moved pathlib's classes into pathlib._local: a metadata written there names them so.
+_PATHS = {(m, n) for m in ("pathlib", "pathlib._local")
+          for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")}
 
 
 class _Refused(pickle.UnpicklingError):
