@@ -232,6 +232,15 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_a_class_not_built_is_named_as_its_users_write_it():
+    """Python 3.13 pickles a pathlib.Path as pathlib._local.PosixPath; protocol 2 names subprocess commands."""
+    from harness.interop.torchload import _stand_in, not_built_notes
+    objs = {n: _stand_in(n)() for n in ("pathlib._local.PosixPath", "commands.Popen", "argparse.Namespace")}
+    assert not_built_notes(objs) == ["objects of classes harness does not import were not built (nothing of them "
+                                     "ran; they are not used): argparse.Namespace, pathlib.PosixPath, "
+                                     "subprocess.Popen"]
+
+
 @needs_stand_ins
 def test_objects_of_unknown_classes_are_not_built_and_a_function_call_is_still_refused(tmp_path, capsys):
     """A Lightning checkpoint whose hyperparameters hold an argparse.Namespace and a pathlib.Path (what

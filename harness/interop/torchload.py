@@ -73,11 +73,15 @@ def _stand_in(name: str) -> type:
 
 
 def _python3_name(name: str) -> str:
-    """torch.save's pickle protocol 2 writes some globals under their Python 2 names (``subprocess`` as
-    ``commands``); the name as Python 3 knows it, for the note."""
+    """The name as its users write it, for the note: torch.save's pickle protocol 2 writes some globals under
+    their Python 2 names (``subprocess`` as ``commands``), and Python 3.13 pickles pathlib's classes from their
+    private module (``pathlib._local.PosixPath``), whose trailing private parts are dropped (nothing is imported)."""
     module, _, attr = name.rpartition(".")
     module, attr = _compat_pickle.NAME_MAPPING.get((module, attr), (module, attr))
-    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}"
+    parts = _compat_pickle.IMPORT_MAPPING.get(module, module).split(".")
+    while len(parts) > 1 and parts[-1].startswith("_"):
+        parts.pop()
+    return f"{'.'.join(parts)}.{attr}"
 
 
 @functools.lru_cache(maxsize=1)
