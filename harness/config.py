@@ -12,12 +12,16 @@ import difflib
 import math
 import os
 import re
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from harness.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli, the parser the standard library's tomllib was made from
+    import tomli as tomllib
 
 
 @dataclass
