@@ -103,7 +103,7 @@ class Stopper:
             timer.start()
             return
         if self.signum:
-            if not self.record and self.phase == "agent":
+            if not self.record and self.phase == "agent" and not self.all_finished():
                 print(f"harness launch: got {exitcodes.signal_name(signum)} while stopping on "
                       f"{exitcodes.signal_name(self.signum)}; waiting for the workers' checkpoint", file=sys.stderr)
             return

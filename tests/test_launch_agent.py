@@ -278,7 +278,8 @@ def test_signal_after_the_workers_finished_exits_0(runner, tmp_path):
     assert committed_steps(tmp_path / "ck")[-1] == MAX_STEPS
 
 
-def test_a_signal_after_every_worker_finished_lets_the_agent_collect_them_then_stops_it(tmp_path, monkeypatch):
+def test_a_signal_after_every_worker_finished_lets_the_agent_collect_them_then_stops_it(tmp_path, monkeypatch,
+                                                                                      capsys):
     """The launcher's handler, in this process with real signals: once every worker said it finished, a SIGTERM
     does not stop the agent (which is collecting their results: the job ends 0 in a moment; stopping it cost
     ~50 s of SIGTERMs the workers ignore and a SIGKILL); only if they have not left after FINISHED_WAIT_S is the
@@ -300,6 +301,8 @@ def test_a_signal_after_every_worker_finished_lets_the_agent_collect_them_then_s
             (tmp_path / f"finished-{rank}").touch()
         os.kill(os.getpid(), signal.SIGTERM)  # handled here, between two bytecodes: no raise
         assert stopper.signum == signal.SIGTERM and stopper.stopping()
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler repeating itself: nothing to wait for, nothing said
+        assert "while stopping" not in capsys.readouterr().err
         with pytest.raises(Stopped) as stopped:
             time.sleep(5)  # the timer's signal interrupts this
         assert stopped.value.sigval == signal.SIGTERM
