@@ -142,24 +142,28 @@ def test_srun_tasks_train_as_one_job_stop_together_on_scancel_and_resume_bitwise
     assert_same_final(tmp_path, ref)  # the same bytes as a 2-rank torchrun run never interrupted
 
 
-def test_harness_launch_as_several_srun_tasks_per_node_is_refused_before_any_worker(runner, tmp_path):
-    """An sbatch header for ``srun python train.py`` (--ntasks-per-node=2) in front of the launcher."""
-    env = base_env(**_task(1, SLURM_STEP_NUM_NODES="1", SLURM_JOB_ID=_job_with_free_port()))
+def _refused_launch(runner, tmp_path, step_nodes: str) -> str:
+    """``harness launch`` as task 1 of a 2-task srun step on ``step_nodes`` nodes: exit 2, its one line, no folder."""
+    env = base_env(**_task(1, SLURM_STEP_NUM_NODES=step_nodes, SLURM_JOB_ID=_job_with_free_port()))
     proc = runner.run("launch", launch_cmd(tmp_path), env=env, timeout=60)
     assert proc.rc == 2, proc.tail()
     lines = proc.log().strip().splitlines()
-    assert len(lines) == 1 and "harness launch runs as 2 srun tasks on 1 node(s)" in lines[0], lines
-    assert "srun --ntasks-per-node=1 harness launch" in lines[0] and not (tmp_path / "ck").exists()
+    assert len(lines) == 1 and not (tmp_path / "ck").exists(), lines
+    return lines[0]
+
+
+def test_harness_launch_as_several_srun_tasks_per_node_is_refused_before_any_worker(runner, tmp_path):
+    """An sbatch header for ``srun python train.py`` (--ntasks-per-node=2) in front of the launcher."""
+    line = _refused_launch(runner, tmp_path, "1")
+    assert "harness launch runs as 2 srun tasks on 1 node(s)" in line, line
+    assert "srun --ntasks-per-node=1 harness launch" in line
 
 
 def test_harness_launch_on_several_nodes_each_a_job_of_one_node_is_refused(runner, tmp_path):
     """srun --ntasks-per-node=1 harness launch ... on 2 nodes without --nnodes: two jobs, one folder, one job id."""
-    env = base_env(**_task(1, SLURM_STEP_NUM_NODES="2", SLURM_JOB_ID=_job_with_free_port()))
-    proc = runner.run("launch", launch_cmd(tmp_path), env=env, timeout=60)
-    assert proc.rc == 2, proc.tail()
-    lines = proc.log().strip().splitlines()
-    assert len(lines) == 1 and "harness launch runs on the 2 nodes of this srun step" in lines[0], lines
-    assert "with --nnodes 1: each node would be a job of its own; pass --nnodes 2" in lines[0]
+    line = _refused_launch(runner, tmp_path, "2")
+    assert "harness launch runs on the 2 nodes of this srun step" in line, line
+    assert "with --nnodes 1: each node would be a job of its own; pass --nnodes 2" in line
 
 
 def test_one_launcher_per_node_of_an_srun_step_meets_at_its_first_node(runner, tmp_path, ref):
