@@ -5,7 +5,7 @@
     harness ckpt inspect DIR [--step N] [--json]
     harness ckpt diff A B [--step-a N] [--step-b M] [--json]
     harness ckpt export DIR [--step N | --best [--metric NAME] [--mode min|max]]
-                        --format pt|safetensors|torchscript|onnx --out FILE [--model NAME] [--quantize int8]
+                        [--format pt|safetensors|torchscript|onnx] --out FILE [--model NAME] [--quantize int8]
     harness ckpt import FILE DIR [--step N] [--epoch E] [--config TOML [--set KEY=VALUE ...]] [--fresh-optimizer]
     harness ckpt prune DIR [--dry-run]
 

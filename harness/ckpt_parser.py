@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from harness.errors import HarnessError
 from harness.interop.export import FORMATS, QUANTIZE
+from harness.interop.formats import format_for, known_suffixes
 
 
 def add_ckpt_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -113,12 +115,25 @@ def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:
                    "checkpoint.best_metric/best_mode, else loss/min)")
     p.add_argument("--metric", metavar="NAME", help="with --best: 'loss' or a key of the saved metrics")
     p.add_argument("--mode", choices=("min", "max"), help="with --best: whether lower or higher is better")
-    p.add_argument("--format", required=True, choices=FORMATS, dest="format")
+    p.add_argument("--format", choices=FORMATS, dest="format",
+                   help="default: the one FILE's name ending names (.pt/.pth/.tar pt, .safetensors, .ts "
+                   "torchscript, .onnx)")
+    p.set_defaults(export_parser=p)  # finish_export's usage errors are export's own (exit 2)
     p.add_argument("--out", required=True, metavar="FILE", help="output file (local); written atomically")
     p.add_argument("--model", metavar="NAME", help="export only the model of this name")
     p.add_argument("--quantize", choices=QUANTIZE,
                    help="dynamic int8 quantization of the Linear layers (torchscript and pt; CPU inference); "
                    "prints the size reduction")
+
+
+def finish_export(args: argparse.Namespace) -> None:
+    """``--format`` left out: the format ``--out``'s file name ending names; a usage error (exit 2) when it
+    names none. (``harness ckpt export DIR --out model.pt`` was refused for the missing --format.)"""
+    if args.format is None:
+        args.format = format_for(args.out)
+        if args.format is None:
+            args.export_parser.error(f"--format is needed: the name {os.path.basename(args.out)!r} ends in none of "
+                                     f"{', '.join(known_suffixes())}")
 
 
 def _add_import(sub: Any, options: argparse.ArgumentParser) -> None:

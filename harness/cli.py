@@ -214,6 +214,9 @@ def run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_command(argv)).parse_args(argv)
+    if getattr(args, "ckpt_command", None) == "export":
+        from harness.ckpt_parser import finish_export
+        finish_export(args)
     stdout = sys.stdout
     sys.stdout = _PipeGuard(stdout)
     try:

@@ -111,6 +111,16 @@ class Config:
         ``runs/remote/s3/bucket/a/b``."""
         return self.run.output_dir or metrics_dir_for(self.checkpoint.dir)
 
+    @property
+    def output_dir_setting(self) -> str:
+        """The setting ``output_dir`` comes from, for messages about it (a file given as ``checkpoint.dir`` is
+        refused as the output folder first: the message must name the key the user set)."""
+        if self.run.output_dir:
+            return "run.output_dir"
+        if "://" in self.checkpoint.dir and not self.checkpoint.dir.startswith("file://"):
+            return "derived from checkpoint.dir; set run.output_dir to move it"
+        return "checkpoint.dir, unless run.output_dir is set"
+
 
 def metrics_dir_for(checkpoint_dir: str) -> str:
     """The default metrics folder of a checkpoint folder (see ``Config.output_dir``)."""

@@ -238,12 +238,13 @@ def _check(args: LaunchArgs) -> Any:
         prefetch.start(cfg.checkpoint.dir)
     _check_workload(cfg, lo * workers, workers)
     storage = Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options)
-    prepare_output_dir(cfg.output_dir, create=False)  # metrics.jsonl's: made once the storage is known good
+    where = cfg.output_dir_setting
+    prepare_output_dir(cfg.output_dir, False, where)  # metrics.jsonl's: made once the storage is known good
     storage.check_access(write=True)
     storage.remember_access(write=True)  # the workers need not check again (see Storage.access_remembered)
     from harness.checkpoint.foreign import refuse_before_workers
     refuse_before_workers(storage, cfg.checkpoint.init_from)  # another tool's checkpoints and none of ours: 2
-    prepare_output_dir(cfg.output_dir)  # (no runs/remote/s3/<missing bucket>, no empty checkpoint folder)
+    prepare_output_dir(cfg.output_dir, True, where)  # (no runs/remote/s3/<missing bucket>, no empty checkpoint folder)
     return cfg
 
 

@@ -88,11 +88,11 @@ class MetricsLog:
     ones are dropped quietly, and the first append that works again says how many were lost. A failed append
     leaves no half line behind (readers parse every line)."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, setting: str = "run.output_dir") -> None:
         self.path = path
         self.dropped = 0
         if path:
-            prepare_output_dir(os.path.dirname(path))
+            prepare_output_dir(os.path.dirname(path), True, setting)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.path:
@@ -134,12 +134,13 @@ def _append_whole(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def prepare_output_dir(folder: str, create: bool = True) -> None:
+def prepare_output_dir(folder: str, create: bool = True, setting: str = "run.output_dir") -> None:
     """Create the run's output folder (metrics.jsonl's: ``Config.output_dir``) or raise a one-line StorageError
     (exit 3, a folder that needs a human): ``harness launch`` calls this before any worker starts, rank 0's
     MetricsLog again. ``create=False`` only checks that it could be made (its nearest existing folder is a
     writable folder): the launcher checks it so before the checkpoint storage, which creates its folder, and
-    makes it after, so that neither is left behind, empty, when the other is refused."""
+    makes it after, so that neither is left behind, empty, when the other is refused. ``setting`` names where
+    the folder comes from in the message (``Config.output_dir_setting``)."""
     folder = folder or "."
     try:
         if create:
@@ -150,7 +151,7 @@ def prepare_output_dir(folder: str, create: bool = True) -> None:
         if not os.access(existing, os.W_OK | os.X_OK):  # a read-only filesystem says so here, even to root
             raise PermissionError(f"cannot write to {existing}")
     except OSError as exc:
-        raise StorageError(f"the run's output folder {folder} (run.output_dir: metrics.jsonl goes there) "
+        raise StorageError(f"the run's output folder {folder} ({setting}: metrics.jsonl goes there) "
                            f"is not writable: {type(exc).__name__}: {exc}") from None
 
 

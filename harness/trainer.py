@@ -171,7 +171,7 @@ class Trainer:
         metrics, problem = MetricsLog(None), None
         if self.rank == 0:
             try:
-                metrics = MetricsLog(os.path.join(folder, "metrics.jsonl"))
+                metrics = MetricsLog(os.path.join(folder, "metrics.jsonl"), self.cfg.output_dir_setting)
             except StorageError as exc:
                 problem = str(exc)
         problem = dist.broadcast(problem, self.mgr._group)

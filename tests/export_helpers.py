@@ -10,6 +10,7 @@ import torch
 
 from harness import CheckpointManager, config, recipe
 from harness.ckpt_cli import add_ckpt_parser, run_ckpt
+from harness.ckpt_parser import finish_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.toml")
@@ -29,7 +30,10 @@ def cli(*argv) -> int:
     parser = argparse.ArgumentParser(prog="harness")
     sub = parser.add_subparsers(dest="command", required=True)
     add_ckpt_parser(sub)
-    return run_ckpt(parser.parse_args([str(a) for a in argv]))
+    args = parser.parse_args([str(a) for a in argv])
+    if args.ckpt_command == "export":
+        finish_export(args)
+    return run_ckpt(args)
 
 
 def small_config(kind: str = "mlp", **sections) -> config.Config:

@@ -280,6 +280,35 @@ def test_names_a_format_shares_or_none_claims_are_taken(runs, tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+@pytest.mark.parametrize("name, fmt", [("m.pt", "pt"), ("m.PTH", "pt"), ("m.tar", "pt"),
+                                       ("m.safetensors", "safetensors"), ("m.ts", "torchscript")])
+def test_without_format_the_file_name_ending_chooses(runs, tmp_path, capsys, name, fmt):
+    """`harness ckpt export DIR --out model.pt` was a usage error (--format required) where the name says it."""
+    from harness.cli import main
+    assert main(["ckpt", "export", str(runs["mlp"][0]), "--out", str(tmp_path / name)]) == 0
+    assert f": {fmt}" in capsys.readouterr().out
+    if fmt == "pt":
+        assert "model_state_dict" in torch.load(tmp_path / name, weights_only=True)
+    elif fmt == "safetensors":
+        from safetensors.torch import load_file
+        assert load_file(tmp_path / name)
+    else:
+        assert torch.jit.load(tmp_path / name) is not None
+    # the Python API the same way; a name that says nothing is pt, as before
+    assert export_checkpoint(runs["mlp"][0], tmp_path / f"again-{name}")["format"] == fmt
+    assert export_checkpoint(runs["mlp"][0], tmp_path / "model")["format"] == "pt"
+
+
+def test_without_format_a_name_that_says_none_is_a_usage_error(runs, tmp_path, capsys):
+    from harness.cli import main
+    with pytest.raises(SystemExit) as stop:
+        main(["ckpt", "export", str(runs["mlp"][0]), "--out", str(tmp_path / "m.bin")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--format is needed: the name 'm.bin' ends in none of .onnx, .pt, .pth, .safetensors, .tar, .ts" in err
+    assert os.listdir(tmp_path) == []
+
+
 def test_sharded_zero_checkpoint_is_consolidated(tmp_path):
     """A ZeroRedundancyOptimizer checkpoint (sharding 'zero') exports as a plain tutorial-style file."""
     import torch.distributed as dist

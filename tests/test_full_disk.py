@@ -86,6 +86,25 @@ def test_an_output_folder_that_cannot_be_made_exits_3_before_any_worker_starts(t
     assert sorted(os.listdir(tmp_path)) == ["a-file"]
 
 
+def test_a_checkpoint_dir_that_is_a_file_names_checkpoint_dir_not_run_output_dir(tmp_path):
+    """checkpoint.dir = an existing file: metrics.jsonl's folder defaults to it and is checked first, so the
+    refusal came from there, naming run.output_dir, a key the user never set."""
+    (tmp_path / "a-file").write_text("")
+    cmd = launch_cmd(tmp_path, f"checkpoint.dir='{tmp_path / 'a-file'}'")
+    at = cmd.index(f"run.output_dir={tmp_path}")
+    out = subprocess.run(cmd[:at - 1] + cmd[at + 1:], env=base_env(), capture_output=True, text=True,
+                         timeout=120)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 3, (out.returncode, out.stderr)
+    assert len(err) == 1 and "checkpoint.dir" in err[0] and "NotADirectoryError" in err[0], err
+    assert "run.output_dir is set" in err[0], err  # and how to move metrics.jsonl elsewhere
+    # with metrics.jsonl elsewhere, the storage check says the same plainly (it was "File exists")
+    out = subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=120)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 3 and len(err) == 1, (out.returncode, out.stderr)
+    assert err[0].endswith(f"is not writable: NotADirectoryError: {tmp_path / 'a-file'} is a file, not a folder")
+
+
 def test_an_output_folder_that_cannot_be_made_is_a_storage_error_in_the_worker_too(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(StorageError, match="output folder .* is not writable: NotADirectoryError"):

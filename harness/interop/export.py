@@ -39,8 +39,8 @@ from harness.checkpoint.load import read_state
 from harness.checkpoint.select import choose
 from harness.errors import HarnessError, cause_chain
 from harness.interop import onnx, pt, safetensors, torchscript
-from harness.interop.formats import (ExportFormat, ExportJob, get, quantizable, register, registered, suffix_mismatch,
-                                     summary_value)
+from harness.interop.formats import (ExportFormat, ExportJob, format_for, get, quantizable, register, registered,
+                                     suffix_mismatch, summary_value)
 from harness.interop.quantize import QUANTIZE, quantize_available
 from harness.storage import Storage, redact_url
 from harness.storage.local import replaceable
@@ -56,13 +56,15 @@ FORMATS = registered()
 __all__ = ["export_checkpoint", "FORMATS", "QUANTIZE"]
 
 
-def export_checkpoint(url: str, out: str, *, fmt: str = "pt", step: int | None = None, best: bool = False,
+def export_checkpoint(url: str, out: str, *, fmt: str | None = None, step: int | None = None, best: bool = False,
                       metric: str | None = None, mode: str | None = None, model: str | None = None,
                       quantize: str | None = None, modules: Any = None, example_inputs: Any = None,
                       storage_options: dict | None = None, io_threads: int = 4) -> dict:
     """Write the newest valid checkpoint under ``url`` (or the newest valid one at ``step``, or the best
     one by ``metric``/``mode`` with ``best=True``) to the local file ``out`` as ``fmt``: "pt",
-    "safetensors", "torchscript" or "onnx" (see the module's documentation).
+    "safetensors", "torchscript" or "onnx" (see the module's documentation); by default the one ``out``'s
+    file name ending names (``.pt``/``.pth``/``.tar`` pt, ``.safetensors``, ``.ts`` torchscript, ``.onnx``),
+    else pt.
 
     ``model``: export only the model of that name. ``quantize="int8"``: dynamic int8 quantization of the
     Linear layers (torchscript and pt). ``modules``/``example_inputs``: the live module(s) and example
@@ -76,8 +78,8 @@ def export_checkpoint(url: str, out: str, *, fmt: str = "pt", step: int | None =
 
     Raises NoCheckpointError when no committed checkpoint (at ``step``) verifies, and HarnessError for a
     bad argument or a model that cannot be rebuilt; the output files are then left untouched."""
-    spec = _check_request(fmt, quantize)
     url, out = os.fspath(url), _local_path(os.fspath(out))  # pathlib.Paths too
+    spec = _check_request(fmt or format_for(out) or "pt", quantize)
     other = suffix_mismatch(spec, out)
     if other is not None:
         raise HarnessError(f"{os.path.basename(out)} is named as a {other} file, but the format is {spec.name}: "
@@ -96,7 +98,7 @@ def export_checkpoint(url: str, out: str, *, fmt: str = "pt", step: int | None =
     if written.quantized is not None:
         written.quantized["file_bytes"] = sum(o["bytes"] for o in outputs)
     summary = {"checkpoint": name, "step": raw["step"], "epoch": raw["epoch"], "loss": summary_value(raw, "loss"),
-               "format": fmt, "out": outputs[0]["out"] if len(outputs) == 1 else out,
+               "format": spec.name, "out": outputs[0]["out"] if len(outputs) == 1 else out,
                "bytes": sum(o["bytes"] for o in outputs), "models": list(models), "tensors": written.tensors,
                "skipped": skipped, "chosen": how, "outputs": outputs, "quantized": written.quantized}
     log.info("exported %s of %s (%s) to %s (%s, %d tensors)", name, redact_url(url), how,

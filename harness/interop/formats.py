@@ -92,6 +92,18 @@ def suffix_mismatch(fmt: ExportFormat, out: str) -> str | None:
     return next((f.name for f in _REGISTRY.values() if ext in f.suffixes), None)
 
 
+def format_for(out: str) -> str | None:
+    """The format a file name ending names, for an export without a format: the one that lists it first
+    (``.pt`` is pt's first ending and torchscript's second: the PyTorch tutorial's dict, not a traced model)."""
+    ext = os.path.splitext(out)[1].lower()
+    ranked = [(f.suffixes.index(ext), i, f.name) for i, f in enumerate(_REGISTRY.values()) if ext in f.suffixes]
+    return min(ranked)[2] if ext and ranked else None
+
+
+def known_suffixes() -> list[str]:
+    return sorted({s for f in _REGISTRY.values() for s in f.suffixes})
+
+
 def quantizable() -> tuple[str, ...]:
     return tuple(n for n, f in _REGISTRY.items() if f.quantizable)
 

@@ -106,6 +106,9 @@ class LocalBackend(FsspecBackend):
         self._count_lock = threading.Lock()  # several writer threads finish files at once
 
     def check_access(self, root: str, write: bool) -> None:
+        where = self.fs._strip_protocol(root)
+        if os.path.exists(where) and not os.path.isdir(where):  # makedirs' "File exists" said it less plainly
+            raise NotADirectoryError(f"{where} is a file, not a folder")
         probe_access(self, root, write)
 
     def list_tree(self, path: str, prefix: str = "") -> dict[str, int | None]:
