@@ -27,6 +27,11 @@ class CheckpointFormatError(CheckpointError):
     """A manifest or commit record is malformed or hostile; nothing from it was used."""
 
 
+class NewerFormatError(CheckpointFormatError):
+    """A checkpoint written by a newer harness, in a format version this one does not read. Not damaged: a
+    restore never walks past it to an older checkpoint, which would silently undo the training since."""
+
+
 class CheckpointCorruptError(CheckpointError):
     """Stored bytes disagree with the manifest (size or checksum)."""
 

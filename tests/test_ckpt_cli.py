@@ -235,7 +235,9 @@ def test_verify_damaged_commit_record(single, tmp_path, capsys):
     assert out.startswith("FAILED step-000000003: ") and "not valid JSON" in out
 
 
-def test_newer_format_version_is_reported_and_skipped(single, tmp_path, capsys):
+def test_newer_format_version_is_reported_and_not_passed_over(single, tmp_path, capsys):
+    """The newest checkpoint in a newer harness's format: listed with why; export refuses it rather than
+    export an older one in its place without a word beyond a warning (it exported step 2); --step does."""
     root = copy_run(single[0], tmp_path / "run")
     commit = root / "step-000000003" / "COMMIT"
     record = json.loads(commit.read_bytes())
@@ -243,8 +245,13 @@ def test_newer_format_version_is_reported_and_skipped(single, tmp_path, capsys):
     assert cli("ckpt", "list", root, "--json") == 0
     status = json.loads(capsys.readouterr().out)[-1]["status"]
     assert "version 99" in status and "upgrade harness" in status
-    summary = export_checkpoint(str(root), str(tmp_path / "m.pt"))
-    assert summary["checkpoint"] == "step-000000002" and summary["skipped"][0][0] == "step-000000003"
+    assert cli("ckpt", "export", root, "--out", tmp_path / "m.pt") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint step-000000003: commit record was written in format version 99 " \
+        "by a newer harness" in err and "export and inspect take --step" in err, err
+    assert not (tmp_path / "m.pt").exists()
+    summary = export_checkpoint(str(root), str(tmp_path / "m.pt"), step=2)
+    assert summary["checkpoint"] == "step-000000002" and summary["skipped"] == []
 
 
 # -- export pt --------------------------------------------------------------------------------------

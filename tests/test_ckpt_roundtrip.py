@@ -20,7 +20,7 @@ from ckpt_helpers import (Net, OtherNet, Wrapper, assert_bitwise, ckpt_names, da
 from harness import CheckpointManager, faults
 from harness.checkpoint.discovery import verify_checkpoint
 from harness.checkpoint.format import FORMAT_VERSION, dumps
-from harness.errors import CheckpointError, StateMismatchError
+from harness.errors import CheckpointError, NewerFormatError, StateMismatchError
 from harness.storage import Storage
 
 
@@ -346,6 +346,34 @@ def test_newer_format_version_in_manifest_is_refused(ckpt_url):
         verify_checkpoint(Storage(ckpt_url), "step-000000001")
     with pytest.raises(CheckpointError, match="newer harness"):
         CheckpointManager(ckpt_url).restore(models=Net())
+
+
+@pytest.mark.parametrize("where", ["COMMIT", "manifest"])
+def test_a_newer_format_checkpoint_is_not_passed_over_for_an_older_one(ckpt_url, where):
+    """A harness rolled back under a job whose newest checkpoints a newer one wrote: restore walked back to an
+    older checkpoint of its own format (an error line each) and trained on from there, undoing the steps
+    since. It stops instead, naming the checkpoint; nothing is loaded; an older one is a deliberate move."""
+    model, _, _ = simple_run()
+    mgr = CheckpointManager(ckpt_url)
+    mgr.save(1, models=model)
+    with torch.no_grad():
+        model.fc1.weight.add_(1.0)
+    mgr.save(2, models=model)
+    st = Storage(ckpt_url)
+    if where == "COMMIT":
+        commit = json.loads(st.read_bytes("step-000000002/COMMIT"))
+        st.write_bytes("step-000000002/COMMIT", dumps({**commit, "format_version": FORMAT_VERSION + 1}))
+    else:
+        man = read_manifest(ckpt_url, "step-000000002")
+        write_manifest(ckpt_url, "step-000000002", {**man, "format_version": FORMAT_VERSION + 1})
+    target = Net()
+    before = snapshot(target.state_dict())
+    with pytest.raises(NewerFormatError, match=r"^checkpoint step-000000002: (commit record|manifest) was written "
+                       r"in format version 2 by a newer harness .*move step-000000002 out of the folder"):
+        CheckpointManager(ckpt_url).restore(models=target)
+    assert_bitwise(before, target.state_dict())  # step 1 was not loaded in its place
+    st.remove_tree("step-000000002")  # moved out of the folder: the older one is then what a restore uses
+    assert CheckpointManager(ckpt_url).restore(models=target).name == "step-000000001"
 
 
 def test_model_class_is_recorded_and_mismatch_warned(ckpt_url, caplog):

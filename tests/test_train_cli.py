@@ -336,3 +336,30 @@ def test_a_trainer_that_ends_its_process_is_never_torn_down(tmp_path, exit_after
                           env=base_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[-2] == ("0 ['Trainer']" if exit_after else "0 []"), proc.stdout
+
+
+def test_a_newer_harness_format_checkpoint_stops_the_job_instead_of_resuming_an_older_one(runner, tmp_path):
+    """A harness rolled back under a job (a bad release, an old image on the requeue) found the newest
+    checkpoints in a newer format, passed over each with an error line and resumed 200 steps back, writing
+    step-000000400-a1 beside the newer step-000000400. `harness launch` now exits 3 with one line naming the
+    checkpoint and writes nothing; the newer checkpoints stay."""
+    import json
+
+    from trainer_helpers import launch_cmd
+    first = runner.run("first", launch_cmd(tmp_path, f"train.max_steps={2 * EVERY}"))
+    assert first.rc == 0, first.tail()
+    ck = tmp_path / "ck"
+    newest = sorted(p for p in os.listdir(ck) if p.startswith("step-"))[-1]
+    commit = ck / newest / "COMMIT"
+    commit.write_text(json.dumps({**json.loads(commit.read_text()), "format_version": 99}))
+    before = sorted(os.listdir(ck))
+    again = runner.run("again", launch_cmd(tmp_path, f"train.max_steps={3 * EVERY}"))
+    assert again.rc == 3, again.tail()
+    lines = [ln for ln in again.log().splitlines() if ln.startswith("harness: ")]
+    assert lines == [f"harness: checkpoint error: checkpoint {newest}: commit record was written in format "
+                     "version 99 by a newer harness (0.1.0); this harness (0.1.0) reads up to version 1: upgrade "
+                     "harness to load it; an older checkpoint is not used in its place, which would undo the "
+                     f"training since (to go back to one on purpose, move {newest} out of the folder; export and "
+                     "inspect take --step)"], again.tail()
+    assert "resumed from" not in again.log() and "is not usable, trying the next one" not in again.log()
+    assert sorted(p for p in os.listdir(ck)) == before

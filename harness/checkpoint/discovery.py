@@ -11,7 +11,8 @@ from harness.checkpoint import blobs
 from harness.checkpoint.format import (COMMIT_FILE, COMMIT_SUMMARY_KEYS, MANIFEST_FILE, MAX_COMMIT_BYTES,
                                        MAX_MANIFEST_BYTES, NAME_PREFIX, Manifest, parse_commit, parse_manifest,
                                        parse_name)
-from harness.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, StorageError
+from harness.errors import (CheckpointCorruptError, CheckpointError, CheckpointFormatError, NewerFormatError,
+                            StorageError)
 from harness.storage import Storage
 
 
@@ -25,6 +26,7 @@ class CheckpointInfo:
     committed: bool
     commit: dict = field(default_factory=dict)
     problem: str | None = None  # why the commit record itself is unreadable, if it is
+    newer: bool = False         # ``problem`` is a format version newer than this harness reads (not damage)
     files: dict[str, int] | None = None  # the folder's files and their sizes, from the listing
     commit_read: bool = False   # whether ``commit``/``problem`` say what the record holds (it is read lazily)
 
@@ -107,7 +109,8 @@ def _read_one(storage: Storage, info: CheckpointInfo, cache: CommitCache | None)
     except StorageError:
         raise  # the store failed (a StorageError is a CheckpointError too): not a damaged record
     except CheckpointError as exc:
-        info.problem = str(exc)  # a commit record exists but is damaged
+        info.problem = str(exc)  # a commit record exists but is damaged (or newer than this harness reads)
+        info.newer = isinstance(exc, NewerFormatError)
     else:
         if cache is not None and cached is None:
             cache.put(info.name, size, info.commit)
@@ -153,7 +156,7 @@ def open_checkpoint(storage: Storage, name: str, listed: CheckpointInfo | None =
     files = listed.files if listed is not None else None
     if listed is not None and listed.commit_read and listed.committed:
         if listed.problem is not None:
-            raise CheckpointError(listed.problem)
+            raise (NewerFormatError if listed.newer else CheckpointError)(listed.problem)
         commit = listed.commit
     else:
         try:
@@ -174,7 +177,7 @@ def open_checkpoint(storage: Storage, name: str, listed: CheckpointInfo | None =
     try:
         manifest = parse_manifest(storage.read_bytes(rel), commit)
     except CheckpointFormatError as exc:
-        raise CheckpointFormatError(f"{name}: {exc}") from None
+        raise type(exc)(f"{name}: {exc}") from None  # (a NewerFormatError stays one)
     for key in COMMIT_SUMMARY_KEYS:  # listing and retention read these from the commit record alone
         if key in manifest.raw and key in commit and commit[key] != manifest.raw[key]:
             raise CheckpointFormatError(f"{name}: commit record disagrees with the manifest on {key!r}")

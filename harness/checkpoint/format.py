@@ -18,7 +18,8 @@ import torch
 import xxhash
 
 from harness.checkpoint import codec
-from harness.errors import CheckpointFormatError
+from harness._version import __version__
+from harness.errors import CheckpointFormatError, NewerFormatError
 from harness.layout import (COMMIT_FILE, MANIFEST_FILE, NAME_PREFIX, ckpt_name,  # noqa: F401 - re-exported
                             parse_name)
 
@@ -174,9 +175,11 @@ def _check_version(obj: dict, what: str) -> None:
     if not _is_int(version) or version < 1:
         raise CheckpointFormatError(f"{what} has an invalid format_version")
     if version > FORMAT_VERSION:
-        raise CheckpointFormatError(
-            f"{what} was written in format version {version} by a newer harness; this harness reads up to "
-            f"version {FORMAT_VERSION}: upgrade harness to load it")
+        by = obj.get("harness_version")
+        by = f" ({str(by)[:40]})" if isinstance(by, str) and by else ""
+        raise NewerFormatError(
+            f"{what} was written in format version {version} by a newer harness{by}; this harness "
+            f"({__version__}) reads up to version {FORMAT_VERSION}: upgrade harness to load it")
 
 
 def _is_int(v: Any) -> bool:

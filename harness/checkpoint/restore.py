@@ -49,7 +49,7 @@ from harness.checkpoint.format import DTYPES, Manifest
 from harness.checkpoint.kinds import Targets
 from harness.checkpoint.load import decode_state
 from harness.checkpoint.sharded_read import Verified
-from harness.errors import CheckpointError, NoCheckpointError
+from harness.errors import CheckpointError, NewerFormatError, NoCheckpointError
 from harness.storage import redact_url
 
 log = logging.getLogger("harness")
@@ -68,6 +68,7 @@ class Choice:
     together: bool = False                      # read by every rank (sharded checkpoint or objects)
     error: str | None = None                    # nothing usable where something had to be
     missing_step: bool = False                  # the error is "nothing valid at the step asked for"
+    newer: bool = False                         # the error is a checkpoint of a newer harness's format
     problem: Problem | None = None              # rank 0 failed to choose for a reason that is not the store's
     each_reads: bool = False                    # Broadcast: every rank reads the (shared local) files itself
     shipped: bool = False                       # Broadcast: rank 0 read the ranks' own state and sends it
@@ -174,7 +175,8 @@ def restore(ctx: Ctx, targets: Targets, opts: RestoreOptions) -> RestoreResult |
         skipped += choice.skipped
         ctx.damaged |= {n for n, _ in skipped}  # retention keeps them for a human
         if choice.error is not None:
-            raise (NoCheckpointError if choice.missing_step else CheckpointError)(choice.error)
+            kind = NoCheckpointError if choice.missing_step else NewerFormatError if choice.newer else CheckpointError
+            raise kind(choice.error)
         if choice.name is None:
             ctx.others = foreign.foreign_checkpoints(ctx.storage) if ctx.rank == 0 else None  # torchtitan's...: say so
             other = foreign.hint(ctx.storage, ctx.others or [])
@@ -265,7 +267,8 @@ def _decide(ctx: Ctx, step: int | None, probe: _Probe,
         except Exception as exc:  # noqa: BLE001 - tell the other ranks instead of leaving them waiting
             own = exc
             problem = problem_of(exc, ctx.rank, damage_possible=False) if is_resource_error(exc) else None
-            choice = Choice(error=f"{type(exc).__name__}: {exc}", problem=problem)
+            newer = isinstance(exc, NewerFormatError)  # its own words: a known refusal, not a failure
+            choice = Choice(error=str(exc) if newer else f"{type(exc).__name__}: {exc}", problem=problem, newer=newer)
     with _rank0_waiting(ctx):
         choice = dist.broadcast(choice, ctx.group)
     if choice.problem is not None:

@@ -15,7 +15,7 @@ from harness.checkpoint.discovery import CheckpointInfo, list_checkpoints, open_
 from harness.checkpoint.errors import is_resource_error
 from harness.checkpoint.format import COMMIT_FILE, Manifest
 from harness.checkpoint.retention import RetentionPolicy, best as best_of
-from harness.errors import CheckpointError, HarnessError, NoCheckpointError, StorageError
+from harness.errors import CheckpointError, HarnessError, NewerFormatError, NoCheckpointError, StorageError
 from harness.storage import Storage, redact_url
 
 log = logging.getLogger("harness")
@@ -108,8 +108,10 @@ def walk_back(infos: Iterable[CheckpointInfo], load: Callable[[str], T],
     ``skipped`` lists (name, reason) for the folders passed over: no commit record, a damaged record, or a
     load that found the checkpoint damaged (truncated, bad checksum, malformed). A failing store
     (StorageError) or a resource failure (a lost connection, a timeout, out of memory) is not a damaged
-    checkpoint: it propagates, as does anything else. (None, None, skipped)
-    when nothing is usable."""
+    checkpoint: it propagates, as does anything else. So does a checkpoint of a newer harness's format
+    (NewerFormatError): an older one in its place would silently undo the training since (a harness rolled
+    back under a running job resumed 200 steps back, with an error line per checkpoint passed over).
+    (None, None, skipped) when nothing is usable."""
     skipped: list[tuple[str, str]] = []
     for info in infos:
         if not info.committed:  # an interrupted save, or a lost COMMIT: never used, kept for a look
@@ -119,8 +121,13 @@ def walk_back(infos: Iterable[CheckpointInfo], load: Callable[[str], T],
             continue
         try:
             if info.problem is not None:
-                raise CheckpointError(info.problem)
+                raise (NewerFormatError if info.newer else CheckpointError)(info.problem)
             return info, load(info.name), skipped
+        except NewerFormatError as exc:
+            why = str(exc).removeprefix(f"{info.name}: ")  # (the manifest's says whose it is)
+            raise NewerFormatError(f"checkpoint {info.name}: {why}; an older checkpoint is not used in its place, "
+                                   "which would undo the training since (to go back to one on purpose, move "
+                                   f"{info.name} out of the folder; export and inspect take --step)") from None
         except StorageError:
             raise
         except (CheckpointError, OSError, EOFError) as exc:
