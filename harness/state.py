@@ -71,6 +71,21 @@ def capture_rng(device: torch.device | int | None = None) -> dict:
     return state
 
 
+def models_cuda_device(models: Any) -> torch.device | None:
+    """The CUDA device the first of ``models`` (a dict of them, or an iterable) trains on, or None: the
+    generator a loop's dropout draws from is that device's. A loop of your own that moves its model to
+    ``cuda:LOCAL_RANK`` without ``torch.cuda.set_device`` has device 0 current: the current device's generator
+    would be GPU 0's on every rank, not the rank's own."""
+    if not torch.cuda.is_available():
+        return None
+    for model in (models.values() if isinstance(models, dict) else models):
+        tensors = getattr(model, "parameters", None)
+        for t in (tensors() if callable(tensors) else ()):
+            if t.device.type == "cuda":
+                return t.device
+    return None
+
+
 def _cuda_index(device: torch.device | int | None) -> int:
     if device is None:
         return torch.cuda.current_device()

@@ -161,27 +161,32 @@ def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
 
 
 def _pinned() -> int:
+    """Bytes torch's own pinned-host cache holds (the snapshot must not go through it: it page-locks its own
+    buffer with cudaHostRegister, which this cache never sees)."""
     return int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
 
 
 def test_pinned_snapshot_is_about_the_state_and_freed_by_close(tmp_path):
-    """Odd tensor sizes (a power-of-two rounding per tensor would pin ~1.6x): the snapshot pins <= 1.05x the
-    state's bytes, and close() gives them back."""
+    """Odd tensor sizes (a power-of-two rounding per tensor would pin ~1.6x): the snapshot pins one buffer of
+    <= 1.05x the state's bytes, once, and close() unpins and frees it. (This test first read torch's pinned-cache
+    statistics, which never see the snapshot's cudaHostRegister'd buffer: it passed whatever was pinned.)"""
     model = _model(layers=24, width=700, odd=13)
     opt = _trained(model)
     nbytes = _state_bytes(model, opt)
-    before = _pinned()
+    cache_before = _pinned()
     mgr = CheckpointManager(str(tmp_path / "ck"), keep_last=2, async_save=True)
+    snap = mgr.snapshot
     try:
         for step in (1, 2):
             mgr.save(step, models=model, optimizers=opt)
             mgr.wait()
-        held = _pinned() - before
-        assert held <= 1.05 * nbytes, f"pinned {held} bytes for {nbytes} bytes of state ({held / nbytes:.2f}x)"
+        assert snap.pinned, "the snapshot of GPU state is page-locked"
+        assert nbytes <= snap.nbytes <= 1.05 * nbytes, f"pinned {snap.nbytes} bytes for {nbytes} of state"
+        assert snap.allocations == 1, "the buffer is reused by the second save"
+        assert _pinned() - cache_before < 0.05 * nbytes, "no second copy through torch's pinned cache"
     finally:
         mgr.close()
-    after = _pinned() - before
-    assert after <= 0.05 * nbytes, f"close() left {after} bytes pinned ({after / nbytes:.2f}x the state)"
+    assert snap.nbytes == 0 and not snap.pinned, "close() unpins and frees the snapshot"
 
 
 def test_optimizer_state_is_on_the_gpu_after_restore(tmp_path):
@@ -241,6 +246,55 @@ def test_cuda_rng_saved_is_this_ranks_device():
         state.restore_rng(rng)
         assert torch.equal(torch.rand(4, device="cuda:1"), expected.to("cuda:1"))
         torch.cuda.set_device(DEV)
+
+
+def test_a_managers_cuda_rng_is_the_models_device_without_set_device(tmp_path):
+    """A loop of your own that moves its model to cuda:LOCAL_RANK without torch.cuda.set_device: the manager
+    saves and restores the generator of the model's device (dropout draws from it), not the current one's."""
+    last = torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.cuda.set_device(DEV)  # device 0 current, the model elsewhere where there are several
+    model = nn.Linear(8, 8).to(last)
+    assert state.models_cuda_device({"m": model}) == last and state.models_cuda_device([nn.Linear(2, 2)]) is None
+    torch.cuda.manual_seed_all(3)
+    mgr = CheckpointManager(str(tmp_path / "ck"))
+    mgr.save(1, models=model)
+    expected = torch.rand(4, device=last)
+    torch.cuda.manual_seed_all(99)
+    mgr.restore(models=model)
+    mgr.close()
+    assert torch.equal(torch.rand(4, device=last), expected)
+
+
+def test_fp16_grad_scaler_is_saved_and_a_resumed_run_is_bitwise(tmp_path):
+    """fp16 autocast has a GradScaler (bf16 has none, and every other GPU run here is bf16): its state is in the
+    checkpoint, and a run stopped at step 4 and resumed ends bitwise equal to one never stopped."""
+    from harness.checkpoint.discovery import list_checkpoints
+    from harness.checkpoint.load import read_state
+    from harness.storage import Storage
+
+    def run(ck: Path, steps: int) -> None:
+        sets = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "data.seq_len=32", "data.vocab_size=256",
+                "train.batch_size=4", 'train.device="cuda"', "train.amp=true", 'train.amp_dtype="fp16"',
+                "train.deterministic=true", "model.dropout=0.1", f"train.max_steps={steps}", "train.log_every=2",
+                "checkpoint.every_steps=2", f"checkpoint.dir={ck}"]
+        cmd = [sys.executable, "-m", "harness", "train", "--config", str(REPO / "configs" / "gpt_small.toml")]
+        out = subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=REPO, capture_output=True,
+                             text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    run(tmp_path / "a", 8)
+    run(tmp_path / "b", 4)
+    run(tmp_path / "b", 8)
+    finals = []
+    for ck in ("a", "b"):
+        storage = Storage(str(tmp_path / ck))
+        _, st, _ = read_state(storage, list_checkpoints(storage)[-1].name)
+        finals.append(st)
+    scaler = finals[0]["scaler"]
+    assert scaler and float(scaler["scale"]) > 0 and int(scaler["_growth_tracker"]) >= 0, scaler
+    assert finals[0]["scaler"] == finals[1]["scaler"]
+    for k, v in finals[0]["models"]["model"].items():
+        assert torch.equal(v, finals[1]["models"]["model"][k]), k
 
 
 OOM_WORKLOAD = '''
@@ -352,6 +406,42 @@ def test_step_loop_makes_no_host_sync_between_log_steps(tmp_path):
     assert syncs, "sync debug mode reported nothing: the check did not run"
     extra = {step: where[step][-12:] for step in sorted(set(syncs) - {10, 20})}
     assert not extra, f"host syncs at steps {sorted(set(syncs))}; only log steps 10 and 20 may sync: {extra}"
+
+
+def test_reading_threads_use_the_destinations_device_and_convert_on_their_stream(tmp_path, monkeypatch):
+    """Each reading thread has the destinations' device current (a thread starts on device 0: its stream
+    context switched back to device 0 on exit, a CUDA context of ~0.5 GB on GPU 0 per rank of an 8-GPU node),
+    and a destination of another dtype (bf16 weights, fp32 saved) is filled through a staging tensor allocated
+    on the ring's stream, exactly as copy_() converts."""
+    from harness.checkpoint import direct_cuda
+    from harness.checkpoint.destinations import destinations
+    from harness.checkpoint.direct_read import read_into
+    from harness.checkpoint.discovery import list_checkpoints, open_checkpoint
+    from harness.storage import Storage
+
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)  # not device 0 where there are several
+    torch.manual_seed(0)
+    big = nn.ParameterList([nn.Parameter(torch.randn(1_000_000 + 4099 * i)) for i in range(4)])
+    mgr = CheckpointManager(str(tmp_path / "ck"), io_threads=4, max_file_bytes=4 << 20)
+    mgr.save(1, models={"model": big})
+    mgr.close()
+    storage = Storage(str(tmp_path / "ck"))
+    name = list_checkpoints(storage)[-1].name
+    entries = [e for e in open_checkpoint(storage, name).tensors.values() if e.key.startswith("state/")]
+    seen: list[int] = []
+    fill = direct_cuda.fill_run
+
+    def watched(*args, **kwargs):
+        seen.append(torch.cuda.current_device())
+        return fill(*args, **kwargs)
+
+    monkeypatch.setattr(direct_cuda, "fill_run", watched)
+    fresh = nn.ParameterList([nn.Parameter(torch.zeros_like(p, dtype=torch.bfloat16)) for p in big]).to(dev)
+    with torch.cuda.device(dev):
+        read_into(storage, name, entries, destinations(entries, {"model": fresh}, {}), threads=4)
+    torch.cuda.synchronize(dev)
+    assert seen and set(seen) == {dev.index}, seen
+    assert all(torch.equal(p.cpu(), q.to(torch.bfloat16)) for p, q in zip(fresh, big))
 
 
 def test_cuda_destinations_from_several_threads(tmp_path):

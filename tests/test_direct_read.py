@@ -314,6 +314,9 @@ class HostRing:
         slot, self._next = self._next, (self._next + 1) % len(self.bufs)
         return slot
 
+    def staging(self, shape, dtype) -> torch.Tensor:
+        return torch.empty(tuple(shape), dtype=dtype)
+
     def copy_out(self, slot: int, n: int, dst: torch.Tensor) -> None:
         dst.copy_(self.bufs[slot][:n])
 

@@ -41,3 +41,36 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert h2d["value"] is None and h2d["pass"] is False
     assert "PASS" in summary and summary.startswith("gpu_check (cpu-smoke)")
     assert {p.name for p in tmp_path.iterdir()} >= {"checkpoint_io_cpu_latest.json", "train_overhead_cpu_latest.json"}
+
+
+def test_gpu_check_stopped_by_sigterm_writes_its_report_and_leaves_no_process(tmp_path):
+    """gpu_check.sh's hard stop (or a person) SIGTERMs gpu_check while its commands run, each in a session
+    of its own that `timeout` does not reach: they went on holding the GPU, and gpu_check died without its
+    report. Now it kills them and writes the report, saying it was stopped."""
+    import os
+    import signal
+    import time
+
+    env = uninstalled_env(PYTHON=sys.executable, TMPDIR=str(tmp_path))  # the work folder, in the commands' argv
+    out = tmp_path / "out"
+    proc = subprocess.Popen(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--out", str(out),
+                             "--parts", "gpt"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+    def commands() -> list[str]:
+        got = subprocess.run(["pgrep", "-f", f"checkpoint.dir=.{tmp_path}/gpu_check_"], capture_output=True,
+                             text=True)
+        return got.stdout.split()
+
+    deadline = time.monotonic() + 120
+    while not commands() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert commands(), "no training command started"
+    proc.send_signal(signal.SIGTERM)  # to `timeout`, which passes it on to gpu_check.py
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 1, log[-3000:]
+    assert commands() == [], log[-3000:]
+    result = json.loads((out / "gpu_check_cpu-smoke_latest.json").read_text())
+    assert result["ok"] is False and result["stopped"].startswith("stopped by signal 15 after "), result
+    assert (out / "gpu_check_cpu-smoke_latest.txt").read_text().splitlines()[1].startswith("  stopped by signal 15")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("gpu_check_")]  # its work folder removed

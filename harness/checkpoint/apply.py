@@ -14,7 +14,7 @@ from harness.checkpoint.format import Manifest
 from harness.checkpoint.kinds import EXTRA, MODELS, OPTIMIZERS, Kind, Targets
 from harness.checkpoint.load import LoadReport, class_name, load_model_state, saved_class
 from harness.errors import CheckpointError, StateMismatchError
-from harness.state import Stateful, restore_rng
+from harness.state import Stateful, models_cuda_device, restore_rng
 
 log = logging.getLogger("harness")
 
@@ -172,7 +172,7 @@ def apply(manifest: Manifest, state: dict, mine: Any, targets: Targets, opts: Re
         log.warning("checkpoint was written by %d ranks; rank %d has no saved RNG or data position",
                     manifest.world_size, rank)
     elif opts.rng:
-        restore_rng(mine["rng"])
+        restore_rng(mine["rng"], models_cuda_device(targets.models))
     raw = manifest.raw
     return RestoreResult(name=raw["name"], step=raw["step"], epoch=raw["epoch"],
                          position=None if mine is None else mine["position"], loss=codec.unplain(raw.get("loss")),

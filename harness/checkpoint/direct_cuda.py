@@ -32,19 +32,27 @@ class RingLike(Protocol):
     host: list[memoryview]
 
     def take(self) -> int: ...
+    def staging(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor: ...
     def copy_out(self, slot: int, n: int, dst: torch.Tensor) -> None: ...
     def convert(self, view: torch.Tensor, staged: torch.Tensor) -> None: ...
     def drain(self) -> None: ...
 
 
 class Ring:
-    """Pinned host buffers cycled in order; each slot's event marks the end of the copy out of it."""
+    """Pinned host buffers cycled in order; each slot's event marks the end of the copy out of it.
+
+    Its events block (sleep) rather than spin while waited for: every reading thread waits on its own ring, and
+    CUDA's default with one context on a many-core host is to spin a core, which the other threads' reads and
+    checksums need. The thread using a ring must have the ring's device current (``bind_thread``): a stream
+    context entered in a thread still on device 0 switches back to device 0 on exit, making a CUDA context
+    there (~0.5 GB of GPU 0 per rank on an 8-GPU node)."""
 
     def __init__(self, device: torch.device, slots: int = RING_SLOTS, slot_bytes: int = RING_SLOT_BYTES) -> None:
         self.slot_bytes = slot_bytes
         self.bufs = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
         self.host = [memoryview(b.numpy()) for b in self.bufs]
-        self.events: list[torch.cuda.Event | None] = [None] * slots
+        self.events = [torch.cuda.Event(blocking=True) for _ in range(slots)]
+        self.pending = [False] * slots  # the slot's event was recorded and not waited for yet
         self.stream = torch.cuda.Stream(device=device)
         self._next = 0
 
@@ -56,17 +64,23 @@ class Ring:
         """The next slot, once the copy that last used it has finished."""
         slot = self._next
         self._next = (slot + 1) % len(self.bufs)
-        if self.events[slot] is not None:
+        if self.pending[slot]:
             self.events[slot].synchronize()
+            self.pending[slot] = False
         return slot
+
+    def staging(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A device tensor the copies fill before :meth:`convert`, allocated on the ring's stream: whatever
+        the allocation queues (deterministic mode fills new memory with NaN) is ordered before the copies."""
+        with torch.cuda.stream(self.stream):
+            return torch.empty(tuple(shape), dtype=dtype, device=self.stream.device)
 
     def copy_out(self, slot: int, n: int, dst: torch.Tensor) -> None:
         """Queue the host-to-device copy of the slot's first ``n`` bytes into ``dst`` (uint8, contiguous)."""
         with torch.cuda.stream(self.stream):
             dst.copy_(self.bufs[slot][:n], non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self.stream)
-        self.events[slot] = ev
+            self.events[slot].record(self.stream)
+        self.pending[slot] = True
 
     def convert(self, view: torch.Tensor, staged: torch.Tensor) -> None:
         """Queue ``view.copy_(staged)`` (another dtype or layout) after the copies into ``staged``."""
@@ -74,7 +88,16 @@ class Ring:
             view.copy_(staged)
 
     def drain(self) -> None:
-        self.stream.synchronize()
+        done = torch.cuda.Event(blocking=True)  # (a stream's own synchronize spins)
+        done.record(self.stream)
+        done.synchronize()
+        self.pending = [False] * len(self.pending)
+
+
+def bind_thread(device: torch.device | None) -> None:
+    """Make ``device`` current in the calling (reading) thread, which starts on device 0 (see :class:`Ring`)."""
+    if device is not None:
+        torch.cuda.set_device(device)
 
 
 @dataclass
@@ -127,7 +150,7 @@ def fill_run(reader: Reader, run: Sequence[tuple[TensorEntry, torch.Tensor]], ri
     try:
         for e, view in run:
             same = view.dtype == DTYPES[e.dtype] and view.is_contiguous()
-            dst = view if same else torch.empty(e.shape, dtype=DTYPES[e.dtype], device=view.device)
+            dst = view if same else ring.staging(e.shape, DTYPES[e.dtype])
             keep.append(dst)
             flat = dst.reshape(-1).view(torch.uint8) if e.length else None
             h = xxhash.xxh3_64()

@@ -118,7 +118,8 @@ def read_into(storage: Storage, folder: str, entries: Sequence[TensorEntry], des
         rings = direct_cuda.open_rings(device, len(cuda_runs)) if cuda_runs else []
         phases = [direct_cuda.Phases() for _ in cuda_runs]
         pool = cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(runs)) + len(cuda_runs)),
-                                     thread_name_prefix="harness-read")
+                                     thread_name_prefix="harness-read", initializer=direct_cuda.bind_thread,
+                                     initargs=(device,))
         futures: list[cf.Future] = []
         try:
             # the CUDA shares first: each gets a thread of its own at once, the host runs share the rest

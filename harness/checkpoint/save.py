@@ -33,7 +33,7 @@ from harness.checkpoint.snapshot import Snapshot
 from harness.checkpoint.staging import Staging
 from harness.errors import CheckpointError, is_storage_unavailable, storage_failure
 from harness.layout import free_name
-from harness.state import capture_rng
+from harness.state import capture_rng, models_cuda_device
 
 log = logging.getLogger("harness")
 
@@ -125,7 +125,8 @@ def capture(targets: Targets, step: int, *, epoch: int, position: Any, loss: flo
         tree = enc.encode(state, "state")
         rep_tree = tree if ctx.rank == 0 else None
         zero_trees = {n: own.encode(st, f"state/optimizers/{n}/state") for n, st in zero_parts.items()}
-    rank_tree = own.encode({"rng": capture_rng(), "position": position, "rank_state": rank_state},
+    rng = capture_rng(models_cuda_device(targets.models))
+    rank_tree = own.encode({"rng": rng, "position": position, "rank_state": rank_state},
                            f"ranks/{ctx.rank}")
     return Captured(meta, rep_tree, rank_tree, zero_trees, my_writes(enc.tensors, own.tensors, ctx, split), t0)
 
