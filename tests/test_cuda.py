@@ -6,9 +6,11 @@ benchmarks/gpu_check.sh.
 - the host snapshot's pinned memory is about the state's size and is given back by close();
 - an OOM while restoring is a retryable failure (exit 1), not a damaged checkpoint (exit 3);
 - the optimizer state is on the GPU after a restore; GPU-saved loads on CPU and back;
-- the CUDA RNG saved is the rank's own device's;
+- the CUDA RNG saved is the rank's own device's (a manager's: its models' device, set_device or not);
+- fp16 autocast's GradScaler is saved, and a resumed fp16 run is bitwise equal to an uninterrupted one;
 - the step loop makes no host sync between log steps (torch.cuda.set_sync_debug_mode);
-- a restore into CUDA tensors from several reading threads, each with its pinned ring and stream, is exact and
+- a restore into CUDA tensors from several reading threads, each with its pinned ring and stream and its device
+  current, is exact (also into another dtype, and a model spread over two GPUs where there are two) and
   names a corrupt entry.
 """
 
@@ -442,6 +444,13 @@ def test_reading_threads_use_the_destinations_device_and_convert_on_their_stream
     torch.cuda.synchronize(dev)
     assert seen and set(seen) == {dev.index}, seen
     assert all(torch.equal(p.cpu(), q.to(torch.bfloat16)) for p, q in zip(fresh, big))
+    if torch.cuda.device_count() > 1:  # a model spread over two GPUs of one process: rings on each
+        seen.clear()
+        spread = nn.ParameterList([nn.Parameter(torch.zeros_like(p).to(f"cuda:{i % 2}")) for i, p in enumerate(big)])
+        read_into(storage, name, entries, destinations(entries, {"model": spread}, {}), threads=4)
+        torch.cuda.synchronize()
+        assert set(seen) == {0, 1}, seen
+        assert all(torch.equal(p.cpu(), q) for p, q in zip(spread, big))
 
 
 def test_cuda_destinations_from_several_threads(tmp_path):

@@ -20,7 +20,6 @@ import xxhash
 
 from harness.checkpoint.direct_io import Aborted, Reader, check_digest
 from harness.checkpoint.format import DTYPES, TensorEntry
-from harness.errors import CheckpointError
 
 MIB = 1 << 20
 RING_SLOTS, RING_SLOT_BYTES = 3, 8 * MIB  # per reading thread: one slot read, one copied, one spare
@@ -94,10 +93,15 @@ class Ring:
         self.pending = [False] * len(self.pending)
 
 
-def bind_thread(device: torch.device | None) -> None:
-    """Make ``device`` current in the calling (reading) thread, which starts on device 0 (see :class:`Ring`)."""
+def fill_bound(reader: Reader, run: Sequence[tuple[TensorEntry, torch.Tensor]], ring: RingLike, verify: bool,
+               stop: threading.Event, phases: Phases | None = None) -> tuple[int, int]:
+    """:func:`fill_run` in a reading thread with the ring's device made current first: a new thread starts on
+    device 0 (see :class:`Ring`), and the destinations of one read may be on several devices (a model spread
+    over the GPUs of one process), each with rings of its own."""
+    device = getattr(getattr(ring, "stream", None), "device", None)
     if device is not None:
         torch.cuda.set_device(device)
+    return fill_run(reader, run, ring, verify, stop, phases)
 
 
 @dataclass
@@ -114,14 +118,6 @@ class Phases:
     def seconds(self) -> dict[str, float]:
         return {"read": self.read, "hash": self.hash, "slot_wait": self.slot,
                 "other": max(0.0, self.total - self.read - self.hash - self.slot), "total": self.total}
-
-
-def cuda_device(views: Sequence[torch.Tensor]) -> torch.device:
-    """The one CUDA device every destination is on (a read fills one device: a rank's)."""
-    devices = {v.device for v in views}
-    if len(devices) != 1:
-        raise CheckpointError(f"CUDA destinations on several devices in one read: {sorted(map(str, devices))}")
-    return devices.pop()
 
 
 def open_rings(device: torch.device, n: int) -> list[Ring]:

@@ -109,21 +109,18 @@ def read_into(storage: Storage, folder: str, entries: Sequence[TensorEntry], des
     host = [t for t in targets if t.view is None or t.view.device.type != "cuda"]
     cuda = [t for t in targets if t.view is not None and t.view.device.type == "cuda"]
     budget = Budget(memory_budget)
-    device = direct_cuda.cuda_device([t.view for t in cuda]) if cuda else None
     with Reader(storage, folder) as reader:
         stop = threading.Event()
         jobs = plan_jobs(host, coalesce=coalesce)
         runs = plan_runs(jobs, threads, reader.local)
-        cuda_runs = plan_cuda_runs(cuda, threads, reader.local)
-        rings = direct_cuda.open_rings(device, len(cuda_runs)) if cuda_runs else []
+        cuda_runs, rings = _cuda_shares(cuda, threads, reader.local)
         phases = [direct_cuda.Phases() for _ in cuda_runs]
         pool = cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(runs)) + len(cuda_runs)),
-                                     thread_name_prefix="harness-read", initializer=direct_cuda.bind_thread,
-                                     initargs=(device,))
+                                     thread_name_prefix="harness-read")
         futures: list[cf.Future] = []
         try:
             # the CUDA shares first: each gets a thread of its own at once, the host runs share the rest
-            futures = [pool.submit(direct_cuda.fill_run, reader, run, ring, verify, stop, ph)
+            futures = [pool.submit(direct_cuda.fill_bound, reader, run, ring, verify, stop, ph)
                        for run, ring, ph in zip(cuda_runs, rings, phases)]
             futures += [pool.submit(_run_jobs, reader, run, budget, verify, stop) for run in runs]
         except BaseException as exc:
@@ -276,6 +273,22 @@ def plan_runs(jobs: Sequence[_Job], threads: int, local: bool) -> list[list[_Job
         runs[-1].append(j)
         done += j.end - j.offset
     return runs
+
+
+def _cuda_shares(cuda: Sequence[_Target], threads: int,
+                 local: bool) -> tuple[list[list[tuple[TensorEntry, torch.Tensor]]], list[direct_cuda.Ring]]:
+    """The reading threads' shares of the CUDA destinations and a ring for each, per device (one device: a
+    rank's; several: a model spread over the GPUs of one process, the threads divided between them)."""
+    by_device: dict[torch.device, list[_Target]] = {}
+    for t in cuda:
+        by_device.setdefault(t.view.device, []).append(t)
+    runs: list[list[tuple[TensorEntry, torch.Tensor]]] = []
+    rings: list[direct_cuda.Ring] = []
+    for device, targets in by_device.items():
+        share = plan_cuda_runs(targets, max(1, threads // len(by_device)), local)
+        runs += share
+        rings += direct_cuda.open_rings(device, len(share))
+    return runs, rings
 
 
 def plan_cuda_runs(targets: Sequence[_Target], threads: int,
