@@ -72,7 +72,7 @@ class Staging:
                 if now:
                     current.wait_stream(side)
                 _queue(late, side)
-            events[dev] = torch.cuda.Event()
+            events[dev] = torch.cuda.Event(blocking=True)  # the copy thread sleeps on it, not spins a core
             events[dev].record(side)
         return cls(cpu, events, watched)
 
