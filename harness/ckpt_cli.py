@@ -8,6 +8,7 @@
                         [--format pt|safetensors|torchscript|onnx] --out FILE [--model NAME] [--quantize int8]
     harness ckpt import FILE DIR [--step N] [--epoch E] [--config TOML [--set KEY=VALUE ...]] [--fresh-optimizer]
     harness ckpt prune DIR [--dry-run]
+    harness ckpt rollback DIR --step N [--dry-run]
 
 DIR is a local path or any fsspec URL (``file://``, ``s3://bucket/run1``, ``memory://``). Every subcommand
 takes ``--storage-option KEY=VALUE`` (repeatable): VALUE is parsed as JSON when it is valid JSON (``true``,
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 
-from harness.ckpt_folder import run_list, run_prune, run_verify
+from harness.ckpt_folder import run_list, run_prune, run_rollback, run_verify
 from harness.ckpt_interop import run_diff, run_export, run_import, run_inspect
 from harness.ckpt_parser import add_ckpt_parser, parse_storage_options
 from harness.ckpt_render import error
@@ -69,6 +70,8 @@ def run_ckpt(args: argparse.Namespace) -> int:
             return run_export(storage, args, options, secrets)
         if args.ckpt_command == "prune":
             return run_prune(storage, args, secrets)
+        if args.ckpt_command == "rollback":
+            return run_rollback(storage, args, secrets)
         raise HarnessError(f"unknown ckpt command {args.ckpt_command!r}")
     except StorageError as exc:  # the line and exit code `harness train` gives: unusable 3, out of retries 1
         if is_storage_unavailable(exc):

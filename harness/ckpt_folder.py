@@ -13,11 +13,13 @@ from harness import lease
 from harness.checkpoint import foreign
 from harness.checkpoint.discovery import (READ_THREADS, CheckpointInfo, list_checkpoints, open_checkpoint,
                                          verify_checkpoint)
-from harness.checkpoint.format import MANIFEST_FILE
+from harness.checkpoint.format import COMMIT_FILE, MANIFEST_FILE
 from harness.checkpoint.prune import prune
+from harness.checkpoint.rollback import roll_back
 from harness.checkpoint.select import deleted_meanwhile
 from harness.ckpt_render import dash, error, human_size, loss_text, print_table, short_time, without_name
 from harness.errors import CheckpointError, HarnessError
+from harness.layout import ROLLED_BACK_FILE
 from harness.storage import Storage, redact_url
 
 
@@ -69,7 +71,8 @@ def _row(storage: Storage, info: CheckpointInfo, full: bool) -> dict:
         "valid": False, "status": "",
     }
     if not info.committed:
-        row["status"] = "uncommitted"
+        row["status"] = (f"rolled back (its {ROLLED_BACK_FILE} record renamed to {COMMIT_FILE} restores it)"
+                         if info.rolled_back else "uncommitted")
         row["size_bytes"] = _folder_size(storage, info.name)
     elif info.problem is not None:
         row["status"] = without_name(info.name, info.problem)
@@ -104,6 +107,19 @@ def run_prune(storage: Storage, args: argparse.Namespace, secrets: list[str]) ->
     report = prune(storage, dry_run=args.dry_run)
     print(report.line())
     return 1 if report.failed else 0
+
+
+def run_rollback(storage: Storage, args: argparse.Namespace, secrets: list[str]) -> int:
+    """Continue from an earlier step for good: the newer checkpoints set aside, unless a live job holds the
+    folder (it would go on saving after them, and its next restart resume from them)."""
+    require_folder(storage)
+    holder = lease.live_holder(storage, args.lease_timeout)
+    if holder is not None:
+        error(f"checkpoint folder {lease.in_use(storage, holder)}: not rolling back (stop the job first: it "
+              "would go on from where it is)", secrets)
+        return 3
+    print(roll_back(storage, args.step, dry_run=args.dry_run).line())
+    return 0
 
 
 # -- verify -----------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def add_ckpt_parser(subparsers: Any) -> argparse.ArgumentParser:
     ckpt = subparsers.add_parser("ckpt", help="list, verify, inspect, diff, export and import checkpoints",
                                  description="List, verify, inspect, diff, export and import checkpoints.")
     sub = ckpt.add_subparsers(dest="ckpt_command", required=True,
-                              metavar="{list,verify,inspect,diff,export,import,prune}")
+                              metavar="{list,verify,inspect,diff,export,import,prune,rollback}")
 
     # in this order in `harness ckpt --help`; diff and import take two paths, so no common DIR
     _add_list(sub, common)
@@ -36,6 +36,7 @@ def add_ckpt_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_export(sub, common)
     _add_import(sub, options)
     _add_prune(sub, common)
+    _add_rollback(sub, common)
     return ckpt
 
 
@@ -183,8 +184,22 @@ def _add_prune(sub: Any, common: argparse.ArgumentParser) -> None:
     _lease_timeout(p)
 
 
+def _add_rollback(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``ckpt rollback``: continue from an earlier step for good."""
+    p = sub.add_parser(
+        "rollback", parents=[common], help="continue from an earlier step: set the newer checkpoints aside",
+        description="Make the checkpoint of step N the newest (a loss spike: go back and continue from there): "
+        "every newer committed checkpoint is set aside, its COMMIT record renamed ROLLED_BACK, so that a job "
+        "started on DIR, and every restart of it, resumes from step N. Nothing is deleted (retention and prune "
+        "keep set-aside folders; rename ROLLED_BACK to COMMIT to undo). Refuses (exit 3) while a live job "
+        "holds the folder's RUN_LEASE.")
+    p.add_argument("--step", type=int, required=True, metavar="N", help="the step to continue from")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be set aside")
+    _lease_timeout(p)
+
+
 def _lease_timeout(p: argparse.ArgumentParser) -> None:
-    """``--lease-timeout`` of the commands that refuse a folder a live job holds (prune, import)."""
+    """``--lease-timeout`` of the commands that refuse a folder a live job holds (prune, rollback, import)."""
     p.add_argument("--lease-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="a lease whose heartbeat is younger than this belongs to a live job (the run's "
                    "checkpoint.lease_timeout_s; default 60)")

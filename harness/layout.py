@@ -10,6 +10,7 @@ import re
 
 COMMIT_FILE = "COMMIT"
 MANIFEST_FILE = "manifest.json"
+ROLLED_BACK_FILE = "ROLLED_BACK"  # a commit record set aside by `harness ckpt rollback` (checkpoint/rollback.py)
 NAME_PREFIX = "step-"  # every checkpoint folder's name starts so: discovery lists only those
 
 _NAME_RE = re.compile(r"^step-(\d{9,12})(?:-a(\d{1,4}))?$")

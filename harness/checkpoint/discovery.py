@@ -13,6 +13,7 @@ from harness.checkpoint.format import (COMMIT_FILE, COMMIT_SUMMARY_KEYS, MANIFES
                                        parse_name)
 from harness.errors import (CheckpointCorruptError, CheckpointError, CheckpointFormatError, NewerFormatError,
                             StorageError)
+from harness.layout import ROLLED_BACK_FILE
 from harness.storage import Storage
 
 
@@ -29,6 +30,7 @@ class CheckpointInfo:
     newer: bool = False         # ``problem`` is a format version newer than this harness reads (not damage)
     files: dict[str, int] | None = None  # the folder's files and their sizes, from the listing
     commit_read: bool = False   # whether ``commit``/``problem`` say what the record holds (it is read lazily)
+    rolled_back: bool = False   # set aside by a rollback (its ROLLED_BACK record): kept, never a leftover
 
 
 def scan(storage: Storage) -> list[CheckpointInfo]:
@@ -49,7 +51,7 @@ def scan(storage: Storage) -> list[CheckpointInfo]:
     for name, files in folders.items():
         step, attempt = parse_name(name)  # type: ignore[misc]
         out.append(CheckpointInfo(name=name, step=step, attempt=attempt, committed=COMMIT_FILE in files,
-                                  files=files))
+                                  files=files, rolled_back=ROLLED_BACK_FILE in files))
     return sorted(out, key=lambda i: (i.step, i.attempt))
 
 

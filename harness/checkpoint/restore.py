@@ -45,7 +45,7 @@ from harness.checkpoint.context import Ctx
 from harness.checkpoint.destinations import destinations
 from harness.checkpoint.discovery import CheckpointInfo, open_checkpoint, read_commits, scan
 from harness.checkpoint.errors import Problem, Severity, agree, is_resource_error, problem_of, raise_resource
-from harness.checkpoint.format import DTYPES, Manifest
+from harness.checkpoint.format import DTYPES, Manifest, parse_name
 from harness.checkpoint.kinds import Targets
 from harness.checkpoint.load import decode_state
 from harness.checkpoint.sharded_read import Verified
@@ -195,7 +195,21 @@ def restore(ctx: Ctx, targets: Targets, opts: RestoreOptions) -> RestoreResult |
     result.skipped = skipped
     log.info("restored %s (step %d, epoch %d) in %.2f s", result.name, result.step, result.epoch,
              time.perf_counter() - t0)
+    if opts.step is not None and ctx.rank == 0:
+        _warn_newer(ctx, probe.listing or [], result.name)
     return result
+
+
+def _warn_newer(ctx: Ctx, listing: list[CheckpointInfo], name: str) -> None:
+    """A restore of an earlier step with newer committed checkpoints beside it: the next restart that takes
+    the newest resumes from those, and retention ranks the checkpoints saved from here below them."""
+    chosen = parse_name(name)
+    newer = [i.name for i in listing if i.committed and chosen is not None and (i.step, i.attempt) > chosen]
+    if newer:
+        log.warning("restored %s, but %s %s newer: a restart resumes from %s, not from the checkpoints saved "
+                    "from here; to continue from step %d for good, set the newer ones aside first: harness ckpt "
+                    "rollback %s --step %d", name, ", ".join(newer[-3:]), "is" if len(newer) == 1 else "are",
+                    newer[-1], chosen[0], redact_url(ctx.storage.url), chosen[0])
 
 
 class _Stranded(Exception):

@@ -74,12 +74,13 @@ def last_finite(healthy: list[CheckpointInfo]) -> set[str]:
 
 
 def stale_attempts(infos: list[CheckpointInfo]) -> list[str]:
-    """Uncommitted folders older than the newest commit: dead attempts, never visible to readers."""
+    """Uncommitted folders older than the newest commit: dead attempts, never visible to readers (not those a
+    rollback set aside: kept for a human)."""
     committed = [i for i in infos if i.committed]
     if not committed:
         return []
     newest = (committed[-1].step, committed[-1].attempt)
-    return [i.name for i in infos if not i.committed and (i.step, i.attempt) < newest]
+    return [i.name for i in infos if not i.committed and not i.rolled_back and (i.step, i.attempt) < newest]
 
 
 def apply(storage: Storage, policy: RetentionPolicy, protect: set[str],
