@@ -41,7 +41,7 @@ def _names(url: str) -> list[str]:
     return [i.name for i in list_checkpoints(Storage(url))]
 
 
-def test_rollback_sets_newer_checkpoints_aside_and_the_new_branch_becomes_the_newest(ckpt_url):
+def test_rollback_sets_newer_checkpoints_aside_and_the_new_branch_becomes_the_newest(ckpt_url, caplog):
     weights = _run(ckpt_url)
     st = Storage(ckpt_url)
     assert rollback.roll_back(st, 3, dry_run=True).set_aside == ["step-000000004", "step-000000005"]
@@ -55,7 +55,10 @@ def test_rollback_sets_newer_checkpoints_aside_and_the_new_branch_becomes_the_ne
 
     model = Net()
     mgr = CheckpointManager(ckpt_url, keep_last=2)
-    assert mgr.restore(models=model).name == "step-000000003"
+    with caplog.at_level(logging.INFO, logger="harness"):
+        res = mgr.restore(models=model)
+    assert res.name == "step-000000003" and res.skipped == []
+    assert "step-000000004" not in caplog.text and "step-000000005" not in caplog.text  # not "interrupted saves"
     assert_bitwise(weights[3], model.state_dict())
     for step in (4, 5, 6):  # the new branch: retention at keep_last=2 sets no set-aside folder's fate
         mgr.save(step, models=model)
