@@ -14,6 +14,7 @@ ROLLED_BACK_FILE = "ROLLED_BACK"  # a commit record set aside by `harness ckpt r
 NAME_PREFIX = "step-"  # every checkpoint folder's name starts so: discovery lists only those
 
 _NAME_RE = re.compile(r"^step-(\d{9,12})(?:-a(\d{1,4}))?$")
+MAX_STEP = 10**12 - 1  # the most a folder name holds (12 digits): a larger step's folder would never be found
 
 
 def ckpt_name(step: int, attempt: int = 0) -> str:

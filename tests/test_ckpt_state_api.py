@@ -144,6 +144,11 @@ def test_save_arguments_are_checked_before_anything_is_written(ckpt_url, caplog)
            (dict(step=True), TypeError, "checkpoint step must be an int, got bool True"),
            (dict(step="7"), TypeError, "got str '7'"),
            (dict(step=-1), ValueError, "checkpoint step must be >= 0, got -1"),
+           # saved "OK" as step-1000000000000, a folder name no listing matches: never found, never retained
+           (dict(step=10**12), ValueError, "checkpoint step must be at most 999999999999 .*got 1000000000000"),
+           (dict(step=1, loss="abc"), TypeError, "checkpoint loss must be a number .*got str 'abc'"),
+           (dict(step=1, loss="0.05"), TypeError, "got str '0.05'"),  # was taken as the number 0.05
+           (dict(step=1, loss=torch.ones(2)), TypeError, "loss must be a number .*got a tensor of 2 elements"),
            (dict(step=1, epoch=-2), ValueError, "checkpoint epoch must be >= 0"),
            (dict(step=torch.tensor(2.0)), TypeError, "must be an int, got Tensor"),
            (dict(step=1, models=[model, Net(8)]), TypeError,

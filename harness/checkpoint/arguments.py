@@ -22,6 +22,7 @@ import torch
 
 from harness.checkpoint.background import PRIORITIES as WRITER_PRIORITIES
 from harness.checkpoint.kinds import EXTRA, KINDS
+from harness.layout import MAX_STEP
 from harness.state import Stateful
 
 
@@ -33,7 +34,21 @@ def counter(value: Any, what: str, minimum: int = 0) -> int:
         raise TypeError(f"checkpoint {what} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"checkpoint {what} must be {'>= 0' if minimum == 0 else f'> {minimum - 1}'}, got {value}")
+    if what == "step" and value > MAX_STEP:  # it saved "OK" as step-1000000000000, which no listing matches
+        raise ValueError(f"checkpoint step must be at most {MAX_STEP} (12 digits in the folder name), got {value}")
     return int(value)
+
+
+def loss_value(value: Any) -> float | None:
+    """``loss`` as a number (after :func:`summary`): a string such as "0.05" was taken as one, "abc" raised a
+    bare ValueError from deep inside save, a 2-element tensor torch's "only one element tensors" error."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        shown = f"a tensor of {value.numel()} elements" if isinstance(value, torch.Tensor) else \
+            f"{type(value).__name__} {value!r}"[:80]
+        raise TypeError(f"checkpoint loss must be a number (or a one-element tensor), got {shown}")
+    return float(value)
 
 
 def summary(value: Any) -> Any:

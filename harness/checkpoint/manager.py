@@ -152,7 +152,7 @@ class CheckpointManager:
         arguments.check_objects(by_section)
         targets = gather(state, **by_section)
         step, epoch = arguments.counter(step, "step"), arguments.counter(epoch, "epoch")
-        loss, metrics = arguments.summary(loss), arguments.summary(metrics)
+        loss, metrics = arguments.loss_value(arguments.summary(loss)), arguments.summary(metrics)
         position, rank_state = arguments.own_state(position), arguments.own_state(rank_state)
         self._check_best_metric(metrics)
         self._saver.save(targets, step, epoch=epoch, position=position, loss=loss, metrics=metrics,
