@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 
+from harness.checkpoint.discovery import as_step_of_its_folder
 from harness.ckpt_folder import run_list, run_prune, run_rollback, run_verify
 from harness.ckpt_interop import run_diff, run_export, run_import, run_inspect
 from harness.ckpt_parser import add_ckpt_parser, parse_storage_options
@@ -42,6 +43,18 @@ EXIT_STORAGE = 3                      # as `harness train`: storage unusable, do
 STORAGE_PREFIX = "checkpoint error"   # the words `harness train` puts before a storage problem
 EXIT_UNAVAILABLE = 1                  # as `harness train`: the storage out of retries, retryable
 UNAVAILABLE_PREFIX = "storage unreachable (retryable, exit 1)"
+
+
+def _one_checkpoint(storage: Storage, args: argparse.Namespace, options: dict) -> Storage:
+    """DIR given as one checkpoint's ``step-N`` folder (as Lightning's ``ckpt_path``) and no ``--step``/``--best``:
+    its folder with ``--step N`` (it said "no committed checkpoint in .../step-N", of a committed checkpoint)."""
+    if getattr(args, "step", None) is not None or getattr(args, "best", False) or getattr(args, "all", False):
+        return storage
+    one = as_step_of_its_folder(storage, options)
+    if one is None:
+        return storage
+    (parent, args.step), args.dir = one, one[0].url
+    return parent
 
 
 def run_ckpt(args: argparse.Namespace) -> int:
@@ -60,6 +73,8 @@ def run_ckpt(args: argparse.Namespace) -> int:
         if args.ckpt_command == "import":
             return run_import(args, options)
         storage = Storage(args.dir, options)
+        if args.ckpt_command in ("verify", "inspect", "export"):
+            storage = _one_checkpoint(storage, args, options)
         if args.ckpt_command == "list":
             return run_list(storage, args)
         if args.ckpt_command == "verify":

@@ -193,6 +193,35 @@ def open_checkpoint(storage: Storage, name: str, listed: CheckpointInfo | None =
     return manifest
 
 
+def one_checkpoint(storage: Storage, committed: bool = False) -> tuple[str, str] | None:
+    """(parent folder's URL, checkpoint name) when ``storage``'s folder is itself one harness checkpoint (a
+    ``step-N`` folder holding its commit record, or unless ``committed`` a set-aside one), as Lightning's
+    ``ckpt_path`` habit gives it, else None. One HEAD on an object store (two for a folder that is neither)."""
+    parent, _, name = storage.url.rstrip("/").rpartition("/")
+    if parse_name(name) is None:
+        return None
+    parent = parent or "."  # a relative "step-000000100"
+    if storage.exists(COMMIT_FILE) or (not committed and storage.exists(ROLLED_BACK_FILE)):
+        return parent, name
+    return None
+
+
+def as_step_of_its_folder(storage: Storage, storage_options: dict | None) -> tuple[Storage, int] | None:
+    """For a reader given one committed checkpoint's folder: its parent folder and step, so that reading that
+    step there reads this very checkpoint; a CheckpointError when a later save of the same step is the one a
+    step selects there (``step-000000100`` beside ``step-000000100-a1``). None for anything else."""
+    one = one_checkpoint(storage, committed=True)
+    if one is None:
+        return None
+    parent, name = Storage(one[0], storage_options), one[1]
+    step = parse_name(name)[0]  # type: ignore[index]
+    same = [i.name for i in list_checkpoints(parent) if i.step == step]
+    if same[-1:] != [name]:
+        raise CheckpointError(f"{name} is an earlier save of step {step} than {same[-1] if same else 'none'}, the "
+                              f"one a step selects in {one[0]}: export or import it under another name to read it")
+    return parent, step
+
+
 def verify_checkpoint(storage: Storage, name: str, threads: int = 4) -> Manifest:
     """Open ``name`` and check the checksum of every stored tensor; raises on the first problem."""
     manifest = open_checkpoint(storage, name)

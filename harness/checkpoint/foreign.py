@@ -68,8 +68,11 @@ def refuse_fresh_start(storage: Storage, init_from: str, group: Any, found: list
 def refuse_before_workers(storage: Storage, init_from: str) -> None:
     """:func:`refuse_fresh_start` for ``harness launch``, before any worker starts (a config error is exit 2
     without a worker start, as the exit-code contract says), when the folder holds no harness checkpoint folder
-    at all: one listing. A folder with some, committed or not, is left to the workers, which read their commit
+    at all: one listing. Also a folder that is one harness checkpoint (:func:`inside_one_checkpoint`). A folder with some, committed or not, is left to the workers, which read their commit
     records."""
+    inside = inside_one_checkpoint(storage)
+    if inside:
+        raise ConfigError(inside)
     if init_from:
         return
     names = set(storage.listdir(""))
@@ -78,6 +81,23 @@ def refuse_before_workers(storage: Storage, init_from: str) -> None:
     found = foreign_checkpoints(storage, names)
     if found:
         raise ConfigError(_why(redact_url(storage.url), found))
+
+
+def inside_one_checkpoint(storage: Storage) -> str | None:
+    """Why ``storage`` cannot be a run's checkpoint folder when it is one checkpoint itself (Lightning's
+    ``ckpt_path`` habit: ``checkpoint.dir = .../step-000000200``), else None. It started over at step 0 there,
+    writing checkpoints and metrics inside a committed checkpoint."""
+    from harness.checkpoint.discovery import one_checkpoint
+    found = one_checkpoint(storage)
+    if found is None:
+        return None
+    parent, name = found
+    shown = redact_url(storage.url)
+    return (f"{shown} is one harness checkpoint ({name}), not a folder of them: a run there would start over at "
+            f"step 0 and write its checkpoints inside it. To resume that run, use its folder: checkpoint.dir = "
+            f"\"{redact_url(parent)}\" (the newest checkpoint there is resumed; `harness ckpt rollback` makes it "
+            f"{name}); to start a new run from its weights: checkpoint.init_from = \"{shown}\" with a "
+            "checkpoint.dir of its own")
 
 
 def hint(storage: Storage, found: list[str] | None = None) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from harness import dist, lease
-from harness.checkpoint import arguments, blobs, retention, shared
+from harness.checkpoint import arguments, blobs, foreign, retention, shared
 from harness.checkpoint.apply import RestoreOptions, RestoreResult
 from harness.checkpoint.context import Ctx
 from harness.checkpoint.discovery import scan
@@ -23,7 +23,7 @@ from harness.checkpoint.load import refuse_meta
 from harness.checkpoint.restore import restore as _restore
 from harness.checkpoint.save import Saver, SaveSettings
 from harness.checkpoint.snapshot import Snapshot
-from harness.errors import StorageError, is_storage_unavailable, storage_failure
+from harness.errors import ConfigError, StorageError, is_storage_unavailable, storage_failure
 from harness.state import Stateful
 from harness.storage import Storage
 
@@ -97,20 +97,23 @@ class CheckpointManager:
         launch`` checked the same storage moments ago: :meth:`Storage.access_remembered`); all ranks raise.
         A writer with several ranks also checks that they all see one folder (:mod:`~harness.checkpoint.shared`:
         a job on several machines with the folder on each one's own disk)."""
-        problem, marker = None, None
+        problem, marker, inside = None, None, None
         if self.rank == 0:
             try:
                 if not self.storage.access_remembered(write):
                     self.storage.check_access(write=write)
-                if write and self.world_size > 1:
+                inside = foreign.inside_one_checkpoint(self.storage) if write else None
+                if write and self.world_size > 1 and not inside:
                     marker = shared.write_marker(self.storage)
             except StorageError as exc:
                 problem = (str(exc), is_storage_unavailable(exc))
             except Exception as exc:  # noqa: BLE001 - the marker's write: the others wait on the broadcast
                 problem = (str(self.storage.access_error(exc)), is_storage_unavailable(exc))
-        problem, marker = dist.broadcast((problem, marker), self._group)
+        problem, marker, inside = dist.broadcast((problem, marker, inside), self._group)
         if problem:
             raise storage_failure(*problem, otherwise=StorageError)  # out of retries (exit 1) or refused (3)
+        if inside:  # a step-N folder given as the folder of checkpoints: nothing written into it (exit 2)
+            raise ConfigError(inside)
         shared.check(self.storage, marker, self._group, self.rank, self.world_size)
 
     @property

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness import dist
-from harness.checkpoint.discovery import scan
+from harness.checkpoint.discovery import as_step_of_its_folder, scan
 from harness.checkpoint.load import LoadReport, load_model_state, refuse_meta
 from harness.checkpoint.select import choose, pick_model, read_models
 from harness.errors import CheckpointError, ConfigError, HarnessError
@@ -83,6 +83,9 @@ def read_weights(source: str, *, name: str | None = None, step: int | None = Non
     shown = redact_url(source)
     if _is_folder(source, storage_options):
         storage = Storage(source, storage_options)
+        one = as_step_of_its_folder(storage, storage_options) if step is None and not best else None
+        if one is not None:  # a step-N folder itself (Lightning's ckpt_path habit): that step of its folder
+            (storage, step), shown = one, redact_url(one[0].url)
         ours = step is not None or best or any(i.committed for i in scan(storage))  # harness's own win: no read
         found = None if ours else foreign_folder(storage, source, shown, models_only=True)
         if found:  # another tool's folder, not a run's checkpoints
