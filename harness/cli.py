@@ -8,6 +8,7 @@ A closed pipe (``harness ckpt inspect DIR | head -1``) ends the command quietly 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -171,7 +172,7 @@ def entry() -> NoReturn:
     argv = sys.argv[1:]
     gcpause.pause()  # every command's start-up imports torch: resumed once it has (harness/gcpause.py)
     if _command(argv) not in ("train", "launch"):
-        _end_cleanly_on_signals()
+        _defer_signals()
     code = run(argv)
     if _command(argv) in ("train", "launch"):
         from harness.exiting import leave  # no torch: the launcher may leave while torch is still importing
@@ -179,17 +180,47 @@ def entry() -> NoReturn:
     sys.exit(code)
 
 
-def _end_cleanly_on_signals() -> None:
-    """The other commands (ckpt ...): SIGTERM and SIGHUP (a timeout, a closed terminal) end the command as
-    Ctrl-C does, through its cleanup (an export's temp file is removed: a signal's default action left a
-    hidden temp file as large as the export), with one line and 128+N."""
-    def stop(signum: int, frame: Any) -> NoReturn:
-        print(f"harness: stopped by {exitcodes.signal_name(signum)}", file=sys.stderr)
-        raise SystemExit(exitcodes.signal_code(signum))
+# The other commands (ckpt ...) while they import torch: signals noted, acted on once the imports are done.
+_noted: list[int] | None = None
 
+
+def _note(signum: int, frame: Any) -> None:
+    if _noted is not None:
+        _noted.append(signum)
+
+
+def _defer_signals() -> None:
+    """Until :func:`_end_cleanly_on_signals`: SIGTERM, SIGHUP and SIGINT are noted, not acted on. Raised in the
+    middle of torch's or numpy's import, the exit was swallowed (the command went on, exit 0, after saying it
+    stopped), became an ImportError traceback, or aborted the process (SIGABRT)."""
+    global _noted
+    _noted = []
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is signal.SIG_DFL:  # not one the process was started ignoring (nohup)
-            signal.signal(sig, stop)
+            signal.signal(sig, _note)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _note)
+
+
+def _stop(signum: int, frame: Any) -> NoReturn:
+    print(f"harness: stopped by {exitcodes.signal_name(signum)}", file=sys.stderr)
+    raise SystemExit(exitcodes.signal_code(signum))
+
+
+def _end_cleanly_on_signals() -> None:
+    """The other commands (ckpt ...), their imports done: SIGTERM and SIGHUP (a timeout, a closed terminal) end
+    the command as Ctrl-C does, through its cleanup (an export's temp file is removed: a signal's default action
+    left a hidden temp file as large as the export), with one line and 128+N; a signal noted while importing
+    ends it now, before it does anything."""
+    global _noted
+    if _noted is None:
+        return
+    noted, _noted = _noted, None
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        if signal.getsignal(sig) is _note:
+            signal.signal(sig, _stop if sig != signal.SIGINT else signal.default_int_handler)
+    if noted:
+        _stop(noted[0], None)
 
 
 def run(argv: list[str]) -> int:
@@ -217,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "ckpt_command", None) == "export":
         from harness.ckpt_parser import finish_export
         finish_export(args)
+    if any(u.startswith(("s3://", "s3a://")) for u in vars(args).values() if isinstance(u, str)):
+        with contextlib.suppress(ImportError):  # its C extensions, before signals act again (_defer_signals)
+            importlib.import_module("s3fs")
+    _end_cleanly_on_signals()
     stdout = sys.stdout
     sys.stdout = _PipeGuard(stdout)
     try:

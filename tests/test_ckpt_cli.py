@@ -270,6 +270,32 @@ def test_a_signal_while_an_export_is_written_leaves_no_temp_file(single, tmp_pat
     assert proc.stderr.strip().splitlines() == ["harness: stopped by SIGTERM"], proc.stderr
     assert list(out.iterdir()) == []
 
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_command_imports_torch_is_one_line_and_nothing_done(single, tmp_path, sig):
+    """Ctrl-C or SIGTERM while `harness ckpt` imports torch (its first second): raised inside torch's or numpy's
+    import, it was a KeyboardInterrupt traceback, an ImportError, SIGABRT, or swallowed (the command said it
+    stopped, then ran to the end, exit 0). Noted now, it ends the command once the imports are done: one line,
+    128+N, nothing listed. Sent as torch's library is mapped, then a little later each time."""
+    import signal
+    import time
+
+    for delay in (0.0, 0.1, 0.2):
+        proc = subprocess.Popen([sys.executable, "-m", "harness", "ckpt", "list", str(single[0])],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            with open(f"/proc/{proc.pid}/maps") as maps:
+                if "libtorch" in maps.read():
+                    break
+            time.sleep(0.002)
+        time.sleep(delay)
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + getattr(signal, sig), (delay, proc.returncode, err[-2000:])
+        assert err.strip().splitlines() == [f"harness: stopped by {sig}"] and out == "", (delay, err[-2000:], out)
+
+
 def test_export_pt_tutorial_keys_and_exact_model(single, tmp_path, capsys):
     root, model, opt, sched, snaps = single
     out = tmp_path / "model.pt"
