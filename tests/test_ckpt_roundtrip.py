@@ -321,6 +321,28 @@ def test_shape_mismatch(ckpt_url):
     assert_bitwise(fc2_before, target.fc2.state_dict())  # untouched
 
 
+def test_fine_tuning_a_resized_head_leaves_its_optimizer_state_out(ckpt_url, caplog):
+    """restore(strict=False, skip_mismatched=True) skipped the resized head in the model but loaded AdamW's
+    moments of the old shape for it: the next opt.step() failed ("The size of tensor a (2) must match...").
+    Now their state is left out (it starts fresh, as the head does) and said so; without skip_mismatched the
+    optimizer's mismatch is refused like the model's, also when no model is given."""
+    model, opt, _ = simple_run()
+    CheckpointManager(ckpt_url).save(1, models=model, optimizers=opt)
+    target = Resized()
+    target_opt = torch.optim.AdamW(target.parameters(), lr=1e-2)
+    with pytest.raises(StateMismatchError, match=r"optimizer 'optimizer': the saved state does not fit the "
+                       r"parameters \(parameter 2: exp_avg.* saved \[2, 8\] vs parameter \[3, 8\]"):
+        CheckpointManager(ckpt_url).restore(optimizers=target_opt)
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        CheckpointManager(ckpt_url).restore(models=target, optimizers=target_opt, strict=False,
+                                            skip_mismatched=True)
+    assert "state of 2 parameter(s) of another shape left out, they start fresh" in caplog.text
+    assert_bitwise(opt.state_dict()["state"][0], target_opt.state_dict()["state"][0])  # fc1: loaded
+    assert 2 not in target_opt.state_dict()["state"] and 3 not in target_opt.state_dict()["state"]
+    train_step(target, target_opt)  # it failed here
+    assert target_opt.state_dict()["state"][2]["exp_avg"].shape == (3, 8)
+
+
 # -- version metadata ------------------------------------------------------------------------------
 
 def test_newer_format_version_in_commit_is_refused(ckpt_url):

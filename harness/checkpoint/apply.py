@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import torch
+
 from harness import faults
 from harness.checkpoint import codec, kinds, sharded
 from harness.checkpoint.errors import is_resource_error
@@ -85,7 +87,7 @@ def _models(manifest: Manifest, saved: dict, models: dict, strict: bool, skip_mi
     return report
 
 
-def _optimizers(manifest: Manifest, saved: dict, optimizers: dict, models: dict) -> None:
+def _optimizers(manifest: Manifest, saved: dict, optimizers: dict, models: dict, skip_mismatched: bool) -> None:
     for n, o in optimizers.items():
         saved_cls = saved_class(manifest, "optimizer_classes", n)
         sd = pick(saved, n, "optimizer")
@@ -99,8 +101,37 @@ def _optimizers(manifest: Manifest, saved: dict, optimizers: dict, models: dict)
                 sharded.load_zero(o, sd, n)
             elif owner is not None:
                 sharded.load_fsdp_optimizer(owner, o, sd)
-            else:
-                o.load_state_dict(sharded.fqn_to_index(sd))  # an FSDP checkpoint into a plain optimizer
+            else:  # (an FSDP checkpoint into a plain optimizer: keyed by index first)
+                o.load_state_dict(_fit_to_params(o, sharded.fqn_to_index(sd), n, skip_mismatched))
+
+
+def _fit_to_params(opt: Any, sd: Any, name: str, skip_mismatched: bool) -> Any:
+    """The saved state of a torch.optim optimizer, whose per-parameter tensors have their parameter's shape,
+    checked against the parameters now: torch loads a moment of another shape without a word (a fine-tuning
+    head resized, restored with ``skip_mismatched``: the model skipped it, AdamW took its old [3, 4] moments for
+    the new [5, 4] head) and the next ``step()`` fails deep inside. StateMismatchError naming them; with
+    ``skip_mismatched`` their state is left out (they start fresh, as the model's skipped tensors do)."""
+    if not (type(opt).__module__.startswith("torch.optim") and isinstance(sd, dict)):
+        return sd  # another optimizer's state may be factored (Adafactor) or whole-matrix (Shampoo)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ids = [i for g in sd.get("param_groups", ()) for i in g.get("params", ())]
+    state = sd.get("state")
+    if len(ids) != len(params) or not isinstance(state, dict):
+        return sd  # torch's load_state_dict names a count that differs
+    by_id = dict(zip(ids, params))
+    stale = {i: (k, tuple(v.shape), tuple(by_id[i].shape)) for i, st in state.items() if i in by_id
+             for k, v in (st.items() if isinstance(st, dict) else ()) if torch.is_tensor(v) and v.dim() > 0
+             and v.shape != by_id[i].shape}
+    if not stale:
+        return sd
+    shown = "; ".join(f"parameter {i}: {k} saved {list(a)} vs parameter {list(b)}" for i, (k, a, b) in
+                      list(stale.items())[:3])
+    if not skip_mismatched:
+        raise StateMismatchError(f"optimizer {name!r}: the saved state does not fit the parameters ({shown})",
+                                 "pass strict=False, skip_mismatched=True to start those parameters' state afresh")
+    log.warning("optimizer %r: state of %d parameter(s) of another shape left out, they start fresh (%s)", name,
+                len(stale), shown)
+    return {**sd, "state": {i: st for i, st in state.items() if i not in stale}}
 
 
 def check_hyperparameters(opt: Any, saved: Any, name: str, saved_cls: str | None = None) -> None:
@@ -163,7 +194,7 @@ def apply(manifest: Manifest, state: dict, mine: Any, targets: Targets, opts: Re
         if kind is MODELS:
             report = _models(manifest, state["models"], objs, opts.strict, opts.skip_mismatched)
         elif kind is OPTIMIZERS:
-            _optimizers(manifest, state["optimizers"], objs, targets.models)
+            _optimizers(manifest, state["optimizers"], objs, targets.models, opts.skip_mismatched)
         else:
             rest = _plain_kind(kind, state.get(kind.section), objs)
             if kind is EXTRA:
