@@ -97,8 +97,13 @@ def _folder_size(storage: Storage, name: str) -> int | None:
 # -- prune ------------------------------------------------------------------------------------------
 
 def run_prune(storage: Storage, args: argparse.Namespace, secrets: list[str]) -> int:
-    """Leftovers of killed saves go, unless a live job holds the folder: its save in flight looks the same."""
-    require_folder(storage)
+    """Leftovers of killed saves go, unless a live job holds the folder: its save in flight looks the same.
+    On S3 a prefix with no object yet may still hold unfinished uploads (a first save killed mid-upload):
+    billable parts, aborted too, where a missing folder was an error."""
+    if storage.url.startswith(("s3://", "s3a://")):
+        storage.check_access(write=False)
+    else:
+        require_folder(storage)
     holder = lease.live_holder(storage, args.lease_timeout)
     if holder is not None:
         error(f"checkpoint folder {lease.in_use(storage, holder)}: not pruning (its uncommitted folder may be the "

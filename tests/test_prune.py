@@ -248,3 +248,16 @@ def test_killed_mid_save_five_times_local(kill_campaigns):
 
 def test_killed_mid_save_five_times_s3(kill_campaigns):
     kill_campaigns["s3"].result()
+
+
+def test_cli_prune_aborts_uploads_under_an_s3_prefix_that_has_no_object_yet(s3_server, s3_url, capsys):
+    """A first save killed mid-upload (a loop of your own, no lease) leaves only unfinished multipart uploads:
+    the prefix has no object, and prune refused it ("does not exist", exit 1) with the parts still billed."""
+    bucket, prefix = s3_url[len("s3://"):].split("/", 1)
+    client = s3_server.client()
+    up = client.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/step-000000001/data-r00000-000.bin")
+    client.upload_part(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"], PartNumber=1, Body=b"z" * 1000)
+    assert cli("ckpt", "prune", s3_url) == 0
+    assert "aborted 1 unfinished multipart upload" in capsys.readouterr().out
+    assert s3_server.uploads(bucket) == []
+    assert cli("ckpt", "list", s3_url) == 1  # listing a folder that does not exist is still an error
