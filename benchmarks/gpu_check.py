@@ -191,7 +191,8 @@ def gpt_deterministic(c: Check) -> dict:
         fb = pool.submit(c.run, train_cmd(GPT, gpt_sets(c, b)), "gpt_killed", 240, kill)
         (rc_a, _), (rc_b, _) = fa.result(), fb.result()
     rc_r, out_r = c.run(train_cmd(GPT, gpt_sets(c, b)), "gpt_resumed", 240)
-    rc_d, out_d = c.run([sys.executable, "-m", "harness", "ckpt", "diff", str(a), str(b)], "gpt_diff", 120)
+    # --ranks: the RNG states (the CUDA generator's too) and the data position, not only the weights
+    rc_d, out_d = c.run([sys.executable, "-m", "harness", "ckpt", "diff", str(a), str(b), "--ranks"], "gpt_diff", 120)
     resumed = resumed_steps(out_r)
     ok = rc_a == 0 and rc_b == -9 and rc_r == 0 and len(resumed) == 1 and rc_d == 0
     return {"ok": ok, "rc_uninterrupted": rc_a, "rc_killed": rc_b, "rc_resumed": rc_r, "resumed_at": resumed,

@@ -158,7 +158,8 @@ def _print_group(g: dict) -> None:
 def run_diff(args: argparse.Namespace, options: dict) -> int:
     for url in (args.a, args.b):
         require_folder(Storage(url, options))
-    result = diff_checkpoints(args.a, args.b, step_a=args.step_a, step_b=args.step_b, storage_options=options)
+    result = diff_checkpoints(args.a, args.b, step_a=args.step_a, step_b=args.step_b, storage_options=options,
+                              ranks=args.ranks)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 0 if result["identical"] else 1

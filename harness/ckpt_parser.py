@@ -80,14 +80,16 @@ def _add_diff(sub: Any, options: argparse.ArgumentParser) -> None:
     p = sub.add_parser("diff", parents=[options], help="compare two checkpoints tensor by tensor",
                        description="Compare the replicated state (models, optimizers, schedulers, scaler, extra) "
                        "of two checkpoints tensor by tensor: max absolute difference of each tensor that differs, "
-                       "keys found on one side only, and other values (hyperparameters, counters) that differ. "
-                       "Per-rank state (RNG, data position) is not compared. Every byte read is verified. "
+                       "keys found on one side only, and other values (hyperparameters, counters, and the epoch, "
+                       "loss and metrics) that differ. Per-rank state (RNG, data position) is compared with "
+                       "--ranks (a resumed run against an uninterrupted one). Every byte read is verified. "
                        "Exit status: 0 if identical, 1 if different, 2 on an error.")
     p.add_argument("a", metavar="A", help="first checkpoint folder (local path or fsspec URL)")
     p.add_argument("b", metavar="B", help="second checkpoint folder (may be the same as A with --step-a/--step-b)")
     p.add_argument("--step-a", type=int, metavar="N", help="use A's checkpoint of step N (default: newest valid)")
     p.add_argument("--step-b", type=int, metavar="M", help="use B's checkpoint of step M (default: newest valid)")
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    p.add_argument("--ranks", action="store_true", help="also every rank's RNG states and data position")
 
 
 def _add_export(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -118,6 +118,27 @@ def test_diff_keys_on_one_side_and_json(tmp_path, capsys):
     assert "only in B   models/head/weight" in capsys.readouterr().out
 
 
+def test_diff_sees_the_summary_and_with_ranks_the_rng_and_data_position(tmp_path, capsys):
+    """The same weights saved with another epoch and metrics, RNG and data position were "identical" (exit 0):
+    the summary is compared now, and each rank's own state with --ranks (what a resumed run must match)."""
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    for name, epoch, acc, position, seed in (("a", 0, 0.5, 10, 1), ("b", 1, 0.7, 10, 1), ("c", 0, 0.5, 20, 2)):
+        torch.manual_seed(seed)
+        mgr = CheckpointManager(str(tmp_path / name), keep_last=0)
+        mgr.save(1, models=net, epoch=epoch, metrics={"acc": acc}, position={"at": position})
+        mgr.close()
+    assert cli("ckpt", "diff", tmp_path / "a", tmp_path / "b") == 1
+    out = capsys.readouterr().out
+    assert "value       summary/epoch: 0 -> 1" in out and "value       summary/metrics/acc: 0.5 -> 0.7" in out
+    assert cli("ckpt", "diff", tmp_path / "a", tmp_path / "c") == 0  # per-rank state only with --ranks
+    capsys.readouterr()
+    assert cli("ckpt", "diff", tmp_path / "a", tmp_path / "c", "--ranks") == 1
+    out = capsys.readouterr().out
+    assert "value       ranks/0/position/at: 10 -> 20" in out and "differs     ranks/0/rng/torch" in out, out
+    assert cli("ckpt", "diff", tmp_path / "a", tmp_path / "a", "--ranks") == 0
+
+
 def test_diff_error_exit_2(run, tmp_path, capsys):
     assert cli("ckpt", "diff", run[0], tmp_path / "missing") == 2
     err = capsys.readouterr().err

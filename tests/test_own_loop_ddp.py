@@ -26,7 +26,8 @@ def _cmd(ck: Path) -> list[str]:
 
 def _identical(a: Path, b: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness", "ckpt", "diff", str(a), str(b), "--step-a", str(STEPS),
-                           "--step-b", str(STEPS)], env=base_env(), capture_output=True, text=True, timeout=120)
+                           "--step-b", str(STEPS), "--ranks"],  # every rank's RNG and data position too
+                          env=base_env(), capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -154,10 +154,11 @@ def _scheduler_summary(tree: Any) -> dict:
 # -- diff -------------------------------------------------------------------------------------------
 
 def diff_checkpoints(url_a: str, url_b: str, *, step_a: int | None = None, step_b: int | None = None,
-                     storage_options: dict | None = None, io_threads: int = 4) -> dict:
-    """Compare the replicated state (models, optimizers, schedulers, scaler, extra) of two checkpoints:
-    the newest valid one of each side, or the ones at ``step_a``/``step_b``. Per-rank state (RNG, data
-    position) is not compared.
+                     storage_options: dict | None = None, io_threads: int = 4, ranks: bool = False) -> dict:
+    """Compare the replicated state (models, optimizers, schedulers, scaler, extra) and the summary (epoch,
+    loss, metrics: ``summary/...``) of two checkpoints: the newest valid one of each side, or the ones at
+    ``step_a``/``step_b``. With ``ranks``, also every rank's own state (RNG, data position: ``ranks/N/...``),
+    which a resumed run must match too; without, it is not compared.
 
     Returns {a, b, identical, tensors_compared, tensors_identical, different (list of {key, what, ...}),
     only_a, only_b}: ``what`` is "values" (with max_abs_diff, elements_different), "shape", "dtype",
@@ -165,10 +166,13 @@ def diff_checkpoints(url_a: str, url_b: str, *, step_a: int | None = None, step_
     sides = []
     for url, step in ((url_a, step_a), (url_b, step_b)):
         storage = Storage(url, storage_options)
-        name, (manifest, state, _), skipped, how = choose(
-            storage, lambda n, s=storage: read_state(s, n, ranks=[], threads=io_threads), step=step)
+        name, (manifest, state, mine), skipped, how = choose(
+            storage, lambda n, s=storage: read_state(s, n, ranks=None if ranks else [], threads=io_threads),
+            step=step)
+        summary = {k: codec.unplain(manifest.raw.get(k)) for k in ("epoch", "loss", "metrics")}
+        whole = {**state, "summary": summary, **({"ranks": dict(enumerate(mine))} if ranks else {})}
         sides.append(({"url": redact_url(url), "checkpoint": name, "step": manifest.raw.get("step"),
-                       "chosen": how, "skipped": skipped}, _flatten(state)))
+                       "chosen": how, "skipped": skipped}, _flatten(whole)))
     (info_a, flat_a), (info_b, flat_b) = sides
     keys = list(flat_a) + [k for k in flat_b if k not in flat_a]
     only_a = [k for k in keys if k not in flat_b]
