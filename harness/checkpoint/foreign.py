@@ -68,8 +68,8 @@ def refuse_fresh_start(storage: Storage, init_from: str, group: Any, found: list
 def refuse_before_workers(storage: Storage, init_from: str) -> None:
     """:func:`refuse_fresh_start` for ``harness launch``, before any worker starts (a config error is exit 2
     without a worker start, as the exit-code contract says), when the folder holds no harness checkpoint folder
-    at all: one listing. Also a folder that is one harness checkpoint (:func:`inside_one_checkpoint`). A folder with some, committed or not, is left to the workers, which read their commit
-    records."""
+    at all: one listing. Also a folder that is one harness checkpoint (:func:`inside_one_checkpoint`). A folder
+    with some, committed or not, is left to the workers, which read their commit records."""
     inside = inside_one_checkpoint(storage)
     if inside:
         raise ConfigError(inside)
