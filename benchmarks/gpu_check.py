@@ -10,6 +10,8 @@ time limit, and a part that no longer fits the budget is reported as not run:
 2. ``gpt_deterministic``: a scaled-down gpt_small with dropout, bf16 autocast, async checkpoints and
    ``train.deterministic = true``, run uninterrupted and killed at a step (SIGKILL through the fault seam) then
    resumed; ``harness ckpt diff`` of the two final checkpoints must say identical.
+2b. ``launch_gpu``: ``harness launch`` (its forked workers) on the device, a worker SIGTERMed at step 35: exit
+   143, then the same command resumes from step 35 and exits 0.
 3. ``two_ranks_<ddp|zero|fsdp>``: two ranks on the one GPU (NCCL, a distinct ``NCCL_HOSTID`` per rank so NCCL
    accepts two ranks on one device), rank 1 SIGKILLed mid-run, then resumed from that folder at 2 ranks and,
    from a copy, at 1 rank: both finish, resuming from the committed step, and the final checkpoint verifies.
@@ -198,6 +200,26 @@ def gpt_deterministic(c: Check) -> dict:
     return {"ok": ok, "rc_uninterrupted": rc_a, "rc_killed": rc_b, "rc_resumed": rc_r, "resumed_at": resumed,
             "rc_diff": rc_d, "diff_tail": out_d.strip().splitlines()[-3:],
             "note": f"killed at step 25, resumed at {resumed}, ckpt diff exit {rc_d} (0: identical)"}
+
+
+def launch_gpu(c: Check) -> dict:
+    """``harness launch`` on the device: its workers are forks of a process that imported torch (CUDA must be
+    untouched there, or the forks cannot use the GPU: the launcher then says the workers import torch
+    themselves). A worker SIGTERMed at step 35 (fault seam) commits and the launcher exits 143 (the scheduler's
+    contract); the same command resumes from step 35 and finishes, 0."""
+    ck = c.work / "launch_gpu"
+    sets = [f"train.device=\"{'cpu' if c.smoke else 'cuda'}\"", "train.max_steps=60", "checkpoint.every_steps=10",
+            "train.log_every=10", "data.num_samples=2048", f"checkpoint.dir=\"{ck}\"", "run.id=\"gpucheck-launch\""]
+    cmd = [sys.executable, "-m", "harness", "launch", "--nproc-per-node", "1", "--config", str(QUICK)]
+    cmd += [a for s in sets for a in ("--set", s)]
+    rc1, out1 = c.run(cmd, "launch_stopped", 180, {"HARNESS_FAULT": "train.step:sigterm:step=35"})
+    rc2, out2 = c.run(cmd, "launch_resumed", 180)
+    resumed = resumed_steps(out2)
+    forked = "workers import torch themselves" not in out1 + out2
+    ok = rc1 == 143 and rc2 == 0 and resumed == [35] and forked and last_committed(ck) == 60
+    return {"ok": ok, "rc_stopped": rc1, "rc_resumed": rc2, "resumed_at": resumed, "forked_workers": forked,
+            "note": f"SIGTERM at step 35: exit {rc1} (143 expected), resumed at {resumed}, exit {rc2}; workers "
+                    f"{'forked from the preloaded process' if forked else 'imported torch themselves'}"}
 
 
 # -- 3. two ranks on one device, kill one, resume at 2 and at 1 ------------------------------------------
@@ -450,7 +472,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where the results go")
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="total seconds for all parts (8 minutes less a margin for the report)")
-    p.add_argument("--parts", default="cuda_tests,gpt,ranks,benchmarks", help="comma-separated subset to run")
+    p.add_argument("--parts", default="cuda_tests,gpt,launch,ranks,benchmarks", help="comma-separated subset to run")
     p.add_argument("--modes", default="ddp,zero,fsdp", help="parallel modes for the two-rank part")
     p.add_argument("--restore-repeat", type=int, default=2,
                    help="repeats of checkpoint_io's restore section on the GPU (8 GB: ~60 s each)")
@@ -467,12 +489,14 @@ def run_parts(c: Check, parts: list[str]) -> None:
     """The CUDA tests, the GPT runs and the two-rank runs share the device (it has room for all of them); the
     benchmarks run alone, last."""
     try:
-        with ThreadPoolExecutor(3) as pool:
+        with ThreadPoolExecutor(4) as pool:
             futures = []
             if "cuda_tests" in parts:
                 futures.append(pool.submit(c.part, "cuda_tests", 30, lambda: cuda_tests(c)))
             if "gpt" in parts:
                 futures.append(pool.submit(c.part, "gpt_deterministic", 40, lambda: gpt_deterministic(c)))
+            if "launch" in parts:
+                futures.append(pool.submit(c.part, "launch_gpu", 30, lambda: launch_gpu(c)))
             if "ranks" in parts:
                 futures.append(pool.submit(ranks_part, c, c.args.modes.split(",")))
             for f in futures:

@@ -26,7 +26,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
     summary = (tmp_path / "gpu_check_cpu-smoke_latest.txt").read_text()
     assert proc.returncode == 0, f"{summary}\n{json.dumps(result.get('failed_logs'), indent=1)[-6000:]}"
     parts = {p["part"]: p for p in result["parts"]}
-    assert set(parts) == {"cuda_tests", "gpt_deterministic", f"two_ranks_{MODE}", "benchmarks"}, parts
+    assert set(parts) == {"cuda_tests", "gpt_deterministic", "launch_gpu", f"two_ranks_{MODE}", "benchmarks"}, parts
+    assert parts["launch_gpu"]["rc_stopped"] == 143 and parts["launch_gpu"]["forked_workers"], parts["launch_gpu"]
     assert all(p["ok"] for p in parts.values()), summary
     assert parts["cuda_tests"]["counts"]["skipped"] == parts["cuda_tests"]["counts"]["tests"] > 0  # no GPU here
     assert parts["gpt_deterministic"]["rc_diff"] == 0 and parts["gpt_deterministic"]["resumed_at"][0] in (10, 20)
