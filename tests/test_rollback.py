@@ -55,6 +55,7 @@ def test_rollback_sets_newer_checkpoints_aside_and_the_new_branch_becomes_the_ne
 
     model = Net()
     mgr = CheckpointManager(ckpt_url, keep_last=2)
+    caplog.clear()  # (the saves above log at INFO when an earlier test set the logger so)
     with caplog.at_level(logging.INFO, logger="harness"):
         res = mgr.restore(models=model)
     assert res.name == "step-000000003" and res.skipped == []
