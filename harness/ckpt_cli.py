@@ -84,9 +84,9 @@ def run_ckpt(args: argparse.Namespace) -> int:
         if args.ckpt_command == "export":
             return run_export(storage, args, options, secrets)
         if args.ckpt_command == "prune":
-            return run_prune(storage, args, secrets)
+            return run_prune(storage, args)
         if args.ckpt_command == "rollback":
-            return run_rollback(storage, args, secrets)
+            return run_rollback(storage, args)
         raise HarnessError(f"unknown ckpt command {args.ckpt_command!r}")
     except StorageError as exc:  # the line and exit code `harness train` gives: unusable 3, out of retries 1
         if is_storage_unavailable(exc):

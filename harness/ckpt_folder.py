@@ -17,7 +17,7 @@ from harness.checkpoint.format import COMMIT_FILE, MANIFEST_FILE
 from harness.checkpoint.prune import prune
 from harness.checkpoint.rollback import roll_back
 from harness.checkpoint.select import deleted_meanwhile
-from harness.ckpt_render import dash, error, human_size, loss_text, print_table, short_time, without_name
+from harness.ckpt_render import dash, human_size, loss_text, print_table, short_time, without_name
 from harness.errors import CheckpointError, HarnessError
 from harness.layout import ROLLED_BACK_FILE
 from harness.storage import Storage, redact_url
@@ -96,33 +96,27 @@ def _folder_size(storage: Storage, name: str) -> int | None:
 
 # -- prune ------------------------------------------------------------------------------------------
 
-def run_prune(storage: Storage, args: argparse.Namespace, secrets: list[str]) -> int:
+def run_prune(storage: Storage, args: argparse.Namespace) -> int:
     """Leftovers of killed saves go, unless a live job holds the folder: its save in flight looks the same.
     On S3 a prefix with no object yet may still hold unfinished uploads (a first save killed mid-upload):
     billable parts, aborted too, where a missing folder was an error."""
-    if storage.url.startswith(("s3://", "s3a://")):
+    if storage.local_path() is None:  # an object store: a prefix exists once it holds an object
         storage.check_access(write=False)
     else:
         require_folder(storage)
-    holder = lease.live_holder(storage, args.lease_timeout)
-    if holder is not None:
-        error(f"checkpoint folder {lease.in_use(storage, holder)}: not pruning (its uncommitted folder may be the "
-              "save in flight; the job cleans up by itself when it starts)", secrets)
-        return 3
+    lease.refuse_if_live(storage, args.lease_timeout, "not pruning (its uncommitted folder may be the save in "
+                         "flight; the job cleans up by itself when it starts)")
     report = prune(storage, dry_run=args.dry_run)
     print(report.line())
     return 1 if report.failed else 0
 
 
-def run_rollback(storage: Storage, args: argparse.Namespace, secrets: list[str]) -> int:
+def run_rollback(storage: Storage, args: argparse.Namespace) -> int:
     """Continue from an earlier step for good: the newer checkpoints set aside, unless a live job holds the
     folder (it would go on saving after them, and its next restart resume from them)."""
     require_folder(storage)
-    holder = lease.live_holder(storage, args.lease_timeout)
-    if holder is not None:
-        error(f"checkpoint folder {lease.in_use(storage, holder)}: not rolling back (stop the job first: it "
-              "would go on from where it is)", secrets)
-        return 3
+    lease.refuse_if_live(storage, args.lease_timeout, "not rolling back (stop the job first: it would go on from "
+                         "where it is)")
     print(roll_back(storage, args.step, dry_run=args.dry_run).line())
     return 0
 

@@ -176,28 +176,33 @@ def _add_import(sub: Any, options: argparse.ArgumentParser) -> None:
 
 def _add_prune(sub: Any, common: argparse.ArgumentParser) -> None:
     """``ckpt prune``: leftovers of killed saves."""
-    p = sub.add_parser(
-        "prune", parents=[common], help="remove what killed saves left behind (uncommitted folders, S3 uploads)",
-        description="Remove every uncommitted step-* folder (a save killed before its COMMIT record) and, on S3, "
-        "abort the unfinished multipart uploads under DIR. Committed checkpoints, damaged ones included, are "
-        "never touched. `harness train` does the same on every start. Refuses (exit 3) while a live job holds "
-        "the folder's RUN_LEASE. Exit 0 when done, 1 if something could not be removed.")
-    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
-    _lease_timeout(p)
+    _folder_change(sub, common, "prune", "remove what killed saves left behind (uncommitted folders, S3 uploads)",
+                   "Remove every uncommitted step-* folder (a save killed before its COMMIT record) and, on S3, "
+                   "abort the unfinished multipart uploads under DIR. Committed checkpoints, damaged ones included, "
+                   "are never touched. `harness train` does the same on every start. Exit 0 when done, 1 if "
+                   "something could not be removed.", "only say what would be removed")
 
 
 def _add_rollback(sub: Any, common: argparse.ArgumentParser) -> None:
     """``ckpt rollback``: continue from an earlier step for good."""
-    p = sub.add_parser(
-        "rollback", parents=[common], help="continue from an earlier step: set the newer checkpoints aside",
-        description="Make the checkpoint of step N the newest (a loss spike: go back and continue from there): "
-        "every newer committed checkpoint is set aside, its COMMIT record renamed ROLLED_BACK, so that a job "
-        "started on DIR, and every restart of it, resumes from step N. Nothing is deleted (retention and prune "
-        "keep set-aside folders; rename ROLLED_BACK to COMMIT to undo). Refuses (exit 3) while a live job "
-        "holds the folder's RUN_LEASE.")
+    p = _folder_change(sub, common, "rollback", "continue from an earlier step: set the newer checkpoints aside",
+                       "Make the checkpoint of step N the newest (a loss spike: go back and continue from there): "
+                       "every newer committed checkpoint is set aside, its COMMIT record renamed ROLLED_BACK, so "
+                       "that a job started on DIR, and every restart of it, resumes from step N. Nothing is deleted "
+                       "(retention and prune keep set-aside folders; rename ROLLED_BACK to COMMIT to undo).",
+                       "only say what would be set aside")
     p.add_argument("--step", type=int, required=True, metavar="N", help="the step to continue from")
-    p.add_argument("--dry-run", action="store_true", help="only say what would be set aside")
+
+
+def _folder_change(sub: Any, common: argparse.ArgumentParser, name: str, help: str, description: str,
+                   dry_run: str) -> argparse.ArgumentParser:
+    """A command that changes a checkpoint folder (prune, rollback): --dry-run, and a refusal while a live job
+    holds it."""
+    p = sub.add_parser(name, parents=[common], help=help, description=f"{description} Refuses (exit 3) while a "
+                       "live job holds the folder's RUN_LEASE.")
+    p.add_argument("--dry-run", action="store_true", help=dry_run)
     _lease_timeout(p)
+    return p
 
 
 def _lease_timeout(p: argparse.ArgumentParser) -> None:

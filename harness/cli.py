@@ -248,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "ckpt_command", None) == "export":
         from harness.ckpt_parser import finish_export
         finish_export(args)
-    if any(u.startswith(("s3://", "s3a://")) for u in vars(args).values() if isinstance(u, str)):
-        with contextlib.suppress(ImportError):  # its C extensions, before signals act again (_defer_signals)
-            importlib.import_module("s3fs")
+    for url in (u for u in vars(args).values() if isinstance(u, str) and "://" in u):
+        # the URL's filesystem (s3fs and its C extensions), imported before signals act again (_defer_signals)
+        with contextlib.suppress(ImportError, ValueError):
+            importlib.import_module("fsspec").get_filesystem_class(url.split("://", 1)[0])
     _end_cleanly_on_signals()
     stdout = sys.stdout
     sys.stdout = _PipeGuard(stdout)

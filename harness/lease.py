@@ -145,6 +145,14 @@ def stale_reason(lease: dict, timeout_s: float) -> str | None:
     return None
 
 
+def refuse_if_live(storage: Storage, timeout_s: float, not_doing: str) -> None:
+    """For a tool that must not touch a folder a live job holds (``ckpt prune``, ``rollback``, ``import``): a
+    LeaseError (a StorageError: exit 3, one line) "FOLDER is in use by a live job (...): ``not_doing``"."""
+    holder = live_holder(storage, timeout_s)
+    if holder is not None:
+        raise LeaseError(f"{in_use(storage, holder)}: {not_doing}")
+
+
 def live_holder(storage: Storage, timeout_s: float) -> dict | None:
     """The lease record of the live job that holds the folder, None when no live job does (no lease, an
     unreadable one, or a stale one). For tools that must not touch a folder a job is using."""

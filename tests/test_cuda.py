@@ -410,6 +410,22 @@ def test_step_loop_makes_no_host_sync_between_log_steps(tmp_path):
     assert not extra, f"host syncs at steps {sorted(set(syncs))}; only log steps 10 and 20 may sync: {extra}"
 
 
+def _saved_vectors(tmp_path: Path, n: int, length: int, max_file_bytes: int) -> tuple:
+    """``n`` odd-sized CPU vectors saved as one model: (the vectors, storage, checkpoint name, their entries)."""
+    from harness.checkpoint.discovery import list_checkpoints, open_checkpoint
+    from harness.storage import Storage
+
+    torch.manual_seed(0)
+    big = nn.ParameterList([nn.Parameter(torch.randn(length + 4099 * i)) for i in range(n)])
+    mgr = CheckpointManager(str(tmp_path / "ck"), io_threads=4, max_file_bytes=max_file_bytes)
+    mgr.save(1, models={"model": big})
+    mgr.close()
+    storage = Storage(str(tmp_path / "ck"))
+    name = list_checkpoints(storage)[-1].name
+    return big, storage, name, [e for e in open_checkpoint(storage, name).tensors.values()
+                                if e.key.startswith("state/")]
+
+
 def test_reading_threads_use_the_destinations_device_and_convert_on_their_stream(tmp_path, monkeypatch):
     """Each reading thread has the destinations' device current (a thread starts on device 0: its stream
     context switched back to device 0 on exit, a CUDA context of ~0.5 GB on GPU 0 per rank of an 8-GPU node),
@@ -418,26 +434,17 @@ def test_reading_threads_use_the_destinations_device_and_convert_on_their_stream
     from harness.checkpoint import direct_cuda
     from harness.checkpoint.destinations import destinations
     from harness.checkpoint.direct_read import read_into
-    from harness.checkpoint.discovery import list_checkpoints, open_checkpoint
-    from harness.storage import Storage
 
     dev = torch.device("cuda", torch.cuda.device_count() - 1)  # not device 0 where there are several
-    torch.manual_seed(0)
-    big = nn.ParameterList([nn.Parameter(torch.randn(1_000_000 + 4099 * i)) for i in range(4)])
-    mgr = CheckpointManager(str(tmp_path / "ck"), io_threads=4, max_file_bytes=4 << 20)
-    mgr.save(1, models={"model": big})
-    mgr.close()
-    storage = Storage(str(tmp_path / "ck"))
-    name = list_checkpoints(storage)[-1].name
-    entries = [e for e in open_checkpoint(storage, name).tensors.values() if e.key.startswith("state/")]
+    big, storage, name, entries = _saved_vectors(tmp_path, 4, 1_000_000, 4 << 20)
     seen: list[int] = []
-    fill = direct_cuda.fill_run
+    copy_out = direct_cuda.Ring.copy_out
 
-    def watched(*args, **kwargs):
+    def watched(ring, *args, **kwargs):  # the device current in the reading thread as it queues a copy
         seen.append(torch.cuda.current_device())
-        return fill(*args, **kwargs)
+        return copy_out(ring, *args, **kwargs)
 
-    monkeypatch.setattr(direct_cuda, "fill_run", watched)
+    monkeypatch.setattr(direct_cuda.Ring, "copy_out", watched)
     fresh = nn.ParameterList([nn.Parameter(torch.zeros_like(p, dtype=torch.bfloat16)) for p in big]).to(dev)
     with torch.cuda.device(dev):
         read_into(storage, name, entries, destinations(entries, {"model": fresh}, {}), threads=4)
@@ -459,18 +466,9 @@ def test_cuda_destinations_from_several_threads(tmp_path):
     from harness.checkpoint import direct_cuda
     from harness.checkpoint.destinations import destinations
     from harness.checkpoint.direct_read import ReadStats, local_streams, read_into
-    from harness.checkpoint.discovery import list_checkpoints, open_checkpoint
     from harness.errors import CheckpointCorruptError
-    from harness.storage import Storage
 
-    torch.manual_seed(0)
-    big = nn.ParameterList([nn.Parameter(torch.randn(3_000_000 + 4099 * i)) for i in range(6)])
-    mgr = CheckpointManager(str(tmp_path / "ck"), io_threads=4, max_file_bytes=8 << 20)
-    mgr.save(1, models={"model": big})
-    mgr.close()
-    storage = Storage(str(tmp_path / "ck"))
-    name = list_checkpoints(storage)[-1].name
-    entries = [e for e in open_checkpoint(storage, name).tensors.values() if e.key.startswith("state/")]
+    big, storage, name, entries = _saved_vectors(tmp_path, 6, 3_000_000, 8 << 20)
     fresh = nn.ParameterList([nn.Parameter(torch.zeros_like(p)) for p in big]).to(DEV)
     stats = ReadStats()
     read_into(storage, name, entries, destinations(entries, {"model": fresh}, {}), threads=4, stats=stats)

@@ -310,6 +310,9 @@ class HostRing:
         self._next = 0
         self.drained = 0
 
+    def bind(self) -> None:
+        pass
+
     def take(self) -> int:
         slot, self._next = self._next, (self._next + 1) % len(self.bufs)
         return slot

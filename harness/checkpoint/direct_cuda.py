@@ -30,6 +30,7 @@ class RingLike(Protocol):
     slot_bytes: int
     host: list[memoryview]
 
+    def bind(self) -> None: ...
     def take(self) -> int: ...
     def staging(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor: ...
     def copy_out(self, slot: int, n: int, dst: torch.Tensor) -> None: ...
@@ -42,16 +43,16 @@ class Ring:
 
     Its events block (sleep) rather than spin while waited for: every reading thread waits on its own ring, and
     CUDA's default with one context on a many-core host is to spin a core, which the other threads' reads and
-    checksums need. The thread using a ring must have the ring's device current (``bind_thread``): a stream
+    checksums need. The thread using a ring must have the ring's device current (:meth:`bind`): a stream
     context entered in a thread still on device 0 switches back to device 0 on exit, making a CUDA context
-    there (~0.5 GB of GPU 0 per rank on an 8-GPU node)."""
+    there (~0.5 GB of GPU 0 per rank on an 8-GPU node). :func:`fill_run` calls :meth:`bind` first."""
 
     def __init__(self, device: torch.device, slots: int = RING_SLOTS, slot_bytes: int = RING_SLOT_BYTES) -> None:
         self.slot_bytes = slot_bytes
         self.bufs = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
         self.host = [memoryview(b.numpy()) for b in self.bufs]
+        # (an event never recorded is created on its first record: synchronizing it before returns at once)
         self.events = [torch.cuda.Event(blocking=True) for _ in range(slots)]
-        self.pending = [False] * slots  # the slot's event was recorded and not waited for yet
         self.stream = torch.cuda.Stream(device=device)
         self._next = 0
 
@@ -59,13 +60,16 @@ class Ring:
     def nbytes(self) -> int:
         return len(self.bufs) * self.slot_bytes
 
+    def bind(self) -> None:
+        """Make the ring's device current in the calling thread (a new thread starts on device 0; the
+        destinations of one read may be on several devices, each with rings of its own)."""
+        torch.cuda.set_device(self.stream.device)
+
     def take(self) -> int:
         """The next slot, once the copy that last used it has finished."""
         slot = self._next
         self._next = (slot + 1) % len(self.bufs)
-        if self.pending[slot]:
-            self.events[slot].synchronize()
-            self.pending[slot] = False
+        self.events[slot].synchronize()
         return slot
 
     def staging(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -79,7 +83,6 @@ class Ring:
         with torch.cuda.stream(self.stream):
             dst.copy_(self.bufs[slot][:n], non_blocking=True)
             self.events[slot].record(self.stream)
-        self.pending[slot] = True
 
     def convert(self, view: torch.Tensor, staged: torch.Tensor) -> None:
         """Queue ``view.copy_(staged)`` (another dtype or layout) after the copies into ``staged``."""
@@ -90,18 +93,6 @@ class Ring:
         done = torch.cuda.Event(blocking=True)  # (a stream's own synchronize spins)
         done.record(self.stream)
         done.synchronize()
-        self.pending = [False] * len(self.pending)
-
-
-def fill_bound(reader: Reader, run: Sequence[tuple[TensorEntry, torch.Tensor]], ring: RingLike, verify: bool,
-               stop: threading.Event, phases: Phases | None = None) -> tuple[int, int]:
-    """:func:`fill_run` in a reading thread with the ring's device made current first: a new thread starts on
-    device 0 (see :class:`Ring`), and the destinations of one read may be on several devices (a model spread
-    over the GPUs of one process), each with rings of its own."""
-    device = getattr(getattr(ring, "stream", None), "device", None)
-    if device is not None:
-        torch.cuda.set_device(device)
-    return fill_run(reader, run, ring, verify, stop, phases)
 
 
 @dataclass
@@ -136,7 +127,8 @@ def fill_run(reader: Reader, run: Sequence[tuple[TensorEntry, torch.Tensor]], ri
     """Fill the destinations of ``run`` in order, in the calling thread, through ``ring``: each slot is read
     (locally in 1 MiB blocks, each hashed while it is still in cache), then its copy to the device is queued,
     and the next slot is read meanwhile. Returns (read calls, bytes); ``phases`` gets where the time went.
-    Every copy it queued has finished when it returns or raises."""
+    Every copy it queued has finished when it returns or raises. The ring's device is made current first."""
+    ring.bind()
     keep: list[torch.Tensor] = []  # device staging tensors stay alive until the ring is drained
     reads = nbytes = 0
     block = LOCAL_BLOCK_BYTES if reader.local else ring.slot_bytes

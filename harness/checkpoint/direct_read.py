@@ -120,7 +120,7 @@ def read_into(storage: Storage, folder: str, entries: Sequence[TensorEntry], des
         futures: list[cf.Future] = []
         try:
             # the CUDA shares first: each gets a thread of its own at once, the host runs share the rest
-            futures = [pool.submit(direct_cuda.fill_bound, reader, run, ring, verify, stop, ph)
+            futures = [pool.submit(direct_cuda.fill_run, reader, run, ring, verify, stop, ph)
                        for run, ring, ph in zip(cuda_runs, rings, phases)]
             futures += [pool.submit(_run_jobs, reader, run, budget, verify, stop) for run in runs]
         except BaseException as exc:

@@ -32,6 +32,12 @@ class CheckpointInfo:
     commit_read: bool = False   # whether ``commit``/``problem`` say what the record holds (it is read lazily)
     rolled_back: bool = False   # set aside by a rollback (its ROLLED_BACK record): kept, never a leftover
 
+    @property
+    def leftover(self) -> bool:
+        """What a killed save left: no commit record, and not set aside on purpose by a rollback (rollback.py).
+        Restore passes over it with a warning, retention and prune remove it."""
+        return not self.committed and not self.rolled_back
+
 
 def scan(storage: Storage) -> list[CheckpointInfo]:
     """Every checkpoint folder, oldest first, from one listing of the folder (on S3 one paginated
@@ -215,7 +221,7 @@ def as_step_of_its_folder(storage: Storage, storage_options: dict | None) -> tup
         return None
     parent, name = Storage(one[0], storage_options), one[1]
     step = parse_name(name)[0]  # type: ignore[index]
-    same = [i.name for i in list_checkpoints(parent) if i.step == step]
+    same = [i.name for i in scan(parent) if i.committed and i.step == step]  # one listing, no record read
     if same[-1:] != [name]:
         raise CheckpointError(f"{name} is an earlier save of step {step} than {same[-1] if same else 'none'}, the "
                               f"one a step selects in {one[0]}: export or import it under another name to read it")

@@ -78,7 +78,7 @@ def find_leftovers(storage: Storage) -> list[Leftover]:
     """Uncommitted ``step-*`` folders, oldest first. A folder with a damaged commit record counts as committed;
     one a rollback set aside (harness/checkpoint/rollback.py) is no leftover."""
     return [Leftover(i.name, folder_bytes(storage, i.name))
-            for i in list_checkpoints(storage, committed_only=False) if not i.committed and not i.rolled_back]
+            for i in list_checkpoints(storage, committed_only=False) if i.leftover]
 
 
 def folder_bytes(storage: Storage, rel: str) -> int | None:

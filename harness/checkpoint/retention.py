@@ -80,7 +80,7 @@ def stale_attempts(infos: list[CheckpointInfo]) -> list[str]:
     if not committed:
         return []
     newest = (committed[-1].step, committed[-1].attempt)
-    return [i.name for i in infos if not i.committed and not i.rolled_back and (i.step, i.attempt) < newest]
+    return [i.name for i in infos if i.leftover and (i.step, i.attempt) < newest]
 
 
 def apply(storage: Storage, policy: RetentionPolicy, protect: set[str],

@@ -114,12 +114,11 @@ def walk_back(infos: Iterable[CheckpointInfo], load: Callable[[str], T],
     (None, None, skipped) when nothing is usable."""
     skipped: list[tuple[str, str]] = []
     for info in infos:
-        if info.rolled_back and not info.committed:  # set aside on purpose (rollback.py): not a candidate
-            continue
-        if not info.committed:  # an interrupted save, or a lost COMMIT: never used, kept for a look
-            log.warning("checkpoint %s has no commit record (an interrupted save, or its COMMIT was lost): "
-                        "ignored", info.name)
-            skipped.append((info.name, "no commit record"))
+        if not info.committed:  # never used; a rollback's set-aside folder is no candidate either
+            if info.leftover:  # an interrupted save, or a lost COMMIT: kept for a look
+                log.warning("checkpoint %s has no commit record (an interrupted save, or its COMMIT was lost): "
+                            "ignored", info.name)
+                skipped.append((info.name, "no commit record"))
             continue
         try:
             if info.problem is not None:

@@ -199,14 +199,6 @@ class ImportedState:
         return groups if isinstance(groups, list) else []
 
 
-def _refuse_live_job(storage: Storage, lease_timeout_s: float) -> None:
-    holder = lease.live_holder(storage, lease_timeout_s)
-    if holder is not None:
-        raise lease.LeaseError(
-            f"{lease.in_use(storage, holder)}: not importing into it (its retention would take the import for its "
-            "newest checkpoint and a restart would resume from it, not from the job's own); import into another "
-            "folder, or once the job has stopped")
-
 
 def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int | None = None,
                       config: Any = None, fresh_optimizer: bool = False, dry_run: bool = False,
@@ -229,7 +221,9 @@ def import_checkpoint(src: str, url: str, *, step: int | None = None, epoch: int
     src, url = os.fspath(src), os.fspath(url)  # pathlib.Paths too
     shown = redact_url(src)
     storage = Storage(url, storage_options)
-    _refuse_live_job(storage, lease_timeout_s)
+    lease.refuse_if_live(storage, lease_timeout_s, "not importing into it (its retention would take the import for "
+                         "its newest checkpoint and a restart would resume from it, not from the job's own); "
+                         "import into another folder, or once the job has stopped")
     obj, read_notes = read_source(src, shown, storage_options)
     imp = understand(obj, shown, read_notes)
     notes: list[str] = list(imp.notes)
